@@ -1,0 +1,192 @@
+"""PruningNet: a meta-network that generates the weights of any pruned candidate.
+
+MetaPruning (Liu et al., ICCV 2019, §3.2): for every layer, a block of two fully connected
+layers takes the *network encoding* the layer touches — the normalised widths
+``c_g / c_g^max`` of its input and output groups — and emits the layer's full-size weight,
+which is cropped to the candidate's widths:
+
+    W = crop(FC₂(ReLU(FC₁(code))), [:c_out, :c_in/groups])
+
+Only the cropped rows of FC₂ are computed (they are the only ones that reach the loss). BatchNorm
+in the meta-network has no affine parameters and uses batch statistics, because the statistics
+of different candidates differ; a candidate's own statistics are recalibrated later.
+Training samples a random candidate each step, so every width combination gets trained weights,
+and the gradient flows back through the crop into the generators.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metanet.bn import recalibrate_bn
+from pruning.modules import PrunedNet, build, conv_path
+from pruning.space import Candidate, Channels, ConvSpec, MaxPoolSpec, SearchSpace
+
+BN_EPS = 1e-5  # nn.BatchNorm2d's default, so the plain net matches the meta forward
+BNStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+_ACT = {"relu": F.relu, "relu6": F.relu6, None: lambda x: x}
+
+
+class WeightGenerator(nn.Module):
+    """``FC(k → hidden) → ReLU → FC(hidden → prod(max_shape))``, evaluated only on the crop.
+
+    FC₂ is stored as ``weight2[*max_shape, hidden]`` so a crop is a slice. Its bias starts at
+    the plain layer's default initialisation (uniform ±1/√fan_in), and ``weight2`` at a small
+    multiple of it, so the generated weights of every candidate start near a sensible init.
+    """
+
+    def __init__(self, num_inputs: int, max_shape: tuple[int, ...], hidden: int = 32):
+        super().__init__()
+        self.fc1 = nn.Linear(num_inputs, hidden)
+        self.weight2 = nn.Parameter(torch.empty(*max_shape, hidden))
+        self.bias2 = nn.Parameter(torch.empty(*max_shape))
+        fan_in = math.prod(max_shape[1:])
+        bound = 1.0 / math.sqrt(fan_in)
+        nn.init.uniform_(self.bias2, -bound, bound)
+        nn.init.uniform_(self.weight2, -bound / math.sqrt(hidden), bound / math.sqrt(hidden))
+
+    def forward(self, code: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+        h = F.relu(self.fc1(code))
+        return self.weight2[:out, :inp] @ h + self.bias2[:out, :inp]
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "/")  # ModuleDict keys may not contain dots
+
+
+class PruningNet(nn.Module):
+    """The meta-network of a search space: ``forward(x, candidate)`` and ``materialise``."""
+
+    def __init__(self, space: SearchSpace, hidden: int = 32):
+        super().__init__()
+        self.space = space
+        self.hidden = hidden
+        max_w = space.max_widths
+        self.register_buffer("max_widths", torch.tensor(max_w, dtype=torch.float32),
+                             persistent=False)
+        self.generators = nn.ModuleDict()
+        self._inputs: dict[str, list[int]] = {}  # layer path → group indices of its code
+        self._blocks = []  # (block, [(spec, path)], shortcut [(spec, path)] | None)
+        for block in space.plan.blocks:
+            body = [(s, conv_path(block, s) if isinstance(s, ConvSpec) else None)
+                    for s in block.body]
+            short = (None if block.shortcut is None
+                     else [(s, conv_path(block, s, True)) for s in block.shortcut])
+            self._blocks.append((block, body, short))
+            for spec, path in body + (short or []):
+                if path is not None:
+                    cin = 1 if spec.depthwise else self._max(spec.cin)
+                    self._add(path, (spec.cin, spec.cout),
+                              (self._max(spec.cout), cin, spec.kernel, spec.kernel))
+        head = space.plan.head
+        self.head_path = f"{head.name}.fc"
+        self._add(self.head_path, (head.cin, head.cout), (head.cout, self._max(head.cin)))
+        self.classifier_bias = nn.Parameter(torch.zeros(head.cout))
+
+    def _max(self, c: Channels) -> int:
+        return c if isinstance(c, int) else self.space.max_widths[self.space.group_index[c]]
+
+    def _add(self, path: str, refs: tuple[Channels, ...], max_shape: tuple[int, ...]) -> None:
+        groups = list(dict.fromkeys(self.space.group_index[c] for c in refs if isinstance(c, str)))
+        self._inputs[path] = groups
+        self.generators[_key(path)] = WeightGenerator(max(1, len(groups)), max_shape, self.hidden)
+
+    # --- weights ----------------------------------------------------------------------------
+    def encoding(self, candidate: Candidate) -> torch.Tensor:
+        """Normalised width of every group, ``c_g / c_g^max`` (the network encoding vector)."""
+        widths = torch.tensor(self.space.widths(candidate), dtype=torch.float32)
+        return widths.to(self.max_widths.device, non_blocking=True) / self.max_widths
+
+    def generate(self, candidate: Candidate) -> dict[str, torch.Tensor]:
+        """Generated weights of every conv and of the classifier, keyed by layer path."""
+        widths = self.space.widths(candidate)
+        code = self.encoding(candidate)
+        weights = {}
+        for path, (out, inp) in self._shapes(widths).items():
+            groups = self._inputs[path]
+            c = code[groups] if groups else code.new_ones(1)
+            weights[path] = self.generators[_key(path)](c, out, inp)
+        return weights
+
+    def _shapes(self, widths: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+        """(out, in / groups) of every generated weight at these widths."""
+        sp = self.space
+        shapes = {}
+        for _, body, short in self._blocks:
+            for spec, path in body + (short or []):
+                if path is not None:
+                    shapes[path] = (sp.resolve(spec.cout, widths),
+                                    1 if spec.depthwise else sp.resolve(spec.cin, widths))
+        head = sp.plan.head
+        shapes[self.head_path] = (head.cout, sp.resolve(head.cin, widths))
+        return shapes
+
+    # --- meta forward -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, candidate: Candidate, bn_stats: BNStats | None = None
+                ) -> torch.Tensor:
+        """Logits of ``candidate`` with generated weights.
+
+        BN uses batch statistics, or, when ``bn_stats`` (``{"<conv path>.bn": (mean, var)}``,
+        as :func:`metanet.bn.bn_statistics` returns) is given, those running statistics.
+        """
+        weights = self.generate(candidate)
+        for block, body, short in self._blocks:
+            y = self._chain(body, x, weights, bn_stats)
+            if short is not None:
+                y = y + (self._chain(short, x, weights, bn_stats) if short else x)
+                y = _ACT[block.act](y)
+            x = y
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return F.linear(x, weights[self.head_path], self.classifier_bias)
+
+    @staticmethod
+    def _chain(layers, x, weights, bn_stats):
+        for spec, path in layers:
+            if isinstance(spec, MaxPoolSpec):
+                x = F.max_pool2d(x, 3, 2, 1)
+                continue
+            x = F.conv2d(x, weights[path], stride=spec.stride, padding=spec.kernel // 2,
+                         groups=x.shape[1] if spec.depthwise else 1)
+            mean, var = bn_stats[path + ".bn"] if bn_stats is not None else (None, None)
+            x = F.batch_norm(x, mean, var, training=bn_stats is None, eps=BN_EPS)
+            x = _ACT[spec.act](x)
+        return x
+
+    # --- materialisation --------------------------------------------------------------------
+    @torch.no_grad()
+    def materialise(self, candidate: Candidate,
+                    calibration: Iterable[torch.Tensor] | None = None) -> PrunedNet:
+        """The plain pruned network of ``candidate`` carrying the generated weights.
+
+        BN affine parameters are the identity (the meta BN has none); with ``calibration``
+        batches, running statistics are recalibrated (:func:`metanet.bn.recalibrate_bn`), so in
+        eval mode the net computes what ``forward(x, candidate, bn_statistics(net))`` does.
+        Returns the net in eval mode, on this PruningNet's device.
+        """
+        weights = self.generate(candidate)
+        net = build(self.space, candidate, device="meta")
+        device = self.max_widths.device
+        state = {}
+        for name, module in net.named_modules():
+            if isinstance(module, nn.Conv2d):
+                state[name + ".weight"] = weights[name.removesuffix(".conv")].detach()
+            elif isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                state.update({name + ".weight": torch.ones(c, device=device),
+                              name + ".bias": torch.zeros(c, device=device),
+                              name + ".running_mean": torch.zeros(c, device=device),
+                              name + ".running_var": torch.ones(c, device=device),
+                              name + ".num_batches_tracked": torch.zeros((), dtype=torch.long,
+                                                                         device=device)})
+        state[self.head_path + ".weight"] = weights[self.head_path].detach()
+        state[self.head_path + ".bias"] = self.classifier_bias.detach().clone()
+        net.load_state_dict(state, assign=True)
+        if calibration is not None:
+            recalibrate_bn(net, calibration)
+        return net.eval()

@@ -1,0 +1,330 @@
+"""Search spaces: the layer plan of an architecture, its width groups, and candidates.
+
+An architecture is described once, as a *plan*: a sequence of blocks whose convolutions name
+their input and output channels either by a fixed count (the image channels, the classes) or by
+a **width group**, a set of channels that must share one width (MetaPruning, Liu et al. 2019,
+§3.3: the outputs of a residual stage, or the mid width of one block). Three interpreters read
+the same plan, so they cannot drift apart: exact counting (`pruning.counting`), the plain
+pruned network (`pruning.modules.build`) and the PruningNet's meta forward (`metanet`).
+
+A candidate is one level index per group; group ``g`` at level ``s`` has width
+``max(1, floor(max_g × s))``, where ``max_g = base_g × max_width_mult`` (the paper searched
+MobileNetV2 up to 1.4× its base widths), optionally rounded to a ``channel_divisor``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from functools import cached_property
+
+Channels = str | int
+"""A channel count: a width-group name, or a fixed number (image channels, classes)."""
+
+ACTIVATIONS = ("relu", "relu6", None)
+
+# 31 levels 0.10, 0.13, …, 1.00 as in the paper; integers/100 keep them exact.
+DEFAULT_LEVELS: tuple[float, ...] = tuple(round(0.10 + 0.03 * k, 2) for k in range(31))
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Conv → BatchNorm → activation. ``depthwise`` means groups = channels (cin == cout)."""
+
+    name: str
+    cin: Channels
+    cout: Channels
+    kernel: int
+    stride: int
+    in_hw: tuple[int, int]
+    depthwise: bool = False
+    act: str | None = "relu"
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return conv_out_hw(self.in_hw, self.kernel, self.stride)
+
+
+@dataclass(frozen=True)
+class MaxPoolSpec:
+    """3×3 max pool, stride 2, padding 1 (the ImageNet ResNet stem)."""
+
+    name: str
+    in_hw: tuple[int, int]
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return conv_out_hw(self.in_hw, 3, 2)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A chain of layers, optionally residual.
+
+    ``shortcut`` is ``None`` for a plain chain, ``()`` for an identity shortcut, or a chain of
+    convs (a projection). ``act`` is the activation applied after the residual sum.
+    """
+
+    name: str
+    body: tuple[ConvSpec | MaxPoolSpec, ...]
+    shortcut: tuple[ConvSpec, ...] | None = None
+    act: str | None = None
+
+
+@dataclass(frozen=True)
+class Head:
+    """Global average pool → flatten → linear classifier."""
+
+    name: str
+    cin: Channels
+    cout: int
+
+
+@dataclass(frozen=True)
+class WidthGroup:
+    """Channels that share one width; ``base`` is the unpruned (1.0×) width."""
+
+    name: str
+    base: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an architecture builder returns: the blocks, the head and the width groups."""
+
+    blocks: tuple[Block, ...]
+    head: Head
+    groups: tuple[WidthGroup, ...]
+
+
+def conv_out_hw(in_hw: tuple[int, int], kernel: int, stride: int) -> tuple[int, int]:
+    """Output size with padding ``kernel // 2``: ``floor((n + 2p - k) / s) + 1``."""
+    pad = kernel // 2
+    return tuple((n + 2 * pad - kernel) // stride + 1 for n in in_hw)  # type: ignore[return-value]
+
+
+def conv_layers(plan: Plan) -> list[ConvSpec]:
+    """Every convolution of the plan, in forward order (body before shortcut)."""
+    out = []
+    for block in plan.blocks:
+        out += [layer for layer in block.body if isinstance(layer, ConvSpec)]
+        out += list(block.shortcut or ())
+    return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One level index per width group, in the order of ``SearchSpace.groups``."""
+
+    choices: tuple[int, ...]
+
+    def key(self) -> str:
+        """A compact, stable string key (JSON-safe)."""
+        return "-".join(map(str, self.choices))
+
+    @classmethod
+    def from_key(cls, key: str) -> Candidate:
+        return cls(tuple(int(c) for c in key.split("-")))
+
+
+class CandidateError(ValueError):
+    """A candidate or width assignment that does not fit its search space."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """An architecture's plan plus the width levels of each group.
+
+    Build one with :meth:`create` (or ``pruning.registry.make_space``); the plan is validated
+    once here, so every candidate of the space builds a consistent network.
+    """
+
+    arch: str
+    arch_args: dict
+    plan: Plan = field(repr=False)
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    max_width_mult: float = 1.0
+    channel_divisor: int = 1
+
+    def __post_init__(self):
+        if not self.levels or any(not 0 < s <= 1 for s in self.levels):
+            raise ValueError("levels must be a non-empty list of scales in (0, 1]")
+        if list(self.levels) != sorted(set(self.levels)):
+            raise ValueError("levels must be strictly increasing")
+        if not 0 < self.max_width_mult <= 4:
+            raise ValueError("max_width_mult must be in (0, 4]")
+        if not 1 <= self.channel_divisor <= 64:
+            raise ValueError("channel_divisor must be in [1, 64]")
+        _validate_plan(self.plan)
+
+    # hashing by identity keeps frozen-dataclass semantics without hashing the dict
+    __hash__ = object.__hash__
+
+    @property
+    def groups(self) -> tuple[WidthGroup, ...]:
+        return self.plan.groups
+
+    @cached_property
+    def group_index(self) -> dict[str, int]:
+        return {g.name: i for i, g in enumerate(self.groups)}
+
+    @cached_property
+    def max_widths(self) -> tuple[int, ...]:
+        return tuple(self._round(max(1, math.floor(g.base * self.max_width_mult + 1e-9)))
+                     for g in self.groups)
+
+    @cached_property
+    def width_table(self) -> tuple[tuple[int, ...], ...]:
+        """``width_table[g][level]``: the width of group ``g`` at each level (non-decreasing)."""
+        return tuple(
+            tuple(min(m, self._round(max(1, math.floor(m * s + 1e-9)))) for s in self.levels)
+            for m in self.max_widths)
+
+    def _round(self, width: int) -> int:
+        d = self.channel_divisor
+        return width if d == 1 else max(d, (width + d // 2) // d * d)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def size(self) -> int:
+        """Number of candidates (``levels ** groups``)."""
+        return self.num_levels ** self.num_groups
+
+    # --- candidates -------------------------------------------------------------------------
+    def check(self, candidate: Candidate) -> Candidate:
+        """Raise :class:`CandidateError` unless ``candidate`` has one valid level per group."""
+        c = candidate.choices
+        if len(c) != self.num_groups:
+            raise CandidateError(
+                f"{self.arch}: a candidate needs {self.num_groups} choices (one per width "
+                f"group), got {len(c)}")
+        for i, level in enumerate(c):
+            if not (isinstance(level, int) and 0 <= level < self.num_levels):
+                raise CandidateError(
+                    f"{self.arch}: group {self.groups[i].name!r} level {level!r} is outside "
+                    f"0..{self.num_levels - 1}")
+        return candidate
+
+    def widths(self, candidate: Candidate) -> tuple[int, ...]:
+        """Width of every group, in group order."""
+        self.check(candidate)
+        return tuple(t[level] for t, level in zip(self.width_table, candidate.choices))
+
+    def widths_by_group(self, candidate: Candidate) -> dict[str, int]:
+        return {g.name: w for g, w in zip(self.groups, self.widths(candidate))}
+
+    def uniform(self, level: int) -> Candidate:
+        """Every group at the same level (the uniform-width baseline)."""
+        return self.check(Candidate((level,) * self.num_groups))
+
+    def largest(self) -> Candidate:
+        return self.uniform(self.num_levels - 1)
+
+    def smallest(self) -> Candidate:
+        return self.uniform(0)
+
+    def random(self, rng: random.Random) -> Candidate:
+        """A candidate drawn uniformly per group."""
+        return Candidate(tuple(rng.randrange(self.num_levels) for _ in self.groups))
+
+    def from_widths(self, widths: dict[str, int]) -> Candidate:
+        """The candidate with exactly these group widths (each must be one of the group's levels)."""
+        unknown = set(widths) - set(self.group_index)
+        missing = set(self.group_index) - set(widths)
+        if unknown or missing:
+            raise CandidateError(
+                f"{self.arch}: width groups do not match (unknown: {sorted(unknown)}, "
+                f"missing: {sorted(missing)})")
+        choices = []
+        for g, table in zip(self.groups, self.width_table):
+            w = widths[g.name]
+            if w not in table:
+                raise CandidateError(
+                    f"{self.arch}: width {w} of group {g.name!r} is not a level; choose from "
+                    f"{sorted(set(table))}")
+            choices.append(table.index(w))
+        return Candidate(tuple(choices))
+
+    def resolve(self, channels: Channels, widths: tuple[int, ...]) -> int:
+        """The channel count of a plan reference under the given group widths."""
+        return channels if isinstance(channels, int) else widths[self.group_index[channels]]
+
+    @classmethod
+    def create(cls, arch: str, *, max_width_mult: float = 1.0,
+               levels: tuple[float, ...] = DEFAULT_LEVELS, channel_divisor: int = 1,
+               **arch_args) -> SearchSpace:
+        """The space of a registered architecture, e.g. ``create("mobilenet_v2", num_classes=10,
+        in_channels=1, input_size=28, max_width_mult=1.4)``."""
+        from pruning.registry import get_arch
+
+        plan = get_arch(arch)(**arch_args)
+        return cls(arch=arch, arch_args=dict(arch_args), plan=plan, levels=tuple(levels),
+                   max_width_mult=max_width_mult, channel_divisor=channel_divisor)
+
+    def to_dict(self) -> dict:
+        """JSON-ready settings; :meth:`from_dict` rebuilds an equal space."""
+        return {"arch": self.arch, "arch_args": dict(self.arch_args), "levels": list(self.levels),
+                "max_width_mult": self.max_width_mult, "channel_divisor": self.channel_divisor}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SearchSpace:
+        return cls.create(d["arch"], max_width_mult=d["max_width_mult"],
+                          levels=tuple(d["levels"]), channel_divisor=d["channel_divisor"],
+                          **d["arch_args"])
+
+
+def _validate_plan(plan: Plan) -> None:
+    """Check that channel references chain up, so every candidate builds a valid network."""
+    names = [g.name for g in plan.groups]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate width group names in {names}")
+    known = set(names)
+    used: set[str] = set()
+
+    def ref(c: Channels, where: str) -> Channels:
+        if isinstance(c, str):
+            if c not in known:
+                raise ValueError(f"{where}: unknown width group {c!r}")
+            used.add(c)
+        elif c < 1:
+            raise ValueError(f"{where}: channel count must be positive")
+        return c
+
+    def chain(layers, cur: Channels, where: str) -> Channels:
+        for layer in layers:
+            if isinstance(layer, MaxPoolSpec):
+                continue
+            ref(layer.cin, f"{where}.{layer.name}")
+            ref(layer.cout, f"{where}.{layer.name}")
+            if layer.cin != cur:
+                raise ValueError(f"{where}.{layer.name}: input {layer.cin!r} does not follow {cur!r}")
+            if layer.depthwise and layer.cin != layer.cout:
+                raise ValueError(f"{where}.{layer.name}: depthwise conv must keep its width")
+            if layer.act not in ACTIVATIONS:
+                raise ValueError(f"{where}.{layer.name}: unknown activation {layer.act!r}")
+            cur = layer.cout
+        return cur
+
+    cur: Channels | None = None
+    for block in plan.blocks:
+        first = next(layer for layer in block.body if isinstance(layer, ConvSpec))
+        start = first.cin if cur is None else cur
+        out = chain(block.body, start, block.name)
+        if block.shortcut is not None:
+            short = chain(block.shortcut, start, block.name + ".shortcut") if block.shortcut else start
+            if short != out:
+                raise ValueError(f"{block.name}: residual branches end in {out!r} and {short!r}")
+        cur = out
+    if plan.head.cin != cur:
+        raise ValueError(f"head input {plan.head.cin!r} does not follow {cur!r}")
+    ref(plan.head.cin, "head")
+    if known - used:
+        raise ValueError(f"width groups never used: {sorted(known - used)}")
