@@ -36,23 +36,27 @@ _ACT = {"relu": F.relu, "relu6": F.relu6, None: lambda x: x}
 class WeightGenerator(nn.Module):
     """``FC(k → hidden) → ReLU → FC(hidden → prod(max_shape))``, evaluated only on the crop.
 
-    FC₂ is stored as ``weight2[*max_shape, hidden]`` so a crop is a slice. Its bias starts at
-    the plain layer's default initialisation (uniform ±1/√fan_in), and ``weight2`` at a small
-    multiple of it, so the generated weights of every candidate start near a sensible init.
+    FC₂ is stored as ``weight2[*max_shape, hidden]`` so a crop is a slice. Its weight and bias
+    start uniform ±1/√fan_in (the plain layer's default bound), so the generated weights of
+    every candidate start near a sensible init. The hidden vector enters FC₂ scaled by 1/√hidden: an SGD step moves a generated weight by
+    ``lr·(1 + |h|²/hidden)·∂L/∂W`` instead of ``lr·(1 + |h|²)·∂L/∂W``, so the PruningNet trains
+    stably with the plain network's learning rate (a reparametrisation; the function class is
+    the paper's).
     """
 
     def __init__(self, num_inputs: int, max_shape: tuple[int, ...], hidden: int = 32):
         super().__init__()
         self.fc1 = nn.Linear(num_inputs, hidden)
+        self.scale = 1.0 / math.sqrt(hidden)
         self.weight2 = nn.Parameter(torch.empty(*max_shape, hidden))
         self.bias2 = nn.Parameter(torch.empty(*max_shape))
         fan_in = math.prod(max_shape[1:])
         bound = 1.0 / math.sqrt(fan_in)
         nn.init.uniform_(self.bias2, -bound, bound)
-        nn.init.uniform_(self.weight2, -bound / math.sqrt(hidden), bound / math.sqrt(hidden))
+        nn.init.uniform_(self.weight2, -bound, bound)
 
     def forward(self, code: torch.Tensor, out: int, inp: int) -> torch.Tensor:
-        h = F.relu(self.fc1(code))
+        h = F.relu(self.fc1(code)) * self.scale
         return self.weight2[:out, :inp] @ h + self.bias2[:out, :inp]
 
 

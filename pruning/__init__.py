@@ -1,5 +1,7 @@
 """MetaPruning engine: search spaces, counting, plain pruned networks, evolutionary search."""
 
+__version__ = "0.1.0"
+
 from pruning.counting import macs, params
 from pruning.modules import PrunedNet, build
 from pruning.registry import get_arch, list_archs, register_arch

@@ -1,0 +1,159 @@
+"""Engine speed against its physical limits, in one run; prints JSON.
+
+1. Candidate evaluation (generate weights once → materialise → recalibrate BN → score) against
+   the forward time of the same materialised plain net over the same images (the physical
+   limit of evaluating a candidate). Target ≤ 1.3×.
+2. One PruningNet training step (random candidate, weight generation, backward through the
+   generators, optimizer step) against one step of the plain max-width network at the same
+   batch size. Target ≤ 1.5×.
+
+    python bench/bench_engine.py [--arch mobilenet_v2] [--device cpu|cuda] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from metanet import PruningNet
+from pruning import SearchSpace, build, macs
+from pruning.evaluate import CandidateEvaluator
+
+
+class RandomSplit:
+    """Random images of the dataset's shape (speed does not depend on pixel values)."""
+
+    def __init__(self, n, shape, classes, device):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, *shape, generator=g).to(device)
+        self.y = torch.randint(0, classes, (n,), generator=g).to(device)
+
+    def __len__(self):
+        return len(self.x)
+
+    def batches(self, batch_size, *, shuffle=False, seed=None, device=None, **_):
+        for i in range(0, len(self.x), batch_size):
+            yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat):
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="mobilenet_v2")
+    ap.add_argument("--width-mult", type=float, default=1.0)
+    ap.add_argument("--input-size", type=int, default=28)
+    ap.add_argument("--in-channels", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--calib-batches", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--val-images", type=int, default=1024)
+    ap.add_argument("--train-batch", type=int, default=64)
+    ap.add_argument("--candidates", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    space = SearchSpace.create(a.arch, num_classes=10, in_channels=a.in_channels,
+                               input_size=a.input_size, width_mult=a.width_mult)
+    shape = (a.in_channels, a.input_size, a.input_size)
+    torch.manual_seed(0)
+    pnet = PruningNet(space).to(device)
+    train = RandomSplit(a.calib_batches * a.batch_size, shape, 10, device)
+    val = RandomSplit(a.val_images, shape, 10, device)
+    evaluator = CandidateEvaluator(pnet, train, val, calib_batches=a.calib_batches,
+                                   batch_size=a.batch_size, device=device)
+    rng = random.Random(0)
+    cands = [space.random(rng) for _ in range(a.candidates)]
+
+    # 1. candidate evaluation vs the forward passes of the same plain net over the same images
+    evaluator(cands[0])  # warm-up
+    eval_ratios, eval_s, limit_s = [], [], []
+    for cand in cands:
+        net = evaluator.materialise(cand)
+
+        @torch.inference_mode()
+        def forward_only():
+            net.train()
+            for x in evaluator.calibration:
+                net(x)
+            net.eval()
+            for x, _ in evaluator.validation:
+                net(x)
+
+        t_eval = timed(lambda: evaluator(cand), device, a.repeat)
+        t_limit = timed(forward_only, device, a.repeat)
+        eval_s.append(t_eval)
+        limit_s.append(t_limit)
+        eval_ratios.append(t_eval / t_limit)
+
+    # 2. PruningNet training step vs the plain max-width network's step, same batch
+    x, y = train.x[:a.train_batch], train.y[:a.train_batch]
+    opt = torch.optim.SGD(pnet.parameters(), lr=1e-3, momentum=0.9)
+    step_rng = random.Random(1)
+
+    def meta_step():
+        loss = F.cross_entropy(pnet(x, space.random(step_rng)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    plain = build(space, space.largest()).to(device).train()
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
+
+    def plain_step():
+        loss = F.cross_entropy(plain(x), y)
+        opt_plain.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_plain.step()
+
+    for fn in (meta_step, plain_step):
+        fn()
+    t_meta = timed(meta_step, device, a.repeat * 2)
+    t_plain = timed(plain_step, device, a.repeat * 2)
+
+    images = a.calib_batches * a.batch_size + len(val)
+    print(json.dumps({
+        "bench": "engine", "arch": a.arch, "width_mult": a.width_mult, "input": list(shape),
+        "device": str(device), "device_name": (torch.cuda.get_device_name(device)
+                                               if device.type == "cuda" else platform.processor()
+                                               or platform.machine()),
+        "threads": a.threads, "torch": torch.__version__,
+        "full_macs": macs(space, space.largest()),
+        "generator_params": sum(p.numel() for p in pnet.parameters()),
+        "evaluation": {"images_per_candidate": images, "candidates": len(cands),
+                       "seconds_per_candidate": [round(t, 4) for t in eval_s],
+                       "forward_limit_seconds": [round(t, 4) for t in limit_s],
+                       "ratio_vs_limit": [round(r, 3) for r in eval_ratios],
+                       "median_ratio": round(statistics.median(eval_ratios), 3),
+                       "target": 1.3},
+        "training_step": {"batch": a.train_batch, "pruningnet_s": round(t_meta, 4),
+                          "plain_max_width_s": round(t_plain, 4),
+                          "ratio": round(t_meta / t_plain, 3), "target": 1.5},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Atomic files and training checkpoints (safetensors + JSON; never pickle).
+
+Every write goes to a temporary file in the same folder, is flushed and fsynced, then renamed
+over the target with ``os.replace``, so a crash mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict | None = None) -> None:
+    """Write a safetensors file atomically (tensors are made contiguous on the CPU)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"json": json.dumps(metadata or {}, sort_keys=True)}
+    atomic_write_bytes(path, save(cpu, metadata=meta))
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("json", "{}"))
+    return load_file(str(path), device=str(device)), meta
+
+
+def save_training_state(path: str | os.PathLike, module: nn.Module,
+                        optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """Module weights, buffers and per-parameter optimizer state in one safetensors file."""
+    tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
+    names = {id(p): n for n, p in module.named_parameters()}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{names[id(p)]}.{key}"] = value
+    save_tensors(path, tensors, meta)
+
+
+def load_training_state(path: str | os.PathLike, module: nn.Module,
+                        optimizer: torch.optim.Optimizer) -> dict:
+    """Restore what :func:`save_training_state` wrote; returns its metadata."""
+    device = next(module.parameters()).device
+    tensors, meta = load_tensors(path, device)
+    module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = dict(module.named_parameters())
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            name, _, state_key = key[6:].rpartition(".")
+            optimizer.state[params[name]][state_key] = value
+    return meta

@@ -1,0 +1,258 @@
+"""The ``metaprune`` command line.
+
+    metaprune archs                       list architectures
+    metaprune space ARCH [...]            groups, levels, full and minimum MACs (JSON)
+    metaprune measure ARCH --widths JSON  MACs and params of one width assignment (JSON)
+    metaprune build ARCH --out model.ts   a randomly initialised pruned model as TorchScript
+    metaprune prune [...]                 the whole MetaPruning pipeline
+
+Errors in what the user typed are reported in one line with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pruning import counting
+from pruning.registry import list_archs
+from pruning.space import Candidate, SearchSpace
+
+
+class UserError(Exception):
+    """An error in the user's input: printed as one line, exit status 2."""
+
+
+def _space_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("arch", help="architecture name (see `metaprune archs`)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--input-size", type=int, default=28)
+    p.add_argument("--width-mult", type=float, default=1.0,
+                   help="scale the family's base widths (e.g. MobileNetV2 0.35)")
+    p.add_argument("--max-width-mult", type=float, default=1.0,
+                   help="search up to this multiple of the base widths (paper: 1.4)")
+    p.add_argument("--channel-divisor", type=int, default=1)
+
+
+def _space(a) -> SearchSpace:
+    return SearchSpace.create(a.arch, num_classes=a.num_classes, in_channels=a.in_channels,
+                              input_size=a.input_size, width_mult=a.width_mult,
+                              max_width_mult=a.max_width_mult,
+                              channel_divisor=a.channel_divisor)
+
+
+def _candidate(space: SearchSpace, a) -> Candidate:
+    if a.widths and a.levels:
+        raise UserError("give either --widths or --levels, not both")
+    if a.widths:
+        try:
+            widths = json.loads(a.widths)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--widths is not valid JSON: {e}") from None
+        if not isinstance(widths, dict):
+            raise UserError('--widths must be a JSON object like {"stem": 16, ...}')
+        return space.from_widths(widths)
+    if a.levels:
+        return space.check(Candidate.from_key(a.levels))
+    return space.largest()
+
+
+def cmd_archs(a) -> dict:
+    return {"archs": list_archs(include_test=a.all)}
+
+
+def cmd_space(a) -> dict:
+    space = _space(a)
+    return {"arch": space.arch, "settings": space.to_dict(), "levels": list(space.levels),
+            "groups": [{"name": g.name, "base": g.base, "choices": list(widths)}
+                       for g, widths in zip(space.groups, space.width_table)],
+            "size": space.size,
+            "full_macs": counting.macs(space, space.largest()),
+            "full_params": counting.params(space, space.largest()),
+            "min_macs": counting.macs(space, space.smallest()),
+            "min_params": counting.params(space, space.smallest())}
+
+
+def cmd_measure(a) -> dict:
+    space = _space(a)
+    cand = _candidate(space, a)
+    return {"arch": space.arch, "candidate": cand.key(), "widths": space.widths_by_group(cand),
+            "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
+
+
+def cmd_build(a) -> dict:
+    import torch
+
+    from pruning.export import _script
+    from pruning.modules import build
+
+    space = _space(a)
+    cand = _candidate(space, a)
+    torch.manual_seed(a.seed)
+    Path(a.out).write_bytes(_script(build(space, cand).eval()))
+    return {"out": a.out, "candidate": cand.key(), "macs": counting.macs(space, cand),
+            "params": counting.params(space, cand)}
+
+
+def cmd_prune(a) -> dict:
+    from pruning.pipeline import Budget, PipelineSpec, run
+
+    from pruning.constraints import parse_count
+
+    budget = {}
+    if a.max_macs:
+        budget["macs"] = parse_count(a.max_macs)
+    if a.max_params:
+        budget["params"] = parse_count(a.max_params)
+    if a.macs_ratio is not None:
+        budget["macs_ratio"] = a.macs_ratio
+    if a.params_ratio is not None:
+        budget["params_ratio"] = a.params_ratio
+    spec = PipelineSpec(
+        arch=a.arch, dataset=a.dataset, data_root=a.data_root,
+        budget=Budget(**budget) if budget else Budget(macs_ratio=0.25),
+        preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
+        train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
+        **json.loads(a.set or "{}"))
+    printer = ProgressPrinter(quiet=a.quiet)
+    report = run(spec, a.out, resume=a.resume, progress=printer)
+    printer.close()
+    if not a.json:
+        _print_summary(report, a.out)
+        return {}
+    return report
+
+
+def _print_summary(report: dict, out: str) -> None:
+    mp, un = report["metapruning"], report["uniform"]
+
+    def line(name, e):
+        acc = f"{100 * e['test_accuracy']:.2f}%" if "test_accuracy" in e else "not trained"
+        return (f"  {name:<12} MACs {e['macs'] / 1e6:8.2f}M  params {e['params'] / 1e3:8.1f}k  "
+                f"est. val {100 * e['estimated_val_accuracy']:.2f}%  test {acc}")
+
+    print(f"\n{report['arch']} on {report['dataset']}, budget {report['budget']}")
+    print(line("MetaPruning", mp))
+    print(line("uniform", un))
+    print(f"artifacts in {Path(out) / 'artifacts'}  ({report['elapsed_s']:.0f} s)")
+
+
+class ProgressPrinter:
+    """Progress bars on stderr for pipeline events (one bar per stage)."""
+
+    def __init__(self, quiet: bool = False):
+        self.mode = "off" if quiet else ("bars" if sys.stderr.isatty() else "lines")
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, event: dict) -> None:
+        stage = event.get("stage")
+        if self.mode != "bars":
+            if self.mode == "lines":
+                self._plain(event)
+            return
+        from tqdm import tqdm
+
+        total = event.get("total") or event.get("generations")
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            if total:
+                self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=True)
+        if self.bar is not None:
+            done = event.get("step", event.get("generation"))
+            if done is not None:
+                self.bar.n = done
+            post = {k: f"{event[k]:.4g}" for k in ("loss", "best_score") if event.get(k) is not None}
+            self.bar.set_postfix(post, refresh=True)
+
+    def _plain(self, event: dict) -> None:
+        stage = event.get("stage")
+        step, total = event.get("step", event.get("generation")), event.get("total",
+                                                                          event.get("generations"))
+        if step is not None and total and stage != "done" and (step == total or step == 1 or
+                                                                step % max(1, total // 10) == 0):
+            extra = "".join(f" {k}={event[k]:.4g}" for k in ("loss", "best_score")
+                            if event.get(k) is not None)
+            print(f"[{stage}] {step}/{total}{extra}", file=sys.stderr, flush=True)
+        elif event.get("message"):
+            print(f"[{stage}] {event['message']}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metaprune", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("archs", help="list architectures")
+    p.add_argument("--all", action="store_true", help="include the tiny test_* architectures")
+    p.set_defaults(fn=cmd_archs)
+
+    p = sub.add_parser("space", help="describe a search space (JSON)")
+    _space_args(p)
+    p.set_defaults(fn=cmd_space)
+
+    for name, fn, help_ in (("measure", cmd_measure, "MACs and params of a width assignment"),
+                            ("build", cmd_build, "a randomly initialised pruned model as TorchScript")):
+        p = sub.add_parser(name, help=help_)
+        _space_args(p)
+        p.add_argument("--widths", help='JSON object of group widths, e.g. \'{"stem": 8, ...}\'')
+        p.add_argument("--levels", help="level index per group, e.g. 30-12-4-...")
+        if name == "build":
+            p.add_argument("--out", required=True, help="TorchScript file to write")
+            p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("prune", help="run the whole MetaPruning pipeline")
+    p.add_argument("--arch", default="mobilenet_v2")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-root", help="dataset folder (default: the dataset's standard place)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-macs", help="MACs budget, e.g. 10M")
+    g.add_argument("--max-params", help="parameter budget, e.g. 500k")
+    g.add_argument("--macs-ratio", type=float, help="MACs budget relative to the full network")
+    g.add_argument("--params-ratio", type=float, help="params budget relative to the full network")
+    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "standard", "paper"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--width-mult", type=float, default=1.0,
+                   help="scale the family's base widths (e.g. MobileNetV2 0.35)")
+    p.add_argument("--max-width-mult", type=float,
+                   help="search up to this multiple of the base widths (paper: 1.4)")
+    p.add_argument("--final-init", default="scratch", choices=["scratch", "generated"],
+                   help="train the winner from scratch (the paper) or fine-tune generated weights")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train the uniform-width baseline at the same budget")
+    p.add_argument("--set", help='JSON overrides, e.g. \'{"metanet": {"epochs": 2}}\'')
+    p.add_argument("--out", default="runs/prune", help="run folder (checkpoints and artifacts)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(fn=cmd_prune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        out = args.fn(args)
+    except (UserError, ValueError, KeyError, FileNotFoundError) as e:
+        print(f"metaprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metaprune: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+    if out:
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The end-to-end MetaPruning pipeline: PruningNet training → search → final training → export.
+
+Every stage leaves a checkpoint in the run folder, so ``run(..., resume=True)`` continues a
+killed run where it stopped:
+
+    run/spec.json                       the resolved specification
+    run/metanet/state.safetensors       PruningNet training state (every checkpoint interval)
+    run/metanet/pruningnet.safetensors  the trained PruningNet ("train once, search many")
+    run/search/state.json               search state, one write per generation
+    run/final/state.safetensors         final training state of the winner
+    run/baseline/state.safetensors      the same for the uniform baseline (when asked)
+    run/artifacts/…                     config.json, model.safetensors, model.ts, search.json,
+                                        report.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from metanet.pruningnet import PruningNet
+from pruning import counting
+from pruning.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from pruning.constraints import MacsConstraint, ParamsConstraint, check_feasible
+from pruning.data import load_dataset
+from pruning.evaluate import CandidateEvaluator
+from pruning.export import export_model
+from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
+from pruning.space import Candidate, SearchSpace
+from pruning.train import TrainConfig, accuracy, train_network, train_pruningnet
+
+Progress = Callable[[dict], None]
+
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU: for tests and for trying the tool
+    "smoke": {"train_limit": 512, "test_limit": 256, "val_size": 128, "calib_batches": 2,
+              "calib_batch_size": 64, "eval_images": 128,
+              "metanet": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+              "search": {"population": 8, "keep_top": 8, "parents": 4, "mutants": 4,
+                         "crossovers": 4, "generations": 2},
+              "final": {"epochs": 1, "batch_size": 64, "lr": 0.05}},
+    # a few minutes on a 2-core CPU with a small architecture
+    "quick": {"train_limit": 6000, "test_limit": 2000, "val_size": 1000, "calib_batches": 4,
+              "calib_batch_size": 128, "eval_images": 1000,
+              "metanet": {"epochs": 3, "batch_size": 128, "lr": 0.1},
+              "search": {"population": 16, "keep_top": 16, "parents": 5, "mutants": 6,
+                         "crossovers": 6, "generations": 4},
+              "final": {"epochs": 3, "batch_size": 128, "lr": 0.1}},
+    # the GPU benchmark: all of Fashion-MNIST, the paper's search
+    "standard": {"val_size": 10000, "calib_batches": 10, "calib_batch_size": 256,
+                 "eval_images": 10000,
+                 "metanet": {"epochs": 10, "batch_size": 256, "lr": 0.2, "warmup_epochs": 0.5},
+                 "search": {},
+                 "final": {"epochs": 10, "batch_size": 256, "lr": 0.2, "warmup_epochs": 0.5}},
+    # the paper's hyperparameters (MobileNetV2 PruningNet up to 1.4×, label smoothing 0.1)
+    "paper": {"val_size": 10000, "calib_batches": 20, "calib_batch_size": 256,
+              "eval_images": 10000, "max_width_mult": 1.4,
+              "metanet": {"epochs": 32, "batch_size": 256, "lr": 0.25, "warmup_epochs": 1,
+                          "label_smoothing": 0.1},
+              "search": {},
+              "final": {"epochs": 64, "batch_size": 256, "lr": 0.25, "warmup_epochs": 1,
+                        "label_smoothing": 0.1}},
+}
+
+
+class Budget(BaseModel):
+    """Exactly one budget: absolute (MACs, params) or relative to the full 1.0× network."""
+
+    model_config = ConfigDict(extra="forbid")
+    macs: int | None = Field(None, gt=0, le=10**13)
+    params: int | None = Field(None, gt=0, le=10**11)
+    macs_ratio: float | None = Field(None, gt=0, le=4)
+    params_ratio: float | None = Field(None, gt=0, le=4)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one budget: macs, params, macs_ratio or params_ratio "
+                             f"(got {given or 'none'})")
+        return self
+
+
+class PipelineSpec(BaseModel):
+    """Everything a pruning run needs; the preset fills what is not given."""
+
+    model_config = ConfigDict(extra="forbid")
+    arch: str = "mobilenet_v2"
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    budget: Budget = Budget(macs_ratio=0.25)
+    preset: Literal["smoke", "quick", "standard", "paper"] = "quick"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    width_mult: float = Field(1.0, ge=0.05, le=4)
+    max_width_mult: float | None = Field(None, gt=0, le=4)
+    channel_divisor: int = Field(1, ge=1, le=64)
+    train_limit: int | None = Field(None, ge=16)
+    test_limit: int | None = Field(None, ge=16)
+    val_size: int | None = Field(None, ge=16)
+    calib_batches: int | None = Field(None, ge=1, le=1000)
+    calib_batch_size: int | None = Field(None, ge=1, le=4096)
+    eval_images: int | None = Field(None, ge=16)
+    final_init: Literal["scratch", "generated"] = "scratch"
+    train_baseline: bool = False
+    metanet: dict = Field(default_factory=dict)
+    search: dict = Field(default_factory=dict)
+    final: dict = Field(default_factory=dict)
+
+    def resolved(self) -> ResolvedSpec:
+        p = PRESETS[self.preset]
+        pick = lambda name: getattr(self, name) if getattr(self, name) is not None else p.get(name)  # noqa: E731
+        return ResolvedSpec(
+            spec=self, max_width_mult=pick("max_width_mult") or 1.0,
+            train_limit=pick("train_limit"), test_limit=pick("test_limit"),
+            val_size=pick("val_size"), calib_batches=pick("calib_batches"),
+            calib_batch_size=pick("calib_batch_size"), eval_images=pick("eval_images"),
+            metanet=TrainConfig(**{**p["metanet"], **self.metanet}),
+            search=SearchConfig(**{**p["search"], **self.search, "seed": self.seed}),
+            final=TrainConfig(**{**p["final"], **self.final}))
+
+
+class ResolvedSpec(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    spec: PipelineSpec
+    max_width_mult: float
+    train_limit: int | None
+    test_limit: int | None
+    val_size: int
+    calib_batches: int
+    calib_batch_size: int
+    eval_images: int
+    metanet: TrainConfig
+    search: SearchConfig
+    final: TrainConfig
+
+
+class RunFolderError(ValueError):
+    """The run folder holds another run, or a finished stage is missing its files."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_budget(space: SearchSpace, budget: Budget) -> list:
+    """Constraints for a budget; ratios are relative to the full (1.0×) network."""
+    if budget.macs is not None:
+        return [MacsConstraint(budget.macs)]
+    if budget.params is not None:
+        return [ParamsConstraint(budget.params)]
+    full = SearchSpace.create(space.arch, **space.arch_args)  # max_width_mult 1.0
+    if budget.macs_ratio is not None:
+        return [MacsConstraint(int(budget.macs_ratio * counting.macs(full, full.largest())))]
+    return [ParamsConstraint(int(budget.params_ratio * counting.params(full, full.largest())))]
+
+
+def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
+        progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run (or resume) the whole pipeline; returns the report (also ``artifacts/report.json``)."""
+    run_dir = Path(run_dir)
+    notify = progress or (lambda event: None)
+    r = spec.resolved()
+    _claim_run_dir(run_dir, spec, resume)
+    device = pick_device(spec.device)
+    t_start = time.perf_counter()
+
+    notify({"stage": "data", "message": f"loading {spec.dataset}"})
+    data = load_dataset(spec.dataset, root=spec.data_root, device=device, val_size=r.val_size,
+                        train_limit=r.train_limit, test_limit=r.test_limit, seed=spec.seed)
+    meta = data.meta
+    space = SearchSpace.create(spec.arch, num_classes=meta.num_classes,
+                               in_channels=meta.in_channels, input_size=meta.input_size,
+                               max_width_mult=r.max_width_mult,
+                               channel_divisor=spec.channel_divisor)
+    constraints = resolve_budget(space, spec.budget)
+    check_feasible(space, constraints)  # fail before any training
+    baseline = uniform_baseline(space, constraints)
+
+    # 1. PruningNet
+    torch.manual_seed(spec.seed)
+    pnet = PruningNet(space).to(device)
+    final_path = run_dir / "metanet" / "pruningnet.safetensors"
+    if final_path.exists():
+        state, _ = load_tensors(final_path, device)
+        pnet.load_state_dict(state)
+        metanet_stats = read_json(run_dir / "metanet" / "stats.json")
+    else:
+        metanet_stats = train_pruningnet(pnet, data.train, r.metanet, seed=spec.seed, device=device,
+                                         checkpoint=run_dir / "metanet" / "state.safetensors",
+                                         progress=notify, should_stop=should_stop)
+        save_tensors(final_path, pnet.state_dict(), {"space": space.to_dict()})
+        atomic_write_json(run_dir / "metanet" / "stats.json", metanet_stats)
+
+    # 2. evolutionary search, scored on the held-out sub-validation split
+    evaluator = CandidateEvaluator(pnet, data.train, data.val, calib_batches=r.calib_batches,
+                                   batch_size=r.calib_batch_size, val_images=r.eval_images,
+                                   seed=spec.seed, device=device)
+
+    def on_generation(event: dict) -> None:
+        notify({"stage": "search", **event})
+        if should_stop is not None and should_stop():
+            from pruning.train import Cancelled
+            raise Cancelled("search")
+
+    result: SearchResult = evolve(space, evaluator, constraints, r.search,
+                                  state_path=run_dir / "search" / "state.json",
+                                  progress=on_generation)
+    best = Candidate(tuple(result.best.choices))
+    baseline_estimate = evaluator(baseline)
+
+    # 3. final training of the winner (and of the uniform baseline, when asked)
+    trained = {"metapruning": _train_final(best, "final", pnet, evaluator, data, r, run_dir,
+                                           device, notify, should_stop)}
+    if spec.train_baseline:
+        trained["uniform"] = _train_final(baseline, "baseline", pnet, evaluator, data, r, run_dir,
+                                          device, notify, should_stop)
+
+    # 4. evaluation on the test split and export
+    notify({"stage": "export", "message": "evaluating on the test split and exporting"})
+    report = {
+        "arch": spec.arch, "dataset": spec.dataset, "seed": spec.seed, "preset": spec.preset,
+        "device": str(device),
+        "budget": {c.name: c.limit for c in constraints},
+        "metanet": metanet_stats,
+        "search": {"evaluated": len(result.history), "generations": r.search.generations},
+        "elapsed_s": None,
+    }
+    for name, (cand, net) in {"metapruning": (best, trained["metapruning"]),
+                              "uniform": (baseline, trained.get("uniform"))}.items():
+        entry = {"candidate": cand.key(), "widths": space.widths_by_group(cand),
+                 "macs": counting.macs(space, cand), "params": counting.params(space, cand),
+                 "estimated_val_accuracy": (result.best.score if name == "metapruning"
+                                            else baseline_estimate)}
+        if net is not None:
+            entry["test_accuracy"] = accuracy(net, data.test, device=device)
+        report[name] = entry
+    full = SearchSpace.create(spec.arch, **space.arch_args)
+    report["full_network"] = {"macs": counting.macs(full, full.largest()),
+                              "params": counting.params(full, full.largest())}
+    artifacts = run_dir / "artifacts"
+    sample = next(iter(data.test.batches(8, device="cpu")))[0]
+    export_model(artifacts, trained["metapruning"], space, best, sample=sample, extra={
+        "dataset": {"name": spec.dataset, **asdict(meta)}, "seed": spec.seed,
+        "metrics": {"test_accuracy": report["metapruning"]["test_accuracy"],
+                    "estimated_val_accuracy": result.best.score}})
+    atomic_write_json(artifacts / "search.json", json.loads(result.to_json()))
+    report["elapsed_s"] = round(time.perf_counter() - t_start, 3)
+    atomic_write_json(artifacts / "report.json", report)
+    notify({"stage": "done", "report": report})
+    return report
+
+
+def _train_final(cand: Candidate, name: str, pnet: PruningNet, evaluator: CandidateEvaluator,
+                 data, r: ResolvedSpec, run_dir: Path, device, notify, should_stop):
+    """Train one candidate from scratch (the paper) or from its generated weights."""
+    from pruning.modules import build
+
+    torch.manual_seed(r.spec.seed)
+    if r.spec.final_init == "generated":
+        net = evaluator.materialise(cand).to(device)
+    else:
+        net = build(pnet.space, cand).to(device)
+    done = run_dir / name / "model.safetensors"
+    if done.exists():
+        state, _ = load_tensors(done, device)
+        net.load_state_dict(state)
+    else:
+        train_network(net, data.train, r.final, seed=r.spec.seed, device=device,
+                      checkpoint=run_dir / name / "state.safetensors", progress=notify,
+                      stage=name, should_stop=should_stop)
+        save_tensors(done, net.state_dict())
+    return net.eval()
+
+
+def _claim_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
+    saved = run_dir / "spec.json"
+    if saved.exists():
+        if not resume:
+            raise RunFolderError(f"{run_dir} already holds a run; pass --resume to continue it "
+                                 "or choose another folder")
+        previous = PipelineSpec.model_validate(read_json(saved))
+        if previous.model_dump(exclude={"device"}) != spec.model_dump(exclude={"device"}):
+            raise RunFolderError(f"{run_dir} holds a run with a different specification; "
+                                 "resume it with the same settings or choose another folder")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(saved, spec.model_dump())

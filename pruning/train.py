@@ -1,0 +1,167 @@
+"""Training loops: the PruningNet (a random candidate per step) and plain pruned networks.
+
+One loop serves both: SGD with Nesterov momentum, linear warm-up then cosine decay, label
+smoothing, checkpoints every ``checkpoint_every`` steps so a killed run resumes losing at most
+one interval. Randomness is derived from ``(seed, step)``, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruning.checkpoint import load_training_state, save_training_state
+from pruning.space import Candidate, SearchSpace
+
+Progress = Callable[[dict], None]
+
+
+class Cancelled(Exception):
+    """Raised inside a loop when the caller's ``should_stop`` says so."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe. ``epochs`` may be fractional; ``max_steps`` caps the step count."""
+
+    epochs: float = 1.0
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 4e-5
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = True
+    max_steps: int | None = None
+    checkpoint_every: int = 200
+
+    def __post_init__(self):
+        checks = {"epochs": 0 < self.epochs <= 10_000, "batch_size": 1 <= self.batch_size <= 65_536,
+                  "lr": 0 < self.lr <= 100, "momentum": 0 <= self.momentum < 1,
+                  "weight_decay": 0 <= self.weight_decay <= 1,
+                  "warmup_epochs": 0 <= self.warmup_epochs <= self.epochs,
+                  "label_smoothing": 0 <= self.label_smoothing < 1,
+                  "max_steps": self.max_steps is None or self.max_steps >= 1,
+                  "checkpoint_every": self.checkpoint_every >= 1}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid training settings: {', '.join(bad)} ({asdict(self)})")
+
+    def total_steps(self, num_examples: int) -> int:
+        per_epoch = max(1, num_examples // self.batch_size)
+        steps = max(1, math.ceil(self.epochs * per_epoch))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def lr_at(self, step: int, total: int, per_epoch: int) -> float:
+        """Linear warm-up, then cosine decay to zero (``step`` counts from 0)."""
+        warmup = int(self.warmup_epochs * per_epoch)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * t))
+
+
+def candidate_for_step(space: SearchSpace, seed: int, step: int) -> Candidate:
+    """The candidate the PruningNet trains at ``step``: uniform per group (MetaPruning §3.2),
+    drawn from an RNG seeded by ``(seed, step)`` so a resumed run samples the same ones."""
+    return space.random(random.Random(seed * 1_000_003 + step))
+
+
+def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor], split,
+        config: TrainConfig, *, seed: int = 0, device: torch.device | str = "cpu",
+        checkpoint: str | Path | None = None, progress: Progress | None = None,
+        stage: str = "train", should_stop: Callable[[], bool] | None = None) -> dict:
+    """Train ``module`` with ``loss = CE(forward(x, step), y)`` over ``split``.
+
+    With ``checkpoint``, state is saved every ``config.checkpoint_every`` steps and at the end,
+    and an existing checkpoint is resumed. Returns ``{"steps", "loss", "images_per_s"}``.
+    """
+    device = torch.device(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=config.lr, momentum=config.momentum,
+                          nesterov=config.nesterov and config.momentum > 0)
+    per_epoch = max(1, len(split) // config.batch_size)
+    total = config.total_steps(len(split))
+    step, loss_ema = 0, None
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt and ckpt.exists():
+        meta = load_training_state(ckpt, module, opt)
+        step, loss_ema = meta["step"], meta.get("loss")
+    use_amp = device.type == "cuda"
+    module.train()
+    t0, images = time.perf_counter(), 0
+    while step < total:
+        epoch = step // per_epoch
+        skip = step - epoch * per_epoch
+        batches = split.batches(config.batch_size, shuffle=True, augment=config.augment,
+                                seed=seed * 10_007 + epoch, drop_last=True, device=device)
+        for i, (x, y) in enumerate(batches):
+            if i < skip:
+                continue
+            if should_stop is not None and should_stop():
+                raise Cancelled(stage)
+            for group in opt.param_groups:
+                group["lr"] = config.lr_at(step, total, per_epoch)
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+                loss = F.cross_entropy(forward(x, step), y, label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            images += len(x)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{stage}: loss became {value} at step {step}; "
+                                         "lower the learning rate")
+            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+            elapsed = time.perf_counter() - t0
+            if ckpt and (step % config.checkpoint_every == 0 or step == total):
+                save_training_state(ckpt, module, opt, {"step": step, "loss": loss_ema})
+            if progress:
+                rate = images / elapsed if elapsed > 0 else 0.0
+                progress({"stage": stage, "step": step, "total": total,
+                          "epoch": step / per_epoch, "loss": loss_ema,
+                          "lr": opt.param_groups[0]["lr"], "images_per_s": rate,
+                          "eta_s": (total - step) * config.batch_size / rate if rate else None})
+            if step >= total:
+                break
+    elapsed = time.perf_counter() - t0
+    return {"steps": step, "loss": loss_ema, "images_per_s": images / elapsed if elapsed else 0.0}
+
+
+def train_pruningnet(pnet, split, config: TrainConfig, *, seed: int = 0, **kwargs) -> dict:
+    """Train the PruningNet's generators, one uniformly random candidate per step."""
+    return fit(pnet, lambda x, step: pnet(x, candidate_for_step(pnet.space, seed, step)),
+               split, config, seed=seed, stage="metanet", **kwargs)
+
+
+def train_network(net: nn.Module, split, config: TrainConfig, *, seed: int = 0, **kwargs) -> dict:
+    """Train a plain (pruned) network."""
+    return fit(net, lambda x, step: net(x), split, config, seed=seed, **kwargs)
+
+
+@torch.inference_mode()
+def accuracy(net: nn.Module, split, *, batch_size: int = 512,
+             device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of ``net`` (in eval mode) on ``split``."""
+    net.eval()
+    device = torch.device(device)
+    correct = seen = 0
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        for x, y in split.batches(batch_size, device=device):
+            correct += (net(x).argmax(1) == y).sum().item()
+            seen += len(y)
+    return correct / max(1, seen)

@@ -1,0 +1,103 @@
+"""Shared helpers for the core tests (search space, counting, plain modules, PruningNet).
+
+Everything that runs a forward pass uses the tiny ``test_*`` architectures; the real ones are
+only built at small sizes (or on the ``meta`` device) where a test says so.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+
+import pytest
+import torch
+from torch import nn
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from pruning.modules import ConvBNAct, conv_path
+from pruning.registry import list_archs
+from pruning.space import Candidate, MaxPoolSpec, SearchSpace
+
+# No example database (tests must not write into the working tree), no per-example deadline
+# (CPU timing varies), and derandomised so that every run checks the same examples. Example
+# counts are set per test.
+settings.register_profile(
+    "core", deadline=None, database=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("core")
+
+REAL_ARCHS = ("mobilenet_v1", "mobilenet_v2", "resnet18", "resnet34", "resnet50")
+ALL_ARCHS = tuple(list_archs(include_test=True))
+TEST_ARCHS = tuple(a for a in ALL_ARCHS if a.startswith("test_"))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module's tests: the tiny networks gain nothing from more, and on
+    a busy 2-core machine spinning OpenMP threads make them 10× slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@lru_cache(maxsize=None)
+def space_of(arch: str, **kwargs) -> SearchSpace:
+    """A cached space (spaces are immutable; caching keeps plan building out of the loops)."""
+    return SearchSpace.create(arch, **kwargs)
+
+
+def image_batch(space: SearchSpace, n: int, seed: int = 0) -> torch.Tensor:
+    stem = space.plan.blocks[0].body[0]
+    c, (h, w) = stem.cin, stem.in_hw
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=g)
+
+
+def candidates(space: SearchSpace, max_level: int | None = None) -> st.SearchStrategy[Candidate]:
+    """Hypothesis strategy: one level per group, uniformly from ``0..max_level``."""
+    top = space.num_levels - 1 if max_level is None else max_level
+    return st.lists(st.integers(0, top), min_size=space.num_groups,
+                    max_size=space.num_groups).map(lambda c: Candidate(tuple(c)))
+
+
+def random_candidates(space: SearchSpace, n: int, seed: int) -> list[Candidate]:
+    rng = random.Random(seed)
+    return [space.random(rng) for _ in range(n)]
+
+
+def check_widths(space, cand, net):
+    """Every conv, BN and the classifier have exactly the candidate's widths (via the plan)."""
+    widths = space.widths(cand)
+    by_group = space.widths_by_group(cand)
+    seen_groups = set()
+    n_convs = 0
+    for block in space.plan.blocks:
+        layers = [(s, False) for s in block.body] + [(s, True) for s in block.shortcut or ()]
+        for spec, in_shortcut in layers:
+            if isinstance(spec, MaxPoolSpec):
+                continue
+            n_convs += 1
+            unit = net.get_submodule(conv_path(block, spec, in_shortcut))
+            assert isinstance(unit, ConvBNAct)
+            conv, bn = unit.conv, unit.bn
+            cin, cout = space.resolve(spec.cin, widths), space.resolve(spec.cout, widths)
+            for ref, w in ((spec.cin, cin), (spec.cout, cout)):
+                if isinstance(ref, str):
+                    assert w == by_group[ref]
+                    seen_groups.add(ref)
+            assert (conv.in_channels, conv.out_channels) == (cin, cout)
+            assert conv.groups == (cin if spec.depthwise else 1)
+            assert conv.kernel_size == (spec.kernel,) * 2 and conv.stride == (spec.stride,) * 2
+            assert conv.padding == (spec.kernel // 2,) * 2 and conv.bias is None
+            # real tensors of the pruned size, nothing masked
+            assert conv.weight.shape == (cout, 1 if spec.depthwise else cin, spec.kernel,
+                                         spec.kernel)
+            assert bn.num_features == cout
+            assert bn.weight.shape == bn.bias.shape == bn.running_mean.shape == (cout,)
+    head = space.plan.head
+    fc = net.get_submodule(f"{head.name}.fc")
+    assert fc.weight.shape == (head.cout, by_group[head.cin]) and fc.bias.shape == (head.cout,)
+    assert seen_groups == set(by_group)
+    assert n_convs == sum(isinstance(m, nn.Conv2d) for m in net.modules())

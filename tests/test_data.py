@@ -1,0 +1,434 @@
+"""Datasets: Fashion-MNIST from the real idx files, image folders written here, synthetic."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pruning import data as D
+from pruning.data import (DataBundle, DatasetError, DatasetMeta, StreamSplit, TensorSplit,
+                          list_datasets, load_dataset)
+
+FMNIST_DIR = Path(os.environ.get(D.FASHION_MNIST_ENV) or D.FASHION_MNIST_DEFAULT_DIR)
+needs_fmnist = pytest.mark.skipif(
+    not all((FMNIST_DIR / f"{s}.gz").is_file() for s in D.FASHION_MNIST_FILES),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An independent reader of the idx format, to check the loader against the file."""
+    raw = gzip.open(path).read()
+    ndim = raw[3]
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Batches of a few hundred small images are too small for intra-op threads: on a shared
+    2-core box their spin-waits cost 10-30× (measured), so this module runs single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fm_train_labels() -> np.ndarray:
+    return read_idx(FMNIST_DIR / "train-labels-idx1-ubyte.gz")
+
+
+@pytest.fixture(scope="module")
+def fm_train_images() -> np.ndarray:
+    return read_idx(FMNIST_DIR / "train-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(scope="module")
+def fm() -> DataBundle:
+    return load_dataset("fashion-mnist", train_limit=3000, test_limit=1000, seed=0)
+
+
+def unnormalise(x: torch.Tensor, meta: DatasetMeta) -> torch.Tensor:
+    mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std).view(1, -1, 1, 1)
+    return (x.cpu() * std + mean).mul(255).round().to(torch.int64)
+
+
+def all_batches(split, bs, **kw):
+    xs, ys = zip(*split.batches(bs, **kw))
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ---- registry
+
+
+def test_list_and_unknown_dataset():
+    assert list_datasets() == ["fashion-mnist", "imagefolder", "synthetic"]
+    with pytest.raises(DatasetError, match="available: fashion-mnist, imagefolder, synthetic"):
+        load_dataset("cifar-1000")
+    assert issubclass(DatasetError, ValueError)
+
+
+# ---- Fashion-MNIST
+
+
+@needs_fmnist
+def test_fmnist_shapes_dtypes_labels(fm):
+    m = fm.meta
+    assert (m.name, m.num_classes, m.in_channels, m.input_size) == ("fashion-mnist", 10, 1, 28)
+    assert m.classes[0] == "T-shirt/top" and m.classes[9] == "Ankle boot"
+    assert (len(fm.train), len(fm.val), len(fm.test)) == (2700, 300, 1000)
+    for split in (fm.train, fm.val, fm.test):
+        assert isinstance(split, TensorSplit)
+        assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 28, 28)
+        assert split.labels.dtype == torch.int64
+        assert 0 <= int(split.labels.min()) and int(split.labels.max()) <= 9
+        x, y = next(split.batches(64))
+        assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # limits are stratified: the real file is balanced, so are the subsets
+    assert torch.bincount(fm.test.labels, minlength=10).tolist() == [100] * 10
+    assert torch.bincount(fm.val.labels, minlength=10).tolist() == [30] * 10
+
+
+@needs_fmnist
+def test_fmnist_matches_the_idx_file(fm, fm_train_labels, fm_train_images):
+    full = load_dataset("fashion-mnist", val_size=0)
+    assert len(full.train) == 60000 and len(full.val) == 0 and len(full.test) == 10000
+    assert int(full.train.labels[0]) == int(fm_train_labels[0]) == 9  # known first label
+    assert torch.equal(full.train.images[0, 0], torch.from_numpy(fm_train_images[0].copy()))
+    test_labels = read_idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    assert torch.equal(full.test.labels, torch.from_numpy(test_labels.astype(np.int64)))
+    # every sample of a subset is the file's sample at its recorded index
+    for split in (fm.train, fm.val):
+        idx = split.indices.numpy()
+        assert torch.equal(split.labels, torch.from_numpy(fm_train_labels[idx].astype(np.int64)))
+        assert torch.equal(split.images[:, 0], torch.from_numpy(fm_train_images[idx]))
+
+
+@needs_fmnist
+def test_fmnist_split_deterministic_disjoint_and_sized(fm):
+    again = load_dataset("fashion-mnist", train_limit=3000, test_limit=1000, seed=0)
+    assert torch.equal(again.train.indices, fm.train.indices)
+    assert torch.equal(again.val.indices, fm.val.indices)
+    tr, va = set(fm.train.indices.tolist()), set(fm.val.indices.tolist())
+    assert not tr & va and len(tr) == 2700 and len(va) == 300
+    other = load_dataset("fashion-mnist", train_limit=3000, test_limit=1000, seed=1)
+    assert not torch.equal(other.val.indices, fm.val.indices)
+    assert not set(other.train.indices.tolist()) & set(other.val.indices.tolist())
+    by_count = load_dataset("fashion-mnist", train_limit=1000, val_size=137)
+    assert (len(by_count.train), len(by_count.val)) == (863, 137)
+    # the test split is untouched by the seed and by the validation split
+    assert torch.equal(other.test.indices, fm.test.indices)
+    assert torch.equal(by_count.test.images, load_dataset(
+        "fashion-mnist", train_limit=500, val_size=0.5, seed=7).test.images)
+
+
+def test_bad_split_settings_are_dataset_errors():
+    for kw in ({"val_size": 1.0}, {"val_size": 512}, {"val_size": -1}, {"val_size": "10%"},
+               {"train_limit": 0}, {"image_size": 0}, {"seed": -1}):
+        with pytest.raises(DatasetError):
+            load_dataset("synthetic", **kw)
+
+
+@needs_fmnist
+def test_normalisation_zero_mean_unit_std(fm):
+    x, _ = all_batches(fm.train, 1000)
+    assert abs(x.mean().item()) < 0.03
+    assert abs(x.std().item() - 1) < 0.03
+
+
+@needs_fmnist
+def test_batches_deterministic_per_seed(fm):
+    a = all_batches(fm.train, 256, shuffle=True, augment=True, seed=3)
+    b = all_batches(fm.train, 256, shuffle=True, augment=True, seed=3)
+    c = all_batches(fm.train, 256, shuffle=True, augment=True, seed=4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1]) and not torch.equal(a[0], c[0])
+    # shuffled labels are a permutation of the split's labels
+    assert torch.equal(a[1].sort().values, fm.train.labels.sort().values)
+    # without shuffle: split order, and the last batch is short unless dropped
+    x, y = all_batches(fm.train, 256)
+    assert torch.equal(y, fm.train.labels)
+    assert fm.train.num_batches(256) == 11 == len(list(fm.train.batches(256)))
+    sizes = [len(y) for _, y in fm.train.batches(256, drop_last=True)]
+    assert sizes == [256] * 10 == [256] * fm.train.num_batches(256, drop_last=True)
+
+
+@needs_fmnist
+def test_augment_keeps_shape_and_changes_pixels(fm):
+    plain, y0 = next(fm.train.batches(128, seed=0))
+    aug, y1 = next(fm.train.batches(128, augment=True, seed=0))
+    assert aug.shape == plain.shape and aug.dtype == plain.dtype
+    assert torch.equal(y0, y1)
+    changed = (aug != plain).flatten(1).any(1).float().mean().item()
+    assert changed > 0.8
+    # a crop of a padded image: every augmented pixel is a source pixel value or padding
+    lo = float(torch.tensor(-fm.meta.mean[0] / fm.meta.std[0]))
+    assert torch.isclose(aug.min(), torch.tensor(lo), atol=1e-5)
+
+
+def test_crop_flip_matches_a_per_image_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (7, 3, 9, 6), generator=g, dtype=torch.uint8)
+    pad = 2
+    off = torch.randint(0, 2 * pad + 1, (7, 2), generator=g)
+    flips = torch.rand(7, generator=g) < 0.5
+    out = D.crop_flip(x, off, flips, pad)
+    padded = torch.nn.functional.pad(x, (pad,) * 4)
+    for i in range(7):
+        oy, ox = off[i].tolist()
+        ref = padded[i, :, oy:oy + 9, ox:ox + 6]
+        ref = ref.flip(-1) if flips[i] else ref
+        assert torch.equal(out[i], ref)
+    centre = torch.full((7, 2), pad)
+    assert torch.equal(D.crop_flip(x, centre, None, pad), x)
+
+
+def test_fmnist_missing_folder_says_how_to_install(tmp_path, monkeypatch):
+    with pytest.raises(DatasetError) as e:
+        load_dataset("fashion-mnist", root=tmp_path / "nowhere")
+    msg = str(e.value)
+    assert "apt-get install dataset-fashion-mnist" in msg
+    assert "--data-root" in msg and D.FASHION_MNIST_ENV in msg
+    assert "train-images-idx3-ubyte.gz" in msg
+    monkeypatch.setenv(D.FASHION_MNIST_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist")
+
+
+def _fmnist_copy(folder: Path) -> Path:
+    """A folder of symlinks to the real files (cheap), to damage one file in."""
+    folder.mkdir()
+    for s in D.FASHION_MNIST_FILES:
+        (folder / f"{s}.gz").symlink_to(FMNIST_DIR / f"{s}.gz")
+    return folder
+
+
+@needs_fmnist
+def test_fmnist_env_var_and_parent_root(tmp_path, monkeypatch):
+    folder = _fmnist_copy(tmp_path / "fashion-mnist")
+    monkeypatch.setenv(D.FASHION_MNIST_ENV, str(folder))
+    assert len(load_dataset("fashion-mnist", train_limit=100, test_limit=10).test) == 10
+    monkeypatch.delenv(D.FASHION_MNIST_ENV)
+    assert len(load_dataset("fashion-mnist", root=tmp_path, train_limit=100).train) == 90
+
+
+@needs_fmnist
+@pytest.mark.parametrize("damage, match", [
+    (b"this is not gzip at all", "corrupt"),
+    (gzip.compress(struct.pack(">II", 0x00000803, 60000)), "magic"),
+    (gzip.compress(struct.pack(">II", 0x00000801, 60000) + bytes(100)), "truncated"),
+    (gzip.compress(struct.pack(">II", 0x00000801, 60000) + bytes(60000))[:-20], "corrupt"),
+], ids=["not-gzip", "wrong-magic", "short-payload", "cut-gzip-stream"])
+def test_fmnist_corrupt_file(tmp_path, damage, match):
+    folder = _fmnist_copy(tmp_path / "fm")
+    bad = folder / "train-labels-idx1-ubyte.gz"
+    bad.unlink()
+    bad.write_bytes(damage)
+    with pytest.raises(DatasetError, match=match) as e:
+        load_dataset("fashion-mnist", root=folder, train_limit=100)
+    assert "train-labels-idx1-ubyte.gz" in str(e.value)
+
+
+# ---- image folders
+
+
+CLASS_VALUE = {"cat": 30, "dog": 90, "owl": 150, "only": 200}
+
+
+def write_tree(root: Path, classes=("cat", "dog", "owl"), n=8, mode="L", sizes=((12, 12),)):
+    """Constant images whose value tells the class (cat 30, dog 90, owl 150), in several
+    sizes; the loader sorts class folders by name, so label c has value 30 + 60·c."""
+    for name in classes:
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(n):
+            v = CLASS_VALUE[name]
+            colour = v if mode == "L" else (v, 255 - v, v // 2)
+            Image.new(mode, sizes[i % len(sizes)], colour).save(d / f"{i:03d}.png")
+
+
+def write_noise_tree(root: Path, n=10, size=10):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                root / c / f"{i}.png")
+
+
+def test_imagefolder_grayscale_mixed_sizes(tmp_path):
+    write_tree(tmp_path, sizes=((12, 12), (20, 16), (12, 12)))
+    b = load_dataset("imagefolder", root=tmp_path, image_size=10, val_size=0.25,
+                     num_workers=0)
+    m = b.meta
+    assert (m.in_channels, m.input_size, m.classes) == (1, 10, ("cat", "dog", "owl"))
+    # 8 per class, 2 held out per class as test (no test/ folder), 25% of the rest as val
+    assert (len(b.train) + len(b.val), len(b.test)) == (18, 6)
+    assert len(b.val) == round(0.25 * 18)
+    for split in (b.train, b.val, b.test):
+        assert isinstance(split, TensorSplit)
+        x, y = all_batches(split, 4, shuffle=True, seed=1)
+        assert x.shape[1:] == (1, 10, 10)
+        pix = unnormalise(x, m)
+        assert torch.equal(pix, (30 + 60 * y).view(-1, 1, 1, 1).expand_as(pix))
+    again = load_dataset("imagefolder", root=tmp_path, image_size=10, val_size=0.25, seed=5,
+                         num_workers=0)
+    assert torch.equal(again.test.indices, b.test.indices)  # hold-out independent of seed
+
+
+def test_imagefolder_rgb_with_train_test_folders(tmp_path):
+    write_tree(tmp_path / "train", mode="RGB", sizes=((16, 16), (16, 16), (24, 24)))
+    write_tree(tmp_path / "test", classes=("cat", "owl"), n=3, mode="RGB")
+    b = load_dataset("imagefolder", root=tmp_path, val_size=3, num_workers=0)
+    assert (b.meta.in_channels, b.meta.input_size) == (3, 16)   # the most common size
+    assert (len(b.train), len(b.val), len(b.test)) == (21, 3, 6)
+    x, y = all_batches(b.test, 6)
+    assert sorted(y.tolist()) == [0, 0, 0, 2, 2, 2]
+    pix = unnormalise(x, b.meta)
+    v = 30 + 60 * y
+    assert torch.equal(pix[:, 0, 0, 0], v) and torch.equal(pix[:, 1, 0, 0], 255 - v)
+    x, _ = all_batches(b.train, 64)
+    assert abs(x.mean().item()) < 1e-4 and torch.allclose(x.std((0, 2, 3)), torch.ones(3),
+                                                          atol=0.05)
+
+
+def test_imagefolder_symlinks(tmp_path):
+    root = tmp_path / "root"
+    write_tree(root, n=4)
+    outside = tmp_path / "outside.png"
+    Image.new("L", (12, 12), 7).save(outside)
+    (root / "cat" / "inside-link.png").symlink_to(root / "dog" / "000.png")
+    b = load_dataset("imagefolder", root=root, val_size=0, num_workers=0)
+    assert len(b.train) + len(b.test) == 13   # a link inside the root is fine
+    (root / "dog" / "sneaky.png").symlink_to(outside)
+    with pytest.raises(DatasetError, match="outside its root") as e:
+        load_dataset("imagefolder", root=root, num_workers=0)
+    assert "sneaky.png" in str(e.value)
+    os.unlink(root / "dog" / "sneaky.png")
+    (root / "escape").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(DatasetError, match="outside its root"):
+        load_dataset("imagefolder", root=root, num_workers=0)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+def test_imagefolder_undecodable_file(tmp_path, kind):
+    write_tree(tmp_path, n=4)
+    bad = tmp_path / "dog" / "broken.png"
+    if kind == "garbage":
+        bad.write_bytes(b"definitely not a PNG")
+    else:  # a valid header, so only a full decode finds it
+        good = (tmp_path / "dog" / "000.png")
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(bad)
+        bad.write_bytes(bad.read_bytes()[:200])
+        assert good.exists()
+    with pytest.raises(DatasetError, match="cannot be decoded") as e:
+        load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
+    assert "broken.png" in str(e.value)
+
+
+def test_imagefolder_layout_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset("imagefolder", root=tmp_path / "missing")
+    with pytest.raises(DatasetError, match="needs a root"):
+        load_dataset("imagefolder")
+    write_tree(tmp_path / "one", classes=("only",), n=3)
+    with pytest.raises(DatasetError, match="at least two classes"):
+        load_dataset("imagefolder", root=tmp_path / "one", num_workers=0)
+
+
+def test_stream_split_equals_tensor_split(tmp_path):
+    write_noise_tree(tmp_path, n=10, size=10)
+    mem = load_dataset("imagefolder", root=tmp_path, val_size=2, image_size=8, num_workers=0)
+    stream = load_dataset("imagefolder", root=tmp_path, val_size=2, image_size=8,
+                          in_memory_limit_mb=0, num_workers=2)
+    assert isinstance(mem.train, TensorSplit) and isinstance(stream.train, StreamSplit)
+    assert stream.meta == mem.meta and stream.train.num_workers == 2
+    for name in ("train", "val", "test"):
+        a, b = getattr(mem, name), getattr(stream, name)
+        assert torch.equal(a.indices, b.indices)
+        for kw in ({}, {"shuffle": True, "augment": True, "seed": 11}):
+            xa, ya = all_batches(a, 3, **kw)
+            xb, yb = all_batches(b, 3, **kw)
+            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    # a file that breaks after loading is reported by name while streaming
+    victim = stream.test.files[0]
+    Path(victim).write_bytes(b"gone bad")
+    with pytest.raises(DatasetError, match="cannot be decoded") as e:
+        list(stream.test.batches(4))
+    assert victim in str(e.value) and "Traceback" not in str(e.value)
+
+
+# ---- synthetic, TensorSplit helpers
+
+
+def test_synthetic_deterministic_and_sized():
+    a, b = load_dataset("synthetic", seed=3), load_dataset("synthetic", seed=3)
+    for s in ("train", "val", "test"):
+        assert torch.equal(getattr(a, s).images, getattr(b, s).images)
+        assert torch.equal(getattr(a, s).labels, getattr(b, s).labels)
+    assert (len(a.train) + len(a.val), len(a.test)) == (512, 256)
+    assert (a.meta.input_size, a.meta.in_channels, a.meta.num_classes) == (16, 1, 10)
+    c = load_dataset("synthetic", seed=4, image_size=12, train_limit=100, test_limit=40,
+                     num_classes=4)
+    assert c.train.images.shape[1:] == (1, 12, 12) and len(c.test) == 40
+    assert c.meta.num_classes == 4 and int(c.train.labels.max()) == 3
+    assert not torch.equal(load_dataset("synthetic", seed=4).test.images, a.test.images)
+    with pytest.raises(DatasetError, match="synthetic"):
+        load_dataset("imagefolder", num_classes=3)
+
+
+def test_synthetic_is_learnable():
+    torch.manual_seed(0)
+    b = load_dataset("synthetic", seed=0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for epoch in range(15):  # 105 steps
+        for x, y in b.train.batches(64, shuffle=True, augment=True, seed=epoch, drop_last=True):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        x, y = all_batches(b.test, 256)
+        acc = (net(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.5  # chance is 0.1
+
+
+def test_tensor_split_subset_to_and_meta_roundtrip():
+    b = load_dataset("synthetic", train_limit=50, test_limit=20)
+    sub = b.test.subset([3, 1, 4])
+    assert torch.equal(sub.images, b.test.images[[3, 1, 4]])
+    assert sub.indices.tolist() == [3, 1, 4]
+    assert b.test.to("cpu") is b.test
+    assert DatasetMeta.from_dict(b.meta.to_dict()) == b.meta
+    with pytest.raises(DatasetError):
+        TensorSplit(b.test.images.float(), b.test.labels, b.meta)
+    with pytest.raises(ValueError, match="batch_size"):
+        b.test.batches(0)
+    assert list(b.val.subset([]).batches(8)) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_equal_cpu_batches():
+    b = load_dataset("synthetic", seed=1)
+    gpu = load_dataset("synthetic", seed=1, device="cuda")
+    assert gpu.train.device.type == "cuda"
+    xc, yc = all_batches(b.train, 64, shuffle=True, augment=True, seed=2)
+    xg, yg = all_batches(gpu.train, 64, shuffle=True, augment=True, seed=2)
+    assert xg.device.type == "cuda" and torch.equal(yc, yg.cpu())
+    assert torch.allclose(xc, xg.cpu(), atol=1e-6)
+    xm, _ = all_batches(b.train, 64, shuffle=True, augment=True, seed=2, device="cuda")
+    assert torch.allclose(xm.cpu(), xc, atol=1e-6)
