@@ -118,6 +118,7 @@ class PruningNet(nn.Module):
             weights[path] = self.generators[_key(path)](c, out, inp)
         return weights
 
+
     def _shapes(self, widths: tuple[int, ...]) -> dict[str, tuple[int, int]]:
         """(out, in / groups) of every generated weight at these widths."""
         sp = self.space

@@ -45,8 +45,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def json_bytes(obj) -> bytes:
+    """``obj`` as the JSON text every file of the project uses (indented, sorted keys)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str | os.PathLike):

@@ -86,22 +86,33 @@ def cmd_measure(a) -> dict:
 def cmd_build(a) -> dict:
     import torch
 
+    from pruning.checkpoint import atomic_write_bytes
     from pruning.export import _script
     from pruning.modules import build
 
     space = _space(a)
     cand = _candidate(space, a)
+    if not Path(a.out).parent.is_dir():
+        raise UserError(f"--out: folder {Path(a.out).parent} does not exist")
     torch.manual_seed(a.seed)
-    Path(a.out).write_bytes(_script(build(space, cand).eval()))
+    atomic_write_bytes(a.out, _script(build(space, cand).eval()))
     return {"out": a.out, "candidate": cand.key(), "macs": counting.macs(space, cand),
             "params": counting.params(space, cand)}
 
 
 def cmd_prune(a) -> dict:
+    from pruning.constraints import parse_count
     from pruning.pipeline import Budget, PipelineSpec, run
 
-    from pruning.constraints import parse_count
-
+    try:
+        overrides = json.loads(a.set or "{}")
+    except json.JSONDecodeError as e:
+        raise UserError(f"--set is not valid JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise UserError('--set must be a JSON object like \'{"metanet": {"epochs": 2}}\'')
+    clash = sorted(set(overrides) & _PRUNE_OPTIONS)
+    if clash:
+        raise UserError(f"--set may not give {', '.join(clash)}: use the command-line options")
     budget = {}
     if a.max_macs:
         budget["macs"] = parse_count(a.max_macs)
@@ -116,7 +127,7 @@ def cmd_prune(a) -> dict:
         budget=Budget(**budget) if budget else Budget(macs_ratio=0.25),
         preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
         train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
-        **json.loads(a.set or "{}"))
+        **overrides)
     printer = ProgressPrinter(quiet=a.quiet)
     report = run(spec, a.out, resume=a.resume, progress=printer)
     printer.close()
@@ -124,6 +135,11 @@ def cmd_prune(a) -> dict:
         _print_summary(report, a.out)
         return {}
     return report
+
+
+# PipelineSpec fields that cmd_prune sets from its own options
+_PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", "seed", "device",
+                            "final_init", "train_baseline", "width_mult", "max_width_mult"})
 
 
 def _print_summary(report: dict, out: str) -> None:
@@ -243,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         out = args.fn(args)
-    except (UserError, ValueError, KeyError, FileNotFoundError) as e:
-        print(f"metaprune: error: {e}", file=sys.stderr)
+    except (UserError, ValueError, KeyError, OSError) as e:
+        print(f"metaprune: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metaprune: interrupted (resume with --resume)", file=sys.stderr)
@@ -252,6 +268,19 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         print(json.dumps(out, indent=2))
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    """The message of ``e`` on one line (pydantic's multi-line reports included)."""
+    errors = getattr(e, "errors", None)
+    if callable(errors) and type(e).__name__ == "ValidationError":
+        parts = []
+        for err in errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            where = ".".join(str(x) for x in err["loc"])
+            parts.append(f"{where}: {msg}" if where else msg)
+        return "; ".join(parts)
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pruning.space import Candidate, Channels, SearchSpace, conv_layers
+from pruning.space import Candidate, CandidateError, Channels, SearchSpace, conv_layers
 
 ONE = -1  # index of the constant factor 1 in a term
 
@@ -97,10 +97,28 @@ def macs_many(space: SearchSpace, choices: np.ndarray) -> np.ndarray:
 
 
 def params_many(space: SearchSpace, choices: np.ndarray) -> np.ndarray:
+    """Parameters of many candidates at once (see :func:`macs_many`)."""
     return cost_model(space).params.values(_widths_array(space, choices))
 
 
 def _widths_array(space: SearchSpace, choices: np.ndarray) -> np.ndarray:
+    """``(n, groups)`` level indices → widths; raises :class:`CandidateError` on a bad shape,
+    a non-integer dtype or a level outside ``0..num_levels - 1`` (numpy would wrap -1 around)."""
+    arr = np.asarray(choices)
+    if arr.size == 0 and arr.ndim <= 2:  # no candidates (``[]`` reads as float64)
+        arr = arr.reshape(0, space.num_groups).astype(np.int64)
+    if arr.ndim != 2 or arr.shape[1] != space.num_groups:
+        raise CandidateError(
+            f"{space.arch}: expected level indices of shape (n, {space.num_groups}) (one per "
+            f"width group), got shape {arr.shape}")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise CandidateError(f"{space.arch}: level indices must be integers, got {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    bad = (arr < 0) | (arr >= space.num_levels)
+    if bad.any():
+        row, g = (int(i) for i in np.argwhere(bad)[0])
+        raise CandidateError(
+            f"{space.arch}: row {row}, group {space.groups[g].name!r}: level {arr[row, g]} is "
+            f"outside 0..{space.num_levels - 1}")
     table = np.asarray(space.width_table, np.int64)  # (groups, levels)
-    choices = np.asarray(choices, np.int64)
-    return table[np.arange(space.num_groups), choices]
+    return table[np.arange(space.num_groups), arr]

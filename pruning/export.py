@@ -85,10 +85,16 @@ def _check_close(name: str, expected: torch.Tensor, got: torch.Tensor, atol=1e-4
 
 
 def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candidate: Candidate, *,
-                 extra: dict | None = None, sample: torch.Tensor | None = None) -> dict:
-    """Write ``model.safetensors``, ``model.ts`` and ``config.json`` into ``folder``; verify the
-    written files reproduce ``net``'s logits on ``sample`` (random inputs if not given).
+                 extra: dict | None = None, sample: torch.Tensor | None = None,
+                 files: dict[str, bytes] | None = None) -> dict:
+    """Write ``model.safetensors``, ``model.ts``, the extra ``files`` (name → content) and, last,
+    ``config.json`` into ``folder``; verify the written model files reproduce ``net``'s logits on
+    ``sample`` (random inputs if not given). ``config.json`` holds the sha256 of exactly the
+    files written here, so stale files of an earlier export are never vouched for.
     Returns the config written."""
+    for name in files or {}:
+        if name in ("config.json", "model.safetensors", "model.ts") or Path(name).name != name:
+            raise ValueError(f"export: {name!r} is not an allowed extra file name")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     net = net.to("cpu").eval()
@@ -122,8 +128,10 @@ def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candida
         "versions": library_versions(),
         **(extra or {}),
     }
-    config["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-                       if p.is_file() and p.name != "config.json" and not p.name.startswith(".")}
+    for name, data in (files or {}).items():
+        atomic_write_bytes(folder / name, data)
+    written = ["model.safetensors", "model.ts", *(files or {})]
+    config["files"] = {name: sha256_file(folder / name) for name in sorted(written)}
     atomic_write_json(folder / "config.json", config)
     return config
 

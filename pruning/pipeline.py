@@ -15,7 +15,6 @@ killed run where it stopped:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -23,15 +22,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from metanet.pruningnet import PruningNet
 from pruning import counting
-from pruning.checkpoint import atomic_write_json, load_tensors, read_json, save_tensors
+from pruning.checkpoint import (atomic_write_json, json_bytes, load_tensors, read_json,
+                                save_tensors)
 from pruning.constraints import MacsConstraint, ParamsConstraint, check_feasible
-from pruning.data import load_dataset
+from pruning.data import list_datasets, load_dataset
 from pruning.evaluate import CandidateEvaluator
 from pruning.export import export_model
+from pruning.registry import get_arch
 from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
 from pruning.space import Candidate, SearchSpace
 from pruning.train import TrainConfig, accuracy, train_network, train_pruningnet
@@ -46,26 +47,27 @@ PRESETS: dict[str, dict] = {
               "search": {"population": 8, "keep_top": 8, "parents": 4, "mutants": 4,
                          "crossovers": 4, "generations": 2},
               "final": {"epochs": 1, "batch_size": 64, "lr": 0.05}},
-    # a few minutes on a 2-core CPU with a small architecture
-    "quick": {"train_limit": 6000, "test_limit": 2000, "val_size": 1000, "calib_batches": 4,
-              "calib_batch_size": 128, "eval_images": 1000,
-              "metanet": {"epochs": 3, "batch_size": 128, "lr": 0.1},
+    # a few minutes on a 2-core CPU with a small network (the README's demo)
+    "quick": {"train_limit": 5000, "test_limit": 2000, "val_size": 500, "calib_batches": 2,
+              "calib_batch_size": 128, "eval_images": 500,
+              "metanet": {"epochs": 3, "batch_size": 64, "lr": 0.05, "warmup_epochs": 0.3},
               "search": {"population": 16, "keep_top": 16, "parents": 5, "mutants": 6,
-                         "crossovers": 6, "generations": 4},
-              "final": {"epochs": 3, "batch_size": 128, "lr": 0.1}},
+                         "crossovers": 6, "generations": 5},
+              "final": {"epochs": 3, "batch_size": 64, "lr": 0.05}},
     # the GPU benchmark: all of Fashion-MNIST, the paper's search
     "standard": {"val_size": 10000, "calib_batches": 10, "calib_batch_size": 256,
                  "eval_images": 10000,
-                 "metanet": {"epochs": 10, "batch_size": 256, "lr": 0.2, "warmup_epochs": 0.5},
+                 "metanet": {"epochs": 10, "batch_size": 256, "lr": 0.1, "warmup_epochs": 0.5},
                  "search": {},
-                 "final": {"epochs": 10, "batch_size": 256, "lr": 0.2, "warmup_epochs": 0.5}},
-    # the paper's hyperparameters (MobileNetV2 PruningNet up to 1.4×, label smoothing 0.1)
+                 "final": {"epochs": 10, "batch_size": 256, "lr": 0.1, "warmup_epochs": 0.5}},
+    # the paper's search and width settings (PruningNet up to 1.4×, label smoothing 0.1), its
+    # PruningNet/final epoch ratio, and learning rates scaled to the batch size
     "paper": {"val_size": 10000, "calib_batches": 20, "calib_batch_size": 256,
               "eval_images": 10000, "max_width_mult": 1.4,
-              "metanet": {"epochs": 32, "batch_size": 256, "lr": 0.25, "warmup_epochs": 1,
+              "metanet": {"epochs": 32, "batch_size": 512, "lr": 0.25, "warmup_epochs": 1,
                           "label_smoothing": 0.1},
               "search": {},
-              "final": {"epochs": 64, "batch_size": 256, "lr": 0.25, "warmup_epochs": 1,
+              "final": {"epochs": 64, "batch_size": 512, "lr": 0.25, "warmup_epochs": 1,
                         "label_smoothing": 0.1}},
 }
 
@@ -114,17 +116,51 @@ class PipelineSpec(BaseModel):
     search: dict = Field(default_factory=dict)
     final: dict = Field(default_factory=dict)
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, name: str) -> str:
+        try:
+            get_arch(name)
+        except KeyError as e:  # pydantic reports ValueErrors only
+            raise ValueError(str(e)) from None
+        return name
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in list_datasets():
+            raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+        return name
+
+    @model_validator(mode="after")
+    def _settings_resolve(self):
+        self._configs()  # unknown or out-of-range training/search settings fail here
+        return self
+
+    def _configs(self) -> tuple[TrainConfig, SearchConfig, TrainConfig]:
+        """The metanet, search and final settings: the preset's, updated by this spec's."""
+        p = PRESETS[self.preset]
+
+        def part(name, make):
+            try:
+                return make({**p[name], **getattr(self, name)})
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+
+        return (part("metanet", TrainConfig.from_dict),
+                part("search", lambda d: SearchConfig.from_dict({**d, "seed": self.seed})),
+                part("final", TrainConfig.from_dict))
+
     def resolved(self) -> ResolvedSpec:
         p = PRESETS[self.preset]
         pick = lambda name: getattr(self, name) if getattr(self, name) is not None else p.get(name)  # noqa: E731
+        metanet, search, final = self._configs()
         return ResolvedSpec(
             spec=self, max_width_mult=pick("max_width_mult") or 1.0,
             train_limit=pick("train_limit"), test_limit=pick("test_limit"),
             val_size=pick("val_size"), calib_batches=pick("calib_batches"),
             calib_batch_size=pick("calib_batch_size"), eval_images=pick("eval_images"),
-            metanet=TrainConfig(**{**p["metanet"], **self.metanet}),
-            search=SearchConfig(**{**p["search"], **self.search, "seed": self.seed}),
-            final=TrainConfig(**{**p["final"], **self.final}))
+            metanet=metanet, search=search, final=final)
 
 
 class ResolvedSpec(BaseModel):
@@ -172,7 +208,7 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     run_dir = Path(run_dir)
     notify = progress or (lambda event: None)
     r = spec.resolved()
-    _claim_run_dir(run_dir, spec, resume)
+    _check_run_dir(run_dir, spec, resume)
     device = pick_device(spec.device)
     t_start = time.perf_counter()
 
@@ -187,6 +223,10 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     constraints = resolve_budget(space, spec.budget)
     check_feasible(space, constraints)  # fail before any training
     baseline = uniform_baseline(space, constraints)
+    # claimed only now: a typo in the data folder or an infeasible budget leaves no run behind
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "spec.json").exists():
+        atomic_write_json(run_dir / "spec.json", spec.model_dump())
 
     # 1. PruningNet
     torch.manual_seed(spec.seed)
@@ -200,8 +240,9 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
         metanet_stats = train_pruningnet(pnet, data.train, r.metanet, seed=spec.seed, device=device,
                                          checkpoint=run_dir / "metanet" / "state.safetensors",
                                          progress=notify, should_stop=should_stop)
-        save_tensors(final_path, pnet.state_dict(), {"space": space.to_dict()})
+        # stats first: the PruningNet file marks the stage as done
         atomic_write_json(run_dir / "metanet" / "stats.json", metanet_stats)
+        save_tensors(final_path, pnet.state_dict(), {"space": space.to_dict()})
 
     # 2. evolutionary search, scored on the held-out sub-validation split
     evaluator = CandidateEvaluator(pnet, data.train, data.val, calib_batches=r.calib_batches,
@@ -249,15 +290,14 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     full = SearchSpace.create(spec.arch, **space.arch_args)
     report["full_network"] = {"macs": counting.macs(full, full.largest()),
                               "params": counting.params(full, full.largest())}
-    artifacts = run_dir / "artifacts"
     sample = next(iter(data.test.batches(8, device="cpu")))[0]
-    export_model(artifacts, trained["metapruning"], space, best, sample=sample, extra={
-        "dataset": {"name": spec.dataset, **asdict(meta)}, "seed": spec.seed,
-        "metrics": {"test_accuracy": report["metapruning"]["test_accuracy"],
-                    "estimated_val_accuracy": result.best.score}})
-    atomic_write_json(artifacts / "search.json", json.loads(result.to_json()))
     report["elapsed_s"] = round(time.perf_counter() - t_start, 3)
-    atomic_write_json(artifacts / "report.json", report)
+    export_model(run_dir / "artifacts", trained["metapruning"], space, best, sample=sample,
+                 extra={"dataset": {"name": spec.dataset, **asdict(meta)}, "seed": spec.seed,
+                        "metrics": {"test_accuracy": report["metapruning"]["test_accuracy"],
+                                    "estimated_val_accuracy": result.best.score}},
+                 files={"search.json": json_bytes(result.to_dict()),
+                        "report.json": json_bytes(report)})
     notify({"stage": "done", "report": report})
     return report
 
@@ -284,16 +324,22 @@ def _train_final(cand: Candidate, name: str, pnet: PruningNet, evaluator: Candid
     return net.eval()
 
 
-def _claim_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
+def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
+    """Refuse a folder that holds a run, unless resuming that same run (nothing is written)."""
     saved = run_dir / "spec.json"
-    if saved.exists():
-        if not resume:
-            raise RunFolderError(f"{run_dir} already holds a run; pass --resume to continue it "
-                                 "or choose another folder")
-        previous = PipelineSpec.model_validate(read_json(saved))
-        if previous.model_dump(exclude={"device"}) != spec.model_dump(exclude={"device"}):
-            raise RunFolderError(f"{run_dir} holds a run with a different specification; "
-                                 "resume it with the same settings or choose another folder")
+    if not saved.exists():
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved, spec.model_dump())
+    if not resume:
+        raise RunFolderError(f"{run_dir} already holds a run; pass --resume to continue it "
+                             "or choose another folder")
+    try:
+        previous = PipelineSpec.model_validate(read_json(saved))
+    except ValueError:
+        raise RunFolderError(f"{saved} is not a run specification this version can read; "
+                             "choose another folder") from None
+    old, new = previous.model_dump(exclude={"device"}), spec.model_dump(exclude={"device"})
+    if old != new:
+        diff = ", ".join(f"{k}: {old[k]!r} there, {new[k]!r} now"
+                         for k in sorted(old) if old[k] != new[k])
+        raise RunFolderError(f"{run_dir} holds a run with a different specification ({diff}); "
+                             "resume it with the same settings or choose another folder")

@@ -15,6 +15,7 @@ MobileNetV2 up to 1.4× its base widths), optionally rounded to a ``channel_divi
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -113,11 +114,25 @@ def conv_layers(plan: Plan) -> list[ConvSpec]:
     return out
 
 
+class CandidateError(ValueError):
+    """A candidate or width assignment that does not fit its search space."""
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One level index per width group, in the order of ``SearchSpace.groups``."""
+    """One level index per width group, in the order of ``SearchSpace.groups``.
+
+    ``choices`` may be any sequence (a list, a numpy row); it is stored as a tuple, with integral
+    values (numpy integers included) as plain ``int``, so keys, hashes and JSON agree. Other
+    values are kept as given for :meth:`SearchSpace.check` to reject.
+    """
 
     choices: tuple[int, ...]
+
+    def __post_init__(self):
+        c = self.choices
+        if type(c) is not tuple or any(type(x) is not int for x in c):  # fast path: plain ints
+            object.__setattr__(self, "choices", tuple(_plain_int(x) for x in c))
 
     def key(self) -> str:
         """A compact, stable string key (JSON-safe)."""
@@ -125,11 +140,19 @@ class Candidate:
 
     @classmethod
     def from_key(cls, key: str) -> Candidate:
-        return cls(tuple(int(c) for c in key.split("-")))
+        """Parse :meth:`key` output, e.g. ``"30-12-4"``."""
+        try:
+            return cls(tuple(int(c) for c in str(key).split("-")))
+        except ValueError:
+            raise CandidateError(f"not a candidate key: {key!r} (expected level indices joined "
+                                 "by '-', e.g. '30-12-4')") from None
 
 
-class CandidateError(ValueError):
-    """A candidate or width assignment that does not fit its search space."""
+def _plain_int(x):
+    """Integral values (``int``, numpy integers) as ``int``; anything else unchanged (bools too)."""
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool):
+        return int(x)
+    return x
 
 
 @dataclass(frozen=True)
@@ -207,7 +230,12 @@ class SearchSpace:
                 f"{self.arch}: a candidate needs {self.num_groups} choices (one per width "
                 f"group), got {len(c)}")
         for i, level in enumerate(c):
-            if not (isinstance(level, int) and 0 <= level < self.num_levels):
+            if type(level) is not int and (isinstance(level, bool)
+                                           or not isinstance(level, numbers.Integral)):
+                raise CandidateError(
+                    f"{self.arch}: group {self.groups[i].name!r} level {level!r} is not an "
+                    f"integer level index (0..{self.num_levels - 1})")
+            if not 0 <= level < self.num_levels:
                 raise CandidateError(
                     f"{self.arch}: group {self.groups[i].name!r} level {level!r} is outside "
                     f"0..{self.num_levels - 1}")

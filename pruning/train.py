@@ -8,10 +8,11 @@ one interval. Randomness is derived from ``(seed, step)``, so a resumed run cont
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -45,16 +46,45 @@ class TrainConfig:
     checkpoint_every: int = 200
 
     def __post_init__(self):
-        checks = {"epochs": 0 < self.epochs <= 10_000, "batch_size": 1 <= self.batch_size <= 65_536,
-                  "lr": 0 < self.lr <= 100, "momentum": 0 <= self.momentum < 1,
-                  "weight_decay": 0 <= self.weight_decay <= 1,
-                  "warmup_epochs": 0 <= self.warmup_epochs <= self.epochs,
-                  "label_smoothing": 0 <= self.label_smoothing < 1,
-                  "max_steps": self.max_steps is None or self.max_steps >= 1,
-                  "checkpoint_every": self.checkpoint_every >= 1}
-        bad = [k for k, ok in checks.items() if not ok]
+        def number(v, integer=False):
+            kind = numbers.Integral if integer else numbers.Real
+            return isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+
+        checks = {
+            "epochs": (number(self.epochs) and 0 < self.epochs <= 10_000, "a number in (0, 10000]"),
+            "batch_size": (number(self.batch_size, True) and 1 <= self.batch_size <= 65_536,
+                           "an integer in [1, 65536]"),
+            "lr": (number(self.lr) and 0 < self.lr <= 100, "a number in (0, 100]"),
+            "momentum": (number(self.momentum) and 0 <= self.momentum < 1, "a number in [0, 1)"),
+            "nesterov": (isinstance(self.nesterov, bool), "true or false"),
+            "weight_decay": (number(self.weight_decay) and 0 <= self.weight_decay <= 1,
+                             "a number in [0, 1]"),
+            "warmup_epochs": (number(self.warmup_epochs) and 0 <= self.warmup_epochs
+                              and (not number(self.epochs) or self.warmup_epochs <= self.epochs),
+                              "a number in [0, epochs]"),
+            "label_smoothing": (number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+                                "a number in [0, 1)"),
+            "augment": (isinstance(self.augment, bool), "true or false"),
+            "max_steps": (self.max_steps is None
+                          or (number(self.max_steps, True) and self.max_steps >= 1),
+                          "a positive integer or null"),
+            "checkpoint_every": (number(self.checkpoint_every, True) and self.checkpoint_every >= 1,
+                                 "a positive integer"),
+        }
+        bad = [f"{k}={getattr(self, k)!r} (must be {want})" for k, (ok, want) in checks.items()
+               if not ok]
         if bad:
-            raise ValueError(f"invalid training settings: {', '.join(bad)} ({asdict(self)})")
+            raise ValueError(f"invalid training settings: {'; '.join(bad)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Build from JSON-like settings; unknown names are a ``ValueError`` (not a TypeError)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
+        return cls(**d)
 
     def total_steps(self, num_examples: int) -> int:
         per_epoch = max(1, num_examples // self.batch_size)
@@ -100,6 +130,9 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor],
     if ckpt and ckpt.exists():
         meta = load_training_state(ckpt, module, opt)
         step, loss_ema = meta["step"], meta.get("loss")
+        if meta.get("total", total) != total:
+            raise ValueError(f"{stage}: checkpoint {ckpt} belongs to a run of {meta['total']} "
+                             f"steps, this one has {total}; remove it or use the same settings")
     use_amp = device.type == "cuda"
     module.train()
     t0, images = time.perf_counter(), 0
@@ -124,12 +157,16 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor],
             images += len(x)
             value = loss.item()
             if not math.isfinite(value):
-                raise FloatingPointError(f"{stage}: loss became {value} at step {step}; "
-                                         "lower the learning rate")
+                raise FloatingPointError(
+                    f"{stage}: the loss became {value} at step {step} of {total} (learning rate "
+                    f"{opt.param_groups[0]['lr']:.3g}); training diverged: lower the learning "
+                    "rate (lr) or add warm-up (warmup_epochs) and start a new run (the "
+                    "checkpoint holds the last finite state)")
             loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
             elapsed = time.perf_counter() - t0
             if ckpt and (step % config.checkpoint_every == 0 or step == total):
-                save_training_state(ckpt, module, opt, {"step": step, "loss": loss_ema})
+                save_training_state(ckpt, module, opt,
+                                    {"step": step, "total": total, "loss": loss_ema})
             if progress:
                 rate = images / elapsed if elapsed > 0 else 0.0
                 progress({"stage": stage, "step": step, "total": total,

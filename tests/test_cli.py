@@ -1,0 +1,160 @@
+"""The ``metaprune`` command line: archs, space, measure, build, and its one-line errors.
+
+Commands run in-process through :func:`pruning.cli.main` (fast); one test runs the installed
+console script to prove the entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pruning import cli, counting
+from pruning.modules import build
+from pruning.registry import list_archs
+from pruning.space import Candidate, SearchSpace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def call(capsys, *argv) -> tuple[int, dict | None, str]:
+    """``(exit status, parsed stdout JSON or None, stderr)``."""
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, (json.loads(out) if out.strip() else None), err
+
+
+def space_of(arch: str, **kw) -> SearchSpace:
+    """The space the CLI builds by default (1 × 28 × 28 inputs, 10 classes)."""
+    return SearchSpace.create(arch, num_classes=10, in_channels=1, input_size=28, width_mult=1.0,
+                              **kw)
+
+
+def test_archs(capsys):
+    status, out, err = call(capsys, "archs")
+    assert status == 0 and err == ""
+    assert out == {"archs": list_archs()}
+    assert "mobilenet_v2" in out["archs"] and not any(a.startswith("test_") for a in out["archs"])
+    status, out, _ = call(capsys, "archs", "--all")
+    assert status == 0 and out == {"archs": list_archs(include_test=True)}
+    assert "test_resnet" in out["archs"]
+
+
+def test_console_script_entry_point():
+    script = Path(sys.executable).with_name("metaprune")
+    done = subprocess.run([str(script), "archs"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"archs": list_archs()}
+
+
+@pytest.mark.parametrize("arch,extra", [("test_resnet", []),
+                                        ("test_mobilenet_v2", ["--max-width-mult", "1.4",
+                                                               "--channel-divisor", "2"])])
+def test_space(capsys, arch, extra):
+    status, out, _ = call(capsys, "space", arch, *extra)
+    assert status == 0
+    kw = {"max_width_mult": 1.4, "channel_divisor": 2} if extra else {}
+    space = space_of(arch, **kw)
+    assert out["arch"] == arch and out["settings"] == space.to_dict()
+    assert out["levels"] == list(space.levels) and out["size"] == space.size
+    assert [g["name"] for g in out["groups"]] == [g.name for g in space.groups]
+    assert [g["base"] for g in out["groups"]] == [g.base for g in space.groups]
+    assert [g["choices"] for g in out["groups"]] == [list(t) for t in space.width_table]
+    assert out["full_macs"] == counting.macs(space, space.largest())
+    assert out["min_macs"] == counting.macs(space, space.smallest())
+    assert out["full_params"] == counting.params(space, space.largest())
+    assert out["min_params"] == counting.params(space, space.smallest())
+    assert out["min_macs"] < out["full_macs"]
+
+
+def test_measure_widths_and_levels(capsys):
+    space = space_of("test_resnet")
+    # widths name the first level that has them (narrow groups repeat a width over levels)
+    cand = space.from_widths(space.widths_by_group(Candidate((3, 30, 7, 12, 0))))
+    widths = space.widths_by_group(cand)
+    expected = {"arch": "test_resnet", "candidate": cand.key(), "widths": widths,
+                "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
+    status, by_widths, _ = call(capsys, "measure", "test_resnet", "--widths", json.dumps(widths))
+    assert status == 0 and by_widths == expected
+    status, by_levels, _ = call(capsys, "measure", "test_resnet", "--levels", cand.key())
+    assert status == 0 and by_levels == expected
+    status, full, _ = call(capsys, "measure", "test_resnet")  # neither: the full network
+    assert full["macs"] == counting.macs(space, space.largest())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_build_writes_loadable_torchscript(capsys, tmp_path):
+    space = space_of("test_mobilenet_v2")
+    cand = space.uniform(11)
+    out = tmp_path / "x.ts"
+    status, info, _ = call(capsys, "build", "test_mobilenet_v2", "--levels", cand.key(),
+                           "--out", str(out), "--seed", "3")
+    assert status == 0
+    assert info == {"out": str(out), "candidate": cand.key(),
+                    "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
+    ts = torch.jit.load(str(out))
+    expected = build(space, cand).state_dict()
+    got = ts.state_dict()
+    assert {k: tuple(v.shape) for k, v in got.items()} == {
+        k: tuple(v.shape) for k, v in expected.items()}
+    widths = space.widths_by_group(cand)
+    assert got["stem.conv.conv.weight"].shape[0] == widths["stem"]
+    torch.manual_seed(3)  # the same seed builds the same weights
+    net = build(space, cand).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(ts(x), net(x))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["space", "nope"], "unknown architecture 'nope'; available:"),
+    (["measure", "nope", "--levels", "1"], "unknown architecture 'nope'"),
+    (["measure", "test_resnet", "--widths", "{bad"], "--widths is not valid JSON"),
+    (["measure", "test_resnet", "--widths", "[1, 2]"], "--widths must be a JSON object"),
+    (["measure", "test_resnet", "--widths",
+      '{"stage1": 8, "s1b0.mid": 8, "s1b1.mid": 8, "stage2": 16, "s2b0.mid": 999}'],
+     "width 999 of group 's2b0.mid' is not a level; choose from"),
+    (["measure", "test_resnet", "--widths", '{"stem": 3}'], "width groups do not match"),
+    (["measure", "test_resnet", "--levels", "1-2"],
+     "a candidate needs 5 choices (one per width group), got 2"),
+    (["measure", "test_resnet", "--levels", "1-2-3-4-31"], "level 31 is outside 0..30"),
+    (["measure", "test_resnet", "--levels", "a-b"], "not a candidate key: 'a-b'"),
+    (["measure", "test_resnet", "--levels", "1-2-3-4-5", "--widths", "{}"],
+     "give either --widths or --levels, not both"),
+    (["space", "test_resnet", "--input-size", "2"], "input_size"),
+    (["build", "test_resnet", "--out", "/nonexistent/dir/x.ts"], "does not exist"),
+    (["prune", "--arch", "test_resnet", "--max-macs", "12Q"], "not a count: '12Q'"),
+    (["prune", "--arch", "nope"], "arch: unknown architecture 'nope'"),
+    (["prune", "--arch", "test_resnet", "--seed", "-1"], "seed: Input should be greater"),
+    (["prune", "--arch", "test_resnet", "--set", '{"metanet": {"epoch": 2}}'],
+     "metanet: unknown training settings: epoch"),
+    (["prune", "--arch", "test_resnet", "--set", '{"final": {"lr": -1}}'],
+     "final: invalid training settings: lr=-1"),
+    (["prune", "--arch", "test_resnet", "--set", "[1]"], "--set must be a JSON object"),
+    (["prune", "--arch", "test_resnet", "--set", "{x"], "--set is not valid JSON"),
+    (["prune", "--arch", "test_resnet", "--set", '{"seed": 4}'], "--set may not give seed"),
+])
+def test_bad_input_is_a_one_line_error(capsys, tmp_path, argv, message):
+    if argv[0] == "prune":
+        argv = [*argv, "--out", str(tmp_path / "run"), "--quiet"]
+    status, out, err = call(capsys, *argv)
+    assert status == 2 and out is None
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("metaprune: error: "), err
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_folder_is_a_one_line_error(capsys, tmp_path):
+    out = tmp_path / "run"
+    status, _, err = call(capsys, "prune", "--arch", "test_resnet", "--preset", "smoke",
+                          "--data-root", "/nonexistent", "--out", str(out), "--quiet")
+    assert status == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("metaprune: error: Fashion-MNIST not found in "
+                                                   "/nonexistent")
+    assert not out.exists()  # the folder is not claimed, so the corrected command just works

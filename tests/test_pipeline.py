@@ -1,0 +1,340 @@
+"""The end-to-end pipeline: artifacts, budgets, resume after SIGKILL, run-folder errors, the
+``generated`` final init and the uniform baseline — plus regressions of the engine defects the
+pipeline relies on (level validation in batch counting, numpy levels, BN recalibration).
+
+The runs use the ``smoke`` preset on the tiny ``test_mobilenet_v2`` (seconds on one CPU thread).
+One reference run is shared by the module; the SIGKILL test repeats it in a subprocess and
+compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from metanet.bn import bn_statistics, recalibrate_bn
+from metanet.pruningnet import PruningNet
+from pruning import cli, counting
+from pruning.checkpoint import load_tensors, read_json
+from pruning.data import load_dataset
+from pruning.export import load_pruned
+from pruning.modules import build
+from pruning.pipeline import Budget, PipelineSpec, RunFolderError, run
+from pruning.space import Candidate, CandidateError, SearchSpace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "test_mobilenet_v2"
+OVERRIDES = {"metanet": {"epochs": 4, "checkpoint_every": 3},
+             "search": {"population": 8, "keep_top": 8, "parents": 4, "mutants": 4,
+                        "crossovers": 4, "generations": 2}}
+# the reference run as `metaprune prune` arguments (the subprocess runs exactly this)
+CLI_ARGS = ["prune", "--arch", ARCH, "--dataset", "synthetic", "--preset", "smoke",
+            "--device", "cpu", "--macs-ratio", "0.5", "--baseline", "--quiet", "--json",
+            "--set", json.dumps(OVERRIDES)]
+STAGES = ("spec.json", "metanet/pruningnet.safetensors", "search/state.json",
+          "final/model.safetensors", "baseline/model.safetensors")
+ARTIFACTS = ("config.json", "model.safetensors", "model.ts", "search.json", "report.json")
+
+
+def synthetic_space() -> SearchSpace:
+    """The space the pipeline builds for ``synthetic`` (1 × 16 × 16 images, 10 classes)."""
+    return SearchSpace.create(ARCH, num_classes=10, in_channels=1, input_size=16)
+
+
+@pytest.fixture(scope="module")
+def reference(single_thread, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference")
+    spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
+                        budget=Budget(macs_ratio=0.5), train_baseline=True, **OVERRIDES)
+    events = []
+    report = run(spec, folder, progress=events.append)
+    return folder, report, events
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("metaprune: error:")]
+
+
+# --- a whole run ----------------------------------------------------------------------------
+
+
+def test_run_writes_every_stage_and_artifact(reference):
+    folder, report, events = reference
+    for rel in STAGES:
+        assert (folder / rel).is_file(), rel
+    for name in ARTIFACTS:
+        assert (folder / "artifacts" / name).is_file(), name
+    stages = [e["stage"] for e in events]
+    for stage in ("data", "metanet", "search", "final", "baseline", "export", "done"):
+        assert stage in stages
+    assert stages[-1] == "done" and events[-1]["report"] == report
+    assert read_json(folder / "artifacts" / "report.json") == report
+
+
+def test_config_hashes_match_the_files(reference):
+    art = reference[0] / "artifacts"
+    config = read_json(art / "config.json")
+    assert set(config["files"]) == set(ARTIFACTS) - {"config.json"}
+    for name, digest in config["files"].items():
+        assert sha256(art / name) == digest, name
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_matches_load_pruned(reference):
+    folder = reference[0] / "artifacts"
+    ts = torch.jit.load(str(folder / "model.ts"))  # plain PyTorch, no project code
+    net = load_pruned(folder)
+    x = next(iter(load_dataset("synthetic", train_limit=64, test_limit=32, val_size=16)
+                  .test.batches(32)))[0]
+    with torch.inference_mode():
+        expected, got = net(x), ts(x)
+    assert expected.shape == (32, 10)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    config = read_json(folder / "config.json")
+    space = SearchSpace.from_dict(config["space"])
+    cand = Candidate.from_key(config["candidate"])
+    assert config["widths"] == space.widths_by_group(cand)
+    assert config["macs"] == counting.macs(space, cand)
+    assert config["params"] == counting.params(space, cand) == sum(
+        p.numel() for p in net.parameters())
+
+
+def test_report_compares_winner_and_uniform_within_the_budget(reference):
+    folder, report, _ = reference
+    space = synthetic_space()
+    full = counting.macs(space, space.largest())
+    budget = report["budget"]["macs"]
+    assert budget == int(0.5 * full)
+    assert report["full_network"]["macs"] == full
+    search = read_json(folder / "artifacts" / "search.json")
+    for name in ("metapruning", "uniform"):
+        entry = report[name]
+        cand = Candidate.from_key(entry["candidate"])
+        assert entry["macs"] == counting.macs(space, cand) <= budget
+        assert entry["params"] == counting.params(space, cand)
+        assert entry["widths"] == space.widths_by_group(cand)
+        assert 0 <= entry["estimated_val_accuracy"] <= 1
+        assert 0 <= entry["test_accuracy"] <= 1  # the baseline was trained too
+    # the winner is the search's best; the uniform baseline the widest uniform candidate
+    assert report["metapruning"]["candidate"] == search["best"]
+    assert read_json(folder / "artifacts" / "config.json")["candidate"] == search["best"]
+    level = Candidate.from_key(report["uniform"]["candidate"]).choices
+    assert len(set(level)) == 1
+    assert counting.macs(space, space.uniform(level[0] + 1)) > budget
+    assert all(r["macs"] <= budget for r in search["history"])
+    assert report["search"]["evaluated"] == len(search["history"]) == 16
+    best = max(search["history"], key=lambda r: r["score"])
+    assert report["metapruning"]["estimated_val_accuracy"] == best["score"]
+
+
+# --- resuming, and the run folder -----------------------------------------------------------
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_result(reference, tmp_path, capsys):
+    ref_folder, ref_report, _ = reference
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pruning.cli", *CLI_ARGS, "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        marker = out / "metanet" / "state.safetensors"  # the first PruningNet checkpoint
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended early: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.005)
+        assert proc.poll() is None  # killed mid-run, not after it
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert not (out / "artifacts").exists()
+    assert read_json(out / "spec.json") == read_json(ref_folder / "spec.json")
+
+    # without --resume an existing run folder is a one-line error, and nothing changes
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert cli.main([*CLI_ARGS, "--out", str(out)]) == 2
+    (line,) = error_lines(capsys)
+    assert "already holds a run; pass --resume" in line
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+    assert cli.main([*CLI_ARGS, "--out", str(out), "--resume"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    history = read_json(out / "artifacts" / "search.json")["history"]
+    assert history == read_json(ref_folder / "artifacts" / "search.json")["history"]
+    for rel in ("metanet/pruningnet.safetensors", "artifacts/model.safetensors"):
+        assert (out / rel).read_bytes() == (ref_folder / rel).read_bytes(), rel
+    for name in ("metapruning", "uniform"):
+        assert report[name] == ref_report[name]
+    assert report["metanet"]["loss"] == ref_report["metanet"]["loss"]
+
+
+def test_resume_with_another_spec_is_refused(reference, capsys):
+    folder = reference[0]
+    spec_before = (folder / "spec.json").read_bytes()
+    assert cli.main([*CLI_ARGS, "--seed", "1", "--out", str(folder), "--resume"]) == 2
+    (line,) = error_lines(capsys)
+    assert "holds a run with a different specification (seed: 0 there, 1 now)" in line
+    with pytest.raises(RunFolderError, match="different specification.*final_init"):
+        run(PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
+                         budget=Budget(macs_ratio=0.5), train_baseline=True,
+                         final_init="generated", **OVERRIDES), folder, resume=True)
+    assert (folder / "spec.json").read_bytes() == spec_before
+
+
+def test_infeasible_budget_fails_before_training(tmp_path, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained despite an infeasible budget")
+
+    monkeypatch.setattr("pruning.pipeline.train_pruningnet", no_training)
+    out = tmp_path / "run"
+    args = [a if a != "--macs-ratio" else "--max-macs" for a in CLI_ARGS]
+    args[args.index("--max-macs") + 1] = "1"
+    assert cli.main([*args, "--out", str(out)]) == 2
+    (line,) = error_lines(capsys)
+    space = synthetic_space()
+    smallest = counting.macs(space, space.smallest())
+    assert "MACs budget 1 is infeasible" in line and f"{smallest:,}" in line
+    assert not (out / "metanet").exists()
+    assert not out.exists()  # nothing claimed: the same folder works once the budget is fixed
+
+
+def test_generated_init_on_fashion_mnist(tmp_path):
+    """``final_init="generated"`` fine-tunes the PruningNet's weights: after one step at a tiny
+    learning rate the exported convs are still the generated ones. No baseline was asked for,
+    so the uniform entry has no test accuracy."""
+    spec = PipelineSpec(arch=ARCH, dataset="fashion-mnist", preset="smoke", device="cpu",
+                        budget=Budget(macs_ratio=0.4), final_init="generated",
+                        train_limit=320, test_limit=64, val_size=64, eval_images=64,
+                        metanet={"max_steps": 4},
+                        search={"population": 4, "keep_top": 4, "parents": 2, "mutants": 2,
+                                "crossovers": 2, "generations": 1},
+                        final={"max_steps": 1, "lr": 1e-6})
+    report = run(spec, tmp_path)
+    assert "test_accuracy" in report["metapruning"]
+    assert "test_accuracy" not in report["uniform"]
+    assert not (tmp_path / "baseline").exists()
+    config = read_json(tmp_path / "artifacts" / "config.json")
+    assert config["dataset"]["name"] == "fashion-mnist" and config["input_shape"] == [1, 28, 28]
+    space = SearchSpace.from_dict(config["space"])
+    cand = Candidate.from_key(config["candidate"])
+    pnet = PruningNet(space)
+    pnet.load_state_dict(load_tensors(tmp_path / "metanet" / "pruningnet.safetensors")[0])
+    generated = pnet.generate(cand)
+    weights, _ = load_tensors(tmp_path / "artifacts" / "model.safetensors")
+    torch.manual_seed(0)
+    scratch = build(space, cand).state_dict()
+    for path, w in generated.items():
+        key = path + (".weight" if path == pnet.head_path else ".conv.weight")
+        torch.testing.assert_close(weights[key], w.detach(), rtol=0, atol=1e-4)
+        assert not torch.allclose(weights[key], scratch[key], atol=1e-3)
+    bn_scales = [v for k, v in weights.items() if k.endswith("bn.weight")]
+    assert bn_scales and all(torch.allclose(v, torch.ones_like(v), atol=1e-4) for v in bn_scales)
+
+
+# --- regressions: engine defects ------------------------------------------------------------
+
+
+def test_batch_counting_validates_levels():
+    space = synthetic_space()
+    n, top = space.num_groups, space.num_levels - 1
+    ok = np.full((2, n), 3, dtype=np.uint8)
+    assert counting.macs_many(space, ok).tolist() == [counting.macs(space, space.uniform(3))] * 2
+    assert counting.macs_many(space, np.zeros((0, n), np.int64)).shape == (0,)
+    for bad, message in [
+        (np.r_[[3] * (n - 1), -1][None], f"level -1 is outside 0..{top}"),  # used to wrap
+        (np.full((1, n), top + 1), f"level {top + 1} is outside 0..{top}"),  # IndexError before
+        (np.zeros((1, n)), "must be integers, got float64"),
+        (np.zeros((1, n), bool), "must be integers, got bool"),
+        (np.zeros(n, np.int64), rf"shape \(n, {n}\)"),
+        (np.zeros((1, n + 1), np.int64), rf"shape \(n, {n}\)"),
+    ]:
+        for fn in (counting.macs_many, counting.params_many):
+            with pytest.raises(CandidateError, match=message):
+                fn(space, bad)
+
+
+def test_numpy_levels_are_plain_int_candidates():
+    space = synthetic_space()
+    row = np.random.default_rng(0).integers(0, space.num_levels, space.num_groups)
+    cand = Candidate(row)  # from an array: stored as a tuple of plain ints
+    assert isinstance(cand.choices, tuple) and all(type(c) is int for c in cand.choices)
+    assert cand == Candidate(tuple(row.tolist()))
+    assert hash(cand) == hash(Candidate(tuple(row.tolist())))
+    assert space.check(cand) is cand
+    assert json.loads(json.dumps(cand.choices)) == row.tolist()
+    assert counting.macs(space, cand) == int(counting.macs_many(space, row[None])[0])
+    assert space.check(Candidate(tuple(np.int32(5) for _ in range(space.num_groups))))
+    for bad in (True, 2.0, "3"):
+        with pytest.raises(CandidateError, match="is not an integer level index"):
+            space.check(Candidate((bad,) + (0,) * (space.num_groups - 1)))
+    with pytest.raises(CandidateError, match="outside"):
+        space.check(Candidate((np.int64(space.num_levels),) * space.num_groups))
+    with pytest.raises(CandidateError, match="not a candidate key"):
+        Candidate.from_key("3-x-4")
+
+
+def _stale_net():
+    space = synthetic_space()
+    net = build(space, space.uniform(12))
+    for i, m in enumerate(m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        m.running_mean.fill_(0.5 + i)
+        m.running_var.fill_(2.0 + i)
+        m.num_batches_tracked.fill_(7)
+        m.momentum = 0.2
+    return net
+
+
+def _bn_state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()
+            if "running" in k or "num_batches" in k}
+
+
+def test_recalibrate_bn_without_batches_keeps_the_statistics():
+    net = _stale_net()
+    before = _bn_state(net)
+    for empty in ([], iter([]), (x for x in [])):
+        with pytest.raises(ValueError, match="at least one batch"):
+            recalibrate_bn(net, empty)
+        after = _bn_state(net)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(m.momentum == 0.2 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_recalibrate_bn_restores_momentum_and_stats_when_a_forward_raises():
+    net = _stale_net().train()
+    before = _bn_state(net)
+    good = torch.randn(4, 1, 16, 16)
+    bad = torch.randn(4, 3, 16, 16)  # wrong channel count: the stem conv raises
+    with pytest.raises(RuntimeError):
+        recalibrate_bn(net, [good, bad])
+    assert all(m.momentum == 0.2 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    after = _bn_state(net)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert net.training  # as it was
+    out = recalibrate_bn(net, [good])  # and it still works afterwards
+    assert out is net and not net.training
+    assert all(m.momentum == 0.2 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(s[0].abs().sum() > 0 for s in bn_statistics(net).values())

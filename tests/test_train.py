@@ -1,0 +1,271 @@
+"""Training loops: settings, LR schedule, learning, exact resume, divergence, sampling.
+
+Everything runs on the tiny ``test_*`` architectures and the ``synthetic`` dataset (16 px
+gratings in noise), on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from metanet.pruningnet import PruningNet
+from pruning.checkpoint import load_tensors
+from pruning.data import load_dataset
+from pruning.modules import build
+from pruning.space import SearchSpace
+from pruning.train import (
+    Cancelled,
+    TrainConfig,
+    accuracy,
+    candidate_for_step,
+    fit,
+    train_network,
+    train_pruningnet,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def data(single_thread):
+    return load_dataset("synthetic", train_limit=704, test_limit=256, val_size=64, seed=0)
+
+
+def space_for(arch: str) -> SearchSpace:
+    return SearchSpace.create(arch, num_classes=10, in_channels=1, input_size=16)
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_train_config_defaults_are_valid():
+    c = TrainConfig()
+    assert c.epochs == 1.0 and c.batch_size == 128 and c.checkpoint_every == 200
+    assert TrainConfig.from_dict({"epochs": 2, "lr": 0.05}) == TrainConfig(epochs=2, lr=0.05)
+
+
+@pytest.mark.parametrize("bad", [
+    {"epochs": 0}, {"epochs": -1}, {"epochs": float("nan")}, {"epochs": "2"},
+    {"batch_size": 0}, {"batch_size": 1.5}, {"batch_size": True}, {"batch_size": 70_000},
+    {"lr": 0}, {"lr": float("inf")}, {"lr": 101},
+    {"momentum": 1.0}, {"momentum": -0.1},
+    {"weight_decay": -1e-4}, {"weight_decay": 2},
+    {"warmup_epochs": -1}, {"warmup_epochs": 2, "epochs": 1},
+    {"label_smoothing": 1.0}, {"label_smoothing": -0.1},
+    {"max_steps": 0}, {"max_steps": 2.5},
+    {"checkpoint_every": 0}, {"checkpoint_every": 1.5},
+    {"nesterov": 1}, {"augment": "yes"},
+])
+def test_train_config_rejects_bad_settings(bad):
+    with pytest.raises(ValueError, match="invalid training settings") as e:
+        TrainConfig(**bad)
+    assert next(k for k in bad if k != "epochs" or len(bad) == 1) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_train_config_from_dict_names_unknown_settings():
+    with pytest.raises(ValueError, match="unknown training settings: bogus, epoch "):
+        TrainConfig.from_dict({"epoch": 3, "bogus": 1})
+
+
+def test_total_steps():
+    c = TrainConfig(epochs=2.5, batch_size=10)
+    assert c.total_steps(100) == 25           # 10 steps per epoch (drop_last)
+    assert c.total_steps(105) == 25           # the partial batch is dropped
+    assert c.total_steps(5) == 3              # at least one step per epoch
+    assert TrainConfig(epochs=2.5, batch_size=10, max_steps=7).total_steps(100) == 7
+    assert TrainConfig(epochs=0.01, batch_size=10).total_steps(100) == 1
+
+
+def test_lr_schedule_cosine_to_zero():
+    c = TrainConfig(lr=0.4, epochs=3)
+    total, per_epoch = 30, 10
+    lrs = [c.lr_at(s, total, per_epoch) for s in range(total + 1)]
+    assert lrs[0] == pytest.approx(0.4)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[15] == pytest.approx(0.2)                 # half way: half the peak
+    assert lrs[total] == pytest.approx(0.0, abs=1e-12)   # ends at zero
+    assert 0 < lrs[total - 1] < 0.01
+    for s in range(total):  # exactly ½·lr·(1 + cos(π s / total))
+        assert lrs[s] == pytest.approx(0.2 * (1 + math.cos(math.pi * s / total)))
+
+
+def test_lr_schedule_linear_warmup_then_cosine():
+    c = TrainConfig(lr=0.4, epochs=4, warmup_epochs=1)
+    total, per_epoch = 40, 10
+    lrs = [c.lr_at(s, total, per_epoch) for s in range(total + 1)]
+    assert lrs[:10] == pytest.approx([0.04 * (k + 1) for k in range(10)])  # linear up to the peak
+    assert lrs[9] == lrs[10] == pytest.approx(0.4)
+    assert max(lrs) == pytest.approx(0.4)
+    tail = lrs[10:]
+    assert all(a >= b for a, b in zip(tail, tail[1:]))
+    assert tail[15] == pytest.approx(0.2)  # half way through the 30 cosine steps
+    assert lrs[total] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fit_follows_the_schedule(data):
+    """The LR reported for every step is ``lr_at(step)``: warm-up, then cosine."""
+    space = space_for("test_mobilenet_v1")
+    torch.manual_seed(0)
+    net = build(space, space.smallest())
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.2, warmup_epochs=0.5, augment=False)
+    events = []
+    stats = train_network(net, data.train, config, progress=events.append)
+    per_epoch = len(data.train) // 64
+    total = config.total_steps(len(data.train))
+    assert stats["steps"] == total == len(events) == per_epoch
+    assert [e["step"] for e in events] == list(range(1, total + 1))
+    assert [e["lr"] for e in events] == pytest.approx(
+        [config.lr_at(s, total, per_epoch) for s in range(total)])
+    assert events[0]["lr"] < events[per_epoch // 2 - 1]["lr"] == pytest.approx(0.2)
+    assert all(e["stage"] == "train" and e["total"] == total for e in events)
+
+
+# --- learning -------------------------------------------------------------------------------
+
+
+def test_fit_learns_the_synthetic_task(data):
+    space = space_for("test_mobilenet_v1")
+    torch.manual_seed(0)
+    net = build(space, space.largest())
+    before = accuracy(net, data.test)
+    stats = train_network(net, data.train, TrainConfig(epochs=4, batch_size=32, lr=0.1,
+                                                       warmup_epochs=0.5), seed=0)
+    after = accuracy(net, data.test)
+    assert stats["steps"] == 4 * (len(data.train) // 32)
+    assert math.isfinite(stats["loss"]) and stats["loss"] < 1.5
+    assert after > 0.6 > before + 0.2, (before, after)  # chance is 0.1
+
+
+# --- checkpoints and exact resume -----------------------------------------------------------
+
+RESUME_CONFIG = TrainConfig(epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5,
+                            checkpoint_every=4, label_smoothing=0.1)
+
+
+def _pruningnet() -> PruningNet:
+    torch.manual_seed(1)
+    return PruningNet(space_for("test_mobilenet_v2"))
+
+
+def _plain_net() -> torch.nn.Module:
+    space = space_for("test_resnet")
+    torch.manual_seed(1)
+    return build(space, space.uniform(20))
+
+
+def test_resume_after_should_stop_is_exact(data, tmp_path):
+    """PruningNet training stopped after 7 steps (between checkpoints 4 and 8, and across an
+    epoch boundary on resume) and resumed ends bit-for-bit where an uninterrupted run ends."""
+    ref = _pruningnet()
+    ref_stats = train_pruningnet(ref, data.train, RESUME_CONFIG, seed=3,
+                                 checkpoint=tmp_path / "ref.safetensors")
+    ckpt = tmp_path / "run.safetensors"
+    net = _pruningnet()
+    calls = []
+    with pytest.raises(Cancelled):
+        train_pruningnet(net, data.train, RESUME_CONFIG, seed=3, checkpoint=ckpt,
+                         should_stop=lambda: calls.append(1) or len(calls) > 7)
+    assert load_tensors(ckpt)[1]["step"] == 4  # the last checkpoint before the stop
+    resumed = _pruningnet()  # a fresh process: new module, weights only from the file
+    events = []
+    stats = train_pruningnet(resumed, data.train, RESUME_CONFIG, seed=3, checkpoint=ckpt,
+                             progress=events.append)
+    assert events[0]["step"] == 5 and events[-1]["step"] == ref_stats["steps"] == 20
+    assert same_state(resumed, ref)
+    assert stats["steps"] == ref_stats["steps"]
+    assert stats["loss"] == ref_stats["loss"]  # the loss EMA is restored too
+    assert not same_state(resumed, _pruningnet())  # it did train
+
+
+def test_resume_after_a_failing_progress_callback_is_exact(data, tmp_path):
+    """A plain net interrupted by its progress callback right after a checkpoint step."""
+    ref = _plain_net()
+    ref_stats = train_network(ref, data.train, RESUME_CONFIG, seed=5)  # no checkpoint at all
+    ckpt = tmp_path / "state.safetensors"
+
+    def boom(event):
+        if event["step"] == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_network(_plain_net(), data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt,
+                      progress=boom)
+    assert load_tensors(ckpt)[1]["step"] == 8
+    net = _plain_net()
+    stats = train_network(net, data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt)
+    assert same_state(net, ref)  # BN running statistics included
+    assert stats["loss"] == ref_stats["loss"]
+    # a finished checkpoint resumes to a no-op
+    again = _plain_net()
+    assert train_network(again, data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt)["steps"] == 20
+    assert same_state(again, ref)
+
+
+def test_checkpoint_of_another_run_length_is_refused(data, tmp_path):
+    ckpt = tmp_path / "state.safetensors"
+    short = TrainConfig(epochs=1, batch_size=64, max_steps=2)
+    train_network(_plain_net(), data.train, short, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="belongs to a run of 2 steps"):
+        train_network(_plain_net(), data.train, TrainConfig(epochs=1, batch_size=64,
+                                                            max_steps=3), checkpoint=ckpt)
+
+
+def test_nan_loss_is_an_actionable_error(data, tmp_path):
+    net = _plain_net()
+    ckpt = tmp_path / "state.safetensors"
+
+    def forward(x, step):
+        out = net(x)
+        return out * float("nan") if step >= 5 else out
+
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.05, checkpoint_every=2)
+    with pytest.raises(FloatingPointError) as e:
+        fit(net, forward, data.train, config, checkpoint=ckpt, stage="final")
+    msg = str(e.value)
+    assert msg.startswith("final: the loss became nan at step 6 of 10")
+    assert "lower the learning rate" in msg and "warmup_epochs" in msg and "\n" not in msg
+    state, meta = load_tensors(ckpt)  # the checkpoint keeps the last finite state
+    assert meta["step"] == 4
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+
+
+# --- PruningNet training samples the step's candidate ---------------------------------------
+
+
+def test_train_pruningnet_samples_candidate_for_step(data, tmp_path):
+    pnet = _pruningnet()
+    space = pnet.space
+    seen = []
+    forward = pnet.forward
+
+    def recording(x, candidate, *args, **kwargs):
+        seen.append(candidate)
+        return forward(x, candidate, *args, **kwargs)
+
+    pnet.forward = recording
+    config = TrainConfig(epochs=1, batch_size=64, max_steps=6, checkpoint_every=3)
+    ckpt = tmp_path / "state.safetensors"
+    with pytest.raises(Cancelled):
+        train_pruningnet(pnet, data.train, config, seed=11, checkpoint=ckpt,
+                         should_stop=lambda: len(seen) >= 4)
+    pnet.forward = recording
+    train_pruningnet(pnet, data.train, config, seed=11, checkpoint=ckpt)
+    expected = [candidate_for_step(space, 11, s) for s in range(6)]
+    assert seen == expected[:4] + expected[3:]  # steps 0-3, then resumed from step 3
+    assert len({c.key() for c in expected}) == 6  # a different candidate every step
+    for c in expected:
+        space.check(c)
+    # (seed, step) alone decides: the same call again, another seed differs
+    assert candidate_for_step(space, 11, 2) == candidate_for_step(space, 11, 2)
+    assert [candidate_for_step(space, 12, s) for s in range(6)] != expected
+    assert expected[0] == space.random(random.Random(11 * 1_000_003))
