@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -266,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         print("metaprune: interrupted (resume with --resume)", file=sys.stderr)
         return 130
     if out:
-        print(json.dumps(out, indent=2))
+        try:
+            print(json.dumps(out, indent=2))
+        except BrokenPipeError:  # `metaprune space … | head`: the reader left; not an error
+            sys.stderr = open(os.devnull, "w")
     return 0
 
 

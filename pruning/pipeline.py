@@ -50,10 +50,10 @@ PRESETS: dict[str, dict] = {
     # a few minutes on a 2-core CPU with a small network (the README's demo)
     "quick": {"train_limit": 5000, "test_limit": 2000, "val_size": 500, "calib_batches": 2,
               "calib_batch_size": 128, "eval_images": 500,
-              "metanet": {"epochs": 3, "batch_size": 64, "lr": 0.05, "warmup_epochs": 0.3},
+              "metanet": {"epochs": 6, "batch_size": 64, "lr": 0.05, "warmup_epochs": 0.3},
               "search": {"population": 16, "keep_top": 16, "parents": 5, "mutants": 6,
-                         "crossovers": 6, "generations": 5},
-              "final": {"epochs": 3, "batch_size": 64, "lr": 0.05}},
+                         "crossovers": 6, "generations": 6},
+              "final": {"epochs": 5, "batch_size": 64, "lr": 0.05}},
     # the GPU benchmark: all of Fashion-MNIST, the paper's search
     "standard": {"val_size": 10000, "calib_batches": 10, "calib_batch_size": 256,
                  "eval_images": 10000,
@@ -218,7 +218,7 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     meta = data.meta
     space = SearchSpace.create(spec.arch, num_classes=meta.num_classes,
                                in_channels=meta.in_channels, input_size=meta.input_size,
-                               max_width_mult=r.max_width_mult,
+                               width_mult=spec.width_mult, max_width_mult=r.max_width_mult,
                                channel_divisor=spec.channel_divisor)
     constraints = resolve_budget(space, spec.budget)
     check_feasible(space, constraints)  # fail before any training
