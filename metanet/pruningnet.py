@@ -71,11 +71,10 @@ class PruningNet(nn.Module):
         super().__init__()
         self.space = space
         self.hidden = hidden
-        max_w = space.max_widths
-        self.register_buffer("max_widths", torch.tensor(max_w, dtype=torch.float32),
-                             persistent=False)
         self.generators = nn.ModuleDict()
-        self._inputs: dict[str, list[int]] = {}  # layer path → group indices of its code
+        self.layer_groups: dict[str, list[int]] = {}  # layer path → the groups of its code
+        self._code_slices: dict[str, slice] = {}  # layer path → its part of the gathered code
+        self._code_index: list[int] = []  # group indices per layer; -1 = the constant 1
         self._blocks = []  # (block, [(spec, path)], shortcut [(spec, path)] | None)
         for block in space.plan.blocks:
             body = [(s, conv_path(block, s) if isinstance(s, ConvSpec) else None)
@@ -92,32 +91,37 @@ class PruningNet(nn.Module):
         self.head_path = f"{head.name}.fc"
         self._add(self.head_path, (head.cin, head.cout), (head.cout, self._max(head.cin)))
         self.classifier_bias = nn.Parameter(torch.zeros(head.cout))
+        # one gather on the device gives every layer's code (no per-layer host transfers)
+        self.register_buffer("code_index", torch.tensor(
+            [i if i >= 0 else space.num_groups for i in self._code_index]), persistent=False)
 
     def _max(self, c: Channels) -> int:
         return c if isinstance(c, int) else self.space.max_widths[self.space.group_index[c]]
 
     def _add(self, path: str, refs: tuple[Channels, ...], max_shape: tuple[int, ...]) -> None:
         groups = list(dict.fromkeys(self.space.group_index[c] for c in refs if isinstance(c, str)))
-        self._inputs[path] = groups
+        self.layer_groups[path] = groups
+        start = len(self._code_index)
+        self._code_index += groups or [-1]
+        self._code_slices[path] = slice(start, len(self._code_index))
         self.generators[_key(path)] = WeightGenerator(max(1, len(groups)), max_shape, self.hidden)
 
     # --- weights ----------------------------------------------------------------------------
     def encoding(self, candidate: Candidate) -> torch.Tensor:
         """Normalised width of every group, ``c_g / c_g^max`` (the network encoding vector)."""
-        widths = torch.tensor(self.space.widths(candidate), dtype=torch.float32)
-        return widths.to(self.max_widths.device, non_blocking=True) / self.max_widths
+        return self._encoding_and_one(candidate)[:-1]
+
+    def _encoding_and_one(self, candidate: Candidate) -> torch.Tensor:
+        """The encoding followed by a constant 1 (the code of a layer that touches no group),
+        sent to the device in one transfer."""
+        code = [w / m for w, m in zip(self.space.widths(candidate), self.space.max_widths)]
+        return torch.tensor(code + [1.0]).to(self.code_index.device, non_blocking=True)
 
     def generate(self, candidate: Candidate) -> dict[str, torch.Tensor]:
         """Generated weights of every conv and of the classifier, keyed by layer path."""
-        widths = self.space.widths(candidate)
-        code = self.encoding(candidate)
-        weights = {}
-        for path, (out, inp) in self._shapes(widths).items():
-            groups = self._inputs[path]
-            c = code[groups] if groups else code.new_ones(1)
-            weights[path] = self.generators[_key(path)](c, out, inp)
-        return weights
-
+        codes = self._encoding_and_one(candidate)[self.code_index]
+        return {path: self.generators[_key(path)](codes[self._code_slices[path]], out, inp)
+                for path, (out, inp) in self._shapes(self.space.widths(candidate)).items()}
 
     def _shapes(self, widths: tuple[int, ...]) -> dict[str, tuple[int, int]]:
         """(out, in / groups) of every generated weight at these widths."""
@@ -176,7 +180,7 @@ class PruningNet(nn.Module):
         """
         weights = self.generate(candidate)
         net = build(self.space, candidate, device="meta")
-        device = self.max_widths.device
+        device = self.code_index.device
         state = {}
         for name, module in net.named_modules():
             if isinstance(module, nn.Conv2d):

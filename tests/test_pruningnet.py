@@ -60,7 +60,7 @@ def test_one_generator_per_layer_with_full_size_output(arch):
             # the code holds the (distinct) groups the layer touches
             touched = {c for c in (spec.cin, spec.cout) if isinstance(c, str)}
             assert gen.fc1.in_features == len(touched)
-            assert pn._inputs[path] == list(dict.fromkeys(  # (input group, output group)
+            assert pn.layer_groups[path] == list(dict.fromkeys(  # (input group, output group)
                 group_of[c] for c in (spec.cin, spec.cout) if isinstance(c, str)))
     head = pn.generators[_key(pn.head_path)]
     assert head.weight2.shape[:-1] == (10, space.max_widths[group_of[space.plan.head.cin]])
@@ -150,7 +150,7 @@ def test_weights_depend_only_on_the_groups_a_layer_touches():
     g = space.group_index["s2b0.mid"]
     other = Candidate(tuple(25 if i == g else c for i, c in enumerate(base.choices)))
     wa, wb = pn.generate(base), pn.generate(other)
-    touched = {p for p, groups in pn._inputs.items() if g in groups}
+    touched = {p for p, groups in pn.layer_groups.items() if g in groups}
     assert touched == {"s2b0.body.conv1", "s2b0.body.conv2"}
     for path in wa:
         if path in touched:
@@ -304,7 +304,7 @@ def test_gradient_matches_the_generated_weights_gradient():
     F.cross_entropy(pn(x, cand), torch.arange(4)).backward()
     gen = pn.generators[_key(path)]
     out, inp = weights[path].shape[:2]
-    h = hidden_vector(gen, pn.encoding(cand)[pn._inputs[path]])
+    h = hidden_vector(gen, pn.encoding(cand)[pn.layer_groups[path]])
     torch.testing.assert_close(gen.bias2.grad[:out, :inp], g_w)
     torch.testing.assert_close(gen.weight2.grad[:out, :inp], g_w[..., None] * h)
 
