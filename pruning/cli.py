@@ -2,7 +2,7 @@
 
     metaprune archs                       list architectures
     metaprune space ARCH [...]            groups, levels, full and minimum MACs (JSON)
-    metaprune measure ARCH --widths JSON  MACs and params of one width assignment (JSON)
+    metaprune measure ARCH --widths JSON  MACs and params (and --latency) of a width assignment
     metaprune build ARCH --out model.ts   a randomly initialised pruned model as TorchScript
     metaprune prune [...]                 the whole MetaPruning pipeline
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from pruning import counting
 from pruning.registry import list_archs
-from pruning.space import Candidate, SearchSpace
+from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
 
 
 class UserError(Exception):
@@ -36,13 +37,24 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-width-mult", type=float, default=1.0,
                    help="search up to this multiple of the base widths (paper: 1.4)")
     p.add_argument("--channel-divisor", type=int, default=1)
+    p.add_argument("--scales", help="comma-separated width levels as fractions of each group's "
+                                    "maximum (default: 31 levels 0.10, 0.13, …, 1.00)")
 
 
 def _space(a) -> SearchSpace:
     return SearchSpace.create(a.arch, num_classes=a.num_classes, in_channels=a.in_channels,
                               input_size=a.input_size, width_mult=a.width_mult,
-                              max_width_mult=a.max_width_mult,
+                              max_width_mult=a.max_width_mult, levels=_scales(a.scales),
                               channel_divisor=a.channel_divisor)
+
+
+def _scales(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return DEFAULT_LEVELS
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--scales must be comma-separated numbers, got {text!r}") from None
 
 
 def _candidate(space: SearchSpace, a) -> Candidate:
@@ -80,8 +92,30 @@ def cmd_space(a) -> dict:
 def cmd_measure(a) -> dict:
     space = _space(a)
     cand = _candidate(space, a)
-    return {"arch": space.arch, "candidate": cand.key(), "widths": space.widths_by_group(cand),
-            "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
+    out = {"arch": space.arch, "candidate": cand.key(), "widths": space.widths_by_group(cand),
+           "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
+    if getattr(a, "latency", False):
+        from pruning.latency import LatencyTable, measure_latency
+        from pruning.modules import build
+
+        table = LatencyTable.build(space, "cpu", batch=1)
+        stem = space.plan.blocks[0].body[0]
+        out["latency_ms"] = {
+            "predicted": round(table.predict(space, cand), 4),
+            "measured": round(measure_latency(build(space, cand), (stem.cin, *stem.in_hw)), 4),
+            "device": table.key["device"], "batch": 1}
+    return out
+
+
+def _milliseconds(option: str, text: str) -> float:
+    """A positive, finite number of milliseconds (or a ratio) given on the command line."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{option}: not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{option}: must be a positive finite number, got {text!r}")
+    return value
 
 
 def cmd_build(a) -> dict:
@@ -123,6 +157,10 @@ def cmd_prune(a) -> dict:
         budget["macs_ratio"] = a.macs_ratio
     if a.params_ratio is not None:
         budget["params_ratio"] = a.params_ratio
+    if a.max_latency_ms is not None:
+        budget["latency_ms"] = _milliseconds("--max-latency-ms", a.max_latency_ms)
+    if a.latency_ratio is not None:
+        budget["latency_ratio"] = _milliseconds("--latency-ratio", a.latency_ratio)
     spec = PipelineSpec(
         arch=a.arch, dataset=a.dataset, data_root=a.data_root,
         budget=Budget(**budget) if budget else Budget(macs_ratio=0.25),
@@ -222,6 +260,10 @@ def make_parser() -> argparse.ArgumentParser:
         _space_args(p)
         p.add_argument("--widths", help='JSON object of group widths, e.g. \'{"stem": 8, ...}\'')
         p.add_argument("--levels", help="level index per group, e.g. 30-12-4-...")
+        if name == "measure":
+            p.add_argument("--latency", action="store_true",
+                           help="add predicted (per-layer table) and measured latency on the "
+                                "CPU, batch 1 (the table is built once and cached)")
         if name == "build":
             p.add_argument("--out", required=True, help="TorchScript file to write")
             p.add_argument("--seed", type=int, default=0)
@@ -236,6 +278,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-params", help="parameter budget, e.g. 500k")
     g.add_argument("--macs-ratio", type=float, help="MACs budget relative to the full network")
     g.add_argument("--params-ratio", type=float, help="params budget relative to the full network")
+    g.add_argument("--max-latency-ms", help="latency budget in milliseconds on the run's device "
+                                            "(batch 1, predicted from a measured per-layer table)")
+    g.add_argument("--latency-ratio", help="latency budget relative to the full network")
     p.add_argument("--preset", default="quick", choices=["smoke", "quick", "standard", "paper"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -122,6 +122,14 @@ class Constraint(ABC):
     def format_value(self, value: float) -> str:
         return f"{format_count(value)} {self.label}"
 
+    def format_limit(self) -> str:
+        """The limit as :func:`check_feasible`'s message names it (e.g. ``"1.2M"``, ``"2.5 ms"``)."""
+        return format_count(self.limit)
+
+    def format_exact(self, value: float) -> str:
+        """A note on ``value`` for :func:`check_feasible`'s message (ends with ``"; "``)."""
+        return f"{value:,} exactly; "
+
     def to_dict(self) -> dict:
         """JSON-ready settings; :func:`constraint_from_dict` rebuilds an equal constraint."""
         return {"name": self.name, "limit": self.limit}
@@ -219,7 +227,7 @@ def check_feasible(space: SearchSpace, constraints: Constraint | Iterable[Constr
         v = c.value(space, smallest)
         if v > c.limit:
             raise InfeasibleBudgetError(
-                f"{c.label} budget {format_count(c.limit)} is infeasible for {space.arch}: the "
-                f"smallest candidate needs {c.format_value(v)} ({v:,} exactly; every group at "
-                f"{space.levels[0]:g}x of its maximum width)")
+                f"{c.label} budget {c.format_limit()} is infeasible for {space.arch}: the "
+                f"smallest candidate needs {c.format_value(v)} ({c.format_exact(v)}every group "
+                f"at {space.levels[0]:g}x of its maximum width)")
     return constraints

@@ -1,9 +1,12 @@
 """Exporting a pruned model as a self-describing folder (DESIGN.md §4).
 
 ``config.json`` (architecture, widths per group and per layer, MACs, params, metrics, dataset,
-seed, library versions, sha256 of every file), ``model.safetensors`` (weights, never a pickle)
-and ``model.ts`` (TorchScript, loads with plain ``torch.jit.load``). Every export is verified at
-write time: the TorchScript file, loaded back, must give the same logits as the PyTorch model.
+seed, library versions, sha256 of every file), ``model.safetensors`` (weights, never a pickle),
+``model.ts`` (TorchScript, loads with plain ``torch.jit.load``) and ``model.onnx`` (opset
+``ONNX_OPSET``, input ``images`` and output ``logits`` with a dynamic batch dimension; loads in
+onnxruntime). Every export is verified at write time: each model file, loaded back (the ONNX one
+in onnxruntime, at the sample's batch size and at batch 1), must give the same logits as the
+PyTorch model.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from pruning.modules import PrunedNet, build
 from pruning.space import Candidate, ConvSpec, SearchSpace
 
 FORMAT_VERSION = 1
+ONNX_OPSET = 17
+ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
+MODEL_FILES = ("model.safetensors", "model.ts", "model.onnx")
 
 
 class ExportError(RuntimeError):
@@ -30,12 +36,15 @@ class ExportError(RuntimeError):
 
 
 def library_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
     import torchvision
 
     from pruning import __version__
 
     return {"metaprune": __version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "python": platform.python_version()}
+            "torchvision": torchvision.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
 def layer_widths(space: SearchSpace, candidate: Candidate) -> dict[str, dict[str, int]]:
@@ -78,6 +87,59 @@ def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path), map_location="cpu")
 
 
+def _onnx(net: nn.Module, sample: torch.Tensor) -> bytes:
+    """The ONNX model of ``net`` (traced on ``sample``), batch dimension dynamic.
+
+    Uses the TorchScript-based exporter (``dynamo=False``): it needs only the ``onnx`` package
+    (the dynamo exporter also needs ``onnxscript``) and is exact for these plain conv nets."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated upstream
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(net, (sample,), buf, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                          dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+                          do_constant_folding=True)
+    return buf.getvalue()
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session for an exported ``model.onnx``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _verify_onnx(path: Path, sample: torch.Tensor, expected: torch.Tensor) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+        session = onnx_session(path)
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        if inputs != [ONNX_INPUT] or outputs != [ONNX_OUTPUT]:
+            raise ExportError(f"model.onnx has inputs {inputs} and outputs {outputs}, expected "
+                              f"[{ONNX_INPUT!r}] and [{ONNX_OUTPUT!r}]")
+        x = sample.detach().cpu().float().contiguous().numpy()
+        got = torch.from_numpy(session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0])
+        one = torch.from_numpy(session.run([ONNX_OUTPUT], {ONNX_INPUT: x[:1]})[0])
+    except ExportError:
+        raise
+    except Exception as e:  # a malformed file or a batch size the graph does not accept
+        raise ExportError(f"model.onnx does not load or run in onnxruntime: {e}") from e
+    if got.shape != expected.shape or one.shape != expected[:1].shape:
+        raise ExportError(f"model.onnx gives logits of shape {tuple(got.shape)} (batch 1: "
+                          f"{tuple(one.shape)}), expected {tuple(expected.shape)}")
+    # onnxruntime fuses conv and batch norm: allow float rounding, nothing more
+    _check_close("model.onnx", expected, got, atol=1e-3, rtol=1e-3)
+    _check_close("model.onnx (batch 1)", expected[:1], one, atol=1e-3, rtol=1e-3)
+
+
 def _check_close(name: str, expected: torch.Tensor, got: torch.Tensor, atol=1e-4, rtol=1e-4):
     if not torch.allclose(expected, got, atol=atol, rtol=rtol):
         diff = (expected - got).abs().max().item()
@@ -87,13 +149,14 @@ def _check_close(name: str, expected: torch.Tensor, got: torch.Tensor, atol=1e-4
 def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candidate: Candidate, *,
                  extra: dict | None = None, sample: torch.Tensor | None = None,
                  files: dict[str, bytes] | None = None) -> dict:
-    """Write ``model.safetensors``, ``model.ts``, the extra ``files`` (name → content) and, last,
-    ``config.json`` into ``folder``; verify the written model files reproduce ``net``'s logits on
-    ``sample`` (random inputs if not given). ``config.json`` holds the sha256 of exactly the
-    files written here, so stale files of an earlier export are never vouched for.
+    """Write ``model.safetensors``, ``model.ts``, ``model.onnx``, the extra ``files`` (name →
+    content) and, last, ``config.json`` into ``folder``; verify the written model files
+    reproduce ``net``'s logits on ``sample`` (random inputs if not given). ``config.json`` holds
+    the sha256 of exactly the files written here, so stale files of an earlier export are never
+    vouched for.
     Returns the config written."""
     for name in files or {}:
-        if name in ("config.json", "model.safetensors", "model.ts") or Path(name).name != name:
+        if name == "config.json" or name in MODEL_FILES or Path(name).name != name:
             raise ValueError(f"export: {name!r} is not an allowed extra file name")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,19 +164,22 @@ def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candida
     args = space.arch_args
     if sample is None:
         gen = torch.Generator().manual_seed(0)
-        sample = torch.randn(4, args.get("in_channels", 3), args.get("input_size", 224),
-                             args.get("input_size", 224), generator=gen)
+        stem = space.plan.blocks[0].body[0]  # the input the plan was built for
+        sample = torch.randn(4, stem.cin, *stem.in_hw, generator=gen)
+    sample = sample.detach().to("cpu", torch.float32)
     with torch.inference_mode():
         expected = net(sample)
 
     save_tensors(folder / "model.safetensors", net.state_dict(),
                  {"arch": space.arch, "candidate": candidate.key()})
     atomic_write_bytes(folder / "model.ts", _script(net))
+    atomic_write_bytes(folder / "model.onnx", _onnx(net, sample))
 
     reloaded = load_pruned(folder, space=space, candidate=candidate)
     with torch.inference_mode():
         _check_close("model.safetensors", expected, reloaded(sample))
         _check_close("model.ts", expected, load_torchscript(folder / "model.ts")(sample))
+    _verify_onnx(folder / "model.onnx", sample, expected)
 
     config = {
         "format_version": FORMAT_VERSION,
@@ -130,7 +196,7 @@ def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candida
     }
     for name, data in (files or {}).items():
         atomic_write_bytes(folder / name, data)
-    written = ["model.safetensors", "model.ts", *(files or {})]
+    written = [*MODEL_FILES, *(files or {})]
     config["files"] = {name: sha256_file(folder / name) for name in sorted(written)}
     atomic_write_json(folder / "config.json", config)
     return config

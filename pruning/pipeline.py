@@ -10,7 +10,7 @@ killed run where it stopped:
     run/final/state.safetensors         final training state of the winner
     run/baseline/state.safetensors      the same for the uniform baseline (when asked)
     run/artifacts/…                     config.json, model.safetensors, model.ts, search.json,
-                                        report.json
+                                        report.json, model.onnx, pareto.png
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from pruning.data import list_datasets, load_dataset
 from pruning.evaluate import CandidateEvaluator
 from pruning.export import export_model
 from pruning.registry import get_arch
+from pruning.report import pareto_png
 from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
-from pruning.space import Candidate, SearchSpace
+from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
 from pruning.train import TrainConfig, accuracy, train_network, train_pruningnet
 
 Progress = Callable[[dict], None]
@@ -73,20 +74,24 @@ PRESETS: dict[str, dict] = {
 
 
 class Budget(BaseModel):
-    """Exactly one budget: absolute (MACs, params) or relative to the full 1.0× network."""
+    """Exactly one budget: absolute (MACs, params, milliseconds) or relative to the full 1.0×
+    network. Latency is predicted from a per-layer table measured on the run's device at
+    batch size 1 (:mod:`pruning.latency`)."""
 
     model_config = ConfigDict(extra="forbid")
     macs: int | None = Field(None, gt=0, le=10**13)
     params: int | None = Field(None, gt=0, le=10**11)
     macs_ratio: float | None = Field(None, gt=0, le=4)
     params_ratio: float | None = Field(None, gt=0, le=4)
+    latency_ms: float | None = Field(None, gt=0, le=10**6, allow_inf_nan=False)
+    latency_ratio: float | None = Field(None, gt=0, le=4)
 
     @model_validator(mode="after")
     def _one(self):
         given = [k for k, v in self.model_dump().items() if v is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one budget: macs, params, macs_ratio or params_ratio "
-                             f"(got {given or 'none'})")
+            raise ValueError("give exactly one budget: macs, params, macs_ratio, params_ratio, "
+                             f"latency_ms or latency_ratio (got {given or 'none'})")
         return self
 
 
@@ -103,6 +108,9 @@ class PipelineSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     width_mult: float = Field(1.0, ge=0.05, le=4)
     max_width_mult: float | None = Field(None, gt=0, le=4)
+    levels: list[float] | None = Field(None, min_length=1, max_length=256,
+                                       description="width scales of a group's maximum "
+                                                   "(default: 31 levels 0.10…1.00)")
     channel_divisor: int = Field(1, ge=1, le=64)
     train_limit: int | None = Field(None, ge=16)
     test_limit: int | None = Field(None, ge=16)
@@ -190,8 +198,26 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_budget(space: SearchSpace, budget: Budget) -> list:
-    """Constraints for a budget; ratios are relative to the full (1.0×) network."""
+def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device | str = "cpu",
+                   table_path: str | Path | None = None) -> list:
+    """Constraints for a budget; ratios are relative to the full (1.0×) network.
+
+    A latency budget needs the space's latency table on ``device`` (batch 1): read from
+    ``table_path`` when that file exists (a resumed run keeps the table its search used),
+    otherwise loaded from the cache or measured (:meth:`LatencyTable.build`).
+    """
+    if budget.latency_ms is not None or budget.latency_ratio is not None:
+        from pruning.latency import LatencyConstraint, LatencyTable
+
+        if table_path is not None and Path(table_path).exists():
+            table = LatencyTable.load(table_path, space)
+        else:
+            table = LatencyTable.build(space, device, batch=1)
+        if budget.latency_ms is not None:
+            return [LatencyConstraint(budget.latency_ms, table)]
+        full = SearchSpace.create(space.arch, **space.arch_args)  # max_width_mult 1.0
+        full_ms = table.predict_widths(full.widths(full.largest()))
+        return [LatencyConstraint(budget.latency_ratio * full_ms, table)]
     if budget.macs is not None:
         return [MacsConstraint(budget.macs)]
     if budget.params is not None:
@@ -219,14 +245,21 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     space = SearchSpace.create(spec.arch, num_classes=meta.num_classes,
                                in_channels=meta.in_channels, input_size=meta.input_size,
                                width_mult=spec.width_mult, max_width_mult=r.max_width_mult,
+                               levels=tuple(spec.levels or DEFAULT_LEVELS),
                                channel_divisor=spec.channel_divisor)
-    constraints = resolve_budget(space, spec.budget)
+    table_path = run_dir / "latency_table.json"
+    if spec.budget.latency_ms is not None or spec.budget.latency_ratio is not None:
+        notify({"stage": "latency", "message": "building the latency table (cached per device)"})
+    constraints = resolve_budget(space, spec.budget, device=device, table_path=table_path)
+    latency = next((c for c in constraints if c.name == "latency"), None)
     check_feasible(space, constraints)  # fail before any training
     baseline = uniform_baseline(space, constraints)
     # claimed only now: a typo in the data folder or an infeasible budget leaves no run behind
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "spec.json").exists():
         atomic_write_json(run_dir / "spec.json", spec.model_dump())
+    if latency is not None and not table_path.exists():
+        latency.table.save(table_path)  # a resumed search must see the very same table
 
     # 1. PruningNet
     torch.manual_seed(spec.seed)
@@ -286,7 +319,20 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
                                             else baseline_estimate)}
         if net is not None:
             entry["test_accuracy"] = accuracy(net, data.test, device=device)
+        if latency is not None:
+            from pruning.latency import measure_latency
+            from pruning.modules import build
+
+            timed = net if net is not None else build(space, cand)
+            entry["latency_ms"] = {
+                "predicted": round(latency.table.predict(space, cand), 4),
+                "measured": round(measure_latency(
+                    timed, (meta.in_channels, meta.input_size, meta.input_size), device), 4)}
         report[name] = entry
+    if latency is not None:
+        report["latency_table"] = {"device": latency.table.key["device"], "batch": 1,
+                                   "limit_ms": latency.limit,
+                                   "measured_s": round(latency.table.measured_s, 3)}
     full = SearchSpace.create(spec.arch, **space.arch_args)
     report["full_network"] = {"macs": counting.macs(full, full.largest()),
                               "params": counting.params(full, full.largest())}
@@ -297,7 +343,13 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
                         "metrics": {"test_accuracy": report["metapruning"]["test_accuracy"],
                                     "estimated_val_accuracy": result.best.score}},
                  files={"search.json": json_bytes(result.to_dict()),
-                        "report.json": json_bytes(report)})
+                        "report.json": json_bytes(report),
+                        "pareto.png": pareto_png(
+                            result.history, result.best,
+                            (report["uniform"]["macs"], baseline_estimate),
+                            next((c.limit for c in constraints
+                                  if isinstance(c, MacsConstraint)), None),
+                            title=f"{spec.arch} on {spec.dataset}: score vs MACs")})
     notify({"stage": "done", "report": report})
     return report
 

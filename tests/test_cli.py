@@ -72,6 +72,15 @@ def test_space(capsys, arch, extra):
     assert out["min_macs"] < out["full_macs"]
 
 
+def test_space_with_custom_scales(capsys):
+    status, out, _ = call(capsys, "space", "test_resnet", "--scales", "0.5,0.75,1")
+    assert status == 0 and out["levels"] == [0.5, 0.75, 1.0] and out["size"] == 3 ** 5
+    for bad in ("0.5,x", "1,0.5", "0,1"):
+        assert cli.main(["space", "test_resnet", "--scales", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("metaprune: error: ") and err.count("\n") == 1
+
+
 def test_measure_widths_and_levels(capsys):
     space = space_of("test_resnet")
     # widths name the first level that has them (narrow groups repeat a width over levels)

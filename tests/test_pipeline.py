@@ -46,7 +46,8 @@ CLI_ARGS = ["prune", "--arch", ARCH, "--dataset", "synthetic", "--preset", "smok
             "--set", json.dumps(OVERRIDES)]
 STAGES = ("spec.json", "metanet/pruningnet.safetensors", "search/state.json",
           "final/model.safetensors", "baseline/model.safetensors")
-ARTIFACTS = ("config.json", "model.safetensors", "model.ts", "search.json", "report.json")
+ARTIFACTS = ("config.json", "model.safetensors", "model.ts", "model.onnx", "search.json",
+             "report.json", "pareto.png")
 
 
 def synthetic_space() -> SearchSpace:
@@ -254,11 +255,12 @@ def test_generated_init_on_fashion_mnist(tmp_path):
     assert bn_scales and all(torch.allclose(v, torch.ones_like(v), atol=1e-4) for v in bn_scales)
 
 
-def test_width_mult_scales_the_searched_network_and_its_budget(tmp_path):
-    """``width_mult`` reaches the search space, and a ratio budget is relative to that scaled
-    full network (a regression: the pipeline once searched the 1.0× network instead)."""
+def test_width_mult_and_levels_reach_the_searched_space(tmp_path):
+    """``width_mult`` and ``levels`` reach the search space, and a ratio budget is relative to
+    that scaled full network (a regression: the pipeline once searched the 1.0× network)."""
     spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
-                        width_mult=2.0, budget=Budget(macs_ratio=0.5),
+                        width_mult=2.0, levels=[0.25, 0.5, 0.75, 1.0],
+                        budget=Budget(macs_ratio=0.5),
                         train_limit=128, test_limit=32, val_size=32, eval_images=32,
                         metanet={"max_steps": 2},
                         search={"population": 4, "keep_top": 4, "parents": 2, "mutants": 2,
@@ -266,7 +268,7 @@ def test_width_mult_scales_the_searched_network_and_its_budget(tmp_path):
                         final={"max_steps": 1})
     report = run(spec, tmp_path)
     space = SearchSpace.from_dict(read_json(tmp_path / "artifacts" / "config.json")["space"])
-    assert space.arch_args["width_mult"] == 2.0
+    assert space.arch_args["width_mult"] == 2.0 and space.levels == (0.25, 0.5, 0.75, 1.0)
     wide = SearchSpace.create(ARCH, **{**space.arch_args, "width_mult": 1.0})
     assert space.max_widths != wide.max_widths and max(space.max_widths) > max(wide.max_widths)
     full_macs = counting.macs(space, space.largest())

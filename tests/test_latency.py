@@ -1,0 +1,165 @@
+"""Latency budgets: the per-layer table (cache, corruption, monotonicity, correlation with
+measured time), the ``latency`` constraint in the search, the pipeline report and the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from pruning import cli, latency
+from pruning.constraints import InfeasibleBudgetError, check_feasible, constraint_from_dict
+from pruning.latency import LatencyConstraint, LatencyTable, measure_latency
+from pruning.modules import build
+from pruning.pipeline import Budget, PipelineSpec, run
+from pruning.search import SearchConfig, evolve
+from pruning.space import Candidate, SearchSpace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ARCH = "test_mobilenet_v2"
+SMALL = SearchConfig(population=6, keep_top=6, parents=3, mutants=3, crossovers=3,
+                     generations=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def space():
+    return SearchSpace.create(ARCH, num_classes=10, in_channels=1, input_size=16)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("latency-cache")
+
+
+@pytest.fixture(scope="module")
+def table(single_thread, space, cache):
+    return LatencyTable.build(space, cache_dir=cache, max_points=4, repeats=3)
+
+
+def test_second_build_loads_the_cache_without_measuring(table, space, cache, monkeypatch):
+    assert not table.from_cache and table.path.exists() and table.path.parent == cache
+    calls = []
+    monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: calls.append(1) or 1.0)
+    again = LatencyTable.build(space, cache_dir=cache, max_points=4, repeats=3)
+    assert calls == [] and again.from_cache and again == table
+    assert again.predict(space, space.largest()) == table.predict(space, space.largest())
+    json.loads(table.path.read_text())  # plain JSON
+
+
+def test_env_cache_dir(space, tmp_path, monkeypatch):
+    monkeypatch.setenv("METAPRUNE_CACHE_DIR", str(tmp_path))
+    key = LatencyTable.make_key(space)
+    assert LatencyTable.cache_path(key).parent == tmp_path
+
+
+def test_corrupted_cache_is_rebuilt(table, space, tmp_path, monkeypatch):
+    path = LatencyTable.cache_path(table.key, tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"format": "metaprune.latency_table/1", "key": ')
+    calls = []
+    monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: calls.append(1) or 0.5)
+    monkeypatch.setattr(latency, "measure_latency", lambda *a, **k: 0.0)
+    with pytest.warns(RuntimeWarning, match="latency table"):
+        rebuilt = LatencyTable.build(space, cache_dir=tmp_path, max_points=4, repeats=3)
+    assert calls and not rebuilt.from_cache
+    assert LatencyTable.load(path).digest == rebuilt.digest  # the file was rewritten
+
+
+def test_predict_is_monotone_in_every_group(table, space):
+    rng = random.Random(0)
+    for _ in range(30):
+        c = list(space.random(rng).choices)
+        base = table.predict(space, Candidate(tuple(c)))
+        for g in range(space.num_groups):
+            if c[g] + 1 < space.num_levels:
+                up = c.copy()
+                up[g] += 1
+                assert table.predict(space, Candidate(tuple(up))) >= base - 1e-12
+    assert table.predict(space, space.smallest()) > 0
+
+
+def test_monotone_even_for_a_noisy_table(space, tmp_path, monkeypatch):
+    rng = random.Random(1)
+    monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: rng.random())
+    monkeypatch.setattr(latency, "measure_latency", lambda *a, **k: 0.0)
+    noisy = LatencyTable.build(space, cache_dir=tmp_path, max_points=4, repeats=1)
+    for level in range(space.num_levels - 1):
+        assert noisy.predict(space, space.uniform(level)) <= noisy.predict(
+            space, space.uniform(level + 1)) + 1e-12
+
+
+def test_predicted_tracks_measured(table, space):
+    small, large = space.smallest(), space.largest()
+    p_s, p_l = table.predict(space, small), table.predict(space, large)
+    m_s = measure_latency(build(space, small), (1, 16, 16))
+    m_l = measure_latency(build(space, large), (1, 16, 16))
+    assert p_l > 1.1 * p_s and m_l > 1.1 * m_s
+    assert 0.2 < p_l / m_l < 5
+
+
+def test_latency_constraint_in_evolve(table, space, tmp_path):
+    lo, hi = table.predict(space, space.smallest()), table.predict(space, space.largest())
+    budget = LatencyConstraint(lo + 0.4 * (hi - lo), table)
+    assert budget.describe().endswith(" ms")
+    result = evolve(space, lambda c: sum(c.choices), budget, SMALL, state_path=tmp_path / "s.json")
+    assert all(r.costs["latency"] <= budget.limit for r in result.history)
+    # the state file round-trips, and the constraint rebuilds from its dict (cached table)
+    assert evolve(space, lambda c: sum(c.choices), budget, SMALL,
+                  state_path=tmp_path / "s.json") == result
+    d = json.loads(json.dumps(budget.to_dict()))
+    assert constraint_from_dict({**d, "cache_dir": str(table.path.parent)}) == budget
+
+
+def test_infeasible_latency_budget_fails_at_once(table, space):
+    smallest = table.predict(space, space.smallest())
+    with pytest.raises(InfeasibleBudgetError) as e:
+        check_feasible(space, LatencyConstraint(smallest / 2, table))
+    msg = str(e.value)
+    assert "latency budget" in msg and " ms is infeasible" in msg
+    assert f"the smallest candidate needs {smallest:.4g} ms" in msg
+    with pytest.raises(ValueError, match="limit"):
+        LatencyConstraint(0, table)
+
+
+def test_pipeline_reports_predicted_and_measured_latency(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
+                        budget=Budget(latency_ratio=0.9),  # tiny net: level 0 needs ~0.8x
+                        metanet={"epochs": 1},
+                        search={"population": 4, "keep_top": 4, "parents": 2, "mutants": 2,
+                                "crossovers": 2, "generations": 1})
+    report = run(spec, tmp_path / "run")
+    limit = report["budget"]["latency"]
+    for name in ("metapruning", "uniform"):
+        lat = report[name]["latency_ms"]
+        assert lat["predicted"] <= limit + 1e-4 and lat["measured"] > 0
+    assert (tmp_path / "run" / "latency_table.json").exists()
+    saved = json.loads((tmp_path / "run" / "artifacts" / "report.json").read_text())
+    assert saved["metapruning"]["latency_ms"] == report["metapruning"]["latency_ms"]
+
+
+def test_budget_validation():
+    with pytest.raises(ValueError, match="exactly one budget"):
+        Budget(latency_ms=2.0, macs_ratio=0.5)
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            Budget(latency_ms=bad)
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "abc", "nan"])
+def test_cli_bad_latency_is_a_one_line_error(capsys, tmp_path, value):
+    status = cli.main(["prune", "--arch", ARCH, f"--max-latency-ms={value}", "--quiet",
+                       "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("metaprune: error: --max-latency-ms")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_measure_latency(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("METAPRUNE_CACHE_DIR", str(tmp_path))
+    assert cli.main(["measure", ARCH, "--input-size", "16", "--latency"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["latency_ms"]["predicted"] > 0 and out["latency_ms"]["measured"] > 0
