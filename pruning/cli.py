@@ -5,6 +5,8 @@
     metaprune measure ARCH --widths JSON  MACs and params (and --latency) of a width assignment
     metaprune build ARCH --out model.ts   a randomly initialised pruned model as TorchScript
     metaprune prune [...]                 the whole MetaPruning pipeline
+    metaprune train-metanet [...]         the pipeline stage by stage on a run folder --out:
+    metaprune search|train|evaluate|export --out RUN
 
 Errors in what the user typed are reported in one line with exit status 2, never a traceback.
 """
@@ -135,9 +137,10 @@ def cmd_build(a) -> dict:
             "params": counting.params(space, cand)}
 
 
-def cmd_prune(a) -> dict:
+def _spec(a):
+    """The :class:`PipelineSpec` that the options of ``prune`` / ``train-metanet`` describe."""
     from pruning.constraints import parse_count
-    from pruning.pipeline import Budget, PipelineSpec, run
+    from pruning.pipeline import Budget, PipelineSpec
 
     try:
         overrides = json.loads(a.set or "{}")
@@ -161,12 +164,18 @@ def cmd_prune(a) -> dict:
         budget["latency_ms"] = _milliseconds("--max-latency-ms", a.max_latency_ms)
     if a.latency_ratio is not None:
         budget["latency_ratio"] = _milliseconds("--latency-ratio", a.latency_ratio)
-    spec = PipelineSpec(
+    return PipelineSpec(
         arch=a.arch, dataset=a.dataset, data_root=a.data_root,
         budget=Budget(**budget) if budget else Budget(macs_ratio=0.25),
         preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
         train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
-        **overrides)
+        metanet_from=a.metanet_from, **overrides)
+
+
+def cmd_prune(a) -> dict:
+    from pruning.pipeline import run
+
+    spec = _spec(a)
     printer = ProgressPrinter(quiet=a.quiet)
     report = run(spec, a.out, resume=a.resume, progress=printer)
     printer.close()
@@ -176,9 +185,106 @@ def cmd_prune(a) -> dict:
     return report
 
 
+# --- stage commands: the pipeline one stage at a time, on a run folder ------------------------
+
+
+def _stage(a, spec=None):
+    """The run context of ``--out``: its ``spec.json`` (or ``spec``, for ``train-metanet``)."""
+    from pruning.pipeline import PipelineSpec, prepare
+
+    printer = ProgressPrinter(quiet=a.quiet)
+    if spec is None:
+        saved = Path(a.out) / "spec.json"
+        if not saved.is_file():
+            raise UserError(f"{a.out} holds no run (no spec.json): start one with `metaprune "
+                            f"train-metanet ... --out {a.out}` (or `metaprune prune`)")
+        from pruning.checkpoint import read_json
+
+        try:
+            spec = PipelineSpec.model_validate(read_json(saved))
+        except ValueError:
+            raise UserError(f"{saved} is not a run specification this version can read") from None
+        if a.device is not None:
+            spec = spec.model_copy(update={"device": a.device})
+        return prepare(spec, a.out, resume=True, progress=printer), printer
+    return prepare(spec, a.out, resume=a.resume, progress=printer), printer
+
+
+def cmd_train_metanet(a) -> dict:
+    from pruning.pipeline import stage_metanet
+
+    ctx, printer = _stage(a, _spec(a))
+    stats = stage_metanet(ctx)
+    printer.close()
+    out = {"run": a.out, "metanet": stats}
+    if ctx.spec.metanet_from is not None:
+        from pruning.checkpoint import read_json
+
+        out["metanet_from"] = read_json(ctx.path("metanet/source.json"))
+    if not a.json:
+        print(f"PruningNet ready in {Path(a.out) / 'metanet'}; next: metaprune search --out {a.out}")
+        return {}
+    return out
+
+
+def cmd_search(a) -> dict:
+    from pruning.pipeline import stage_search
+
+    ctx, printer = _stage(a)
+    result = stage_search(ctx)
+    printer.close()
+    best = result.best
+    out = {"run": a.out, "best": best.key, "estimated_val_accuracy": best.score,
+           "macs": best.macs, "params": best.params, "widths": best.widths,
+           "evaluated": len(result.history), "generations": result.generations}
+    if not a.json:
+        print(f"best {best.key}: est. val {100 * best.score:.2f}%, MACs {best.macs / 1e6:.2f}M, "
+              f"params {best.params / 1e3:.1f}k ({len(result.history)} evaluated); "
+              f"next: metaprune train --out {a.out}")
+        return {}
+    return out
+
+
+def cmd_train(a) -> dict:
+    from pruning.pipeline import stage_train
+
+    ctx, printer = _stage(a)
+    trained = stage_train(ctx)
+    printer.close()
+    folders = {"metapruning": "final", "uniform": "baseline"}
+    out = {"run": a.out, "trained": {k: str(Path(a.out) / folders[k] / "model.safetensors")
+                                     for k in trained}}
+    if not a.json:
+        print(f"trained {', '.join(trained)}; next: metaprune evaluate --out {a.out}")
+        return {}
+    return out
+
+
+def cmd_evaluate(a) -> dict:
+    from pruning.pipeline import stage_evaluate
+
+    ctx, printer = _stage(a)
+    entries = stage_evaluate(ctx)
+    printer.close()
+    return entries
+
+
+def cmd_export(a) -> dict:
+    from pruning.pipeline import stage_export
+
+    ctx, printer = _stage(a)
+    report = stage_export(ctx)
+    printer.close()
+    if not a.json:
+        _print_summary(report, a.out)
+        return {}
+    return report
+
+
 # PipelineSpec fields that cmd_prune sets from its own options
 _PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", "seed", "device",
-                            "final_init", "train_baseline", "width_mult", "max_width_mult"})
+                            "final_init", "train_baseline", "width_mult", "max_width_mult",
+                            "metanet_from"})
 
 
 def _print_summary(report: dict, out: str) -> None:
@@ -242,6 +348,39 @@ class ProgressPrinter:
             self.bar = None
 
 
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``prune`` and ``train-metanet`` (what a run's spec.json holds)."""
+    p.add_argument("--arch", default="mobilenet_v2")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-root", help="dataset folder (default: the dataset's standard place)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-macs", help="MACs budget, e.g. 10M")
+    g.add_argument("--max-params", help="parameter budget, e.g. 500k")
+    g.add_argument("--macs-ratio", type=float, help="MACs budget relative to the full network")
+    g.add_argument("--params-ratio", type=float, help="params budget relative to the full network")
+    g.add_argument("--max-latency-ms", help="latency budget in milliseconds on the run's device "
+                                            "(batch 1, predicted from a measured per-layer table)")
+    g.add_argument("--latency-ratio", help="latency budget relative to the full network")
+    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "standard", "paper"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--width-mult", type=float, default=1.0,
+                   help="scale the family's base widths (e.g. MobileNetV2 0.35)")
+    p.add_argument("--max-width-mult", type=float,
+                   help="search up to this multiple of the base widths (paper: 1.4)")
+    p.add_argument("--final-init", default="scratch", choices=["scratch", "generated"],
+                   help="train the winner from scratch (the paper) or fine-tune generated weights")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train the uniform-width baseline at the same budget")
+    p.add_argument("--metanet-from", metavar="RUN_DIR",
+                   help="reuse the trained PruningNet of this run folder (same architecture, "
+                        "data, split, seed and metanet settings): only search and final training")
+    p.add_argument("--set", help='JSON overrides, e.g. \'{"metanet": {"epochs": 2}}\'')
+    p.add_argument("--out", default="runs/prune", help="run folder (checkpoints and artifacts)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaprune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,35 +408,27 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
         p.set_defaults(fn=fn)
 
-    p = sub.add_parser("prune", help="run the whole MetaPruning pipeline")
-    p.add_argument("--arch", default="mobilenet_v2")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-root", help="dataset folder (default: the dataset's standard place)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--max-macs", help="MACs budget, e.g. 10M")
-    g.add_argument("--max-params", help="parameter budget, e.g. 500k")
-    g.add_argument("--macs-ratio", type=float, help="MACs budget relative to the full network")
-    g.add_argument("--params-ratio", type=float, help="params budget relative to the full network")
-    g.add_argument("--max-latency-ms", help="latency budget in milliseconds on the run's device "
-                                            "(batch 1, predicted from a measured per-layer table)")
-    g.add_argument("--latency-ratio", help="latency budget relative to the full network")
-    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "standard", "paper"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--width-mult", type=float, default=1.0,
-                   help="scale the family's base widths (e.g. MobileNetV2 0.35)")
-    p.add_argument("--max-width-mult", type=float,
-                   help="search up to this multiple of the base widths (paper: 1.4)")
-    p.add_argument("--final-init", default="scratch", choices=["scratch", "generated"],
-                   help="train the winner from scratch (the paper) or fine-tune generated weights")
-    p.add_argument("--baseline", action="store_true",
-                   help="also train the uniform-width baseline at the same budget")
-    p.add_argument("--set", help='JSON overrides, e.g. \'{"metanet": {"epochs": 2}}\'')
-    p.add_argument("--out", default="runs/prune", help="run folder (checkpoints and artifacts)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(fn=cmd_prune)
+    for name, fn, help_ in (
+            ("prune", cmd_prune, "run the whole MetaPruning pipeline"),
+            ("train-metanet", cmd_train_metanet, "stage 1: train (or reuse) the PruningNet of a "
+                                                 "new run folder")):
+        p = sub.add_parser(name, help=help_)
+        _pipeline_args(p)
+        p.set_defaults(fn=fn)
+    for name, fn, help_ in (
+            ("search", cmd_search, "stage 2: the evolutionary search of a run folder"),
+            ("train", cmd_train, "stage 3: train the winner (and the baseline) of a run folder"),
+            ("evaluate", cmd_evaluate, "stage 4: test accuracy of a run folder's trained "
+                                       "networks (JSON)"),
+            ("export", cmd_export, "stage 5: export the winner and write the artifacts")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--out", required=True, help="the run folder (its spec.json is used)")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                       help="run this stage on another device than the run's")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+        if name != "evaluate":
+            p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.set_defaults(fn=fn)
     return parser
 
 

@@ -1,23 +1,36 @@
 """The end-to-end MetaPruning pipeline: PruningNet training → search → final training → export.
 
-Every stage leaves a checkpoint in the run folder, so ``run(..., resume=True)`` continues a
-killed run where it stopped:
+:func:`run` = :func:`prepare` (data, search space, budget; claims the folder) followed by the
+stages :func:`stage_metanet`, :func:`stage_search`, :func:`stage_train`, :func:`stage_evaluate`
+and :func:`stage_export`. Each stage skips the work whose output the run folder already holds,
+and fails with a :class:`StageError` when the stage it needs has not run, so the stages can also
+be run one at a time (``metaprune train-metanet / search / train / evaluate / export``) and
+``run(..., resume=True)`` continues a killed run where it stopped:
 
     run/spec.json                       the resolved specification
     run/metanet/state.safetensors       PruningNet training state (every checkpoint interval)
     run/metanet/pruningnet.safetensors  the trained PruningNet ("train once, search many")
+    run/metanet/source.json             where it came from, when reused (``metanet_from``)
     run/search/state.json               search state, one write per generation
     run/final/state.safetensors         final training state of the winner
-    run/baseline/state.safetensors      the same for the uniform baseline (when asked)
+    run/final/model.safetensors         the trained winner
+    run/baseline/…                      the same for the uniform baseline (when asked)
+    run/evaluation.json                 test accuracy (and latency) of the trained networks
     run/artifacts/…                     config.json, model.safetensors, model.ts, search.json,
                                         report.json, model.onnx, pareto.png
+
+"Train once, search many": ``metanet_from`` names a run whose trained PruningNet this run
+copies instead of training one, after checking that everything that determines it
+(:func:`metanet_identity`) is the same; only the search and the final training run again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,10 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from metanet.pruningnet import PruningNet
 from pruning import counting
-from pruning.checkpoint import (atomic_write_json, json_bytes, load_tensors, read_json,
-                                save_tensors)
+from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, json_bytes, load_tensors,
+                                read_json, save_tensors)
 from pruning.constraints import MacsConstraint, ParamsConstraint, check_feasible
-from pruning.data import list_datasets, load_dataset
+from pruning.data import DataBundle, list_datasets, load_dataset
 from pruning.evaluate import CandidateEvaluator
 from pruning.export import export_model
 from pruning.registry import get_arch
@@ -120,6 +133,9 @@ class PipelineSpec(BaseModel):
     eval_images: int | None = Field(None, ge=16)
     final_init: Literal["scratch", "generated"] = "scratch"
     train_baseline: bool = False
+    metanet_from: str | None = Field(None, min_length=1, max_length=4096,
+                                     description="a run folder whose trained PruningNet this run "
+                                                 "reuses (same architecture, data and seed)")
     metanet: dict = Field(default_factory=dict)
     search: dict = Field(default_factory=dict)
     final: dict = Field(default_factory=dict)
@@ -228,13 +244,120 @@ def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device |
     return [ParamsConstraint(int(budget.params_ratio * counting.params(full, full.largest())))]
 
 
-def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
-        progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
-    """Run (or resume) the whole pipeline; returns the report (also ``artifacts/report.json``)."""
+@dataclass
+class RunContext:
+    """What every stage of one run needs: the resolved spec, the run folder, the device, the
+    data, the search space and the budget. Built by :func:`prepare`; the PruningNet, the search
+    result and the trained networks are loaded from the run folder on first use (or kept from
+    the stage that produced them in this process)."""
+
+    spec: PipelineSpec
+    r: ResolvedSpec
+    run_dir: Path
+    device: torch.device
+    data: DataBundle
+    space: SearchSpace
+    constraints: list
+    baseline: Candidate
+    notify: Progress
+    should_stop: Callable[[], bool] | None
+    t_start: float
+    pnet_: PruningNet | None = None
+    evaluator_: CandidateEvaluator | None = None
+    result_: SearchResult | None = None
+    trained: dict = field(default_factory=dict)
+
+    @property
+    def latency(self):
+        return next((c for c in self.constraints if c.name == "latency"), None)
+
+    def path(self, rel: str) -> Path:
+        return self.run_dir / rel
+
+    def require(self, rel: str, command: str) -> Path:
+        path = self.run_dir / rel
+        if not path.exists():
+            raise StageError(f"{self.run_dir} has no {rel} yet: run `metaprune {command} --out "
+                             f"{self.run_dir}` first")
+        return path
+
+    @property
+    def pnet(self) -> PruningNet:
+        if self.pnet_ is None:
+            path = self.require(METANET_FILE, "train-metanet")
+            torch.manual_seed(self.spec.seed)
+            pnet = PruningNet(self.space).to(self.device)
+            state, _ = load_tensors(path, self.device)
+            pnet.load_state_dict(state)
+            self.pnet_ = pnet
+        return self.pnet_
+
+    @property
+    def evaluator(self) -> CandidateEvaluator:
+        """Scores candidates on the held-out sub-validation split (built on first use)."""
+        if self.evaluator_ is None:
+            r = self.r
+            self.evaluator_ = CandidateEvaluator(
+                self.pnet, self.data.train, self.data.val, calib_batches=r.calib_batches,
+                batch_size=r.calib_batch_size, val_images=r.eval_images, seed=self.spec.seed,
+                device=self.device)
+        return self.evaluator_
+
+    def search_result(self) -> SearchResult:
+        """The finished search (read back from ``search/state.json``)."""
+        if self.result_ is None:
+            path = self.require(SEARCH_FILE, "search")
+            if not read_json(path).get("finished"):
+                raise StageError(f"the search in {self.run_dir} is unfinished: run `metaprune "
+                                 f"search --out {self.run_dir}` first")
+            self.result_ = self._evolve(progress=None)
+        return self.result_
+
+    def _evolve(self, progress) -> SearchResult:
+        # the evaluator is built only when a candidate is scored (a finished search scores none)
+        return evolve(self.space, lambda c: self.evaluator(c), self.constraints, self.r.search,
+                      state_path=self.path(SEARCH_FILE), progress=progress)
+
+    def trained_nets(self) -> dict:
+        """``{"metapruning": net, "uniform": net}`` (the latter when the baseline is trained),
+        as trained in this process or loaded from the run folder."""
+        best = Candidate(tuple(self.search_result().best.choices))
+        todo = [("metapruning", "final", best)]
+        if self.spec.train_baseline:
+            todo.append(("uniform", "baseline", self.baseline))
+        for key, folder, cand in todo:
+            if key not in self.trained:
+                from pruning.modules import build
+
+                path = self.require(f"{folder}/model.safetensors", "train")
+                net = build(self.space, cand).to(self.device)
+                state, _ = load_tensors(path, self.device)
+                net.load_state_dict(state)
+                self.trained[key] = net.eval()
+        return dict(self.trained)
+
+
+class StageError(RunFolderError):
+    """A stage was asked for before the stage it needs has run."""
+
+
+METANET_FILE = "metanet/pruningnet.safetensors"
+SEARCH_FILE = "search/state.json"
+EVALUATION_FILE = "evaluation.json"
+
+
+def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
+            progress: Progress | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RunContext:
+    """Check the run folder, load the data, build the space and the budget, and claim the folder
+    (``spec.json``). Nothing is written when the folder holds another run, the data is missing,
+    the budget is infeasible or ``metanet_from`` names an unusable run."""
     run_dir = Path(run_dir)
     notify = progress or (lambda event: None)
     r = spec.resolved()
     _check_run_dir(run_dir, spec, resume)
+    if spec.metanet_from is not None and not (run_dir / METANET_FILE).exists():
+        _check_metanet_source(spec, run_dir)
     device = pick_device(spec.device)
     t_start = time.perf_counter()
 
@@ -260,65 +383,83 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
         atomic_write_json(run_dir / "spec.json", spec.model_dump())
     if latency is not None and not table_path.exists():
         latency.table.save(table_path)  # a resumed search must see the very same table
+    return RunContext(spec=spec, r=r, run_dir=run_dir, device=device, data=data, space=space,
+                      constraints=constraints, baseline=baseline, notify=notify,
+                      should_stop=should_stop, t_start=t_start)
 
-    # 1. PruningNet
-    torch.manual_seed(spec.seed)
-    pnet = PruningNet(space).to(device)
-    final_path = run_dir / "metanet" / "pruningnet.safetensors"
+
+def stage_metanet(ctx: RunContext) -> dict:
+    """1. Train the PruningNet (or adopt the one of ``spec.metanet_from``); returns its stats."""
+    final_path = ctx.path(METANET_FILE)
+    stats_path = ctx.path("metanet/stats.json")
     if final_path.exists():
-        state, _ = load_tensors(final_path, device)
-        pnet.load_state_dict(state)
-        metanet_stats = read_json(run_dir / "metanet" / "stats.json")
-    else:
-        metanet_stats = train_pruningnet(pnet, data.train, r.metanet, seed=spec.seed, device=device,
-                                         checkpoint=run_dir / "metanet" / "state.safetensors",
-                                         progress=notify, should_stop=should_stop)
-        # stats first: the PruningNet file marks the stage as done
-        atomic_write_json(run_dir / "metanet" / "stats.json", metanet_stats)
-        save_tensors(final_path, pnet.state_dict(), {"space": space.to_dict()})
+        return read_json(stats_path)
+    spec = ctx.spec
+    if spec.metanet_from is not None:
+        ctx.notify({"stage": "metanet", "message": f"reusing the PruningNet of "
+                                                   f"{spec.metanet_from}"})
+        return _adopt_metanet(ctx, Path(spec.metanet_from))
+    torch.manual_seed(spec.seed)
+    pnet = PruningNet(ctx.space).to(ctx.device)
+    stats = train_pruningnet(pnet, ctx.data.train, ctx.r.metanet, seed=spec.seed,
+                             device=ctx.device, checkpoint=ctx.path("metanet/state.safetensors"),
+                             progress=ctx.notify, should_stop=ctx.should_stop)
+    # stats first: the PruningNet file marks the stage as done
+    atomic_write_json(stats_path, stats)
+    save_tensors(final_path, pnet.state_dict(), {"space": ctx.space.to_dict()})
+    ctx.pnet_ = pnet
+    return stats
 
-    # 2. evolutionary search, scored on the held-out sub-validation split
-    evaluator = CandidateEvaluator(pnet, data.train, data.val, calib_batches=r.calib_batches,
-                                   batch_size=r.calib_batch_size, val_images=r.eval_images,
-                                   seed=spec.seed, device=device)
+
+def stage_search(ctx: RunContext) -> SearchResult:
+    """2. Evolutionary search, scored on the held-out sub-validation split (resumes an
+    interrupted search; a finished one is read back)."""
+    ctx.require(METANET_FILE, "train-metanet")
 
     def on_generation(event: dict) -> None:
-        notify({"stage": "search", **event})
-        if should_stop is not None and should_stop():
+        ctx.notify({"stage": "search", **event})
+        if ctx.should_stop is not None and ctx.should_stop():
             from pruning.train import Cancelled
             raise Cancelled("search")
 
-    result: SearchResult = evolve(space, evaluator, constraints, r.search,
-                                  state_path=run_dir / "search" / "state.json",
-                                  progress=on_generation)
+    ctx.result_ = ctx._evolve(progress=on_generation)
+    return ctx.result_
+
+
+def stage_train(ctx: RunContext) -> dict:
+    """3. Final training of the winner (and of the uniform baseline, when asked); returns
+    ``{"metapruning": net, "uniform": net}``."""
+    best = Candidate(tuple(ctx.search_result().best.choices))
+    todo = [("metapruning", best, "final")]
+    if ctx.spec.train_baseline:
+        todo.append(("uniform", ctx.baseline, "baseline"))
+    for key, cand, name in todo:
+        if key not in ctx.trained:
+            ctx.trained[key] = _train_final(cand, name, ctx)
+    return dict(ctx.trained)
+
+
+def stage_evaluate(ctx: RunContext) -> dict:
+    """4. Test accuracy (and latency) of the trained networks, with their MACs, params and
+    estimated accuracy: ``{"metapruning": {...}, "uniform": {...}}`` (also
+    ``evaluation.json``)."""
+    path = ctx.path(EVALUATION_FILE)
+    if path.exists():
+        return read_json(path)
+    result = ctx.search_result()
+    trained = ctx.trained_nets()
+    ctx.notify({"stage": "evaluate", "message": "evaluating on the test split"})
+    space, latency, meta = ctx.space, ctx.latency, ctx.data.meta
     best = Candidate(tuple(result.best.choices))
-    baseline_estimate = evaluator(baseline)
-
-    # 3. final training of the winner (and of the uniform baseline, when asked)
-    trained = {"metapruning": _train_final(best, "final", pnet, evaluator, data, r, run_dir,
-                                           device, notify, should_stop)}
-    if spec.train_baseline:
-        trained["uniform"] = _train_final(baseline, "baseline", pnet, evaluator, data, r, run_dir,
-                                          device, notify, should_stop)
-
-    # 4. evaluation on the test split and export
-    notify({"stage": "export", "message": "evaluating on the test split and exporting"})
-    report = {
-        "arch": spec.arch, "dataset": spec.dataset, "seed": spec.seed, "preset": spec.preset,
-        "device": str(device),
-        "budget": {c.name: c.limit for c in constraints},
-        "metanet": metanet_stats,
-        "search": {"evaluated": len(result.history), "generations": r.search.generations},
-        "elapsed_s": None,
-    }
-    for name, (cand, net) in {"metapruning": (best, trained["metapruning"]),
-                              "uniform": (baseline, trained.get("uniform"))}.items():
+    entries = {}
+    for name, cand in (("metapruning", best), ("uniform", ctx.baseline)):
+        net = trained.get(name)
         entry = {"candidate": cand.key(), "widths": space.widths_by_group(cand),
                  "macs": counting.macs(space, cand), "params": counting.params(space, cand),
                  "estimated_val_accuracy": (result.best.score if name == "metapruning"
-                                            else baseline_estimate)}
+                                            else ctx.evaluator(cand))}
         if net is not None:
-            entry["test_accuracy"] = accuracy(net, data.test, device=device)
+            entry["test_accuracy"] = accuracy(net, ctx.data.test, device=ctx.device)
         if latency is not None:
             from pruning.latency import measure_latency
             from pruning.modules import build
@@ -327,8 +468,34 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
             entry["latency_ms"] = {
                 "predicted": round(latency.table.predict(space, cand), 4),
                 "measured": round(measure_latency(
-                    timed, (meta.in_channels, meta.input_size, meta.input_size), device), 4)}
-        report[name] = entry
+                    timed, (meta.in_channels, meta.input_size, meta.input_size), ctx.device), 4)}
+        entries[name] = entry
+    atomic_write_json(path, entries)
+    return entries
+
+
+def stage_export(ctx: RunContext) -> dict:
+    """5. Export the winner and write the artifacts; returns the report (also
+    ``artifacts/report.json``). An export already written is read back."""
+    art = ctx.path("artifacts")
+    if (art / "config.json").exists() and (art / "report.json").exists():
+        return read_json(art / "report.json")
+    spec, space, constraints, latency = ctx.spec, ctx.space, ctx.constraints, ctx.latency
+    entries = read_json(ctx.require(EVALUATION_FILE, "evaluate"))
+    result = ctx.search_result()
+    net = ctx.trained_nets()["metapruning"]
+    ctx.notify({"stage": "export", "message": "exporting"})
+    report = {
+        "arch": spec.arch, "dataset": spec.dataset, "seed": spec.seed, "preset": spec.preset,
+        "device": str(ctx.device),
+        "budget": {c.name: c.limit for c in constraints},
+        "metanet": read_json(ctx.path("metanet/stats.json")),
+        "search": {"evaluated": len(result.history), "generations": ctx.r.search.generations},
+        "elapsed_s": None,
+        **entries,
+    }
+    if spec.metanet_from is not None:
+        report["metanet_from"] = read_json(ctx.path("metanet/source.json"))
     if latency is not None:
         report["latency_table"] = {"device": latency.table.key["device"], "batch": 1,
                                    "limit_ms": latency.limit,
@@ -336,9 +503,11 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     full = SearchSpace.create(spec.arch, **space.arch_args)
     report["full_network"] = {"macs": counting.macs(full, full.largest()),
                               "params": counting.params(full, full.largest())}
-    sample = next(iter(data.test.batches(8, device="cpu")))[0]
-    report["elapsed_s"] = round(time.perf_counter() - t_start, 3)
-    export_model(run_dir / "artifacts", trained["metapruning"], space, best, sample=sample,
+    meta = ctx.data.meta
+    sample = next(iter(ctx.data.test.batches(8, device="cpu")))[0]
+    best = Candidate(tuple(result.best.choices))
+    report["elapsed_s"] = round(time.perf_counter() - ctx.t_start, 3)
+    export_model(art, net, space, best, sample=sample,
                  extra={"dataset": {"name": spec.dataset, **asdict(meta)}, "seed": spec.seed,
                         "metrics": {"test_accuracy": report["metapruning"]["test_accuracy"],
                                     "estimated_val_accuracy": result.best.score}},
@@ -346,34 +515,107 @@ def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
                         "report.json": json_bytes(report),
                         "pareto.png": pareto_png(
                             result.history, result.best,
-                            (report["uniform"]["macs"], baseline_estimate),
+                            (report["uniform"]["macs"],
+                             report["uniform"]["estimated_val_accuracy"]),
                             next((c.limit for c in constraints
                                   if isinstance(c, MacsConstraint)), None),
                             title=f"{spec.arch} on {spec.dataset}: score vs MACs")})
-    notify({"stage": "done", "report": report})
     return report
 
 
-def _train_final(cand: Candidate, name: str, pnet: PruningNet, evaluator: CandidateEvaluator,
-                 data, r: ResolvedSpec, run_dir: Path, device, notify, should_stop):
+STAGES = (stage_metanet, stage_search, stage_train, stage_evaluate, stage_export)
+
+
+def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
+        progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run (or resume) the whole pipeline; returns the report (also ``artifacts/report.json``).
+    The stages run in order, each skipping what the run folder already holds."""
+    ctx = prepare(spec, run_dir, resume=resume, progress=progress, should_stop=should_stop)
+    for stage in STAGES[:-1]:
+        stage(ctx)
+    report = stage_export(ctx)
+    ctx.notify({"stage": "done", "report": report})
+    return report
+
+
+def _train_final(cand: Candidate, name: str, ctx: RunContext):
     """Train one candidate from scratch (the paper) or from its generated weights."""
     from pruning.modules import build
 
+    r, device = ctx.r, ctx.device
     torch.manual_seed(r.spec.seed)
-    if r.spec.final_init == "generated":
-        net = evaluator.materialise(cand).to(device)
+    done = ctx.path(f"{name}/model.safetensors")
+    if r.spec.final_init == "generated" and not done.exists():
+        net = ctx.evaluator.materialise(cand).to(device)
     else:
-        net = build(pnet.space, cand).to(device)
-    done = run_dir / name / "model.safetensors"
+        net = build(ctx.space, cand).to(device)
     if done.exists():
         state, _ = load_tensors(done, device)
         net.load_state_dict(state)
     else:
-        train_network(net, data.train, r.final, seed=r.spec.seed, device=device,
-                      checkpoint=run_dir / name / "state.safetensors", progress=notify,
-                      stage=name, should_stop=should_stop)
+        train_network(net, ctx.data.train, r.final, seed=r.spec.seed, device=device,
+                      checkpoint=ctx.path(f"{name}/state.safetensors"), progress=ctx.notify,
+                      stage=name, should_stop=ctx.should_stop)
         save_tensors(done, net.state_dict())
     return net.eval()
+
+
+# --- "train once, search many" --------------------------------------------------------------
+
+
+def metanet_identity(spec: PipelineSpec) -> dict:
+    """Everything that determines a run's trained PruningNet: the architecture and its widths,
+    the data and its split, the seed and the PruningNet training recipe."""
+    r = spec.resolved()
+    return {"arch": spec.arch, "dataset": spec.dataset, "data_root": spec.data_root,
+            "seed": spec.seed, "width_mult": spec.width_mult,
+            "max_width_mult": r.max_width_mult,
+            "levels": [float(x) for x in (spec.levels or DEFAULT_LEVELS)],
+            "channel_divisor": spec.channel_divisor, "train_limit": r.train_limit,
+            "val_size": r.val_size, "metanet": asdict(r.metanet)}
+
+
+def _check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
+    """The run folder ``spec.metanet_from``, checked: a run whose PruningNet is trained, with the
+    same :func:`metanet_identity` as ``spec``."""
+    src = Path(spec.metanet_from)
+    if src.resolve() == run_dir.resolve():
+        raise RunFolderError(f"metanet_from: {src} is this run's own folder")
+    if not (src / "spec.json").is_file():
+        raise RunFolderError(f"metanet_from: {src} is not a run folder (no spec.json)")
+    try:
+        other = PipelineSpec.model_validate(read_json(src / "spec.json"))
+    except ValueError:
+        raise RunFolderError(f"metanet_from: {src / 'spec.json'} is not a run specification "
+                             "this version can read") from None
+    if not (src / METANET_FILE).is_file() or not (src / "metanet" / "stats.json").is_file():
+        raise RunFolderError(f"metanet_from: the run in {src} has no trained PruningNet yet; "
+                             f"finish it with `metaprune train-metanet --out {src} --resume`")
+    theirs, ours = metanet_identity(other), metanet_identity(spec)
+    for key in ours:
+        if theirs[key] != ours[key]:
+            raise RunFolderError(
+                f"metanet_from: the PruningNet of {src} was trained with other settings "
+                f"({key}: {theirs[key]!r} there, {ours[key]!r} here); it can be reused only "
+                "with the same architecture, widths, data, split, seed and metanet settings")
+    return src
+
+
+def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
+    """Copy the checked PruningNet of ``src`` (and its stats) into this run's folder, so the run
+    stays complete if ``src`` changes or goes; ``metanet/source.json`` records the origin."""
+    _check_metanet_source(ctx.spec, ctx.run_dir)
+    _, meta = load_tensors(src / METANET_FILE)  # the space it was built for must be ours
+    if json.loads(json.dumps(meta.get("space"))) != json.loads(json.dumps(ctx.space.to_dict())):
+        raise RunFolderError(f"metanet_from: the PruningNet of {src} was built for another "
+                             "search space")
+    stats = read_json(src / "metanet" / "stats.json")
+    data = (src / METANET_FILE).read_bytes()
+    atomic_write_json(ctx.path("metanet/stats.json"), stats)
+    atomic_write_json(ctx.path("metanet/source.json"),
+                      {"run": str(src.resolve()), "sha256": hashlib.sha256(data).hexdigest()})
+    atomic_write_bytes(ctx.path(METANET_FILE), data)  # last: it marks the stage as done
+    return stats
 
 
 def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:

@@ -1,0 +1,179 @@
+"""The pipeline stage by stage (``metaprune train-metanet / search / train / evaluate / export``)
+and "train once, search many" (``metanet_from``).
+
+One ``metaprune prune`` run on the tiny ``test_mobilenet_v2`` and ``synthetic`` data is shared
+by the module: the stage-by-stage run must reproduce it exactly, and the runs that reuse its
+PruningNet must never train one and, at the same budget, search exactly as it did.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pruning import cli
+from pruning.checkpoint import json_bytes, read_json
+from pruning.pipeline import (Budget, PipelineSpec, RunFolderError, StageError, prepare, run,
+                              stage_metanet, stage_search, stage_train)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ARCH = "test_mobilenet_v2"
+SETTINGS = {"train_limit": 256, "test_limit": 64, "val_size": 64, "eval_images": 64,
+            "calib_batches": 1,
+            "metanet": {"max_steps": 6},
+            "search": {"population": 4, "keep_top": 4, "parents": 2, "mutants": 2,
+                       "crossovers": 2, "generations": 2},
+            "final": {"max_steps": 3}}
+OPTIONS = ["--arch", ARCH, "--dataset", "synthetic", "--preset", "smoke", "--device", "cpu",
+           "--quiet", "--set", json.dumps(SETTINGS)]
+
+
+def spec(**kw) -> PipelineSpec:
+    base = dict(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
+                budget=Budget(macs_ratio=0.5), **SETTINGS)
+    return PipelineSpec(**{**base, **kw})
+
+
+def call(capsys, *argv) -> tuple[int, str, list[str]]:
+    """``(exit status, stdout, error lines)``; an error is always one line, no traceback."""
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, out, [line for line in err.splitlines() if line.startswith("metaprune: error:")]
+
+
+@pytest.fixture(scope="module")
+def reference(single_thread, tmp_path_factory):
+    """``metaprune prune`` in one go (the run the others are compared with)."""
+    folder = tmp_path_factory.mktemp("runs") / "a"
+    assert cli.main(["prune", *OPTIONS, "--macs-ratio", "0.5", "--json", "--out",
+                     str(folder)]) == 0
+    return folder, read_json(folder / "artifacts" / "report.json")
+
+
+def history(folder: Path) -> list:
+    return read_json(folder / "artifacts" / "search.json")["history"]
+
+
+def test_stage_by_stage_equals_prune(reference, tmp_path, capsys):
+    ref, ref_report = reference
+    out = str(tmp_path / "b")
+
+    # a later stage on a folder with no run, and stages out of order: one line, exit 2
+    status, _, errors = call(capsys, "search", "--out", out)
+    assert status == 2 and len(errors) == 1 and "holds no run (no spec.json)" in errors[0]
+    assert not Path(out).exists()
+
+    status, _, errors = call(capsys, "train-metanet", *OPTIONS, "--macs-ratio", "0.5",
+                             "--out", out)
+    assert status == 0 and not errors
+    assert read_json(Path(out) / "spec.json") == read_json(ref / "spec.json")
+    for command, needed in (("train", "search"), ("evaluate", "search"),
+                            ("export", "evaluate")):
+        status, _, errors = call(capsys, command, "--out", out, "--quiet")
+        assert status == 2 and len(errors) == 1, command
+        assert f"run `metaprune {needed} --out {out}` first" in errors[0]
+
+    status, printed, _ = call(capsys, "search", "--out", out, "--quiet", "--json")
+    assert status == 0
+    assert json.loads(printed)["best"] == ref_report["metapruning"]["candidate"]
+    status, _, errors = call(capsys, "evaluate", "--out", out, "--quiet")
+    assert status == 2 and f"run `metaprune train --out {out}` first" in errors[0]
+    assert call(capsys, "train", "--out", out, "--quiet")[0] == 0
+    status, printed, _ = call(capsys, "evaluate", "--out", out, "--quiet")
+    assert status == 0
+    evaluation = json.loads(printed)
+    assert evaluation["metapruning"]["test_accuracy"] == ref_report["metapruning"][
+        "test_accuracy"]
+    status, printed, _ = call(capsys, "export", "--out", out, "--quiet", "--json")
+    assert status == 0
+    report = json.loads(printed)
+
+    out = Path(out)
+    assert history(out) == history(ref)
+    for rel in ("metanet/pruningnet.safetensors", "final/model.safetensors",
+                "artifacts/model.safetensors"):
+        assert (out / rel).read_bytes() == (ref / rel).read_bytes(), rel
+    for key in ("metapruning", "uniform", "budget", "search", "full_network"):
+        assert report[key] == ref_report[key], key
+    assert report["metanet"]["loss"] == ref_report["metanet"]["loss"]
+    assert report == read_json(out / "artifacts" / "report.json")
+
+    # every stage again: nothing to do, the same results
+    before = (out / "artifacts" / "config.json").read_bytes()
+    for command in ("train-metanet", "search", "train", "evaluate", "export"):
+        argv = ([command, *OPTIONS, "--macs-ratio", "0.5", "--resume"]
+                if command == "train-metanet" else [command, "--quiet"])
+        assert call(capsys, *argv, "--out", str(out))[0] == 0, command
+    assert (out / "artifacts" / "config.json").read_bytes() == before
+    assert run(spec(), out, resume=True) == report  # a finished run is read back
+
+
+def test_metanet_from_skips_training_and_searches_identically(reference, tmp_path, capsys,
+                                                              monkeypatch):
+    ref, ref_report = reference
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a PruningNet despite metanet_from")
+
+    monkeypatch.setattr("pruning.pipeline.train_pruningnet", no_training)
+
+    # a new budget: search and final training only
+    out = tmp_path / "b"
+    status, printed, _ = call(capsys, "prune", *OPTIONS, "--macs-ratio", "0.3", "--json",
+                              "--metanet-from", str(ref), "--out", str(out))
+    assert status == 0
+    report = json.loads(printed)
+    assert report["metanet_from"]["run"] == str(ref.resolve())
+    assert report["metanet"] == ref_report["metanet"]
+    assert report["budget"]["macs"] < ref_report["budget"]["macs"]
+    assert report["metapruning"]["macs"] <= report["budget"]["macs"]
+    pnet = "metanet/pruningnet.safetensors"
+    assert (out / pnet).read_bytes() == (ref / pnet).read_bytes()
+
+    # the same budget: the very same search
+    ctx = prepare(spec(metanet_from=str(ref)), tmp_path / "c")
+    assert stage_metanet(ctx) == ref_report["metanet"]
+    result = stage_search(ctx)
+    assert json.loads(json_bytes(result.to_dict()))["history"] == history(ref)
+
+
+def test_metanet_from_refuses_another_pruningnet(reference, tmp_path, capsys):
+    ref = reference[0]
+    out = tmp_path / "b"
+    for kw, message in [
+        ({"seed": 1}, "(seed: 0 there, 1 here)"),
+        ({"width_mult": 2.0}, "(width_mult: 1.0 there, 2.0 here)"),
+        ({"val_size": 32}, "(val_size: 64 there, 32 here)"),
+        ({"metanet": {"max_steps": 7}}, "(metanet: {"),
+    ]:
+        with pytest.raises(RunFolderError, match=f"trained with other settings {message[:-1]}"
+                           .replace("(", r"\(").replace("{", r"\{")):
+            prepare(spec(metanet_from=str(ref), **kw), out)
+    # another budget, preset-independent search settings and final training are fine to change
+    prepare(spec(metanet_from=str(ref), budget=Budget(params_ratio=0.5), final_init="generated",
+                 search={"generations": 1}), tmp_path / "ok")
+
+    status, _, errors = call(capsys, "prune", *OPTIONS, "--seed", "3", "--metanet-from",
+                             str(ref), "--out", str(out))
+    assert status == 2 and len(errors) == 1 and "seed: 0 there, 3 here" in errors[0]
+    with pytest.raises(RunFolderError, match="is not a run folder"):
+        prepare(spec(metanet_from=str(tmp_path / "missing")), out)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(ref / "spec.json", unfinished / "spec.json")
+    with pytest.raises(RunFolderError, match="has no trained PruningNet yet"):
+        prepare(spec(metanet_from=str(unfinished)), out)
+    assert not out.exists()  # nothing claimed
+
+
+def test_stage_functions_refuse_to_run_out_of_order(tmp_path):
+    ctx = prepare(spec(), tmp_path)
+    with pytest.raises(StageError, match="run `metaprune train-metanet --out"):
+        stage_search(ctx)
+    with pytest.raises(StageError, match="run `metaprune search --out"):
+        stage_train(ctx)
