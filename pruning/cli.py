@@ -301,6 +301,13 @@ def _print_summary(report: dict, out: str) -> None:
     print(f"artifacts in {Path(out) / 'artifacts'}  ({report['elapsed_s']:.0f} s)")
 
 
+def _done(event: dict) -> int | None:
+    """Units of work finished: training steps, or search generations (numbered from 0)."""
+    if "step" in event:
+        return event["step"]
+    return event["generation"] + 1 if "generation" in event else None
+
+
 class ProgressPrinter:
     """Progress bars on stderr for pipeline events (one bar per stage)."""
 
@@ -324,7 +331,7 @@ class ProgressPrinter:
             if total:
                 self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=True)
         if self.bar is not None:
-            done = event.get("step", event.get("generation"))
+            done = _done(event)
             if done is not None:
                 self.bar.n = done
             post = {k: f"{event[k]:.4g}" for k in ("loss", "best_score") if event.get(k) is not None}
@@ -332,8 +339,7 @@ class ProgressPrinter:
 
     def _plain(self, event: dict) -> None:
         stage = event.get("stage")
-        step, total = event.get("step", event.get("generation")), event.get("total",
-                                                                          event.get("generations"))
+        step, total = _done(event), event.get("total", event.get("generations"))
         if step is not None and total and stage != "done" and (step == total or step == 1 or
                                                                 step % max(1, total // 10) == 0):
             extra = "".join(f" {k}={event[k]:.4g}" for k in ("loss", "best_score")

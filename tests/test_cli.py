@@ -167,3 +167,19 @@ def test_missing_dataset_folder_is_a_one_line_error(capsys, tmp_path):
     assert err.count("\n") == 1 and err.startswith("metaprune: error: Fashion-MNIST not found in "
                                                    "/nonexistent")
     assert not out.exists()  # the folder is not claimed, so the corrected command just works
+
+
+def test_progress_lines_count_finished_work(capsys, monkeypatch):
+    """Without a terminal, progress is plain lines; search generations are numbered from 0 in
+    the events, so the last one reads N/N."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    printer = cli.ProgressPrinter()
+    printer({"stage": "data", "message": "loading synthetic"})
+    for g in range(3):
+        printer({"stage": "search", "generation": g, "generations": 3, "best_score": 0.5 + g / 10})
+    printer({"stage": "metanet", "step": 10, "total": 10, "loss": 1.25})
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "[data] loading synthetic"
+    assert err[-2] == "[search] 3/3 best_score=0.7"
+    assert err[-1] == "[metanet] 10/10 loss=1.25"
+    assert not any(line.startswith("[search] 0/") for line in err)
