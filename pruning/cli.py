@@ -169,7 +169,7 @@ def _spec(a):
         budget=Budget(**budget) if budget else Budget(macs_ratio=0.25),
         preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
         train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
-        metanet_from=a.metanet_from, **overrides)
+        metanet_from=a.metanet_from, metanet_sampling=a.metanet_sampling, **overrides)
 
 
 def cmd_prune(a) -> dict:
@@ -284,7 +284,7 @@ def cmd_export(a) -> dict:
 # PipelineSpec fields that cmd_prune sets from its own options
 _PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", "seed", "device",
                             "final_init", "train_baseline", "width_mult", "max_width_mult",
-                            "metanet_from"})
+                            "metanet_from", "metanet_sampling"})
 
 
 def _print_summary(report: dict, out: str) -> None:
@@ -378,6 +378,9 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="train the winner from scratch (the paper) or fine-tune generated weights")
     p.add_argument("--baseline", action="store_true",
                    help="also train the uniform-width baseline at the same budget")
+    p.add_argument("--metanet-sampling", default="uniform", choices=["uniform", "budget"],
+                   help="PruningNet training candidates: uniform per group (the paper) or "
+                        "biased towards the budget")
     p.add_argument("--metanet-from", metavar="RUN_DIR",
                    help="reuse the trained PruningNet of this run folder (same architecture, "
                         "data, split, seed and metanet settings): only search and final training")

@@ -120,6 +120,9 @@ class PipelineSpec(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     width_mult: float = Field(1.0, ge=0.05, le=4)
+    metanet_sampling: Literal["uniform", "budget"] = Field(
+        "uniform", description="PruningNet training candidates: uniform per group (the paper) "
+                               "or biased towards this run's budget (not reusable across budgets)")
     max_width_mult: float | None = Field(None, gt=0, le=4)
     levels: list[float] | None = Field(None, min_length=1, max_length=256,
                                        description="width scales of a group's maximum "
@@ -402,6 +405,8 @@ def stage_metanet(ctx: RunContext) -> dict:
     torch.manual_seed(spec.seed)
     pnet = PruningNet(ctx.space).to(ctx.device)
     stats = train_pruningnet(pnet, ctx.data.train, ctx.r.metanet, seed=spec.seed,
+                             constraints=(ctx.constraints if spec.metanet_sampling == "budget"
+                                          else ()),
                              device=ctx.device, checkpoint=ctx.path("metanet/state.safetensors"),
                              progress=ctx.notify, should_stop=ctx.should_stop)
     # stats first: the PruningNet file marks the stage as done
@@ -572,7 +577,10 @@ def metanet_identity(spec: PipelineSpec) -> dict:
             "max_width_mult": r.max_width_mult,
             "levels": [float(x) for x in (spec.levels or DEFAULT_LEVELS)],
             "channel_divisor": spec.channel_divisor, "train_limit": r.train_limit,
-            "val_size": r.val_size, "metanet": asdict(r.metanet)}
+            "val_size": r.val_size, "metanet": asdict(r.metanet),
+            "metanet_sampling": spec.metanet_sampling,
+            # a budget-biased PruningNet is trained for its budget only
+            "budget": spec.budget.model_dump() if spec.metanet_sampling == "budget" else None}
 
 
 def _check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:

@@ -11,7 +11,7 @@ import math
 import numbers
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning.checkpoint import load_training_state, save_training_state
+from pruning.constraints import Constraint
+from pruning.search import random_feasible
 from pruning.space import Candidate, SearchSpace
 
 Progress = Callable[[dict], None]
@@ -100,10 +102,17 @@ class TrainConfig:
         return 0.5 * self.lr * (1 + math.cos(math.pi * t))
 
 
-def candidate_for_step(space: SearchSpace, seed: int, step: int) -> Candidate:
+def candidate_for_step(space: SearchSpace, seed: int, step: int,
+                       constraints: Sequence[Constraint] = ()) -> Candidate:
     """The candidate the PruningNet trains at ``step``: uniform per group (MetaPruning §3.2),
-    drawn from an RNG seeded by ``(seed, step)`` so a resumed run samples the same ones."""
-    return space.random(random.Random(seed * 1_000_003 + step))
+    drawn from an RNG seeded by ``(seed, step)`` so a resumed run samples the same ones.
+
+    With ``constraints``, the draw is biased towards the budget: a uniform draw that violates it
+    is repaired as the search repairs its random candidates
+    (:func:`pruning.search.random_feasible`), so training concentrates on the region the search
+    explores."""
+    rng = random.Random(seed * 1_000_003 + step)
+    return random_feasible(space, constraints, rng) if constraints else space.random(rng)
 
 
 def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor], split,
@@ -179,9 +188,13 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor],
     return {"steps": step, "loss": loss_ema, "images_per_s": images / elapsed if elapsed else 0.0}
 
 
-def train_pruningnet(pnet, split, config: TrainConfig, *, seed: int = 0, **kwargs) -> dict:
-    """Train the PruningNet's generators, one uniformly random candidate per step."""
-    return fit(pnet, lambda x, step: pnet(x, candidate_for_step(pnet.space, seed, step)),
+def train_pruningnet(pnet, split, config: TrainConfig, *, seed: int = 0,
+                     constraints: Sequence[Constraint] = (), **kwargs) -> dict:
+    """Train the PruningNet's generators, one random candidate per step (uniform, or biased
+    towards the budget ``constraints``: see :func:`candidate_for_step`)."""
+    constraints = tuple(constraints)
+    return fit(pnet, lambda x, step: pnet(x, candidate_for_step(pnet.space, seed, step,
+                                                                constraints)),
                split, config, seed=seed, stage="metanet", **kwargs)
 
 

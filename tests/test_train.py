@@ -269,3 +269,44 @@ def test_train_pruningnet_samples_candidate_for_step(data, tmp_path):
     assert candidate_for_step(space, 11, 2) == candidate_for_step(space, 11, 2)
     assert [candidate_for_step(space, 12, s) for s in range(6)] != expected
     assert expected[0] == space.random(random.Random(11 * 1_000_003))
+
+
+def test_budget_biased_sampling_trains_only_feasible_candidates(data):
+    """``constraints`` bias the PruningNet's candidates towards the budget: every trained
+    candidate meets it, the draw is still decided by (seed, step), and it differs from the
+    uniform draw wherever that one breaks the budget."""
+    from pruning import counting
+    from pruning.constraints import MacsConstraint
+
+    pnet = _pruningnet()
+    space = pnet.space
+    limit = (counting.macs(space, space.smallest()) + counting.macs(space, space.largest())) // 4
+    budget = (MacsConstraint(limit),)
+    uniform = [candidate_for_step(space, 5, s) for s in range(20)]
+    biased = [candidate_for_step(space, 5, s, budget) for s in range(20)]
+    assert all(counting.macs(space, c) <= limit for c in biased)
+    assert biased == [candidate_for_step(space, 5, s, budget) for s in range(20)]
+    over = [i for i, c in enumerate(uniform) if counting.macs(space, c) > limit]
+    assert over and all(biased[i] != uniform[i] for i in over)
+    assert all(biased[i] == uniform[i] for i in range(20) if i not in over)
+
+    seen = []
+    forward = pnet.forward
+    pnet.forward = lambda x, c, *a, **k: (seen.append(c), forward(x, c, *a, **k))[1]
+    train_pruningnet(pnet, data.train, TrainConfig(epochs=1, batch_size=64, max_steps=5),
+                     seed=5, constraints=budget)
+    assert seen == biased[:5]
+
+
+def test_budget_biased_pruningnet_is_tied_to_its_budget():
+    """A uniformly trained PruningNet serves any budget; a budget-biased one only its own."""
+    from pruning.pipeline import Budget, PipelineSpec, metanet_identity
+
+    def identity(sampling, ratio):
+        return metanet_identity(PipelineSpec(arch="test_resnet", dataset="synthetic",
+                                             preset="smoke", metanet_sampling=sampling,
+                                             budget=Budget(macs_ratio=ratio)))
+
+    assert identity("uniform", 0.3) == identity("uniform", 0.5)
+    assert identity("budget", 0.3) != identity("budget", 0.5)
+    assert identity("budget", 0.3) != identity("uniform", 0.3)
