@@ -421,8 +421,17 @@ def stage_search(ctx: RunContext) -> SearchResult:
     interrupted search; a finished one is read back)."""
     ctx.require(METANET_FILE, "train-metanet")
 
+    start = time.perf_counter()
+    first_done: list[int] = []  # the first generation finished by this process
+
     def on_generation(event: dict) -> None:
-        ctx.notify({"stage": "search", **event})
+        # ETA from this process's pace (a resumed search starts counting anew)
+        done = event["generation"] + 1
+        if not first_done:
+            first_done.append(done)
+        per_gen = (time.perf_counter() - start) / (done - first_done[0] + 1)
+        ctx.notify({"stage": "search", **event,
+                    "eta_s": round(per_gen * (event["generations"] - done), 1)})
         if ctx.should_stop is not None and ctx.should_stop():
             from pruning.train import Cancelled
             raise Cancelled("search")

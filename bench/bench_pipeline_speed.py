@@ -1,0 +1,287 @@
+"""Pipeline speed on the device, against the plain network, in one run; prints JSON.
+
+With a preset's settings (default ``standard``: MobileNetV2 1.0×, Fashion-MNIST shapes
+1×28×28, 10 classes), measured with warm-up and ``torch.cuda.synchronize``:
+
+1. PruningNet training throughput (images/s) through the pipeline's own loop
+   (``train_pruningnet``: random candidate per step, augmentation on the device, bf16 autocast on
+   CUDA, SGD) against the plain max-width network trained by the same loop at the same batch
+   (``train_network``).
+2. Search throughput (candidates/s): ``CandidateEvaluator`` on the preset's calibration and
+   validation images (generate weights → materialise → recalibrate BN → score), and the whole
+   evolutionary search (``evolve``, the preset's search settings, a few generations), against
+   the forward passes over the same images per candidate of (a) the plain max-width network and
+   (b) the very same candidates as plain networks (the physical limit of scoring a candidate).
+
+The images are random tensors of the dataset's shape on the device (speed does not depend on
+pixel values), so no dataset is needed.
+
+    python bench/bench_pipeline_speed.py [--device cuda] [--out FILE]
+    python bench/bench_pipeline_speed.py --device cpu --tiny     # a check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/bench_pipeline_speed.py` from a bare checkout
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+T0 = time.perf_counter()
+
+GPU_DEFAULTS = dict(arch="mobilenet_v2", preset="standard", budget_ratio=0.25, train_images=50000,
+                    warmup_steps=15, train_steps=100, warmup_candidates=3, candidates=20,
+                    same_candidates=5, search_generations=2, batch_size=None, calib_batches=None,
+                    calib_batch_size=None, eval_images=None, population=None, repeat=3)
+TINY_DEFAULTS = dict(arch="test_mobilenet_v2", threads=1, train_images=256,
+                     warmup_steps=1, train_steps=3,
+                     warmup_candidates=1, candidates=3, same_candidates=2, search_generations=1,
+                     batch_size=32, calib_batches=2, calib_batch_size=32, eval_images=64,
+                     population=4, repeat=1)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--tiny", action="store_true",
+                    help="a check of the script (test architecture, a few steps); not a result")
+    ap.add_argument("--out", help="also write the JSON to this file")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--arch")
+    ap.add_argument("--preset", help="pipeline preset whose settings are measured")
+    ap.add_argument("--budget-ratio", type=float,
+                    help="MACs budget (share of the full network) of the searched candidates")
+    ap.add_argument("--train-images", type=int, help="size of the synthetic train split "
+                                                     "(Fashion-MNIST's sub-train split: 50,000)")
+    ap.add_argument("--warmup-steps", type=int)
+    ap.add_argument("--train-steps", type=int, help="timed training steps per network")
+    ap.add_argument("--warmup-candidates", type=int)
+    ap.add_argument("--candidates", type=int, help="timed candidate evaluations")
+    ap.add_argument("--same-candidates", type=int,
+                    help="of those, how many are also timed as plain nets (forward limit)")
+    ap.add_argument("--search-generations", type=int,
+                    help="generations of the timed evolutionary search (0: skip it)")
+    ap.add_argument("--repeat", type=int, help="repeats of each forward-limit timing (median)")
+    ap.add_argument("--batch-size", type=int, help="override the preset's PruningNet batch")
+    ap.add_argument("--calib-batches", type=int)
+    ap.add_argument("--calib-batch-size", type=int)
+    ap.add_argument("--eval-images", type=int)
+    ap.add_argument("--population", type=int, help="override the search population")
+    ap.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    ap.set_defaults(**GPU_DEFAULTS)
+    first, _ = ap.parse_known_args(argv)
+    if first.tiny:
+        ap.set_defaults(**TINY_DEFAULTS)
+    return ap.parse_args(argv)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    import importlib.util
+    missing = [m for m in ("numpy", "pydantic", "safetensors")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"bench_pipeline_speed: missing Python packages: {', '.join(missing)} "
+                 "(see docs/benchmarks.md, 'Running the GPU benchmarks')")
+    if a.threads:  # one thread on a shared 2-core machine: spinning OpenMP threads cost 10×
+        torch.set_num_threads(a.threads)
+    from metanet.pruningnet import PruningNet
+    from pruning import counting
+    from pruning.constraints import MacsConstraint
+    from pruning.data import DatasetMeta, TensorSplit
+    from pruning.evaluate import CandidateEvaluator
+    from pruning.modules import build
+    from pruning.pipeline import PRESETS
+    from pruning.search import SearchConfig, evolve, random_feasible
+    from pruning.space import SearchSpace
+    from pruning.train import TrainConfig, train_network, train_pruningnet
+
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_pipeline_speed: --device cuda but no CUDA device is available")
+    p = PRESETS[a.preset]
+    batch = a.batch_size or p["metanet"]["batch_size"]
+    calib_batches = a.calib_batches or p["calib_batches"]
+    calib_bs = a.calib_batch_size or p["calib_batch_size"]
+    eval_images = a.eval_images or p["eval_images"]
+    search_cfg = {**SearchConfig().to_dict(), **p["search"]}
+    if a.population:
+        pop = a.population
+        search_cfg.update(population=pop, keep_top=pop, parents=max(1, pop // 4),
+                          mutants=pop // 2, crossovers=pop // 4)
+    search_cfg.update(generations=max(1, a.search_generations), seed=0)
+
+    meta = DatasetMeta("fashion-mnist-shaped", 10, 1, 28, (0.286,), (0.353,),
+                       tuple(f"class{i}" for i in range(10)), hflip=True, crop_padding=4)
+    g = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> TensorSplit:
+        x = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+        y = torch.randint(0, 10, (n,), generator=g)
+        return TensorSplit(x, y, meta).to(device)
+
+    train = split(max(a.train_images, batch, calib_batches * calib_bs))
+    val = split(eval_images)
+    space = SearchSpace.create(a.arch, num_classes=10, in_channels=1, input_size=28,
+                               max_width_mult=p.get("max_width_mult", 1.0))
+    full = SearchSpace.create(a.arch, num_classes=10, in_channels=1, input_size=28)
+    full_macs = counting.macs(full, full.largest())
+    log(f"{a.arch} on {device}: batch {batch}, {calib_batches}×{calib_bs} calibration + "
+        f"{eval_images} validation images per candidate")
+
+    # 1. training throughput: PruningNet vs the plain max-width network, same loop and batch
+    recipe = {k: v for k, v in p["metanet"].items() if k != "epochs"}
+    recipe.update(batch_size=batch, checkpoint_every=10**9)
+
+    def train_rate(fn, module) -> dict:
+        fn(module, train, TrainConfig.from_dict({**recipe, "max_steps": a.warmup_steps}),
+           seed=1, device=device)
+        sync(device)
+        t = time.perf_counter()
+        stats = fn(module, train, TrainConfig.from_dict({**recipe, "max_steps": a.train_steps}),
+                   seed=2, device=device)
+        sync(device)
+        seconds = time.perf_counter() - t
+        return {"steps": stats["steps"], "seconds": round(seconds, 4),
+                "images_per_s": round(stats["steps"] * batch / seconds, 1)}
+
+    torch.manual_seed(0)
+    pnet = PruningNet(space).to(device)
+    meta_train = train_rate(train_pruningnet, pnet)
+    log(f"PruningNet training: {meta_train['images_per_s']:.0f} img/s")
+    plain = build(space, space.largest()).to(device)
+    plain_train = train_rate(train_network, plain)
+    log(f"plain max-width training: {plain_train['images_per_s']:.0f} img/s")
+
+    # 2. search throughput vs the forward passes over the same images per candidate
+    evaluator = CandidateEvaluator(pnet, train, val, calib_batches=calib_batches,
+                                   batch_size=calib_bs, val_images=eval_images, seed=0,
+                                   device=device)
+    images_per_candidate = (sum(len(x) for x in evaluator.calibration)
+                            + sum(len(y) for _, y in evaluator.validation))
+    constraint = MacsConstraint(int(a.budget_ratio * full_macs))
+    rng = random.Random(0)
+    cands = [random_feasible(space, [constraint], rng)
+             for _ in range(a.warmup_candidates + a.candidates)]
+    for c in cands[:a.warmup_candidates]:
+        evaluator(c)
+    per_candidate = []
+    for c in cands[a.warmup_candidates:]:
+        sync(device)
+        t = time.perf_counter()
+        evaluator(c)
+        sync(device)
+        per_candidate.append(time.perf_counter() - t)
+    eval_rate = len(per_candidate) / sum(per_candidate)
+    log(f"candidate evaluation: {eval_rate:.2f} candidates/s")
+
+    def forward_time(net) -> float:
+        @torch.inference_mode()
+        def once():
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                net.train()  # BN recalibration pass, as the evaluator does
+                for x in evaluator.calibration:
+                    net(x)
+                net.eval()
+                for x, _ in evaluator.validation:
+                    net(x)
+
+        once()  # warm-up
+        times = []
+        for _ in range(max(1, a.repeat)):
+            sync(device)
+            t = time.perf_counter()
+            once()
+            sync(device)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    plain_fwd = build(space, space.largest()).to(device)
+    t_plain_fwd = forward_time(plain_fwd)
+    same = cands[a.warmup_candidates:a.warmup_candidates + a.same_candidates]
+    t_same = [forward_time(build(space, c).to(device)) for c in same]
+    t_eval_same = per_candidate[:len(same)]
+    log(f"plain max-width forward over the same images: {1 / t_plain_fwd:.2f} candidates/s")
+
+    search = None
+    if a.search_generations > 0:
+        cfg = SearchConfig.from_dict(search_cfg)
+        sync(device)
+        t = time.perf_counter()
+        result = evolve(space, evaluator, [constraint], cfg)
+        sync(device)
+        seconds = time.perf_counter() - t
+        search = {"generations": cfg.generations, "population": cfg.population,
+                  "evaluated": len(result.history), "seconds": round(seconds, 3),
+                  "candidates_per_s": round(len(result.history) / seconds, 3),
+                  "slowdown_vs_evaluator": round(eval_rate * seconds / len(result.history), 3)}
+        log(f"evolutionary search: {search['candidates_per_s']:.2f} candidates/s")
+
+    ratio_same = [te / tf for te, tf in zip(t_eval_same, t_same)]
+    result = {
+        "bench": "pipeline_speed", "tiny": a.tiny,
+        "note": "--tiny: a check of the script; NOT a result" if a.tiny else None,
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "arch": a.arch, "preset": a.preset, "input": [1, 28, 28], "classes": 10,
+        "max_width_mult": p.get("max_width_mult", 1.0), "full_macs": full_macs,
+        "training": {
+            "batch": batch, "warmup_steps": a.warmup_steps,
+            "pruningnet": meta_train, "plain_max_width": plain_train,
+            "throughput_ratio_pruningnet_vs_plain": round(meta_train["images_per_s"]
+                                               / plain_train["images_per_s"], 3)},
+        "search": {
+            "budget_macs_ratio": a.budget_ratio,
+            "calibration_images": sum(len(x) for x in evaluator.calibration),
+            "validation_images": sum(len(y) for _, y in evaluator.validation),
+            "images_per_candidate": images_per_candidate,
+            "evaluator": {"candidates": len(per_candidate),
+                          "seconds_per_candidate_median": round(statistics.median(per_candidate),
+                                                                5),
+                          "candidates_per_s": round(eval_rate, 3)},
+            "plain_max_width_forward": {
+                "seconds_per_candidate": round(t_plain_fwd, 5),
+                "candidates_per_s": round(1 / t_plain_fwd, 3),
+                "images_per_s": round(images_per_candidate / t_plain_fwd, 1)},
+            # seconds per candidate ÷ seconds of the forward passes over the same images
+            "slowdown_vs_plain_max_width_forward": round(1 / (eval_rate * t_plain_fwd), 3),
+            "same_candidates_forward": {
+                "candidates": len(same),
+                "seconds_per_candidate": [round(t, 5) for t in t_same],
+                "evaluation_seconds": [round(t, 5) for t in t_eval_same],
+                "median_slowdown": (round(statistics.median(ratio_same), 3)
+                                                       if ratio_same else None)},
+            "evolve": search},
+        "elapsed_s": round(time.perf_counter() - T0, 1),
+    }
+    text = json.dumps(result, indent=1)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

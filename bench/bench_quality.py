@@ -1,0 +1,516 @@
+"""Accuracy benchmark: MetaPruning's pick vs the uniform baseline at several MACs budgets, over
+seeds, plus the Kendall tau of the PruningNet's estimates against trained accuracy. Prints JSON.
+
+For every seed, one pipeline run per budget (``pruning.pipeline.run`` with
+``train_baseline=True``, so both networks get the same final recipe); the PruningNet is trained
+once per seed and reused by the other budgets of that seed (through ``PipelineSpec.metanet_from``
+when the spec has it, else by seeding the run folder with the first run's trained PruningNet;
+``metanet_reuse`` in the JSON says which). Then, from the first seed's trained PruningNet,
+``--tau-candidates`` feasible candidates spread over MACs are scored with the run's
+``CandidateEvaluator`` settings and trained with the final recipe for a short schedule
+(``--tau-epochs``); the JSON gives Kendall's tau-b between estimate and trained test accuracy
+(and, for reference, between MACs and trained accuracy).
+
+The defaults are sized for one H100 in under 10 minutes; ``--time-budget-s`` skips whole seeds
+(and then tau candidates) that would not fit, and says so in the JSON. ``--tiny`` runs a tiny
+test architecture on a few hundred images on a CPU in well under 3 minutes: it checks the
+script, its numbers are not a result.
+
+    python bench/bench_quality.py [--out FILE] [--seeds 0,1,2] [--budgets 0.5,0.25,0.1] ...
+    python bench/bench_quality.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/bench_quality.py` from a bare checkout
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+T0 = time.perf_counter()
+
+# The pipeline's own requirements (export writes TorchScript and ONNX and verifies them).
+REQUIRED = ("numpy", "pydantic", "safetensors", "onnx", "onnxruntime")
+
+# GPU defaults: MobileNetV2 on Fashion-MNIST, the `standard` preset with shorter schedules and
+# a smaller search so that 3 seeds × 3 budgets (+ tau) fit in ~9 minutes on one H100. The
+# learning rate follows the batch (the preset's 0.1 at 256 → 0.2 at 512).
+GPU_DEFAULTS = dict(
+    arch="mobilenet_v2", dataset="fashion-mnist", preset="standard", device="auto",
+    seeds="0,1,2", budgets="0.5,0.25,0.1",
+    epochs_metanet=4.0, epochs_final=4.0, batch_size=512, lr=0.2, warmup_epochs=0.5,
+    max_steps=None, train_limit=None, test_limit=None, val_size=5000, eval_images=5000,
+    calib_batches=8, calib_batch_size=256, search_population=24, search_generations=6,
+    tau_candidates=10, tau_epochs=1.0, tau_max_steps=None,
+    time_budget_s=540.0, tau_reserve_s=60.0, threads=None)
+
+TINY_DEFAULTS = dict(
+    arch="test_mobilenet_v2", preset="smoke", device="cpu", seeds="0,1", threads=1,
+    epochs_metanet=1.0, epochs_final=1.0, batch_size=64, lr=0.05, warmup_epochs=0.0,
+    max_steps=4, train_limit=320, test_limit=128, val_size=64, eval_images=64,
+    calib_batches=1, calib_batch_size=64, search_population=6, search_generations=2,
+    tau_candidates=10, tau_epochs=1.0, tau_max_steps=2, time_budget_s=170.0, tau_reserve_s=20.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU check of the script (test architecture, tiny data); not a result")
+    ap.add_argument("--out", help="also write the JSON to this file (rewritten after every run)")
+    ap.add_argument("--arch")
+    ap.add_argument("--dataset")
+    ap.add_argument("--data-root", help="dataset folder (default: .data/fashion-mnist when it "
+                                        "exists, else the loader's default / env variable)")
+    ap.add_argument("--preset", help="the pipeline preset the settings below override")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--seeds", help="comma-separated seeds")
+    ap.add_argument("--budgets", help="comma-separated MACs ratios of the full 1.0× network")
+    ap.add_argument("--epochs-metanet", type=float)
+    ap.add_argument("--epochs-final", type=float, help="final recipe (MetaPruning and uniform)")
+    ap.add_argument("--batch-size", type=int, help="PruningNet and final training batch")
+    ap.add_argument("--lr", type=float, help="peak learning rate (PruningNet and final)")
+    ap.add_argument("--warmup-epochs", type=float)
+    ap.add_argument("--max-steps", type=int, help="cap on the steps of every training stage")
+    ap.add_argument("--train-limit", type=int, help="use a stratified subset of the train set")
+    ap.add_argument("--test-limit", type=int)
+    ap.add_argument("--val-size", type=int, help="held-out images the search scores on")
+    ap.add_argument("--eval-images", type=int)
+    ap.add_argument("--calib-batches", type=int)
+    ap.add_argument("--calib-batch-size", type=int)
+    ap.add_argument("--search-population", type=int)
+    ap.add_argument("--search-generations", type=int)
+    ap.add_argument("--tau-candidates", type=int, help="0 skips the Kendall tau part")
+    ap.add_argument("--tau-epochs", type=float, help="short final-recipe schedule per candidate")
+    ap.add_argument("--tau-max-steps", type=int)
+    ap.add_argument("--time-budget-s", type=float,
+                    help="wall-clock budget of the whole script; seeds/tau candidates that "
+                         "would not fit are skipped, a stage running past it is cancelled")
+    ap.add_argument("--tau-reserve-s", type=float,
+                    help="seconds kept free for the tau part when deciding to start a seed")
+    ap.add_argument("--reuse", choices=["auto", "none"], default="auto",
+                    help="reuse each seed's PruningNet across budgets (auto) or train it per run")
+    ap.add_argument("--work-dir", help="run folders go here (default: a temporary folder, "
+                                       "removed at the end unless --keep-runs)")
+    ap.add_argument("--keep-runs", action="store_true")
+    ap.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    ap.set_defaults(**GPU_DEFAULTS)
+    first, _ = ap.parse_known_args(argv)
+    if first.tiny:
+        ap.set_defaults(**TINY_DEFAULTS)
+    return ap.parse_args(argv)
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+def kendall_tau(x: list[float], y: list[float]) -> float | None:
+    """Kendall's tau-b (ties in either variable handled as scipy does)."""
+    try:
+        from scipy.stats import kendalltau
+    except ImportError:
+        kendalltau = None
+    if kendalltau is not None:
+        value = kendalltau(x, y).statistic
+        return None if value is None or math.isnan(value) else float(value)
+    n = len(x)
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return None if denom == 0 else (concordant - discordant) / denom
+
+
+def mean_std(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    return {"n": len(values),
+            "mean": round(statistics.fmean(values), 5) if values else None,
+            "std": round(statistics.stdev(values), 5) if len(values) > 1 else None}
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, a: argparse.Namespace):
+        from pruning.pipeline import PipelineSpec
+
+        self.a = a
+        self.PipelineSpec = PipelineSpec
+        self.work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="bench_q_"))
+        self.data_root = a.data_root
+        if self.data_root is None and a.dataset == "fashion-mnist":
+            local = ROOT / ".data" / "fashion-mnist"
+            if local.is_dir():
+                self.data_root = str(local)
+        if a.reuse == "none":
+            self.reuse = "none"
+        elif "metanet_from" in PipelineSpec.model_fields:
+            self.reuse = "metanet_from"
+        else:
+            self.reuse = "run_folder_copy"
+        self.reuse_note = None
+        self.runs: list[dict] = []
+        self.seed_times: list[float] = []
+        self.seeds_done: list[int] = []
+        self.seeds_skipped: list[dict] = []
+        self.cancelled: dict | None = None
+        self.tau: dict | None = None
+        self.first_run_dir: Path | None = None  # seed 0's first run: holds the PruningNet
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - T0
+
+    def over_time(self) -> bool:
+        return self.elapsed() > self.a.time_budget_s
+
+    def recipe(self, epochs: float) -> dict:
+        a = self.a
+        d = {"epochs": epochs, "batch_size": a.batch_size, "lr": a.lr,
+             "warmup_epochs": min(a.warmup_epochs, epochs)}
+        if a.max_steps:
+            d["max_steps"] = a.max_steps
+        return d
+
+    def spec(self, seed: int, budget: float, metanet_from: Path | None, as_file: bool = False):
+        from pruning.pipeline import Budget
+
+        a = self.a
+        pop = a.search_population
+        search = {"population": pop, "keep_top": pop, "parents": max(2, min(pop, pop // 4)),
+                  "mutants": int(pop * 0.4), "crossovers": int(pop * 0.4),
+                  "generations": a.search_generations}
+        fields = dict(arch=a.arch, dataset=a.dataset, data_root=self.data_root,
+                      budget=Budget(macs_ratio=budget), preset=a.preset, seed=seed,
+                      device=a.device, train_limit=a.train_limit, test_limit=a.test_limit,
+                      val_size=a.val_size, eval_images=a.eval_images,
+                      calib_batches=a.calib_batches, calib_batch_size=a.calib_batch_size,
+                      train_baseline=True, metanet=self.recipe(a.epochs_metanet),
+                      search=search, final=self.recipe(a.epochs_final))
+        if metanet_from is not None:
+            fields["metanet_from"] = str(metanet_from / "metanet" / "pruningnet.safetensors"
+                                         if as_file else metanet_from)
+        return self.PipelineSpec(**fields)
+
+    def progress(self, label: str):
+        state = {"stage": None, "t": 0.0}
+
+        def notify(ev: dict) -> None:
+            stage, now = ev.get("stage"), time.perf_counter()
+            if stage == state["stage"] and now - state["t"] < 15 and stage != "done":
+                return
+            state["stage"], state["t"] = stage, now
+            if "step" in ev:
+                detail = (f"step {ev['step']}/{ev['total']} loss {ev['loss']:.3f} "
+                          f"{ev.get('images_per_s', 0):.0f} img/s")
+            elif "generation" in ev:
+                detail = (f"generation {ev['generation']}/{ev.get('generations')} "
+                          f"best {ev.get('best_score')}")
+            elif stage == "done":
+                detail = "done"
+            else:
+                detail = ev.get("message", "")
+            log(f"{label}: {stage}: {detail}")
+
+        return notify
+
+    def one_run(self, seed: int, budget: float, first: Path | None) -> tuple[Path, dict]:
+        from pruning.pipeline import run
+
+        run_dir = self.work / f"seed{seed}" / f"macs{budget:g}"
+        metanet_from = None
+        if first is not None and self.reuse == "metanet_from":
+            metanet_from = first
+        elif first is not None and self.reuse == "run_folder_copy":
+            src = first / "metanet"
+            files = [src / "pruningnet.safetensors", src / "stats.json"]
+            if all(f.is_file() for f in files):
+                (run_dir / "metanet").mkdir(parents=True, exist_ok=True)
+                for f in files:
+                    shutil.copy2(f, run_dir / "metanet" / f.name)
+            else:
+                self.reuse = "none"
+                self.reuse_note = (f"{src} holds no trained PruningNet (run-folder layout "
+                                   "changed?): every run trained its own")
+        try:
+            spec = self.spec(seed, budget, metanet_from)
+        except ValueError:
+            if metanet_from is None:
+                raise
+            spec = self.spec(seed, budget, metanet_from, as_file=True)
+        t = time.perf_counter()
+        report = run(spec, run_dir, progress=self.progress(f"seed {seed} macs {budget:g}"),
+                     should_stop=self.over_time)
+        full = report["full_network"]["macs"]
+        entry = {"seed": seed, "macs_ratio": budget, "elapsed_s": round(time.perf_counter() - t, 1),
+                 "metanet_reused": first is not None and self.reuse != "none",
+                 "search_evaluated": report.get("search", {}).get("evaluated")}
+        for name in ("metapruning", "uniform"):
+            r = report[name]
+            entry[name] = {"test_accuracy": r.get("test_accuracy"),
+                           "estimated_val_accuracy": r.get("estimated_val_accuracy"),
+                           "macs": r["macs"], "macs_vs_full": round(r["macs"] / full, 4),
+                           "candidate": r["candidate"]}
+        entry["full_macs"] = full
+        log(f"seed {seed} macs {budget:g}: MetaPruning "
+            f"{entry['metapruning']['test_accuracy']:.4f} vs uniform "
+            f"{entry['uniform']['test_accuracy']:.4f} ({entry['elapsed_s']} s)")
+        return run_dir, entry
+
+    def seeds(self) -> None:
+        from pruning.train import Cancelled
+
+        a = self.a
+        for k, seed in enumerate(ints(a.seeds)):
+            if self.cancelled is not None:
+                self.seeds_skipped.append({"seed": seed, "reason": "an earlier run was cancelled"})
+                continue
+            estimate = max(self.seed_times) if self.seed_times else 0.0
+            reserve = a.tau_reserve_s if a.tau_candidates else 0.0
+            if k > 0 and self.elapsed() + estimate > a.time_budget_s - reserve:
+                self.seeds_skipped.append({
+                    "seed": seed, "reason": f"time budget: {self.elapsed():.0f} s spent, a seed "
+                    f"takes ~{estimate:.0f} s, {reserve:.0f} s reserved for tau"})
+                log(f"skipping seed {seed}: {self.seeds_skipped[-1]['reason']}")
+                continue
+            t, first = time.perf_counter(), None
+            try:
+                for budget in floats(a.budgets):
+                    run_dir, entry = self.one_run(seed, budget, first)
+                    self.runs.append(entry)
+                    if first is None:
+                        first = run_dir
+                        if self.first_run_dir is None:
+                            self.first_run_dir = run_dir
+                    self.emit(partial=True)
+            except Cancelled as e:
+                self.cancelled = {"seed": seed, "stage": str(e),
+                                  "reason": f"time budget {a.time_budget_s:.0f} s exceeded"}
+                log(f"seed {seed} cancelled in stage {e}: time budget exceeded")
+                continue
+            self.seed_times.append(time.perf_counter() - t)
+            self.seeds_done.append(seed)
+
+    def kendall(self) -> None:
+        from metanet.pruningnet import PruningNet
+        from pruning.checkpoint import load_tensors
+        from pruning.constraints import MacsConstraint
+        from pruning.data import load_dataset
+        from pruning.evaluate import CandidateEvaluator
+        from pruning.modules import build
+        from pruning.pipeline import pick_device
+        from pruning.search import random_feasible
+        from pruning.space import SearchSpace
+        from pruning.train import Cancelled, TrainConfig, accuracy, train_network
+        from pruning import counting
+
+        a = self.a
+        n = a.tau_candidates
+        if not n:
+            self.tau = {"skipped": "--tau-candidates 0"}
+            return
+        if self.first_run_dir is None:
+            self.tau = {"skipped": "no finished pipeline run to take a PruningNet from"}
+            return
+        path = self.first_run_dir / "metanet" / "pruningnet.safetensors"
+        if not path.is_file():
+            self.tau = {"skipped": f"{path} not found (run-folder layout changed?)"}
+            return
+        seed = self.runs[0]["seed"]
+        spec = self.spec(seed, self.runs[0]["macs_ratio"], None)
+        r = spec.resolved()
+        device = pick_device(a.device)
+        state, meta = load_tensors(path, device)
+        space = SearchSpace.from_dict(meta["space"])
+        pnet = PruningNet(space).to(device)
+        pnet.load_state_dict(state)
+        data = load_dataset(spec.dataset, root=spec.data_root, device=device, val_size=r.val_size,
+                            train_limit=r.train_limit, test_limit=r.test_limit, seed=seed)
+        evaluator = CandidateEvaluator(pnet, data.train, data.val, calib_batches=r.calib_batches,
+                                       batch_size=r.calib_batch_size, val_images=r.eval_images,
+                                       seed=seed, device=device)
+        full = self.runs[0]["full_macs"]
+        budgets = floats(a.budgets)
+        lo, hi = min(budgets), max(budgets)
+        rng = random.Random(10_000 + seed)
+        smallest = counting.macs(space, space.smallest())
+        cands = []
+        for i in range(n):
+            ratio = lo + (hi - lo) * i / max(1, n - 1)
+            limit = max(int(ratio * full), smallest)
+            # random draws repaired under the limit; of 64 draws keep the one closest below it,
+            # so the candidates spread over [lo, hi] of the full MACs, not around a random
+            # draw's mean
+            draws = [random_feasible(space, [MacsConstraint(limit)], rng) for _ in range(64)]
+            cands.append(max(draws, key=lambda c: counting.macs(space, c)))
+        cfg = dataclasses.replace(
+            r.final, epochs=a.tau_epochs, warmup_epochs=min(r.final.warmup_epochs, a.tau_epochs),
+            max_steps=a.tau_max_steps or r.final.max_steps)
+        log(f"tau: {n} candidates from seed {seed}'s PruningNet, {a.tau_epochs:g} epoch(s) each")
+        rows, skipped, last = [], [], 0.0
+        for i, cand in enumerate(cands):
+            if self.elapsed() + last > a.time_budget_s:
+                skipped.append(i)
+                continue
+            t = time.perf_counter()
+            estimate = evaluator(cand)
+            torch.manual_seed(seed)
+            net = build(space, cand).to(device)
+            try:
+                train_network(net, data.train, cfg, seed=seed, device=device, stage="tau",
+                              should_stop=self.over_time)
+            except Cancelled:
+                skipped.append(i)
+                continue
+            trained = accuracy(net, data.test, device=device)
+            last = time.perf_counter() - t
+            macs = counting.macs(space, cand)
+            rows.append({"candidate": cand.key(), "macs": macs,
+                         "macs_vs_full": round(macs / full, 4),
+                         "estimated_val_accuracy": round(estimate, 5),
+                         "trained_test_accuracy": round(trained, 5), "seconds": round(last, 1)})
+            log(f"tau {i + 1}/{n}: {macs / full:.3f} of full MACs, estimate {estimate:.4f}, "
+                f"trained {trained:.4f}")
+        est = [row["estimated_val_accuracy"] for row in rows]
+        acc = [row["trained_test_accuracy"] for row in rows]
+        mac = [row["macs"] for row in rows]
+        ok = len(rows) >= 3
+        self.tau = {
+            "seed": seed, "candidates": len(rows), "skipped_candidates": skipped,
+            "epochs": a.tau_epochs, "max_steps": cfg.max_steps, "batch_size": cfg.batch_size,
+            "evaluator": {"calib_batches": r.calib_batches, "calib_batch_size": r.calib_batch_size,
+                          "eval_images": r.eval_images},
+            "kendall_tau": kendall_tau(est, acc) if ok else None,
+            "kendall_tau_macs_vs_trained": kendall_tau(mac, acc) if ok else None,
+            "implementation": ("scipy.stats.kendalltau"
+                               if importlib.util.find_spec("scipy") else "own tau-b"),
+            "rows": rows}
+
+    def summary(self) -> dict:
+        out = {}
+        for budget in floats(self.a.budgets):
+            rs = [r for r in self.runs if r["macs_ratio"] == budget]
+            if not rs:
+                continue
+            mp = [r["metapruning"]["test_accuracy"] for r in rs]
+            un = [r["uniform"]["test_accuracy"] for r in rs]
+            out[f"{budget:g}"] = {
+                "seeds": [r["seed"] for r in rs],
+                "metapruning_test_accuracy": mean_std(mp),
+                "uniform_test_accuracy": mean_std(un),
+                "difference": mean_std([m - u for m, u in zip(mp, un)]),
+                "metapruning_macs_vs_full": mean_std([r["metapruning"]["macs_vs_full"]
+                                                      for r in rs]),
+                "uniform_macs_vs_full": mean_std([r["uniform"]["macs_vs_full"] for r in rs]),
+                "metapruning_estimated_val_accuracy": mean_std(
+                    [r["metapruning"]["estimated_val_accuracy"] for r in rs]),
+                "uniform_estimated_val_accuracy": mean_std(
+                    [r["uniform"]["estimated_val_accuracy"] for r in rs])}
+        return out
+
+    def emit(self, partial: bool = False) -> dict:
+        a = self.a
+        device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
+                              else ("cpu" if a.device == "auto" else a.device))
+        result = {
+            "bench": "quality",
+            "status": "partial" if partial else (
+                "complete" if not self.seeds_skipped and self.cancelled is None
+                and not (self.tau or {}).get("skipped_candidates") else "incomplete"),
+            "tiny": a.tiny,
+            "note": ("--tiny: a check of the script on a test architecture and a few hundred "
+                     "images; NOT a result") if a.tiny else None,
+            "device": str(device),
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "arch": a.arch, "dataset": a.dataset, "preset": a.preset,
+            "budgets_macs_ratio": floats(a.budgets), "seeds_requested": ints(a.seeds),
+            "seeds_done": self.seeds_done, "seeds_skipped": self.seeds_skipped,
+            "cancelled": self.cancelled,
+            "metanet_reuse": self.reuse, "metanet_reuse_note": self.reuse_note or (
+                "one PruningNet per seed, shared by its budgets" if self.reuse != "none"
+                else "every run trained its own PruningNet (separate runs)"),
+            "settings": {k: getattr(a, k) for k in (
+                "epochs_metanet", "epochs_final", "batch_size", "lr", "warmup_epochs",
+                "max_steps", "train_limit", "test_limit", "val_size", "eval_images",
+                "calib_batches", "calib_batch_size", "search_population", "search_generations",
+                "tau_candidates", "tau_epochs", "tau_max_steps", "time_budget_s",
+                "tau_reserve_s")},
+            "summary": self.summary(),
+            "kendall": self.tau,
+            "runs": self.runs,
+            "seed_seconds": [round(t, 1) for t in self.seed_times],
+            "elapsed_s": round(self.elapsed(), 1),
+        }
+        if a.out:
+            out = Path(a.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            tmp.replace(out)
+        return result
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.threads:  # one thread on a shared 2-core machine: spinning OpenMP threads cost 10×
+        torch.set_num_threads(a.threads)
+    missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"bench_quality: missing Python packages the pipeline needs: {', '.join(missing)} "
+                 "(see docs/benchmarks.md, 'Running the GPU benchmarks')")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_quality: --device cuda but no CUDA device is available")
+    bench = Bench(a)
+    log(f"bench_quality: {a.arch} on {a.dataset}, seeds {a.seeds}, budgets {a.budgets}, "
+        f"PruningNet reuse: {bench.reuse}, runs in {bench.work}")
+    try:
+        bench.seeds()
+        bench.kendall()
+    finally:
+        if not a.work_dir and not a.keep_runs:
+            shutil.rmtree(bench.work, ignore_errors=True)
+    result = bench.emit()
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Smoke tests of the GPU benchmark scripts: their ``--tiny`` modes run on a CPU and print the
+JSON the docs describe (the numbers are not results, only their ranges are checked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pruning.data import FASHION_MNIST_DEFAULT_DIR, FASHION_MNIST_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, timeout: float = 120) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def fashion_mnist_present() -> bool:
+    folder = Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DEFAULT_DIR)
+    return any((f / "train-images-idx3-ubyte.gz").is_file() or (f / "train-images-idx3-ubyte")
+               .is_file() for f in (folder, folder / "fashion-mnist"))
+
+
+def test_pipeline_speed_tiny(tmp_path):
+    out = tmp_path / "speed.json"
+    d = run_script("bench_pipeline_speed.py", "--device", "cpu", "--tiny", "--out", str(out))
+    assert json.loads(out.read_text()) == d
+    assert d["bench"] == "pipeline_speed" and d["tiny"] is True and d["device"] == "cpu"
+    t = d["training"]
+    for part in ("pruningnet", "plain_max_width"):
+        assert t[part]["images_per_s"] > 0 and t[part]["steps"] == 3
+    assert t["throughput_ratio_pruningnet_vs_plain"] > 0
+    s = d["search"]
+    assert s["images_per_candidate"] == s["calibration_images"] + s["validation_images"] > 0
+    assert s["evaluator"]["candidates_per_s"] > 0
+    assert s["plain_max_width_forward"]["candidates_per_s"] > 0
+    assert s["slowdown_vs_plain_max_width_forward"] > 0
+    assert s["same_candidates_forward"]["median_slowdown"] > 0
+    assert s["evolve"]["evaluated"] >= 1 and s["evolve"]["candidates_per_s"] > 0
+
+
+def test_quality_tiny(tmp_path):
+    args = ["--tiny", "--out", str(tmp_path / "quality.json"), "--work-dir", str(tmp_path / "w")]
+    if not fashion_mnist_present():
+        args += ["--dataset", "synthetic"]
+    d = run_script("bench_quality.py", *args, timeout=170)
+    assert json.loads((tmp_path / "quality.json").read_text()) == d
+    assert d["bench"] == "quality" and d["tiny"] is True and d["status"] == "complete"
+    assert d["seeds_done"] == [0, 1] and not d["seeds_skipped"] and d["cancelled"] is None
+    assert d["metanet_reuse"] in ("metanet_from", "run_folder_copy")
+    assert len(d["runs"]) == 6
+    assert [r["metanet_reused"] for r in d["runs"]] == [False, True, True] * 2
+    for r in d["runs"]:
+        for name in ("metapruning", "uniform"):
+            e = r[name]
+            assert 0 <= e["test_accuracy"] <= 1 and 0 <= e["estimated_val_accuracy"] <= 1
+            assert 0 < e["macs_vs_full"] <= r["macs_ratio"]
+    assert set(d["summary"]) == {"0.5", "0.25", "0.1"}
+    for s in d["summary"].values():
+        for key in ("metapruning_test_accuracy", "uniform_test_accuracy"):
+            assert s[key]["n"] == 2 and 0 <= s[key]["mean"] <= 1 and s[key]["std"] >= 0
+    k = d["kendall"]
+    assert k["candidates"] == 10 and not k["skipped_candidates"]
+    assert -1 <= k["kendall_tau"] <= 1 and -1 <= k["kendall_tau_macs_vs_trained"] <= 1
+    ratios = [row["macs_vs_full"] for row in k["rows"]]
+    assert max(ratios) > 2 * min(ratios)  # spread over the MACs range, not one cluster
+    for row in k["rows"]:
+        assert 0 <= row["estimated_val_accuracy"] <= 1 and 0 <= row["trained_test_accuracy"] <= 1
+
+
+def test_kendall_tau_own_implementation(monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_quality
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    monkeypatch.setitem(sys.modules, "scipy", None)  # force the fallback
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    tau = bench_quality.kendall_tau
+    assert tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert tau([1, 1, 1], [1, 2, 3]) is None
+    # tau-b with one tie in each variable: 4 concordant, 0 discordant → 4 / √(5·5)
+    assert abs(tau([1, 2, 2, 3], [1, 3, 2, 3]) - 0.8) < 1e-12
