@@ -19,7 +19,6 @@ import json
 import platform
 import random
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from metanet import PruningNet
 from pruning import SearchSpace, build, macs
 from pruning.evaluate import CandidateEvaluator
+from timing import median_seconds  # bench/timing.py (the script's folder is on sys.path)
 
 
 class RandomSplit:
@@ -43,22 +43,6 @@ class RandomSplit:
     def batches(self, batch_size, *, shuffle=False, seed=None, device=None, **_):
         for i in range(0, len(self.x), batch_size):
             yield self.x[i:i + batch_size], self.y[i:i + batch_size]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeat):
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -105,8 +89,8 @@ def main() -> None:
             for x, _ in evaluator.validation:
                 net(x)
 
-        t_eval = timed(lambda: evaluator(cand), device, a.repeat)
-        t_limit = timed(forward_only, device, a.repeat)
+        t_eval = median_seconds(lambda: evaluator(cand), device, a.repeat)
+        t_limit = median_seconds(forward_only, device, a.repeat)
         eval_s.append(t_eval)
         limit_s.append(t_limit)
         eval_ratios.append(t_eval / t_limit)
@@ -133,8 +117,8 @@ def main() -> None:
 
     for fn in (meta_step, plain_step):
         fn()
-    t_meta = timed(meta_step, device, a.repeat * 2)
-    t_plain = timed(plain_step, device, a.repeat * 2)
+    t_meta = median_seconds(meta_step, device, a.repeat * 2)
+    t_plain = median_seconds(plain_step, device, a.repeat * 2)
 
     # the generators' own overhead: the same candidates as plain nets vs through the PruningNet
     same = [space.random(random.Random(100 + i)) for i in range(a.repeat * 2)]
@@ -155,8 +139,8 @@ def main() -> None:
             loss.backward()
             o.step()
 
-        t_meta_same += timed(cand_meta_step, device, 2)
-        t_plain_same += timed(cand_plain_step, device, 2)
+        t_meta_same += median_seconds(cand_meta_step, device, 2)
+        t_plain_same += median_seconds(cand_plain_step, device, 2)
 
     images = a.calib_batches * a.batch_size + len(val)
     print(json.dumps({

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:  # `python bench/bench_pipeline_speed.py` from a b
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from timing import median_seconds, seconds  # noqa: E402  (bench/timing.py, beside this script)
 
 T0 = time.perf_counter()
 
@@ -87,11 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if first.tiny:
         ap.set_defaults(**TINY_DEFAULTS)
     return ap.parse_args(argv)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> dict:
@@ -155,14 +151,12 @@ def main(argv=None) -> dict:
     def train_rate(fn, module) -> dict:
         fn(module, train, TrainConfig.from_dict({**recipe, "max_steps": a.warmup_steps}),
            seed=1, device=device)
-        sync(device)
-        t = time.perf_counter()
-        stats = fn(module, train, TrainConfig.from_dict({**recipe, "max_steps": a.train_steps}),
-                   seed=2, device=device)
-        sync(device)
-        seconds = time.perf_counter() - t
-        return {"steps": stats["steps"], "seconds": round(seconds, 4),
-                "images_per_s": round(stats["steps"] * batch / seconds, 1)}
+        stats = {}
+        elapsed = seconds(lambda: stats.update(fn(
+            module, train, TrainConfig.from_dict({**recipe, "max_steps": a.train_steps}),
+            seed=2, device=device)), device)
+        return {"steps": stats["steps"], "seconds": round(elapsed, 4),
+                "images_per_s": round(stats["steps"] * batch / elapsed, 1)}
 
     torch.manual_seed(0)
     pnet = PruningNet(space).to(device)
@@ -184,13 +178,7 @@ def main(argv=None) -> dict:
              for _ in range(a.warmup_candidates + a.candidates)]
     for c in cands[:a.warmup_candidates]:
         evaluator(c)
-    per_candidate = []
-    for c in cands[a.warmup_candidates:]:
-        sync(device)
-        t = time.perf_counter()
-        evaluator(c)
-        sync(device)
-        per_candidate.append(time.perf_counter() - t)
+    per_candidate = [seconds(lambda: evaluator(c), device) for c in cands[a.warmup_candidates:]]
     eval_rate = len(per_candidate) / sum(per_candidate)
     log(f"candidate evaluation: {eval_rate:.2f} candidates/s")
 
@@ -205,15 +193,7 @@ def main(argv=None) -> dict:
                 for x, _ in evaluator.validation:
                     net(x)
 
-        once()  # warm-up
-        times = []
-        for _ in range(max(1, a.repeat)):
-            sync(device)
-            t = time.perf_counter()
-            once()
-            sync(device)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return median_seconds(once, device, a.repeat, warmup=1)
 
     plain_fwd = build(space, space.largest()).to(device)
     t_plain_fwd = forward_time(plain_fwd)
@@ -225,15 +205,14 @@ def main(argv=None) -> dict:
     search = None
     if a.search_generations > 0:
         cfg = SearchConfig.from_dict(search_cfg)
-        sync(device)
-        t = time.perf_counter()
-        result = evolve(space, evaluator, [constraint], cfg)
-        sync(device)
-        seconds = time.perf_counter() - t
+        found = []
+        elapsed = seconds(lambda: found.append(evolve(space, evaluator, [constraint], cfg)),
+                          device)
+        evaluated = len(found[0].history)
         search = {"generations": cfg.generations, "population": cfg.population,
-                  "evaluated": len(result.history), "seconds": round(seconds, 3),
-                  "candidates_per_s": round(len(result.history) / seconds, 3),
-                  "slowdown_vs_evaluator": round(eval_rate * seconds / len(result.history), 3)}
+                  "evaluated": evaluated, "seconds": round(elapsed, 3),
+                  "candidates_per_s": round(evaluated / elapsed, 3),
+                  "slowdown_vs_evaluator": round(eval_rate * elapsed / evaluated, 3)}
         log(f"evolutionary search: {search['candidates_per_s']:.2f} candidates/s")
 
     ratio_same = [te / tf for te, tf in zip(t_eval_same, t_same)]
