@@ -7,6 +7,7 @@
     metaprune prune [...]                 the whole MetaPruning pipeline
     metaprune train-metanet [...]         the pipeline stage by stage on a run folder --out:
     metaprune search|train|evaluate|export --out RUN
+    metaprune db upgrade [--database-url URL]   create or migrate the service's database
 
 Errors in what the user typed are reported in one line with exit status 2, never a traceback.
 """
@@ -281,6 +282,22 @@ def cmd_export(a) -> dict:
     return report
 
 
+def cmd_db(a) -> dict:
+    """``db upgrade``: migrate the service database (default: ``METAPRUNE_DATABASE_URL``)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.db import upgrade
+    from app.settings import get_settings
+
+    url = a.database_url or get_settings().database_url
+    try:
+        revision = upgrade(url)
+    except SQLAlchemyError as e:
+        raise UserError(f"database upgrade failed: {e.__class__.__name__}: {e}") from None
+    return {"database": make_url(url).render_as_string(hide_password=True), "revision": revision}
+
+
 # PipelineSpec fields that cmd_prune sets from its own options
 _PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", "seed", "device",
                             "final_init", "train_baseline", "width_mult", "max_width_mult",
@@ -438,6 +455,12 @@ def make_parser() -> argparse.ArgumentParser:
         if name != "evaluate":
             p.add_argument("--json", action="store_true", help="print the result as JSON")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("db", help="the service database")
+    p.add_argument("action", choices=["upgrade"], help="upgrade: apply the migrations (to head)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL, "
+                                          "else sqlite:///./metaprune.db)")
+    p.set_defaults(fn=cmd_db)
     return parser
 
 

@@ -1,0 +1,261 @@
+"""The job queue: a repository over the ``jobs`` table (DESIGN.md §5).
+
+Every state change is ONE SQL statement whose ``WHERE`` clause states the transition it makes,
+never a read-modify-write in Python, so concurrent API requests, workers and the reaper cannot
+interleave badly:
+
+* **claim** — the oldest queued job becomes ``running`` with ``attempt = attempt + 1`` and a lease
+  (``lease_owner``, ``lease_expires_at``). PostgreSQL picks the row with
+  ``SELECT … FOR UPDATE SKIP LOCKED`` inside the ``UPDATE`` (concurrent claimers skip each other's
+  rows instead of queueing behind them); SQLite runs the same conditional ``UPDATE … RETURNING``
+  inside ``BEGIN IMMEDIATE`` (one writer at a time; waiting ones sit in the busy timeout).
+* **fencing** — a worker's lease is the pair (worker id, attempt). Every worker write
+  (:func:`heartbeat`, :func:`report_progress`, :func:`finish`, :func:`fail`,
+  :func:`mark_cancelled`) is conditioned on ``attempt = :attempt AND lease_owner = :worker AND
+  status = 'running'`` and reports whether it applied: a worker that lost its lease (paused past
+  it, re-queued by the reaper, claimed again by another worker) changes nothing.
+* **reap** — running jobs whose lease expired go back to ``queued`` while ``attempt <
+  max_attempts``, else to ``failed`` (``error_kind = 'lease_expired'``); if a cancel had been
+  requested they become ``cancelled``.
+* **cancel** — cooperative: a queued job is cancelled at once, a running one gets
+  ``cancel_requested`` which its worker sees in :func:`heartbeat`'s result (or
+  :func:`should_stop`) and acknowledges with :func:`mark_cancelled`.
+
+Functions for the API take a :class:`~sqlalchemy.orm.Session` (the caller commits); functions
+for workers and the reaper take the :class:`~sqlalchemy.Engine` and commit their one statement.
+Every time is an aware UTC datetime; ``now`` defaults to the current time and exists for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, case, func, literal, select, true, update
+from sqlalchemy.orm import Session
+
+from app.db import write_transaction
+from app.models import Job, JobStatus, UTCDateTime, new_id, utcnow
+
+QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
+SUCCEEDED, FAILED, CANCELLED = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value,
+                                JobStatus.CANCELLED.value)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job a worker holds: write with ``(worker_id, attempt)`` to pass the fence."""
+
+    id: str
+    owner: str
+    spec: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    stage: str | None
+    detail: dict[str, Any]
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a heartbeat found: falsy when the lease is lost (fenced out, stop at once)."""
+
+    renewed: bool
+    cancel_requested: bool = False
+
+    def __bool__(self) -> bool:
+        return self.renewed
+
+
+def _ts(value: datetime):
+    """A typed time literal (inside CASE the column type cannot be inferred)."""
+    return literal(value, UTCDateTime())
+
+
+# --- API side (session; caller commits) -------------------------------------------------------
+
+
+def submit(session: Session, owner: str, spec: dict[str, Any], idempotency_key: str | None = None,
+           *, max_attempts: int = 3, now: datetime | None = None) -> Job:
+    """Queue a job for ``owner``. With an ``idempotency_key`` the same key of the same owner gives
+    the same job (the first one's; a concurrent duplicate waits for it and gets it too)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    now = now or utcnow()
+    values = dict(id=new_id(), owner=owner, status=QUEUED, stage=None, progress=0.0, detail={},
+                  spec=spec, attempt=0, max_attempts=max_attempts, cancel_requested=False,
+                  idempotency_key=idempotency_key, created_at=now, updated_at=now)
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    stmt = insert(Job).values(**values)
+    if idempotency_key is not None:
+        # a no-op update on conflict makes RETURNING give the existing row (one statement)
+        stmt = stmt.on_conflict_do_update(index_elements=[Job.owner, Job.idempotency_key],
+                                          set_={"idempotency_key": stmt.excluded.idempotency_key})
+    stmt = stmt.returning(Job)
+    return session.scalars(stmt, execution_options={"populate_existing": True}).one()
+
+
+def get_job(session: Session, job_id: str, owner: str | None) -> Job | None:
+    """The job, if it exists and belongs to ``owner`` (``None``: any owner — internal use)."""
+    stmt = select(Job).where(Job.id == job_id)
+    if owner is not None:
+        stmt = stmt.where(Job.owner == owner)
+    return session.scalars(stmt).one_or_none()
+
+
+def count_queued(session: Session, owner: str) -> int:
+    """How many queued jobs ``owner`` has (for the per-owner queue limit)."""
+    return session.scalar(select(func.count()).select_from(Job)
+                          .where(Job.owner == owner, Job.status == QUEUED))
+
+
+def request_cancel(session: Session, job_id: str, owner: str | None,
+                   *, now: datetime | None = None) -> Job | None:
+    """Cancel a queued job at once, or ask the worker of a running one to stop.
+
+    Returns the job as it is afterwards, or ``None`` when no job of ``owner`` with this id is
+    queued or running (unknown → 404, already finished → 409: the caller tells them apart)."""
+    now = now or utcnow()
+    was_queued = Job.status == QUEUED
+    stmt = (update(Job)
+            .where(Job.id == job_id, Job.status.in_((QUEUED, RUNNING)))
+            .values(status=case((was_queued, CANCELLED), else_=Job.status),
+                    cancel_requested=true(),
+                    finished_at=case((was_queued, _ts(now)), else_=Job.finished_at),
+                    updated_at=now)
+            .returning(Job))
+    if owner is not None:
+        stmt = stmt.where(Job.owner == owner)
+    return session.scalars(stmt, execution_options={"populate_existing": True}).one_or_none()
+
+
+# --- worker side (engine; one statement, committed) -------------------------------------------
+
+
+def _fence(job_id: str, worker_id: str, attempt: int):
+    return and_(Job.id == job_id, Job.attempt == attempt, Job.lease_owner == worker_id,
+                Job.status == RUNNING)
+
+
+def claim(engine: Engine, worker_id: str, *, lease_seconds: float = 60.0,
+          now: datetime | None = None) -> Claimed | None:
+    """Atomically take the oldest queued job (``None`` when there is none)."""
+    now = now or utcnow()
+    expires = now + timedelta(seconds=lease_seconds)
+    oldest = (select(Job.id).where(Job.status == QUEUED)
+              .order_by(Job.created_at, Job.id).limit(1)
+              .with_for_update(skip_locked=True)  # PostgreSQL; SQLite: BEGIN IMMEDIATE
+              .scalar_subquery())
+    stmt = (update(Job)
+            .where(Job.id == oldest, Job.status == QUEUED)
+            .values(status=RUNNING, attempt=Job.attempt + 1, lease_owner=worker_id,
+                    lease_expires_at=expires, cancel_requested=False,
+                    started_at=func.coalesce(Job.started_at, _ts(now)),
+                    updated_at=now)
+            .returning(Job.id, Job.owner, Job.spec, Job.attempt, Job.max_attempts, Job.stage,
+                       Job.detail, Job.lease_expires_at))
+    with write_transaction(engine) as conn:
+        row = conn.execute(stmt).one_or_none()
+    return None if row is None else Claimed(*row)
+
+
+def _worker_write(engine: Engine, job_id: str, worker_id: str, attempt: int, values: dict,
+                  returning=None):
+    stmt = update(Job).where(_fence(job_id, worker_id, attempt)).values(**values)
+    with write_transaction(engine) as conn:
+        if returning is None:
+            return conn.execute(stmt).rowcount == 1
+        return conn.execute(stmt.returning(*returning)).one_or_none()
+
+
+def heartbeat(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
+              lease_seconds: float = 60.0, now: datetime | None = None) -> Beat:
+    """Renew the lease if (``worker_id``, ``attempt``) still hold it. A falsy result means the
+    lease is lost: stop, write nothing more. ``cancel_requested``: stop and
+    :func:`mark_cancelled`."""
+    now = now or utcnow()
+    row = _worker_write(engine, job_id, worker_id, attempt,
+                        {"lease_expires_at": now + timedelta(seconds=lease_seconds),
+                         "updated_at": now}, returning=(Job.cancel_requested,))
+    return Beat(False) if row is None else Beat(True, bool(row[0]))
+
+
+def should_stop(engine: Engine, job_id: str, worker_id: str, attempt: int) -> bool:
+    """Whether the worker must stop: lease lost, or cancel requested (a read, no renewal)."""
+    with engine.connect() as conn:
+        cancel = conn.execute(select(Job.cancel_requested)
+                              .where(_fence(job_id, worker_id, attempt))).scalar_one_or_none()
+    return cancel is None or bool(cancel)
+
+
+def report_progress(engine: Engine, job_id: str, worker_id: str, attempt: int, *, stage: str,
+                    progress: float, detail: dict[str, Any] | None = None,
+                    now: datetime | None = None) -> bool:
+    """Record the current stage, progress (0–1) and stage detail; whether it applied."""
+    values = {"stage": stage, "progress": min(1.0, max(0.0, float(progress))),
+              "updated_at": now or utcnow()}
+    if detail is not None:
+        values["detail"] = detail
+    return _worker_write(engine, job_id, worker_id, attempt, values)
+
+
+def _end(now: datetime) -> dict:
+    return {"lease_owner": None, "lease_expires_at": None, "finished_at": now, "updated_at": now}
+
+
+def finish(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
+           detail: dict[str, Any] | None = None, now: datetime | None = None) -> bool:
+    """The job succeeded; whether this worker still held it (exactly one completion)."""
+    now = now or utcnow()
+    values = {"status": SUCCEEDED, "stage": "done", "progress": 1.0, **_end(now)}
+    if detail is not None:
+        values["detail"] = detail
+    return _worker_write(engine, job_id, worker_id, attempt, values)
+
+
+def fail(engine: Engine, job_id: str, worker_id: str, attempt: int, *, error_kind: str,
+         error_message: str, retry: bool = False, now: datetime | None = None) -> bool:
+    """The attempt failed. ``retry``: re-queue while attempts are left (a transient error),
+    else the job fails for good. Whether this worker still held the job."""
+    now = now or utcnow()
+    again = and_(literal(retry), Job.attempt < Job.max_attempts)
+    values = {"status": case((again, QUEUED), else_=FAILED), "error_kind": error_kind,
+              "error_message": error_message, **_end(now),
+              "finished_at": case((again, None), else_=_ts(now))}
+    return _worker_write(engine, job_id, worker_id, attempt, values)
+
+
+def mark_cancelled(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
+                   now: datetime | None = None) -> bool:
+    """The worker stopped on a cancel request; whether it still held the job."""
+    now = now or utcnow()
+    stmt = (update(Job).where(_fence(job_id, worker_id, attempt), Job.cancel_requested)
+            .values(status=CANCELLED, **_end(now)))
+    with write_transaction(engine) as conn:
+        return conn.execute(stmt).rowcount == 1
+
+
+# --- reaper ------------------------------------------------------------------------------------
+
+
+def reap(engine: Engine, now: datetime | None = None) -> dict[str, str]:
+    """Settle running jobs whose lease expired: re-queue (attempts left), fail
+    (``lease_expired``), or cancel (cancel requested). Returns ``{job id: new status}``."""
+    now = now or utcnow()
+    cancelled = Job.cancel_requested
+    retry = Job.attempt < Job.max_attempts
+    stmt = (update(Job)
+            .where(Job.status == RUNNING, Job.lease_expires_at < now)
+            .values(status=case((cancelled, CANCELLED), (retry, QUEUED), else_=FAILED),
+                    error_kind=case((cancelled, Job.error_kind), (retry, Job.error_kind),
+                                    else_="lease_expired"),
+                    error_message=case(
+                        (cancelled, Job.error_message), (retry, Job.error_message),
+                        else_=literal("the worker's lease expired on the last allowed attempt")),
+                    finished_at=case((and_(~cancelled, retry), None), else_=_ts(now)),
+                    lease_owner=None, lease_expires_at=None, updated_at=now)
+            .returning(Job.id, Job.status))
+    with write_transaction(engine) as conn:
+        return {job_id: status for job_id, status in conn.execute(stmt)}

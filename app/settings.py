@@ -1,0 +1,40 @@
+"""Service settings from the environment (``METAPRUNE_*``), via pydantic-settings.
+
+Nothing happens at import time: :func:`get_settings` reads the environment on first use and
+caches the result (tests call ``get_settings.cache_clear()`` after changing the environment).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of the API and the workers (each field: env ``METAPRUNE_<NAME>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="METAPRUNE_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        "sqlite:///./metaprune.db",
+        description="SQLAlchemy URL: a SQLite file (embedded default) or "
+                    "postgresql+psycopg://user@host/db (scale-out)")
+    artifact_dir: Path = Field(Path("./artifacts"),
+                               description="folder of job run folders and artifacts")
+    lease_seconds: float = Field(60.0, gt=0, le=3600,
+                                 description="a claimed job's lease; a worker renews it by heartbeat")
+    heartbeat_seconds: float = Field(15.0, gt=0, le=600,
+                                     description="how often a worker renews its lease")
+    max_attempts: int = Field(3, ge=1, le=100,
+                              description="claims of a job before a lost lease fails it")
+    max_queued_per_owner: int = Field(20, ge=1, le=10_000,
+                                      description="queued jobs one owner may have (429 beyond)")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings (read once; a FastAPI dependency)."""
+    return Settings()

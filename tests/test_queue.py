@@ -1,0 +1,296 @@
+"""The job queue and the schema, on SQLite (a temporary file) and PostgreSQL (a fresh database on
+127.0.0.1:5432, dropped afterwards; ``METAPRUNE_TEST_POSTGRES_URL`` points elsewhere)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, delete, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.db import make_engine, upgrade
+from app.models import ApiToken, Base, Job
+
+pytestmark = pytest.mark.timeout(60)
+
+PG_ADMIN_URL = os.environ.get("METAPRUNE_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def sqlite_url(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'queue.db'}"
+    assert upgrade(url) == "0001"
+    return url
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    try:
+        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
+                            connect_args={"connect_timeout": 3})
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as e:  # noqa: BLE001 — any failure to connect means: no PostgreSQL here
+        pytest.skip(f"PostgreSQL unreachable at {make_url(PG_ADMIN_URL).host}:"
+                    f"{make_url(PG_ADMIN_URL).port}: {type(e).__name__}")
+    name = f"metaprune_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        assert upgrade(url) == "0001"
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request):
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def engine(db_url):
+    """An engine on an empty (migrated) database."""
+    eng = make_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(delete(Job))
+        conn.execute(delete(ApiToken))
+    yield eng
+    eng.dispose()
+
+
+def submit(engine, owner="alice", spec=None, key=None, now=None, max_attempts=3):
+    with Session(engine, expire_on_commit=False) as s:
+        job = queue.submit(s, owner, spec or {"arch": "test_mobilenet_v1"}, key,
+                           max_attempts=max_attempts, now=now)
+        s.commit()
+        return job
+
+
+def job_row(engine, job_id) -> Job:
+    with Session(engine) as s:
+        return queue.get_job(s, job_id, None)
+
+
+# --- schema -----------------------------------------------------------------------------------
+
+
+def _diff(url, metadata):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    eng = make_engine(url)
+    try:
+        with eng.connect() as conn:
+            return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
+                                    metadata)
+    finally:
+        eng.dispose()
+
+
+def test_migrated_schema_equals_models(db_url):
+    assert _diff(db_url, Base.metadata) == []
+    # and the comparison does see a difference when there is one
+    other = MetaData()
+    for table in Base.metadata.tables.values():
+        table.to_metadata(other)
+    Table("extra", other, Column("id", Integer, primary_key=True))
+    assert [d[0] for d in _diff(db_url, other)] == ["add_table"]
+
+
+def test_cli_db_upgrade(tmp_path):
+    from pruning.cli import main
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert main(["db", "upgrade", "--database-url", url]) == 0
+    assert _diff(url, Base.metadata) == []
+    assert main(["db", "upgrade", "--database-url", url]) == 0  # idempotent
+
+
+def test_sqlite_pragmas(sqlite_url):
+    eng = make_engine(sqlite_url)
+    with eng.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+    eng.dispose()
+
+
+# --- submit and claim -------------------------------------------------------------------------
+
+
+def test_submit_and_idempotency(engine):
+    a = submit(engine, key="k1", spec={"seed": 1})
+    b = submit(engine, key="k1", spec={"seed": 2})
+    assert a.id == b.id and b.spec == {"seed": 1}
+    assert submit(engine, owner="bob", key="k1").id != a.id  # keys are per owner
+    c, d = submit(engine), submit(engine)  # no key: always a new job
+    assert len({a.id, c.id, d.id}) == 3
+    assert (a.status, a.attempt, a.progress, a.created_at.tzinfo) == ("queued", 0, 0.0,
+                                                                       timezone.utc)
+    with Session(engine) as s:
+        assert queue.count_queued(s, "alice") == 3
+        assert queue.get_job(s, a.id, "bob") is None  # scoped by owner
+        assert queue.get_job(s, a.id, "alice").id == a.id
+
+
+def test_claim_oldest_first(engine):
+    ids = [submit(engine, now=T0 + timedelta(seconds=i)).id for i in (2, 0, 1)]
+    got = [queue.claim(engine, "w", now=T0 + timedelta(minutes=1)) for _ in range(4)]
+    assert [g.id for g in got[:3]] == [ids[1], ids[2], ids[0]]
+    assert got[3] is None
+    first = got[0]
+    assert first.attempt == 1 and first.lease_expires_at == T0 + timedelta(minutes=2)
+    row = job_row(engine, first.id)
+    assert (row.status, row.lease_owner, row.started_at) == ("running", "w",
+                                                             T0 + timedelta(minutes=1))
+
+
+def test_many_workers_claim_each_job_once(engine, db_url):
+    n_jobs, n_workers = 50, 8
+    ids = {submit(engine).id for _ in range(n_jobs)}
+    claimed: dict[str, list[str]] = {f"w{i}": [] for i in range(n_workers)}
+    errors: list[BaseException] = []
+    start = threading.Barrier(n_workers)
+
+    def worker(name):
+        eng = make_engine(db_url)  # a worker process has its own engine and connections
+        try:
+            start.wait()
+            while (job := queue.claim(eng, name)) is not None:
+                claimed[name].append(job.id)
+                assert queue.finish(eng, job.id, name, job.attempt)
+        except BaseException as e:  # noqa: BLE001 — reported below
+            errors.append(e)
+        finally:
+            eng.dispose()
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in claimed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []  # in particular no "database is locked"
+    all_claims = [j for js in claimed.values() for j in js]
+    assert len(all_claims) == n_jobs and set(all_claims) == ids
+    with Session(engine) as s:
+        rows = s.query(Job).all()
+    assert {(r.status, r.attempt) for r in rows} == {("succeeded", 1)}
+
+
+# --- leases, fencing, reaping -----------------------------------------------------------------
+
+
+def test_expired_lease_requeued_and_old_worker_fenced_out(engine):
+    job = submit(engine)
+    a = queue.claim(engine, "w1", lease_seconds=60, now=T0)
+    assert queue.heartbeat(engine, a.id, "w1", 1, lease_seconds=60, now=T0 + timedelta(seconds=30))
+    assert queue.reap(engine, now=T0 + timedelta(seconds=80)) == {}  # renewed until T0+90
+    assert queue.report_progress(engine, a.id, "w1", 1, stage="metanet", progress=0.5,
+                                 detail={"epoch": 1})
+    assert queue.reap(engine, now=T0 + timedelta(seconds=91)) == {job.id: "queued"}
+    row = job_row(engine, job.id)
+    assert (row.status, row.lease_owner, row.stage, row.progress) == ("queued", None, "metanet",
+                                                                      0.5)
+    b = queue.claim(engine, "w2", now=T0 + timedelta(seconds=92))
+    assert (b.id, b.attempt, b.stage, b.detail) == (job.id, 2, "metanet", {"epoch": 1})
+    # the first worker wakes up: every write of its attempt matches nothing
+    later = T0 + timedelta(seconds=93)
+    beat = queue.heartbeat(engine, job.id, "w1", 1, now=later)
+    assert not beat and beat.renewed is False
+    assert queue.should_stop(engine, job.id, "w1", 1)
+    assert not queue.report_progress(engine, job.id, "w1", 1, stage="search", progress=0.9)
+    assert not queue.finish(engine, job.id, "w1", 1, now=later)
+    assert not queue.fail(engine, job.id, "w1", 1, error_kind="x", error_message="y")
+    assert not queue.finish(engine, job.id, "w2", 1)  # right worker, wrong attempt
+    row = job_row(engine, job.id)
+    assert (row.status, row.lease_owner, row.attempt, row.stage) == ("running", "w2", 2,
+                                                                     "metanet")
+    assert not queue.should_stop(engine, job.id, "w2", 2)
+    assert queue.finish(engine, job.id, "w2", 2, detail={"best": "x"}, now=later)
+    row = job_row(engine, job.id)
+    assert (row.status, row.progress, row.finished_at, row.detail) == ("succeeded", 1.0, later,
+                                                                       {"best": "x"})
+    assert not queue.finish(engine, job.id, "w2", 2)  # exactly one completion
+
+
+def test_poison_job_fails_after_max_attempts(engine):
+    job = submit(engine, max_attempts=3)
+    now = T0
+    for attempt in (1, 2, 3):
+        c = queue.claim(engine, f"w{attempt}", lease_seconds=10, now=now)
+        assert (c.id, c.attempt) == (job.id, attempt)
+        now += timedelta(seconds=11)
+        assert queue.reap(engine, now=now) == {job.id: "queued" if attempt < 3 else "failed"}
+    assert queue.claim(engine, "w4", now=now) is None
+    row = job_row(engine, job.id)
+    assert (row.status, row.attempt, row.error_kind, row.finished_at) == ("failed", 3,
+                                                                          "lease_expired", now)
+
+
+def test_fail_with_retry(engine):
+    job = submit(engine, max_attempts=2)
+    c = queue.claim(engine, "w")
+    assert queue.fail(engine, job.id, "w", c.attempt, error_kind="oom", error_message="cuda",
+                      retry=True)
+    assert job_row(engine, job.id).status == "queued"
+    c = queue.claim(engine, "w")
+    assert queue.fail(engine, job.id, "w", c.attempt, error_kind="oom", error_message="cuda",
+                      retry=True)  # no attempts left: failed for good
+    row = job_row(engine, job.id)
+    assert (row.status, row.error_kind, row.attempt) == ("failed", "oom", 2)
+    assert row.finished_at is not None
+
+
+# --- cancel -----------------------------------------------------------------------------------
+
+
+def test_cancel_queued(engine):
+    job = submit(engine)
+    with Session(engine) as s:
+        assert queue.request_cancel(s, job.id, "bob") is None  # not bob's job
+        s.commit()
+    assert job_row(engine, job.id).status == "queued"
+    with Session(engine) as s:
+        got = queue.request_cancel(s, job.id, "alice")
+        s.commit()
+        assert got.status == "cancelled" and got.finished_at is not None
+        assert queue.request_cancel(s, job.id, "alice") is None  # already final
+    assert queue.claim(engine, "w") is None
+
+
+def test_cancel_running(engine):
+    job = submit(engine)
+    c = queue.claim(engine, "w")
+    assert not queue.mark_cancelled(engine, job.id, "w", c.attempt)  # nothing was requested
+    with Session(engine) as s:
+        got = queue.request_cancel(s, job.id, "alice")
+        s.commit()
+        assert (got.status, got.cancel_requested) == ("running", True)
+    beat = queue.heartbeat(engine, job.id, "w", c.attempt)
+    assert beat and beat.cancel_requested
+    assert queue.should_stop(engine, job.id, "w", c.attempt)
+    assert queue.mark_cancelled(engine, job.id, "w", c.attempt)
+    row = job_row(engine, job.id)
+    assert (row.status, row.lease_owner) == ("cancelled", None)
+
+
+def test_cancel_requested_then_lease_expires(engine):
+    job = submit(engine)
+    queue.claim(engine, "w", lease_seconds=10, now=T0)
+    with Session(engine) as s:
+        queue.request_cancel(s, job.id, "alice", now=T0)
+        s.commit()
+    assert queue.reap(engine, now=T0 + timedelta(seconds=11)) == {job.id: "cancelled"}
+    assert queue.claim(engine, "w2") is None
