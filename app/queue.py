@@ -111,6 +111,26 @@ def count_queued(session: Session, owner: str) -> int:
                           .where(Job.owner == owner, Job.status == QUEUED))
 
 
+def get_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    """The job ``owner`` submitted with ``key``, if any."""
+    return session.scalars(select(Job).where(Job.owner == owner,
+                                             Job.idempotency_key == key)).one_or_none()
+
+
+def list_jobs(session: Session, owner: str, *, statuses: tuple[str, ...] = (), limit: int = 20,
+              offset: int = 0) -> tuple[list[Job], int]:
+    """A page of ``owner``'s jobs, newest first (optionally only these statuses), and the total
+    number of jobs that match."""
+    where = [Job.owner == owner]
+    if statuses:
+        where.append(Job.status.in_(statuses))
+    total = session.scalar(select(func.count()).select_from(Job).where(*where))
+    rows = session.scalars(select(Job).where(*where)
+                           .order_by(Job.created_at.desc(), Job.id.desc())
+                           .limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
 def request_cancel(session: Session, job_id: str, owner: str | None,
                    *, now: datetime | None = None) -> Job | None:
     """Cancel a queued job at once, or ask the worker of a running one to stop.
@@ -233,6 +253,24 @@ def mark_cancelled(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
     now = now or utcnow()
     stmt = (update(Job).where(_fence(job_id, worker_id, attempt), Job.cancel_requested)
             .values(status=CANCELLED, **_end(now)))
+    with write_transaction(engine) as conn:
+        return conn.execute(stmt).rowcount == 1
+
+
+def release(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
+            now: datetime | None = None) -> bool:
+    """The worker is shutting down and stopped the job at a checkpoint: give it back to the
+    queue without using up an attempt (the next claim resumes it from its run folder). A job
+    whose cancel was requested meanwhile becomes ``cancelled`` instead (a queued job's cancel
+    would otherwise be lost: claiming clears ``cancel_requested``). Fenced like every worker
+    write; whether this worker still held the job."""
+    now = now or utcnow()
+    cancelled = Job.cancel_requested
+    stmt = (update(Job).where(_fence(job_id, worker_id, attempt))
+            .values(status=case((cancelled, CANCELLED), else_=QUEUED),
+                    attempt=case((cancelled, Job.attempt), else_=Job.attempt - 1),
+                    finished_at=case((cancelled, _ts(now)), else_=None),
+                    lease_owner=None, lease_expires_at=None, updated_at=now))
     with write_transaction(engine) as conn:
         return conn.execute(stmt).rowcount == 1
 

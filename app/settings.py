@@ -32,6 +32,17 @@ class Settings(BaseSettings):
                               description="claims of a job before a lost lease fails it")
     max_queued_per_owner: int = Field(20, ge=1, le=10_000,
                                       description="queued jobs one owner may have (429 beyond)")
+    require_auth: bool = Field(True,
+                               description="require an API token on every /v1 request; "
+                                           "`metaprune serve` turns it off when it binds only to "
+                                           "loopback (unless this is set) and forces it on "
+                                           "otherwise; without auth the owner is 'local'")
+    dataset_roots: list[Path] = Field(default_factory=list,
+                                      description="folders a job's data_root may lie under "
+                                                  "(env: a JSON list); none: data_root refused")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30,
+                                description="largest request body, counted while streaming "
+                                            "(413 beyond)")
 
 
 @lru_cache(maxsize=1)

@@ -298,6 +298,43 @@ def cmd_db(a) -> dict:
     return {"database": make_url(url).render_as_string(hide_password=True), "revision": revision}
 
 
+def cmd_worker(a) -> dict:
+    """``worker``: claim and run queued jobs until SIGTERM/SIGINT (the job running then stops at
+    its next checkpoint and goes back to the queue; a second signal exits at once)."""
+    import logging
+    import signal
+    import threading
+
+    from app.settings import Settings
+    from app.worker import Worker
+
+    overrides = {k: v for k, v in (("database_url", a.database_url),
+                                   ("artifact_dir", a.artifact_dir)) if v is not None}
+    settings = Settings(**overrides)
+    if a.poll_seconds <= 0:
+        raise UserError(f"--poll-seconds must be positive, got {a.poll_seconds}")
+    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker = Worker(settings, worker_id=a.worker_id, device=a.device)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():  # the second signal: leave now
+            raise SystemExit(128 + signum)
+        logging.getLogger("metaprune.worker").info(
+            "signal %d: stopping after the current job's next checkpoint", signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        n = worker.run_forever(stop, poll_seconds=a.poll_seconds, once=a.once)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        worker.engine.dispose()
+    return {"worker": worker.worker_id, "jobs": n} if a.json else {}
+
+
 # PipelineSpec fields that cmd_prune sets from its own options
 _PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", "seed", "device",
                             "final_init", "train_baseline", "width_mult", "max_width_mult",
@@ -407,6 +444,109 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` binds only to loopback (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond loopback
+
+
+def _has_command(name: str) -> bool:
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return name in sub.choices
+
+
+def cmd_serve(a) -> dict:
+    """``serve``: migrate the database, start N worker processes, run the API (uvicorn) until
+    interrupted, then stop the workers. Binding beyond loopback forces API tokens on; on
+    loopback they are off unless ``METAPRUNE_REQUIRE_AUTH`` says otherwise."""
+    import subprocess
+
+    import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.db import upgrade
+    from app.main import create_app
+    from app.settings import get_settings
+
+    if a.workers < 0:
+        raise UserError("--workers must be 0 or more")
+    settings = get_settings()
+    url = a.database_url or settings.database_url
+    update = {"database_url": url}
+    if not _is_loopback(a.host):
+        update["require_auth"] = True
+    elif "METAPRUNE_REQUIRE_AUTH" not in os.environ:
+        update["require_auth"] = False
+    settings = settings.model_copy(update=update)
+    try:
+        upgrade(url)
+    except SQLAlchemyError as e:
+        raise UserError(f"database upgrade failed: {e.__class__.__name__}: {e}") from None
+
+    workers: list[subprocess.Popen] = []
+    if a.workers and _has_command("worker"):
+        env = {**os.environ, "METAPRUNE_DATABASE_URL": url}
+        workers = [subprocess.Popen([sys.executable, "-m", "pruning.cli", "worker",
+                                     "--database-url", url], env=env)
+                   for _ in range(a.workers)]
+    elif a.workers:
+        print("metaprune: no `worker` command in this build; serving the API only",
+              file=sys.stderr)
+    try:
+        uvicorn.run(create_app(settings), host=a.host, port=a.port,
+                    log_level="warning" if a.quiet else "info")
+    finally:
+        for p in workers:
+            p.terminate()  # SIGTERM: the running job stops at its next check and is re-queued
+        for p in workers:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return {}
+
+
+def cmd_token(a) -> dict:
+    """``token create``: make an API token, print it once (only its sha256 is stored)."""
+    import secrets
+    from datetime import datetime, timezone
+
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from app.auth import create_token
+    from app.db import make_engine
+    from app.settings import get_settings
+
+    owner, name = a.owner.strip(), (a.name or "").strip()
+    name = name or f"cli-{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+    if not 1 <= len(owner) <= 64 or not 1 <= len(name) <= 100:
+        raise UserError("--owner takes 1–64 characters, --name 1–100")
+    engine = make_engine(a.database_url or get_settings().database_url)
+    try:
+        with Session(engine) as session:
+            token = create_token(session, owner, name)
+            session.commit()
+    except IntegrityError:
+        raise UserError(f"owner {owner!r} already has a token named {name!r}") from None
+    except SQLAlchemyError as e:
+        raise UserError(f"cannot store the token ({e.__class__.__name__}); "
+                        "run `metaprune db upgrade` first?") from None
+    finally:
+        engine.dispose()
+    print(f"token {name!r} of {owner!r} (shown once; only its hash is stored):",
+          file=sys.stderr)
+    print(token)
+    return {}
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaprune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -461,6 +601,41 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL, "
                                           "else sqlite:///./metaprune.db)")
     p.set_defaults(fn=cmd_db)
+
+    p = sub.add_parser("serve", help="run the REST API (and worker processes) on this machine")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (beyond loopback, API tokens are required)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes to start beside the API (0: API only)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL, "
+                                          "else sqlite:///./metaprune.db)")
+    p.add_argument("--quiet", action="store_true", help="warnings only")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("token", help="API tokens of the service")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    t = tsub.add_parser("create", help="make a token and print it once")
+    t.add_argument("--owner", required=True, help="whose jobs the token acts on")
+    t.add_argument("--name", help="a label, unique per owner (default: cli-<time>-<random>)")
+    t.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL, "
+                                          "else sqlite:///./metaprune.db)")
+    t.set_defaults(fn=cmd_token)
+
+    p = sub.add_parser("worker", help="run queued service jobs (until SIGTERM/SIGINT)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL)")
+    p.add_argument("--artifact-dir", help="job run folders (default: $METAPRUNE_ARTIFACT_DIR); "
+                                          "shared by every worker and the API")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: each job's own device setting; cpu/cuda: every job there")
+    p.add_argument("--once", action="store_true",
+                   help="process at most one job, then exit")
+    p.add_argument("--poll-seconds", type=float, default=1.0,
+                   help="wait between looks at an empty queue")
+    p.add_argument("--worker-id", help="this worker's name in leases (default: host:pid:random)")
+    p.add_argument("--quiet", action="store_true", help="warnings only")
+    p.add_argument("--json", action="store_true", help="print the number of jobs run as JSON")
+    p.set_defaults(fn=cmd_worker)
     return parser
 
 

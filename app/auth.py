@@ -1,0 +1,78 @@
+"""API tokens (DESIGN.md §5, security).
+
+A token is ``secrets.token_urlsafe(32)`` (256 random bits), shown once when it is made; only its
+sha256 is stored. A request sends ``Authorization: Bearer <token>``; the server hashes it, looks
+the hash up (an index on a unique column) and compares the stored hash with
+:func:`hmac.compare_digest`, so neither the lookup key nor the comparison is the secret itself.
+A fast hash is right here: the token has 256 bits of entropy, nothing to brute-force.
+
+When auth is not required (a server bound only to loopback), requests without a token belong
+to the owner ``"local"``; a token that is sent is still checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import ApiToken
+from app.settings import Settings, get_settings
+
+LOCAL_OWNER = "local"
+
+bearer = HTTPBearer(auto_error=False, description="an API token from `metaprune token create`")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create_token(session: Session, owner: str, name: str) -> str:
+    """Store a new token of ``owner`` (its hash only) and return the token (caller commits)."""
+    token = secrets.token_urlsafe(32)
+    session.add(ApiToken(owner=owner, name=name, token_sha256=hash_token(token)))
+    session.flush()
+    return token
+
+
+def owner_of_token(session: Session, token: str) -> str | None:
+    """The owner of ``token``, or ``None`` for an unknown one."""
+    digest = hash_token(token)
+    row = session.execute(select(ApiToken.owner, ApiToken.token_sha256)
+                          .where(ApiToken.token_sha256 == digest)).one_or_none()
+    if row is None or not hmac.compare_digest(row.token_sha256, digest):
+        return None
+    return row.owner
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail,
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+def current_owner(request: Request,
+                  settings: Annotated[Settings, Depends(get_settings)],
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                  ) -> str:
+    """The owner the request acts for (a FastAPI dependency)."""
+    if credentials is None:
+        if request.headers.get("authorization"):
+            raise _unauthorized("malformed Authorization header; send 'Bearer <token>'")
+        if settings.require_auth:
+            raise _unauthorized("an API token is required (Authorization: Bearer <token>)")
+        return LOCAL_OWNER
+    with request.app.state.sessions() as session:
+        owner = owner_of_token(session, credentials.credentials)
+    if owner is None:
+        raise _unauthorized("invalid API token")
+    return owner
+
+
+Owner = Annotated[str, Depends(current_owner)]

@@ -1,0 +1,61 @@
+"""The FastAPI application (DESIGN.md §5): ``create_app(settings)``.
+
+Resources are opened in the ``lifespan`` (the database engine), never at import time. The API
+only queues jobs; training runs in worker processes (``metaprune worker``, or the one that
+``metaprune serve`` starts), never in the API process.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app.db import make_engine, session_factory
+from app.deps import Database
+from app.middleware import BodySizeLimit
+from app.services import ServiceError
+from app.settings import Settings, get_settings
+
+DESCRIPTION = """Submit MetaPruning jobs, follow their progress, cancel them.
+
+Every `/v1` request carries `Authorization: Bearer <token>` (a token from
+`metaprune token create`), unless the server binds only to loopback and runs without auth.
+Errors are `{"detail": ...}` with the status code saying what went wrong."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app, configured by ``settings`` (default: :func:`get_settings`, the environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = make_engine(settings.database_url)
+        write_engine = engine.execution_options(sqlite_begin="IMMEDIATE")
+        app.state.database = Database(engine=engine, read=session_factory(engine),
+                                      write=session_factory(write_engine))
+        app.state.sessions = app.state.database.read
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(title="metaprune", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan,
+                  openapi_tags=[{"name": "jobs", "description": "pruning jobs and their queue"},
+                                {"name": "catalog", "description": "what a spec may name"},
+                                {"name": "health", "description": "probes"}])
+    app.dependency_overrides[get_settings] = lambda: settings
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    from app.routes import catalog, health, jobs
+
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(catalog.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,79 @@
+"""``/v1/jobs``: submit, get, list, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Response, status
+
+from app.auth import Owner
+from app.deps import Db, SettingsDep
+from app.models import JobStatus
+from app.schemas import JobOut, JobPage, errors
+from app.services import jobs
+from pruning.pipeline import PipelineSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=errors(401))
+
+SPEC_EXAMPLES = {
+    "quick": {"summary": "MobileNetV1 on Fashion-MNIST at 30% of its MACs",
+              "value": {"arch": "mobilenet_v1", "dataset": "fashion-mnist", "width_mult": 0.25,
+                        "budget": {"macs_ratio": 0.3}, "preset": "quick", "seed": 0}},
+    "latency": {"summary": "ResNet-18 under a latency budget, with search overrides",
+                "value": {"arch": "resnet18", "dataset": "fashion-mnist",
+                          "budget": {"latency_ms": 4.0}, "preset": "standard",
+                          "search": {"generations": 30}}},
+}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut,
+             summary="Submit a pruning job",
+             responses={200: {"model": JobOut, "description": "an Idempotency-Key replay: the "
+                                                              "job that key made"},
+                        **errors(409, 413, 422, 429)})
+def submit_job(spec: Annotated[PipelineSpec, Body(openapi_examples=SPEC_EXAMPLES)],
+               response: Response, owner: Owner, db: Db, settings: SettingsDep,
+               idempotency_key: Annotated[str | None, Header(
+                   min_length=1, max_length=255,
+                   description="a client-chosen key; the same key gives back the same job")
+               ] = None) -> JobOut:
+    """Queue a job. The body is a pipeline spec (architecture, dataset, budget, preset and
+    overrides, seed); it is validated in full, with every hyperparameter bounded."""
+    job, created = jobs.submit_job(db, settings, owner, spec, idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+@router.get("", response_model=JobPage, summary="List jobs", responses=errors(422))
+def list_jobs(owner: Owner, db: Db,
+              status_: Annotated[list[JobStatus] | None, Query(
+                  alias="status", description="only these statuses (repeatable)")] = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> JobPage:
+    """The caller's jobs, newest first, a page at a time."""
+    statuses = tuple(s.value for s in status_ or ())
+    items, total = jobs.list_jobs(db, owner, statuses, limit, offset)
+    more = offset + len(items) < total
+    return JobPage(items=[JobOut.of(j) for j in items], total=total, limit=limit, offset=offset,
+                   next_offset=offset + len(items) if more else None)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Get a job", responses=errors(404))
+def get_job(job_id: str, owner: Owner, db: Db) -> JobOut:
+    """Status, stage, progress, stage detail, attempts, timestamps and any error."""
+    return JobOut.of(jobs.get_job(db, owner, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job",
+             responses={202: {"model": JobOut, "description": "the job is running: its worker "
+                                                              "was asked to stop"},
+                        **errors(404, 409)})
+def cancel_job(job_id: str, response: Response, owner: Owner, db: Db) -> JobOut:
+    """A queued job is cancelled at once (200); a running one is asked to stop (202) and
+    becomes ``cancelled`` when its worker acknowledges; a finished one is a conflict (409)."""
+    job = jobs.cancel_job(db, owner, job_id)
+    if job.status == JobStatus.RUNNING.value:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return JobOut.of(job)

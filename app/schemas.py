@@ -1,0 +1,114 @@
+"""Response bodies of the REST API (requests are validated by the engine's own models, e.g.
+:class:`pruning.pipeline.PipelineSpec`). Each carries an example for the OpenAPI document."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models import Job, JobStatus
+
+_JOB_EXAMPLE = {
+    "id": "5b0f3f0e-8a4e-4c1e-9a57-0d3f1c2b7e11",
+    "status": "running",
+    "stage": "search",
+    "progress": 0.42,
+    "detail": {"generation": 7, "generations": 20, "best_val_acc": 0.861, "best_macs": 11_930_000},
+    "spec": {"arch": "mobilenet_v1", "dataset": "fashion-mnist",
+             "budget": {"macs_ratio": 0.3}, "preset": "quick", "seed": 0},
+    "attempt": 1,
+    "max_attempts": 3,
+    "cancel_requested": False,
+    "error_kind": None,
+    "error_message": None,
+    "created_at": "2030-01-01T12:00:00Z",
+    "started_at": "2030-01-01T12:00:02Z",
+    "finished_at": None,
+    "updated_at": "2030-01-01T12:03:10Z",
+}
+
+
+class JobOut(BaseModel):
+    """A job: its queue state, the current stage and progress, and how it ended."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_JOB_EXAMPLE]})
+
+    id: str = Field(description="the job id (a UUID)")
+    status: JobStatus = Field(description="queued → running → succeeded | failed | cancelled")
+    stage: str | None = Field(description="current pipeline stage (metanet, search, train, "
+                                          "evaluate, export, done); null before the first")
+    progress: float = Field(ge=0, le=1, description="overall progress, 0–1")
+    detail: dict[str, Any] = Field(description="stage detail: epoch, generation, best so far")
+    spec: dict[str, Any] = Field(description="the validated job spec, defaults filled in")
+    attempt: int = Field(description="how many times a worker has claimed the job")
+    max_attempts: int = Field(description="claims allowed before a lost lease fails the job")
+    cancel_requested: bool = Field(description="a cancel was asked for; a running job stops "
+                                               "at its next checkpoint of progress")
+    error_kind: str | None = Field(description="why the job failed (a short code), else null")
+    error_message: str | None = Field(description="the failure's message, else null")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls.model_validate({name: getattr(job, name) for name in cls.model_fields})
+
+
+class JobPage(BaseModel):
+    """A page of jobs, newest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"items": [_JOB_EXAMPLE], "total": 41, "limit": 1, "offset": 0, "next_offset": 1}]})
+
+    items: list[JobOut]
+    total: int = Field(description="jobs matching the filters, over all pages")
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="offset of the next page; null on the last")
+
+
+class ErrorOut(BaseModel):
+    """An error: ``detail`` is a message, or for 422 a list of {loc, msg, type} entries."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"detail": "job not found"},
+        {"detail": [{"loc": ["body", "arch"], "type": "value_error",
+                     "msg": "Value error, unknown architecture 'vgg99'"}]}]})
+
+    detail: str | list[dict[str, Any]]
+
+
+class ArchList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"archs": ["mobilenet_v1", "mobilenet_v2", "resnet18", "resnet34", "resnet50"]}]})
+
+    archs: list[str] = Field(description="architecture names a job's `arch` may take")
+
+
+class DatasetList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"datasets": ["fashion-mnist", "imagefolder", "synthetic"]}]})
+
+    datasets: list[str] = Field(description="dataset names a job's `dataset` may take")
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: str
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error status codes."""
+    text = {401: "missing or invalid API token",
+            404: "no such job among the caller's",
+            409: "the job's state does not allow this",
+            413: "request body larger than the server's limit",
+            422: "invalid request: the reason is in detail",
+            429: "too many queued jobs for this owner",
+            503: "the database is unreachable"}
+    return {code: {"model": ErrorOut, "description": text[code]} for code in codes}

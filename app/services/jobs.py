@@ -1,0 +1,96 @@
+"""Jobs: submission (path rules, idempotency, the per-owner queue limit), reads and cancel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import text
+
+from app import queue
+from app.deps import Database
+from app.models import TERMINAL, Job
+from app.services import Conflict, InvalidRequest, NotFound, QuotaExceeded
+from app.settings import Settings
+from pruning.pipeline import PipelineSpec
+
+
+def _invalid(field: str, msg: str) -> InvalidRequest:
+    # the shape of FastAPI's own validation errors, so that clients parse one format
+    return InvalidRequest([{"loc": ["body", field], "msg": msg, "type": "value_error"}])
+
+
+def check_paths(spec: PipelineSpec, settings: Settings) -> None:
+    """No client-supplied filesystem paths: ``data_root`` only under a configured dataset root
+    (after resolving symlinks and ``..``); ``metanet_from`` never (PruningNet reuse is the
+    service's business, not a path the client names)."""
+    if spec.metanet_from is not None:
+        raise _invalid("metanet_from", "metanet_from is not accepted over the API")
+    if spec.data_root is None:
+        return
+    if not settings.dataset_roots:
+        raise _invalid("data_root", "this server accepts no data_root (no dataset roots are "
+                                    "configured); leave it out to use the default location")
+    path = Path(spec.data_root)
+    roots = [Path(os.path.realpath(r)) for r in settings.dataset_roots]
+    if not path.is_absolute() or not any(Path(os.path.realpath(path)).is_relative_to(r)
+                                         for r in roots):
+        raise _invalid("data_root", "data_root must be an absolute path under one of the "
+                                    "server's dataset roots: " + ", ".join(map(str, roots)))
+
+
+def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Queue ``spec`` for ``owner``; returns the job and whether it is new (an
+    ``idempotency_key`` already used by ``owner`` gives that job back, if the spec is the same).
+
+    The limit check and the insert run in one write transaction, serialised per owner (SQLite:
+    ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock on the owner), so that
+    concurrent submissions cannot overshoot the limit."""
+    check_paths(spec, settings)
+    spec_json = spec.model_dump(mode="json")
+    with db.write() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"),
+                            {"owner": owner})
+        if idempotency_key is not None:
+            existing = queue.get_by_idempotency_key(session, owner, idempotency_key)
+            if existing is not None:
+                if existing.spec != spec_json:
+                    raise Conflict("this Idempotency-Key was used with a different spec")
+                return existing, False
+        if queue.count_queued(session, owner) >= settings.max_queued_per_owner:
+            raise QuotaExceeded(f"queue limit reached: {settings.max_queued_per_owner} queued "
+                                "jobs per owner; wait for some to start or cancel them")
+        job = queue.submit(session, owner, spec_json, idempotency_key,
+                           max_attempts=settings.max_attempts)
+        session.commit()
+        return job, True
+
+
+def get_job(db: Database, owner: str, job_id: str) -> Job:
+    with db.read() as session:
+        job = queue.get_job(session, job_id, owner)
+    if job is None:
+        raise NotFound("job not found")
+    return job
+
+
+def list_jobs(db: Database, owner: str, statuses: tuple[str, ...], limit: int,
+              offset: int) -> tuple[list[Job], int]:
+    with db.read() as session:
+        return queue.list_jobs(session, owner, statuses=statuses, limit=limit, offset=offset)
+
+
+def cancel_job(db: Database, owner: str, job_id: str) -> Job:
+    """Cancel a queued job, or ask a running one to stop; a finished job is a conflict."""
+    with db.write() as session:
+        job = queue.request_cancel(session, job_id, owner)
+        if job is None:
+            job = queue.get_job(session, job_id, owner)
+            if job is None:
+                raise NotFound("job not found")
+            assert job.status in TERMINAL
+            raise Conflict(f"job already {job.status}")
+        session.commit()
+        return job

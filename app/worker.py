@@ -1,0 +1,369 @@
+"""The worker: claims queued jobs and runs the pruning pipeline on them (DESIGN.md §5).
+
+One job at a time, in the calling thread::
+
+    claim → run(spec, <artifact_dir>/jobs/<id>, resume=True) → finish | fail | mark_cancelled
+
+* **Lease.** A heartbeat thread renews the lease every ``min(heartbeat_seconds,
+  lease_seconds / 3)``. Every write is fenced by (worker id, attempt) (:mod:`app.queue`): once
+  the lease is lost — the worker was paused past it, the reaper re-queued the job, another worker
+  claimed it — nothing this worker writes applies, and it stops.
+* **Prompt cooperative cancel.** The pipeline asks ``should_stop`` before every training step and
+  after every search generation; the answer becomes true when the heartbeat finds the lease lost
+  or a cancel requested, when a throttled read of the job (at most once a second) finds the same,
+  or when the worker is asked to shut down. The pipeline then raises
+  :class:`~pruning.train.Cancelled` and the worker marks the job cancelled (cancel requested),
+  gives it back to the queue (shutdown: :func:`app.queue.release`, resumed by the next claim), or
+  drops it (lease lost: someone else owns it now).
+* **Resume.** The run folder of a job is the same for every attempt, and ``run(...,
+  resume=True)`` continues from the last stage checkpoint there.
+* **Errors.** A bad spec or a user error (validation, infeasible budget, missing data, unusable
+  ``metanet_from``, diverged training) fails the job for good; anything else is retried (the
+  attempt fails with ``error_kind = "internal"`` and the job is re-queued while attempts are left).
+* **Reaper.** Every worker calls :func:`app.queue.reap` every ``lease_seconds / 2`` (idle or busy).
+* **Progress.** Pipeline events become :func:`app.queue.report_progress` writes (at most about two
+  a second, and at every stage change): the stage, the fraction of the whole pipeline done
+  (stages weighted by :data:`STAGE_WEIGHTS`) and the stage detail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from app import queue
+from app.db import make_engine
+from app.models import Job
+from app.settings import Settings
+
+log = logging.getLogger("metaprune.worker")
+
+# share of the whole pipeline per stage (train: the winner, and the baseline when asked for)
+STAGE_WEIGHTS = {"metanet": 0.45, "search": 0.20, "train": 0.30, "evaluate": 0.03,
+                 "export": 0.02}
+PROGRESS_INTERVAL_S = 0.5   # at most ~2 progress writes a second (plus one per stage change)
+CANCEL_POLL_S = 1.0         # how often should_stop reads the job between heartbeats
+MAX_MESSAGE = 500           # error messages stored, in characters
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pydantic import ValidationError
+
+    from pruning.constraints import InfeasibleBudgetError
+    from pruning.pipeline import RunFolderError
+
+    return (ValidationError, InfeasibleBudgetError, RunFolderError)
+
+
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """``(error_kind, retry)`` of an exception raised by a job."""
+    from pruning.data import DatasetError
+
+    if isinstance(exc, DatasetError):
+        return "data", False
+    if isinstance(exc, _user_errors()):
+        return "invalid_spec", False
+    if isinstance(exc, FloatingPointError):  # training diverged: the same settings diverge again
+        return "diverged", False
+    return "internal", True
+
+
+def one_line(exc: BaseException) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":  # pydantic: one per field
+        parts = []
+        for err in errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            where = ".".join(str(x) for x in err["loc"])
+            parts.append(f"{where}: {msg}" if where else msg)
+        text = "; ".join(parts)
+    else:
+        text = " ".join(str(exc).split())
+    if classify(exc)[0] == "internal":
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
+
+
+class Progress:
+    """Turns pipeline events into a progress fraction of the whole run and a stage detail."""
+
+    def __init__(self, train_baseline: bool, start: float = 0.0):
+        self.train_baseline = train_baseline
+        self.fraction = start  # never goes back within an attempt
+        self.best: dict[str, Any] | None = None
+        offsets, acc = {}, 0.0
+        for name, weight in STAGE_WEIGHTS.items():
+            offsets[name] = (acc, weight)
+            acc += weight
+        self.offsets = offsets
+
+    def _span(self, stage: str) -> tuple[float, float] | None:
+        if stage in ("final", "baseline"):
+            start, weight = self.offsets["train"]
+            if not self.train_baseline:
+                return start, weight
+            half = weight / 2
+            return (start, half) if stage == "final" else (start + half, half)
+        return self.offsets.get(stage)
+
+    def update(self, event: dict) -> tuple[str, float, dict]:
+        stage = event.get("stage", "")
+        span = self._span(stage)
+        if stage == "done":
+            frac = 1.0
+        elif span is None:
+            frac = self.fraction
+        else:
+            start, weight = span
+            if event.get("total"):
+                inner = event.get("step", 0) / event["total"]
+            elif event.get("generations"):
+                inner = (event.get("generation", -1) + 1) / event["generations"]
+            else:
+                inner = 0.0
+            frac = start + weight * min(1.0, max(0.0, inner))
+        self.fraction = max(self.fraction, min(1.0, frac))
+        detail = {k: v for k, v in event.items()
+                  if k != "report" and isinstance(v, (int, float, str, bool, type(None)))}
+        if "best_score" in event:
+            self.best = {"score": event["best_score"], "macs": event.get("best_macs"),
+                         "params": event.get("best_params"), "key": event.get("best_key")}
+        if self.best is not None:
+            detail["best"] = self.best
+        return stage, self.fraction, detail
+
+
+class _JobRun:
+    """The state of one claimed job: flags set by the heartbeat thread, the should_stop poll and
+    the progress writer, read by the pipeline thread."""
+
+    def __init__(self, worker: Worker, job: queue.Claimed):
+        self.worker, self.job = worker, job
+        self.lost = threading.Event()       # the lease is gone: write nothing more
+        self.cancel = threading.Event()     # a cancel was requested
+        self.done = threading.Event()       # the attempt is over: the heartbeat thread ends
+        self.last_poll = time.monotonic()
+        self.last_write = 0.0
+        self.last_stage: str | None = None
+        self.progress: Progress | None = None
+
+    # --- called from the pipeline thread --------------------------------------------------
+
+    def should_stop(self) -> bool:
+        if self.lost.is_set() or self.cancel.is_set() or self.worker.stopping.is_set():
+            return True
+        now = time.monotonic()
+        if now - self.last_poll >= CANCEL_POLL_S:
+            self.last_poll = now
+            try:
+                if queue.should_stop(self.worker.engine, self.job.id, self.worker.worker_id,
+                                     self.job.attempt):
+                    self.cancel.set()  # cancel or lost: told apart when the pipeline stopped
+                    return True
+            except Exception:  # noqa: BLE001 — a database hiccup: the heartbeat decides
+                log.warning("job %s: should_stop read failed", self.job.id, exc_info=True)
+        return False
+
+    def on_event(self, event: dict) -> None:
+        if self.lost.is_set() or self.progress is None:
+            return
+        stage, fraction, detail = self.progress.update(event)
+        now = time.monotonic()
+        if stage == self.last_stage and now - self.last_write < PROGRESS_INTERVAL_S:
+            return
+        detail["attempt"] = self.job.attempt
+        try:
+            applied = queue.report_progress(self.worker.engine, self.job.id,
+                                            self.worker.worker_id, self.job.attempt,
+                                            stage=stage, progress=fraction, detail=detail)
+        except Exception:  # noqa: BLE001 — progress is best effort; the lease decides
+            log.warning("job %s: progress write failed", self.job.id, exc_info=True)
+            return
+        self.last_write, self.last_stage = now, stage
+        if not applied:
+            self.lost.set()
+
+    # --- the heartbeat thread -------------------------------------------------------------
+
+    def heartbeat_loop(self) -> None:
+        w = self.worker
+        while not self.done.wait(w.heartbeat_interval):
+            try:
+                beat = queue.heartbeat(w.engine, self.job.id, w.worker_id, self.job.attempt,
+                                       lease_seconds=w.settings.lease_seconds)
+            except Exception:  # noqa: BLE001 — retried at the next beat (the lease has slack)
+                log.warning("job %s: heartbeat failed", self.job.id, exc_info=True)
+            else:
+                if not beat:
+                    log.warning("job %s: lease lost (attempt %d); stopping", self.job.id,
+                                self.job.attempt)
+                    self.lost.set()
+                    return
+                if beat.cancel_requested:
+                    self.cancel.set()
+            w.maybe_reap()
+
+
+class Worker:
+    """Runs queued jobs (see the module docstring). ``device``: ``auto`` runs a job on its
+    spec's device; ``cpu``/``cuda`` run every job there."""
+
+    def __init__(self, settings: Settings, worker_id: str | None = None, device: str = "auto",
+                 *, engine: Engine | None = None):
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: no CUDA device is available here")
+        self.settings = settings
+        self.worker_id = worker_id or (f"{socket.gethostname()}:{os.getpid()}:"
+                                       f"{uuid.uuid4().hex[:8]}")
+        self.device = device
+        self.engine = engine or make_engine(settings.database_url)
+        self.stopping = threading.Event()  # shut down: claim nothing more, stop the job
+        self.heartbeat_interval = min(settings.heartbeat_seconds, settings.lease_seconds / 3)
+        self._last_reap = float("-inf")
+        self._reap_lock = threading.Lock()
+
+    @property
+    def artifact_dir(self) -> Path:
+        return Path(self.settings.artifact_dir)
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.artifact_dir / "jobs" / job_id
+
+    def maybe_reap(self) -> dict[str, str]:
+        """Re-queue (or fail) jobs whose lease expired, at most every ``lease_seconds / 2``."""
+        with self._reap_lock:
+            now = time.monotonic()
+            if now - self._last_reap < self.settings.lease_seconds / 2:
+                return {}
+            self._last_reap = now
+        try:
+            reaped = queue.reap(self.engine)
+        except Exception:  # noqa: BLE001 — the next round tries again
+            log.warning("reap failed", exc_info=True)
+            return {}
+        for job_id, status in reaped.items():
+            log.info("reaped job %s: %s", job_id, status)
+        return reaped
+
+    def run_forever(self, stop_event: threading.Event | None = None,
+                    poll_seconds: float = 1.0, once: bool = False) -> int:
+        """Claim and run jobs until ``stop_event`` is set (the job running then is stopped at its
+        next checkpoint and given back to the queue). ``once``: return after the first job
+        (or at once when none is queued). Returns how many jobs were processed."""
+        if stop_event is not None:
+            self.stopping = stop_event
+        n = 0
+        while not self.stopping.is_set():
+            if self.run_once():
+                n += 1
+                if once:
+                    break
+            elif once:
+                break
+            else:
+                self.stopping.wait(poll_seconds)
+        return n
+
+    def run_once(self) -> bool:
+        """Claim one job and process it; whether there was one."""
+        self.maybe_reap()
+        if self.stopping.is_set():
+            return False
+        job = queue.claim(self.engine, self.worker_id, lease_seconds=self.settings.lease_seconds)
+        if job is None:
+            return False
+        log.info("job %s: claimed (attempt %d of %d)", job.id, job.attempt, job.max_attempts)
+        self.process(job)
+        return True
+
+    def process(self, job: queue.Claimed) -> str:
+        """Run a claimed job to its end; returns what became of it: ``succeeded``, ``failed``,
+        ``retry``, ``cancelled``, ``released`` or ``lost``."""
+        state = _JobRun(self, job)
+        beat = threading.Thread(target=state.heartbeat_loop, name=f"heartbeat-{job.id[:8]}",
+                                daemon=True)
+        beat.start()
+        try:
+            outcome = self._run(job, state)
+        finally:
+            state.done.set()
+            beat.join(timeout=30)
+        log.info("job %s: %s", job.id, outcome)
+        return outcome
+
+    def _fenced(self, write, job: queue.Claimed, outcome: str, **kwargs) -> str:
+        if write(self.engine, job.id, self.worker_id, job.attempt, **kwargs):
+            return outcome
+        return "lost"
+
+    def _run(self, job: queue.Claimed, state: _JobRun) -> str:
+        from pruning.pipeline import PipelineSpec, run
+        from pruning.train import Cancelled
+
+        try:
+            spec = PipelineSpec.model_validate(job.spec)
+            device = self.device if self.device != "auto" else spec.device
+            if device == "cuda":
+                import torch
+
+                if not torch.cuda.is_available():  # another worker may have a GPU
+                    return self._fenced(queue.fail, job, "retry", error_kind="device",
+                                        error_message="the job asks for CUDA and this worker "
+                                                      "has no CUDA device", retry=True)
+            spec = spec.model_copy(update={"device": device})
+            state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))
+            report = run(spec, self.run_dir(job.id), resume=True, progress=state.on_event,
+                         should_stop=state.should_stop)
+        except Cancelled:
+            return self._stopped(job, state)
+        except Exception as e:  # noqa: BLE001 — every failure is recorded on the job
+            if state.lost.is_set():
+                return "lost"
+            kind, retry = classify(e)
+            if retry:
+                log.exception("job %s: attempt %d failed", job.id, job.attempt)
+            return self._fenced(queue.fail, job, "retry" if retry else "failed",
+                                error_kind=kind, error_message=one_line(e), retry=retry)
+        if state.lost.is_set():
+            return "lost"
+        return self._fenced(queue.finish, job, "succeeded", detail=summary(report, job.attempt))
+
+    def _stopped(self, job: queue.Claimed, state: _JobRun) -> str:
+        """The pipeline stopped on request: cancelled, given back (shutdown) or lost."""
+        if state.lost.is_set():
+            return "lost"
+        if queue.mark_cancelled(self.engine, job.id, self.worker_id, job.attempt):
+            return "cancelled"
+        if self.stopping.is_set():
+            return self._fenced(queue.release, job, "released")
+        return "lost"  # should_stop found the fence closed
+
+    def _progress_of(self, job_id: str) -> float:
+        with self.engine.connect() as conn:
+            return float(conn.execute(select(Job.progress).where(Job.id == job_id)).scalar()
+                         or 0.0)
+
+
+def summary(report: dict, attempt: int) -> dict:
+    """The small result stored on a succeeded job (``detail``): the report's metapruning and
+    uniform entries (no widths), the budget and the time taken."""
+    keep = ("candidate", "macs", "params", "estimated_val_accuracy", "test_accuracy",
+            "latency_ms")
+    result = {name: {k: report[name][k] for k in keep if k in report[name]}
+              for name in ("metapruning", "uniform") if name in report}
+    result["budget"] = report.get("budget")
+    result["elapsed_s"] = report.get("elapsed_s")
+    return {"attempt": attempt, "result": result}

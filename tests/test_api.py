@@ -1,0 +1,310 @@
+"""The REST API on SQLite (a migrated temporary file) and, for the main flow, PostgreSQL (a fresh
+database on 127.0.0.1:5432, as in test_queue.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from app.auth import create_token
+from app.db import make_engine, upgrade
+from app.main import create_app
+from app.models import ApiToken, Job
+from app.settings import Settings
+
+pytestmark = pytest.mark.timeout(60)
+
+PG_ADMIN_URL = os.environ.get("METAPRUNE_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+SPEC = {"arch": "test_mobilenet_v1", "dataset": "synthetic", "budget": {"macs_ratio": 0.5},
+        "preset": "smoke"}
+
+
+@pytest.fixture(scope="module")
+def sqlite_url(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'api.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    try:
+        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
+                            connect_args={"connect_timeout": 3})
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as e:  # noqa: BLE001 — any failure to connect means: no PostgreSQL here
+        pytest.skip(f"PostgreSQL unreachable: {type(e).__name__}")
+    name = f"metaprune_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _clean(url):
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(delete(Job))
+        conn.execute(delete(ApiToken))
+    return engine
+
+
+@pytest.fixture
+def engine(sqlite_url):
+    eng = _clean(sqlite_url)
+    yield eng
+    eng.dispose()
+
+
+def token_for(engine, owner, name="t"):
+    with Session(engine) as s:
+        token = create_token(s, owner, name)
+        s.commit()
+    return token
+
+
+def client_for(url, **overrides):
+    settings = Settings(database_url=url, **{"require_auth": True, **overrides})
+    return TestClient(create_app(settings))
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def api(engine, sqlite_url, tmp_path):
+    """A client with auth on; ``alice`` and ``bob`` hold tokens."""
+    with client_for(sqlite_url, dataset_roots=[tmp_path / "datasets"],
+                    max_queued_per_owner=3) as client:
+        client.alice = bearer(token_for(engine, "alice"))
+        client.bob = bearer(token_for(engine, "bob"))
+        yield client
+
+
+def main_flow(client, engine, headers):
+    r = client.post("/v1/jobs", json=SPEC, headers=headers)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["progress"] == 0 and job["attempt"] == 0
+    assert job["spec"]["arch"] == "test_mobilenet_v1" and job["spec"]["seed"] == 0  # filled in
+
+    r = client.get(f"/v1/jobs/{job['id']}", headers=headers)
+    assert r.status_code == 200 and r.json()["id"] == job["id"]
+
+    second = client.post("/v1/jobs", json={**SPEC, "seed": 1}, headers=headers).json()
+    page = client.get("/v1/jobs", headers=headers).json()
+    assert [j["id"] for j in page["items"]] == [second["id"], job["id"]]  # newest first
+    assert page["total"] == 2 and page["next_offset"] is None
+    page = client.get("/v1/jobs", params={"limit": 1}, headers=headers).json()
+    assert [j["id"] for j in page["items"]] == [second["id"]] and page["next_offset"] == 1
+    page = client.get("/v1/jobs", params={"limit": 1, "offset": 1}, headers=headers).json()
+    assert [j["id"] for j in page["items"]] == [job["id"]] and page["next_offset"] is None
+
+    r = client.post(f"/v1/jobs/{job['id']}/cancel", headers=headers)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert r.json()["finished_at"] is not None
+    r = client.post(f"/v1/jobs/{job['id']}/cancel", headers=headers)
+    assert r.status_code == 409 and r.json() == {"detail": "job already cancelled"}
+    page = client.get("/v1/jobs", params={"status": "queued"}, headers=headers).json()
+    assert [j["id"] for j in page["items"]] == [second["id"]]
+    page = client.get("/v1/jobs", params=[("status", "queued"), ("status", "cancelled")],
+                      headers=headers).json()
+    assert page["total"] == 2
+
+    # a running job: cancel is requested (202), its worker acknowledges later
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == second["id"])
+                     .values(status="running", attempt=1, lease_owner="w"))
+    r = client.post(f"/v1/jobs/{second['id']}/cancel", headers=headers)
+    assert r.status_code == 202
+    assert r.json()["status"] == "running" and r.json()["cancel_requested"] is True
+
+
+def test_main_flow_sqlite(api, engine):
+    main_flow(api, engine, api.alice)
+
+
+@pytest.mark.postgres
+def test_main_flow_postgres(postgres_url):
+    engine = _clean(postgres_url)
+    try:
+        with client_for(postgres_url) as client:
+            main_flow(client, engine, bearer(token_for(engine, "alice")))
+            headers = {**bearer(token_for(engine, "alice", "second")), "Idempotency-Key": "k"}
+            r = client.post("/v1/jobs", json=SPEC, headers=headers)
+            again = client.post("/v1/jobs", json=SPEC, headers=headers)
+            assert r.status_code == 201 and again.status_code == 200
+            assert again.json()["id"] == r.json()["id"]
+    finally:
+        engine.dispose()
+
+
+def test_idempotency_key(api):
+    headers = {**api.alice, "Idempotency-Key": "abc-1"}
+    first = api.post("/v1/jobs", json=SPEC, headers=headers)
+    again = api.post("/v1/jobs", json=SPEC, headers=headers)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert api.get("/v1/jobs", headers=api.alice).json()["total"] == 1
+    r = api.post("/v1/jobs", json={**SPEC, "seed": 5}, headers=headers)
+    assert r.status_code == 409 and "different spec" in r.json()["detail"]
+    # the same key of another owner is another job
+    other = api.post("/v1/jobs", json=SPEC, headers={**api.bob, "Idempotency-Key": "abc-1"})
+    assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
+
+
+@pytest.mark.parametrize("body, where, words", [
+    ({**SPEC, "arch": "vgg99"}, ["body", "arch"], "unknown"),
+    ({**SPEC, "budget": {"macs_ratio": 0.5, "params_ratio": 0.5}}, ["body", "budget"],
+     "exactly one budget"),
+    ({**SPEC, "seed": -1}, ["body", "seed"], "greater than or equal"),
+    ({**SPEC, "surprise": 1}, ["body", "surprise"], "extra"),
+    ({**SPEC, "metanet_from": "/tmp/run"}, ["body", "metanet_from"], "not accepted"),
+])
+def test_bad_spec_is_422_with_reason(api, body, where, words):
+    r = api.post("/v1/jobs", json=body, headers=api.alice)
+    assert r.status_code == 422, r.text
+    errs = r.json()["detail"]
+    assert any(e["loc"][:2] == where and words in e["msg"].lower() for e in errs), errs
+
+
+def test_data_root_only_under_dataset_roots(api, tmp_path):
+    root = tmp_path / "datasets"
+    (root / "fmnist").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "escape").symlink_to(tmp_path / "elsewhere")
+    for bad in ("/etc", str(root / ".." / "elsewhere"), str(root / "escape"), "datasets/fmnist"):
+        r = api.post("/v1/jobs", json={**SPEC, "data_root": bad}, headers=api.alice)
+        assert r.status_code == 422, bad
+        assert r.json()["detail"][0]["loc"] == ["body", "data_root"]
+    r = api.post("/v1/jobs", json={**SPEC, "data_root": str(root / "fmnist")}, headers=api.alice)
+    assert r.status_code == 201
+
+
+def test_data_root_refused_without_roots(engine, sqlite_url):
+    with client_for(sqlite_url, require_auth=False) as client:
+        r = client.post("/v1/jobs", json={**SPEC, "data_root": "/tmp"})
+        assert r.status_code == 422 and "no dataset roots" in r.json()["detail"][0]["msg"]
+
+
+def test_other_owners_job_is_404(api):
+    job = api.post("/v1/jobs", json=SPEC, headers=api.alice).json()
+    assert api.get(f"/v1/jobs/{job['id']}", headers=api.bob).status_code == 404
+    assert api.post(f"/v1/jobs/{job['id']}/cancel", headers=api.bob).status_code == 404
+    assert api.get("/v1/jobs", headers=api.bob).json()["total"] == 0
+    assert api.get(f"/v1/jobs/{uuid.uuid4()}", headers=api.alice).json() == {
+        "detail": "job not found"}
+    assert api.get(f"/v1/jobs/{job['id']}", headers=api.alice).status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"},
+                                     {"Authorization": "Basic YTpi"}])
+def test_401_without_or_with_a_wrong_token(api, headers):
+    for method, path in (("get", "/v1/jobs"), ("post", "/v1/jobs"), ("get", "/v1/archs"),
+                         ("get", f"/v1/jobs/{uuid.uuid4()}")):
+        r = api.request(method, path, headers=headers, json=SPEC if method == "post" else None)
+        assert r.status_code == 401 and isinstance(r.json()["detail"], str)
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_without_auth_owner_is_local(engine, sqlite_url):
+    with client_for(sqlite_url, require_auth=False) as client:
+        job = client.post("/v1/jobs", json=SPEC).json()
+        with Session(engine) as s:
+            assert s.get(Job, job["id"]).owner == "local"
+        # a token that is sent is still checked
+        assert client.get("/v1/jobs", headers=bearer("nope")).status_code == 401
+
+
+def test_queue_limit_429(api):
+    for seed in range(3):
+        assert api.post("/v1/jobs", json={**SPEC, "seed": seed},
+                        headers=api.alice).status_code == 201
+    r = api.post("/v1/jobs", json={**SPEC, "seed": 9}, headers=api.alice)
+    assert r.status_code == 429 and "queue limit" in r.json()["detail"]
+    assert api.post("/v1/jobs", json=SPEC, headers=api.bob).status_code == 201  # per owner
+    first = api.get("/v1/jobs", headers=api.alice).json()["items"][-1]
+    api.post(f"/v1/jobs/{first['id']}/cancel", headers=api.alice)
+    assert api.post("/v1/jobs", json={**SPEC, "seed": 9}, headers=api.alice).status_code == 201
+
+
+def test_oversized_body_413(engine, sqlite_url):
+    with client_for(sqlite_url, require_auth=False, max_body_bytes=2048) as client:
+        big = {**SPEC, "search": {"x": "y" * 4000}}
+        r = client.post("/v1/jobs", json=big)
+        assert r.status_code == 413 and "larger than 2048" in r.json()["detail"]
+
+        def chunks():  # no Content-Length: Transfer-Encoding: chunked
+            yield b'{"arch": "test_mobilenet_v1", "search": {"x": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}}'
+
+        r = client.post("/v1/jobs", content=chunks(),
+                        headers={"Content-Type": "application/json"})
+        assert "content-length" not in r.request.headers
+        assert r.status_code == 413 and "larger than 2048" in r.json()["detail"]
+        assert client.get("/v1/jobs").json()["total"] == 0
+        assert client.post("/v1/jobs", json=SPEC).status_code == 201  # small bodies pass
+
+
+def test_health_and_ready(api, tmp_path):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").status_code == 200
+    broken = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}"
+    with TestClient(create_app(Settings(database_url=broken))) as client:
+        assert client.get("/healthz").status_code == 200
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "unreachable" in r.json()["detail"]
+
+
+def test_catalog(api):
+    archs = api.get("/v1/archs", headers=api.alice).json()["archs"]
+    assert "mobilenet_v2" in archs and not any(a.startswith("test_") for a in archs)
+    assert "test_mobilenet_v1" in api.get("/v1/archs", params={"include_test": True},
+                                          headers=api.alice).json()["archs"]
+    assert "fashion-mnist" in api.get("/v1/datasets", headers=api.alice).json()["datasets"]
+
+
+def test_openapi_is_complete(api):
+    doc = api.get("/openapi.json").json()
+    assert {"/healthz", "/readyz", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
+            "/v1/archs", "/v1/datasets"} <= set(doc["paths"])
+    submit = doc["paths"]["/v1/jobs"]["post"]
+    assert {"201", "200", "401", "409", "413", "422", "429"} <= set(submit["responses"])
+    assert submit["requestBody"]["content"]["application/json"]["examples"]
+    assert {"404", "409", "202"} <= set(doc["paths"]["/v1/jobs/{job_id}/cancel"]["post"]
+                                        ["responses"])
+    schemas = doc["components"]["schemas"]
+    for name in ("JobOut", "JobPage", "ErrorOut", "ArchList", "DatasetList"):
+        assert schemas[name].get("examples"), name
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path in doc["paths"].values():
+        for op in path.values():
+            assert op.get("tags") and op.get("summary")
+
+
+def test_token_is_stored_hashed(engine):
+    token = token_for(engine, "carol", "laptop")
+    with Session(engine) as s:
+        row = s.scalars(select(ApiToken).where(ApiToken.owner == "carol")).one()
+        assert row.token_sha256 == hashlib.sha256(token.encode()).hexdigest()
+        values = [str(v) for v in s.execute(text("SELECT * FROM api_tokens")).one()]
+    assert token not in " ".join(values) and len(token) >= 43

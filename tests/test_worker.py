@@ -1,0 +1,350 @@
+"""The worker (app/worker.py) on a SQLite file: a job run to success, user errors and retries,
+prompt cancel, graceful shutdown, a worker killed with SIGKILL (a real process) whose job another
+worker finishes from its checkpoint, and a worker that lost its lease being fenced out.
+
+The jobs are the ``smoke`` preset on the tiny ``test_mobilenet_v2`` (seconds on one CPU thread).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.db import make_engine, upgrade
+from app.models import Job, utcnow
+from app.settings import Settings
+from app.worker import Progress, Worker
+from pruning.checkpoint import read_json
+from pruning.pipeline import Budget, PipelineSpec
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = {"population": 8, "keep_top": 8, "parents": 4, "mutants": 4, "crossovers": 4,
+          "generations": 2}
+SPEC = PipelineSpec(arch="test_mobilenet_v2", dataset="synthetic", preset="smoke", device="cpu",
+                    budget=Budget(macs_ratio=0.5), metanet={"epochs": 4, "checkpoint_every": 3},
+                    search=SEARCH).model_dump(mode="json")
+# a job that would train for minutes: only ever cancelled, stopped or fenced out
+LONG = {**SPEC, "metanet": {"epochs": 200, "checkpoint_every": 3}}
+
+
+@pytest.fixture(scope="module")
+def db_url(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'worker.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="module")
+def settings(db_url, artifact_dir):
+    return Settings(database_url=db_url, artifact_dir=artifact_dir, lease_seconds=10,
+                    heartbeat_seconds=1)
+
+
+@pytest.fixture(scope="module")
+def engine(db_url):
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def clean(engine):
+    with engine.begin() as conn:
+        conn.execute(delete(Job))
+    return engine
+
+
+def submit(engine, spec, max_attempts=3) -> str:
+    with Session(engine, expire_on_commit=False) as s:
+        job = queue.submit(s, "alice", spec, max_attempts=max_attempts)
+        s.commit()
+        return job.id
+
+
+def job_row(engine, job_id) -> Job:
+    with Session(engine, expire_on_commit=False) as s:
+        return queue.get_job(s, job_id, None)
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def record_progress(monkeypatch) -> list[dict]:
+    """Every progress write the worker makes (with whether it applied)."""
+    writes, original = [], queue.report_progress
+
+    def spy(*args, **kwargs):
+        applied = original(*args, **kwargs)
+        writes.append({**kwargs, "applied": applied, "t": time.monotonic()})
+        return applied
+
+    monkeypatch.setattr(queue, "report_progress", spy)
+    return writes
+
+
+@pytest.fixture(scope="module")
+def reference(settings, engine, single_thread):
+    """One job run to success by an in-process worker (the uninterrupted reference)."""
+    with engine.begin() as conn:
+        conn.execute(delete(Job))
+    job_id = submit(engine, SPEC)
+    writes = []
+    with pytest.MonkeyPatch.context() as mp:
+        writes = record_progress(mp)
+        t0 = time.monotonic()
+        assert Worker(settings, "w-ref", device="cpu").run_once()
+        elapsed = time.monotonic() - t0
+    return job_id, job_row(engine, job_id), writes, elapsed
+
+
+# --- success, errors, retries ---------------------------------------------------------------
+
+
+def test_a_job_runs_to_success_with_artifacts_and_progress(reference, settings):
+    job_id, job, writes, elapsed = reference
+    assert job.status == "succeeded" and job.stage == "done" and job.progress == 1.0
+    assert job.attempt == 1 and job.lease_owner is None and job.finished_at is not None
+    assert job.error_kind is None
+    art = Path(settings.artifact_dir) / "jobs" / job_id / "artifacts"
+    for name in ("config.json", "model.safetensors", "model.ts", "search.json", "report.json"):
+        assert (art / name).is_file(), name
+    report = read_json(art / "report.json")
+    result = job.detail["result"]
+    assert result["metapruning"]["macs"] == report["metapruning"]["macs"]
+    assert result["metapruning"]["test_accuracy"] == report["metapruning"]["test_accuracy"]
+    assert result["uniform"]["candidate"] == report["uniform"]["candidate"]
+    # progress: every stage, never backwards, within [0, 1], throttled (~2 writes a second)
+    fractions = [w["progress"] for w in writes]
+    assert all(w["applied"] for w in writes)
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
+    stages = [w["stage"] for w in writes]
+    for stage in ("data", "metanet", "search", "final", "evaluate", "export"):
+        assert stage in stages
+    assert len(writes) <= 2 * elapsed + 2 * len(set(stages)) + 2
+    search = [w["detail"] for w in writes if w["stage"] == "search"]
+    assert {"generation", "generations", "best"} <= set(search[-1])
+    metanet = [w["detail"] for w in writes if w["stage"] == "metanet" and "step" in w["detail"]]
+    assert {"epoch", "eta_s", "attempt"} <= set(metanet[-1])
+
+
+def test_progress_weights_stages():
+    p = Progress(train_baseline=False)
+    assert p.update({"stage": "data"})[1] == 0.0
+    assert p.update({"stage": "metanet", "step": 5, "total": 10})[1] == pytest.approx(0.225)
+    assert p.update({"stage": "search", "generation": 0, "generations": 2})[1] == \
+        pytest.approx(0.55)
+    assert p.update({"stage": "final", "step": 10, "total": 10})[1] == pytest.approx(0.95)
+    assert p.update({"stage": "metanet", "step": 1, "total": 10})[1] == pytest.approx(0.95)
+    assert p.update({"stage": "done"})[1] == 1.0
+    b = Progress(train_baseline=True)
+    assert b.update({"stage": "baseline", "step": 0, "total": 10})[1] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("spec, kind", [
+    ({"arch": "no_such_arch"}, "invalid_spec"),
+    ({**SPEC, "budget": {"macs": 1}}, "invalid_spec"),   # infeasible budget
+    ({**SPEC, "metanet": {"epochs": -1}}, "invalid_spec"),
+])
+def test_a_bad_spec_fails_without_retry(clean, settings, spec, kind):
+    job_id = submit(clean, spec)
+    assert Worker(settings, "w1", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.error_kind, job.attempt) == ("failed", kind, 1)
+    assert "\n" not in job.error_message and job.error_message
+    assert job.finished_at is not None
+    assert not Worker(settings, "w2").run_once()  # nothing left to claim
+
+
+def test_an_unexpected_error_is_retried_up_to_max_attempts(clean, settings, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr("pruning.pipeline.run", boom)
+    job_id = submit(clean, SPEC, max_attempts=2)
+    worker = Worker(settings, "w1", device="cpu")
+    assert worker.run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.error_kind) == ("queued", 1, "internal")
+    assert job.error_message == "RuntimeError: disk on fire second line"
+    assert job.finished_at is None
+    assert worker.run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.error_kind) == ("failed", 2, "internal")
+
+
+# --- cancel, shutdown -----------------------------------------------------------------------
+
+
+def test_cancel_while_running_is_prompt_and_the_worker_takes_the_next_job(clean, settings):
+    first = submit(clean, LONG)
+    second = submit(clean, {"arch": "no_such_arch"})
+    stop = threading.Event()
+    worker = Worker(settings, "w1", device="cpu")
+    thread = threading.Thread(target=worker.run_forever, args=(stop, 0.05))
+    thread.start()
+    try:
+        wait_for(lambda: job_row(clean, first).stage == "metanet", what="the first job to train")
+        t0 = time.monotonic()
+        with Session(clean) as s:
+            assert queue.request_cancel(s, first, "alice").status == "running"
+            s.commit()
+        wait_for(lambda: job_row(clean, first).status == "cancelled", timeout=10,
+                 what="the cancel")
+        assert time.monotonic() - t0 < 5
+        wait_for(lambda: job_row(clean, second).status == "failed", timeout=30,
+                 what="the next job")
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    job = job_row(clean, first)
+    assert job.lease_owner is None and job.finished_at is not None and job.attempt == 1
+
+
+def test_shutdown_gives_the_job_back_at_a_checkpoint(clean, settings):
+    job_id = submit(clean, LONG)
+    stop = threading.Event()
+    worker = Worker(settings, "w1", device="cpu")
+    thread = threading.Thread(target=worker.run_forever, args=(stop, 0.05))
+    thread.start()
+    try:
+        wait_for(lambda: job_row(clean, job_id).stage == "metanet", what="training")
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(60)
+    job = job_row(clean, job_id)
+    # queued again without using up an attempt; no error recorded
+    assert (job.status, job.attempt, job.error_kind, job.lease_owner) == ("queued", 0, None, None)
+
+
+# --- a killed worker, a fenced-out worker -----------------------------------------------------
+
+
+def test_a_killed_worker_s_job_is_finished_from_its_checkpoint(reference, clean, settings,
+                                                                 monkeypatch):
+    ref_id = reference[0]
+    job_id = submit(clean, SPEC)
+    run_dir = Path(settings.artifact_dir) / "jobs" / job_id
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               METAPRUNE_LEASE_SECONDS="2", METAPRUNE_HEARTBEAT_SECONDS="0.5")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pruning.cli", "worker", "--once", "--device", "cpu",
+         "--database-url", settings.database_url, "--artifact-dir", str(settings.artifact_dir),
+         "--worker-id", "w-killed", "--quiet"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        marker = run_dir / "metanet" / "state.safetensors"  # the first PruningNet checkpoint
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, f"the worker ended early: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.005)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert not (run_dir / "metanet" / "pruningnet.safetensors").exists()  # killed mid-stage
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.lease_owner) == ("running", 1, "w-killed")
+
+    assert queue.reap(clean) == {}  # the lease (2 s) still runs
+    wait_for(lambda: queue.reap(clean) == {job_id: "queued"}, timeout=10, what="the reaper")
+
+    finishes, original = [], queue.finish
+    monkeypatch.setattr(queue, "finish",
+                        lambda *a, **k: finishes.append(original(*a, **k)) or finishes[-1])
+    writes = record_progress(monkeypatch)
+    assert Worker(settings, "w-second", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.progress) == ("succeeded", 2, 1.0)
+    assert finishes == [True]
+    # the second attempt resumed the PruningNet training from the killed worker's checkpoint
+    first_metanet = next(w for w in writes if w["stage"] == "metanet")
+    assert first_metanet["detail"]["step"] > 0
+    # exactly one completion: the killed attempt can no longer finish the job
+    assert not original(clean, job_id, "w-killed", 1)
+    art = Path(settings.artifact_dir) / "jobs"
+    assert read_json(art / job_id / "artifacts" / "search.json")["history"] == \
+        read_json(art / ref_id / "artifacts" / "search.json")["history"]
+    assert job.detail["result"] == reference[1].detail["result"] | {
+        "elapsed_s": job.detail["result"]["elapsed_s"]}
+
+
+def test_a_worker_that_lost_its_lease_stops_and_is_fenced_out(clean, settings):
+    job_id = submit(clean, LONG)
+    worker = Worker(settings, "w-slow", device="cpu")
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(worker.run_once()))
+    thread.start()
+    try:
+        wait_for(lambda: job_row(clean, job_id).stage == "metanet", what="training")
+        # the worker "paused" past its lease: reaped, and another worker claims the job
+        assert queue.reap(clean, now=utcnow() + timedelta(days=1)) == {job_id: "queued"}
+        other = queue.claim(clean, "w-other", lease_seconds=600)
+        assert (other.id, other.attempt) == (job_id, 2)
+        before = job_row(clean, job_id)
+        t0 = time.monotonic()
+        thread.join(15)
+        assert not thread.is_alive() and outcome == [True]
+        assert time.monotonic() - t0 < 5  # stopped at its next look at the lease
+    finally:
+        thread.join(60)
+    after = job_row(clean, job_id)
+    for field in ("status", "attempt", "lease_owner", "lease_expires_at", "stage", "progress",
+                  "detail", "updated_at", "error_kind"):
+        assert getattr(after, field) == getattr(before, field), field
+    # and any write it still tried would not apply
+    assert not queue.report_progress(clean, job_id, "w-slow", 1, stage="metanet", progress=0.9)
+    assert not queue.finish(clean, job_id, "w-slow", 1)
+    assert not queue.heartbeat(clean, job_id, "w-slow", 1)
+    assert queue.heartbeat(clean, job_id, "w-other", 2)
+
+
+def test_the_worker_command_stops_gracefully_on_sigterm(clean, settings):
+    job_id = submit(clean, LONG)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pruning.cli", "worker", "--device", "cpu", "--poll-seconds",
+         "0.1", "--database-url", settings.database_url, "--artifact-dir",
+         str(settings.artifact_dir), "--quiet"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: job_row(clean, job_id).stage == "metanet", what="training")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.lease_owner) == ("queued", 0, None)
