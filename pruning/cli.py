@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -461,6 +462,10 @@ def _has_command(name: str) -> bool:
     return name in sub.choices
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(0)
+
+
 def cmd_serve(a) -> dict:
     """``serve``: migrate the database, start N worker processes, run the API (uvicorn) until
     interrupted, then stop the workers. Binding beyond loopback forces API tokens on; on
@@ -498,6 +503,9 @@ def cmd_serve(a) -> dict:
     elif a.workers:
         print("metaprune: no `worker` command in this build; serving the API only",
               file=sys.stderr)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that an exit that runs
+    # the `finally` below, so the workers are stopped too (`docker stop`, systemd, kill)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(create_app(settings), host=a.host, port=a.port,
                     log_level="warning" if a.quiet else "info")
