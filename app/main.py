@@ -18,7 +18,8 @@ from app.middleware import BodySizeLimit
 from app.services import ServiceError
 from app.settings import Settings, get_settings
 
-DESCRIPTION = """Submit MetaPruning jobs, follow their progress, cancel them.
+DESCRIPTION = """Submit MetaPruning jobs, follow their progress, cancel them, download the
+pruned models.
 
 Every `/v1` request carries `Authorization: Bearer <token>` (a token from
 `metaprune token create`), unless the server binds only to loopback and runs without auth.
@@ -44,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="metaprune", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan,
                   openapi_tags=[{"name": "jobs", "description": "pruning jobs and their queue"},
+                                {"name": "artifacts", "description": "a job's artifacts, "
+                                 "progress events and search history"},
                                 {"name": "catalog", "description": "what a spec may name"},
                                 {"name": "health", "description": "probes"}])
     app.dependency_overrides[get_settings] = lambda: settings
@@ -52,10 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
-    from app.routes import catalog, health, jobs
+    from app.routes import artifacts, catalog, health, jobs
 
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(artifacts.router)
     app.include_router(catalog.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -102,12 +102,75 @@ class Health(BaseModel):
     status: str
 
 
+_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+class ArtifactOut(BaseModel):
+    name: str = Field(description="the artifact's name (download it by this name)")
+    size: int = Field(ge=0, description="bytes")
+    sha256: str = Field(description="hex sha256 (from config.json; computed for config.json)")
+
+
+class ArtifactList(BaseModel):
+    """The artifacts of a succeeded job: config.json and every file its `files` map names."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [
+        {"name": "config.json", "size": 5120, "sha256": _SHA},
+        {"name": "model.onnx", "size": 912_384, "sha256": _SHA},
+        {"name": "model.safetensors", "size": 905_216, "sha256": _SHA},
+        {"name": "model.ts", "size": 1_020_928, "sha256": _SHA},
+        {"name": "pareto.png", "size": 48_213, "sha256": _SHA},
+        {"name": "report.json", "size": 2_301, "sha256": _SHA},
+        {"name": "search.json", "size": 88_412, "sha256": _SHA}]}]})
+
+    items: list[ArtifactOut]
+
+
+_RECORD = {"key": "3-4-2-4", "generation": 2,
+           "widths": {"stem": 16, "stage1": 32, "stage2": 48, "stage3": 96},
+           "macs": 11_930_000, "params": 210_442, "score": 0.861}
+
+
+class CandidateOut(BaseModel):
+    """One evaluated candidate of the search."""
+
+    key: str = Field(description="the candidate's key (its width choices)")
+    generation: int = Field(description="the generation that evaluated it")
+    widths: dict[str, int] = Field(description="channels per width group")
+    macs: int
+    params: int
+    score: float = Field(description="estimated validation accuracy (PruningNet weights)")
+
+
+class SearchOut(BaseModel):
+    """The search history (every evaluated candidate, in evaluation order) and its Pareto front
+    of score vs MACs (non-dominated candidates, by MACs)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "job_id": "5b0f3f0e-8a4e-4c1e-9a57-0d3f1c2b7e11", "status": "succeeded",
+        "source": "artifacts", "finished": True, "generations": 20, "evaluated": 1,
+        "best": "3-4-2-4", "history": [_RECORD], "pareto_front": [_RECORD]}]})
+
+    job_id: str
+    status: JobStatus
+    source: str = Field(description="`artifacts` (artifacts/search.json of a finished run) or "
+                                    "`state` (the search state of a search in progress)")
+    finished: bool = Field(description="whether the search has finished")
+    generations: int | None = Field(description="generations run (so far)")
+    evaluated: int = Field(description="candidates evaluated (so far)")
+    best: str | None = Field(description="key of the best candidate (so far)")
+    history: list[CandidateOut]
+    pareto_front: list[CandidateOut] = Field(
+        description="candidates no other beats on both score and MACs, sorted by MACs")
+
+
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for these error status codes."""
     text = {401: "missing or invalid API token",
             404: "no such job among the caller's",
             409: "the job's state does not allow this",
             413: "request body larger than the server's limit",
+            416: "the Range lies beyond the file (Content-Range: bytes */<size>)",
             422: "invalid request: the reason is in detail",
             429: "too many queued jobs for this owner",
             503: "the database is unreachable"}

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30,
                                 description="largest request body, counted while streaming "
                                             "(413 beyond)")
+    events_poll_seconds: float = Field(0.5, gt=0, le=60,
+                                       description="how often a progress event stream "
+                                                   "(GET /v1/jobs/{id}/events) reads the job")
+    events_heartbeat_seconds: float = Field(15.0, gt=0, le=3600,
+                                            description="a comment line keeps an idle event "
+                                                        "stream open this often")
 
 
 @lru_cache(maxsize=1)

@@ -8,6 +8,9 @@
     metaprune train-metanet [...]         the pipeline stage by stage on a run folder --out:
     metaprune search|train|evaluate|export --out RUN
     metaprune db upgrade [--database-url URL]   create or migrate the service's database
+    metaprune serve | worker | token create        run the job service
+    metaprune submit [prune options] | status JOB | jobs | cancel JOB | watch JOB |
+              download JOB [--dest DIR]    the service's client (--server, --token)
 
 Errors in what the user typed are reported in one line with exit status 2, never a traceback.
 """
@@ -336,6 +339,231 @@ def cmd_worker(a) -> dict:
     return {"worker": worker.worker_id, "jobs": n} if a.json else {}
 
 
+# --- client commands: the job service's REST API (pruning/client.py) --------------------------
+
+
+def _api_client(a):
+    """The :class:`pruning.client.ApiClient` of ``--server`` / ``--token`` (tests replace this)."""
+    from pruning.client import ApiClient
+
+    return ApiClient(a.server, a.token)
+
+
+def _client_command(fn):
+    """Run ``fn(a, api)`` with a client; a :class:`ClientError` becomes a :class:`UserError`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(a):
+        from pruning.client import ClientError
+
+        try:
+            with _api_client(a) as api:
+                return fn(a, api)
+        except ClientError as e:
+            raise UserError(str(e)) from None
+    return wrapper
+
+
+def _percent(job: dict) -> str:
+    return f"{100 * float(job.get('progress') or 0):3.0f}%"
+
+
+def _best(job: dict) -> str:
+    """Best so far (search) or the result (succeeded), as a short phrase; '' when none."""
+    detail = job.get("detail") or {}
+    result = (detail.get("result") or {}).get("metapruning")
+    if isinstance(result, dict):
+        parts = []
+        if result.get("test_accuracy") is not None:
+            parts.append(f"test {100 * result['test_accuracy']:.2f}%")
+        elif result.get("estimated_val_accuracy") is not None:
+            parts.append(f"est. val {100 * result['estimated_val_accuracy']:.2f}%")
+        if result.get("macs") is not None:
+            parts.append(f"MACs {result['macs'] / 1e6:.2f}M")
+        return ", ".join(parts)
+    best = detail.get("best")
+    if isinstance(best, dict) and best.get("score") is not None:
+        text = f"best est. val {100 * best['score']:.2f}%"
+        if best.get("macs") is not None:
+            text += f" at {best['macs'] / 1e6:.2f}M MACs"
+        return text
+    return ""
+
+
+def _summary_line(job: dict) -> str:
+    parts = [job["id"], job["status"], f"stage {job.get('stage') or '-'}", _percent(job).strip()]
+    if job.get("attempt"):
+        parts.append(f"attempt {job['attempt']}")
+    best = _best(job)
+    if best:
+        parts.append(best)
+    if job.get("error_kind") or job.get("error_message"):
+        parts.append(f"error {job.get('error_kind') or '?'}: {job.get('error_message') or ''}")
+    return "  ".join(p.strip() for p in parts)
+
+
+@_client_command
+def cmd_submit(a, api) -> dict:
+    """``submit``: queue a job with the options of ``prune``; prints its id."""
+    spec = _spec(a).model_dump(mode="json", exclude_defaults=True)
+    job = api.submit(spec, idempotency_key=a.idempotency_key)
+    if a.json:
+        return job
+    print(job["id"])
+    return {}
+
+
+@_client_command
+def cmd_status(a, api) -> dict:
+    job = api.job(a.job)
+    if a.json:
+        return job
+    print(_summary_line(job))
+    return {}
+
+
+@_client_command
+def cmd_jobs(a, api) -> dict:
+    if not 1 <= a.limit <= 100:
+        raise UserError(f"--limit must be 1–100, got {a.limit}")
+    page = api.jobs(a.status, limit=a.limit, offset=a.offset)
+    if a.json:
+        return page
+    rows = [("ID", "STATUS", "STAGE", "PROGRESS", "ARCH", "DATASET", "CREATED")]
+    for j in page["items"]:
+        spec = j.get("spec") or {}
+        rows.append((j["id"], j["status"], j.get("stage") or "-", _percent(j).strip(),
+                     str(spec.get("arch", "-")), str(spec.get("dataset", "-")),
+                     str(j.get("created_at", ""))[:19]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    more = (f"; next page: --offset {page['next_offset']}"
+            if page.get("next_offset") is not None else "")
+    print(f"{len(page['items'])} of {page['total']} jobs{more}", file=sys.stderr)
+    return {}
+
+
+@_client_command
+def cmd_cancel(a, api) -> dict:
+    job = api.cancel(a.job)
+    if a.json:
+        return job
+    state = ("cancel requested (the worker stops at its next checkpoint)"
+             if job["status"] == "running" else job["status"])
+    print(f"{job['id']}: {state}")
+    return {}
+
+
+class _WatchPrinter:
+    """Job progress on stderr: a tqdm bar (0–100 %) on a TTY, plain lines otherwise."""
+
+    def __init__(self, quiet: bool = False):
+        self.mode = "off" if quiet else ("bars" if sys.stderr.isatty() else "lines")
+        self.bar = None
+        self.last: tuple | None = None
+
+    def __call__(self, job: dict) -> None:
+        stage, pct, best = job.get("stage") or job["status"], int(100 * float(
+            job.get("progress") or 0)), _best(job)
+        if self.mode == "bars":
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=100, file=sys.stderr, unit="%", leave=True,
+                                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
+            self.bar.set_description_str(f"{job['status']} [{stage}]", refresh=False)
+            self.bar.n = pct
+            self.bar.set_postfix_str(best, refresh=True)
+        elif self.mode == "lines":
+            # a line when the status or stage changes, or every 10 % of progress
+            key = (job["status"], stage, pct // 10)
+            if key != self.last:
+                self.last = key
+                extra = f"  {best}" if best else ""
+                print(f"[{stage}] {job['status']} {pct}%{extra}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@_client_command
+def cmd_watch(a, api) -> int | dict:
+    """``watch``: poll the job until it ends; exit 0 if it succeeded, 1 if not."""
+    if not (math.isfinite(a.interval) and a.interval > 0):
+        raise UserError(f"--interval must be a positive number of seconds, got {a.interval}")
+    printer = _WatchPrinter(quiet=a.quiet)
+    job = None
+    try:
+        for job in api.watch(a.job, interval=a.interval):
+            printer(job)
+    finally:
+        printer.close()
+    if a.json:
+        print(json.dumps(job, indent=2))
+    elif job["status"] == "succeeded":
+        print(_summary_line(job))
+    if job["status"] != "succeeded":
+        print(f"metaprune: job {job['id']} {job['status']}"
+              + (f": {job.get('error_kind') or 'error'}: {job.get('error_message')}"
+                 if job.get("error_message") else ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+@_client_command
+def cmd_download(a, api) -> dict:
+    """``download``: fetch a job's artifacts into ``--dest``, each verified by its sha256."""
+    dest = Path(a.dest)
+    items = api.artifacts(a.job)
+    if a.only:
+        wanted = [n.strip() for n in a.only.split(",") if n.strip()]
+        names = {str(i.get("name")) for i in items}
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise UserError(f"no artifact named {', '.join(missing)} for job {a.job} "
+                            f"(it has: {', '.join(sorted(names)) or 'none'})")
+        items = [i for i in items if i.get("name") in wanted]
+    if not items:
+        raise UserError(f"job {a.job} has no artifacts (yet)")
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--dest {dest} is not a folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    tty = sys.stderr.isatty() and not a.quiet
+    done = []
+    for item in items:
+        bar = None
+        if tty:
+            from tqdm import tqdm
+
+            bar = tqdm(total=item.get("size") or None, desc=str(item.get("name")), unit="B",
+                       unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=True)
+        try:
+            path = api.download(a.job, item, dest, on_bytes=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not tty and not a.quiet:
+            print(f"{item['name']}: {path.stat().st_size} bytes, sha256 ok", file=sys.stderr,
+                  flush=True)
+        done.append({"name": item["name"], "path": str(path), "size": path.stat().st_size,
+                     "sha256": item["sha256"]})
+    if a.json:
+        return {"job": a.job, "files": done}
+    for d in done:
+        print(d["path"])
+    return {}
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="the API's base URL (default: $METAPRUNE_SERVER, else "
+                                    "http://127.0.0.1:8000)")
+    p.add_argument("--token", help="API token (default: $METAPRUNE_TOKEN)")
+
+
 # PipelineSpec fields that cmd_prune sets from its own options
 _PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", "seed", "device",
                             "final_init", "train_baseline", "width_mult", "max_width_mult",
@@ -409,8 +637,9 @@ class ProgressPrinter:
             self.bar = None
 
 
-def _pipeline_args(p: argparse.ArgumentParser) -> None:
-    """The options of ``prune`` and ``train-metanet`` (what a run's spec.json holds)."""
+def _pipeline_args(p: argparse.ArgumentParser, local: bool = True) -> None:
+    """The options of ``prune`` and ``train-metanet`` (what a run's spec.json holds); without
+    ``local`` (``submit``) no run folder options: the server decides where a job runs."""
     p.add_argument("--arch", default="mobilenet_v2")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-root", help="dataset folder (default: the dataset's standard place)")
@@ -440,9 +669,11 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the trained PruningNet of this run folder (same architecture, "
                         "data, split, seed and metanet settings): only search and final training")
     p.add_argument("--set", help='JSON overrides, e.g. \'{"metanet": {"epochs": 2}}\'')
-    p.add_argument("--out", default="runs/prune", help="run folder (checkpoints and artifacts)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    if local:
+        p.add_argument("--out", default="runs/prune",
+                       help="run folder (checkpoints and artifacts)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 def _is_loopback(host: str) -> bool:
@@ -644,6 +875,41 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="warnings only")
     p.add_argument("--json", action="store_true", help="print the number of jobs run as JSON")
     p.set_defaults(fn=cmd_worker)
+
+    p = sub.add_parser("submit", help="queue a pruning job on the service (the options of "
+                                      "`prune`); prints its id")
+    _pipeline_args(p, local=False)
+    p.add_argument("--idempotency-key", help="the same key gives back the same job (safe retry)")
+    _client_args(p)
+    p.set_defaults(fn=cmd_submit)
+    for name, fn, help_ in (("status", cmd_status, "a job's status on one line (or --json)"),
+                            ("cancel", cmd_cancel, "cancel a job"),
+                            ("watch", cmd_watch, "follow a job until it ends (exit 0: "
+                                                 "succeeded, 1: failed or cancelled)"),
+                            ("download", cmd_download, "download a job's artifacts, verifying "
+                                                       "each sha256")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("job", help="the job id")
+        if name == "watch":
+            p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+        if name == "download":
+            p.add_argument("--dest", default=".", help="folder to write into (made if missing)")
+            p.add_argument("--only", help="comma-separated artifact names, e.g. "
+                                          "model.onnx,report.json")
+        if name in ("watch", "download"):
+            p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        _client_args(p)
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("jobs", help="list your jobs on the service, newest first")
+    p.add_argument("--status", action="append",
+                   choices=["queued", "running", "succeeded", "failed", "cancelled"],
+                   help="only jobs in this status (repeatable)")
+    p.add_argument("--limit", type=int, default=20, help="jobs per page (1–100)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many (see next_offset)")
+    p.add_argument("--json", action="store_true", help="print the page as JSON")
+    _client_args(p)
+    p.set_defaults(fn=cmd_jobs)
     return parser
 
 
@@ -657,6 +923,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("metaprune: interrupted (resume with --resume)", file=sys.stderr)
         return 130
+    if isinstance(out, int) and not isinstance(out, bool):  # an exit status (`watch`)
+        return out
     if out:
         try:
             print(json.dumps(out, indent=2))

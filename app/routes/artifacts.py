@@ -1,0 +1,141 @@
+"""``/v1/jobs/{id}/artifacts``, ``…/events`` (server-sent events) and ``…/search``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Request, status
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.auth import Owner
+from app.deps import Db, SettingsDep
+from app.schemas import ArtifactList, ErrorOut, JobOut, SearchOut, errors
+from app.services import artifacts
+from app.services.jobs import get_job
+
+router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], responses=errors(401))
+
+NOT_SUCCEEDED = {"model": ErrorOut, "description": "the job has not succeeded (no artifacts)",
+                 "content": {"application/json": {"example": {
+                     "detail": "job is running: artifacts are available once it has "
+                               "succeeded"}}}}
+_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+_FILE_HEADERS = {
+    "X-Content-SHA256": {"description": "hex sha256 of the whole file (as in config.json)",
+                         "schema": {"type": "string", "example": _SHA}},
+    "Content-Length": {"description": "bytes in this response", "schema": {"type": "integer"}},
+    "Accept-Ranges": {"description": "`bytes`: Range requests are served",
+                      "schema": {"type": "string"}},
+    "Content-Disposition": {"description": "attachment; filename=<name>",
+                            "schema": {"type": "string"}},
+}
+_FILE_CONTENT = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                 "application/json": {"schema": {"type": "object"}},
+                 "image/png": {"schema": {"type": "string", "format": "binary"}}}
+
+JobId = Annotated[str, Path(description="the job id", max_length=64)]
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="List a job's artifacts",
+            responses={**errors(404), 409: NOT_SUCCEEDED})
+def list_artifacts(job_id: JobId, owner: Owner, db: Db, settings: SettingsDep) -> ArtifactList:
+    """The artifacts of a succeeded job, with sizes and sha256: `config.json` and the files its
+    `files` map names (`model.safetensors`, `model.ts`, `model.onnx`, `search.json`,
+    `report.json`, `pareto.png`)."""
+    return ArtifactList(items=artifacts.list_artifacts(db, settings, owner, job_id))
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}", summary="Download an artifact",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "the whole file", "headers": _FILE_HEADERS,
+              "content": _FILE_CONTENT},
+        206: {"description": "the requested byte range (`Content-Range: bytes a-b/size`)",
+              "headers": {**_FILE_HEADERS, "Content-Range": {
+                  "description": "bytes first-last/size", "schema": {"type": "string"}}},
+              "content": _FILE_CONTENT},
+        404: {"model": ErrorOut, "description": "no such job among the caller's, or no "
+                                                "artifact of that name (names come from "
+                                                "config.json's files map; paths are refused)"},
+        409: {"model": ErrorOut,
+              "description": "the job has not succeeded, or the artifact is corrupted: its "
+                             "sha256 does not match config.json (it is never served)",
+              "content": {"application/json": {"examples": {
+                  "not succeeded": {"value": {"detail": "job is queued: artifacts are "
+                                                        "available once it has succeeded"}},
+                  "corrupted": {"value": {"detail": "artifact model.onnx is corrupted "
+                                                    "(sha256 mismatch)"}}}}}},
+        **errors(416)})
+def download_artifact(job_id: JobId, name: Annotated[str, Path(max_length=255)], owner: Owner,
+                      db: Db, settings: SettingsDep,
+                      range_: Annotated[str | None, Header(
+                          alias="Range", description="one range: `bytes=a-b`, `bytes=a-` or "
+                                                     "`bytes=-n`")] = None):
+    """Stream one artifact. Its sha256 is checked against `config.json` before it is served and
+    sent in `X-Content-SHA256`; single HTTP byte ranges are honoured (206), a range beyond the
+    file is 416."""
+    f = artifacts.open_artifact(db, settings, owner, job_id, name)
+    try:
+        span = artifacts.parse_range(range_, f.size)
+    except artifacts.RangeNotSatisfiable as e:
+        f.close()
+        return JSONResponse({"detail": e.detail}, status_code=416,
+                            headers={"Content-Range": f"bytes */{e.size}",
+                                     "Accept-Ranges": "bytes"})
+    headers = {"X-Content-SHA256": f.sha256, "Accept-Ranges": "bytes",
+               "Content-Disposition": f'attachment; filename="{f.name}"'}
+    if span is None:
+        start, end, code = 0, f.size - 1, status.HTTP_200_OK
+    else:
+        (start, end), code = span, status.HTTP_206_PARTIAL_CONTENT
+        headers["Content-Range"] = f"bytes {start}-{end}/{f.size}"
+    headers["Content-Length"] = str(end - start + 1)
+    return StreamingResponse(f.chunks(start, end), status_code=code, headers=headers,
+                             media_type=f.media_type)
+
+
+_EVENTS_EXAMPLE = ('event: progress\ndata: {"id": "5b0f…", "status": "running", "stage": '
+                   '"search", "progress": 0.42, …}\n\n: heartbeat\n\n'
+                   'event: progress\ndata: {"id": "5b0f…", "status": "succeeded", …}\n\n'
+                   'event: done\ndata: {"id": "5b0f…", "status": "succeeded", …}\n\n')
+
+
+@router.get("/{job_id}/events", summary="Follow a job's progress (server-sent events)",
+            response_class=StreamingResponse,
+            responses={200: {"description": "a `text/event-stream`: `progress` events (the job "
+                                            "as JSON) on every change of status, stage, "
+                                            "progress or detail; `done` (the job) when it is "
+                                            "succeeded, failed or cancelled, then the stream "
+                                            "ends; `: heartbeat` comments while idle",
+                             "content": {"text/event-stream": {"schema": {"type": "string"},
+                                                               "example": _EVENTS_EXAMPLE}}},
+                       **errors(404)})
+async def job_events(job_id: JobId, request: Request, owner: Owner, db: Db,
+                     settings: SettingsDep) -> StreamingResponse:
+    """The job's progress as server-sent events, starting with its current state. A job that
+    has already finished yields one `progress` and the `done` event."""
+    from starlette.concurrency import run_in_threadpool
+
+    await run_in_threadpool(get_job, db, owner, job_id)  # 404 before the stream starts
+
+    def render(job):
+        return JobOut.of(job).model_dump_json()
+
+    stream = artifacts.job_events(db, settings, owner, job_id, request.is_disconnected, render)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/{job_id}/search", response_model=SearchOut,
+            summary="A job's search history and Pareto front",
+            responses={404: {"model": ErrorOut, "description": "no such job among the "
+                                                               "caller's, or no search results "
+                                                               "yet"},
+                       409: {"model": ErrorOut, "description": "the search record is "
+                                                               "unreadable"}})
+def job_search(job_id: JobId, owner: Owner, db: Db, settings: SettingsDep) -> SearchOut:
+    """Every candidate the evolutionary search evaluated (key, generation, widths, MACs,
+    params, score) and the Pareto front of score vs MACs: from the finished run's
+    `search.json`, or from the search state while the search runs."""
+    return SearchOut.model_validate(artifacts.search_history(db, settings, owner, job_id))

@@ -1,0 +1,247 @@
+"""The service's client commands (``metaprune submit | status | jobs | cancel | watch |
+download``): against the real app in-process (a migrated temporary SQLite file, tokens on), and
+``download`` against a small fake server implementing the artifact contract."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.auth import create_token
+from app.db import make_engine, upgrade
+from app.main import create_app
+from app.models import ApiToken, Job
+from app.settings import Settings
+from pruning import cli
+from pruning.client import ApiClient
+
+pytestmark = pytest.mark.timeout(60)
+
+SUBMIT = ["submit", "--arch", "test_mobilenet_v1", "--dataset", "synthetic", "--preset", "smoke",
+          "--macs-ratio", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def db_url(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'client.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = make_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(delete(Job))
+        conn.execute(delete(ApiToken))
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def server(engine, db_url, monkeypatch):
+    """The app in-process; every client command talks to it with alice's token."""
+    with Session(engine) as s:
+        token = create_token(s, "alice", "t")
+        s.commit()
+    settings = Settings(database_url=db_url, require_auth=True)
+    with TestClient(create_app(settings)) as tc:
+        monkeypatch.setattr(cli, "_api_client", lambda a: ApiClient(token=token, client=tc))
+        tc.token = token
+        yield tc
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def submit(capsys, *extra):
+    rc, out, err = run(capsys, *SUBMIT, *extra)
+    assert rc == 0, err
+    return out.strip()
+
+
+def test_submit_status_jobs_cancel(server, capsys):
+    job_id = submit(capsys)
+    assert len(job_id) == 36 and "\n" not in job_id
+
+    rc, out, _ = run(capsys, *SUBMIT, "--idempotency-key", "k1", "--json")
+    first = json.loads(out)
+    assert rc == 0 and first["spec"]["arch"] == "test_mobilenet_v1"
+    assert first["spec"]["budget"]["macs_ratio"] == 0.5 and first["status"] == "queued"
+    assert submit(capsys, "--idempotency-key", "k1") == first["id"]  # a replay: the same job
+
+    rc, out, _ = run(capsys, "status", job_id)
+    assert rc == 0 and out.startswith(job_id) and "queued" in out and out.count("\n") == 1
+    rc, out, _ = run(capsys, "status", job_id, "--json")
+    assert json.loads(out)["id"] == job_id
+
+    rc, out, err = run(capsys, "jobs")
+    lines = out.splitlines()
+    assert rc == 0 and lines[0].split()[:3] == ["ID", "STATUS", "STAGE"]
+    assert [ln.split()[0] for ln in lines[1:]] == [first["id"], job_id]  # newest first
+    assert "2 of 2 jobs" in err
+    rc, out, err = run(capsys, "jobs", "--limit", "1", "--json")
+    page = json.loads(out)
+    assert [j["id"] for j in page["items"]] == [first["id"]] and page["next_offset"] == 1
+
+    rc, out, _ = run(capsys, "cancel", job_id)
+    assert rc == 0 and out.strip() == f"{job_id}: cancelled"
+    rc, out, _ = run(capsys, "jobs", "--status", "cancelled")
+    assert [ln.split()[0] for ln in out.splitlines()[1:]] == [job_id]
+
+    rc, _, err = run(capsys, "cancel", job_id)  # already finished: 409, one line
+    assert rc == 2 and err.startswith("metaprune: error: HTTP 409: ") and err.count("\n") == 1
+    rc, _, err = run(capsys, "status", "no-such-job")
+    assert rc == 2 and "HTTP 404" in err and "Traceback" not in err
+
+
+def test_submit_rejects_bad_options(server, capsys):
+    rc, _, err = run(capsys, *SUBMIT, "--set", '{"search": {"generations": -3}}')
+    assert rc == 2 and err.count("\n") == 1 and "generations" in err
+    with pytest.raises(SystemExit) as e:  # run-folder options are the server's business
+        cli.main([*SUBMIT, "--out", "runs/x"])
+    assert e.value.code == 2
+
+
+def test_auth_error_is_one_line(server, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_api_client", lambda a: ApiClient(token="wrong", client=server))
+    rc, _, err = run(capsys, "jobs")
+    assert rc == 2 and err.startswith("metaprune: error: HTTP 401") and err.count("\n") == 1
+
+
+def _drive(engine, end: str):
+    """A fake worker: claim the job, report search progress, then end it as ``end``."""
+    def go():
+        time.sleep(0.2)
+        claimed = queue.claim(engine, "w1")
+        assert claimed is not None
+        queue.report_progress(engine, claimed.id, "w1", claimed.attempt, stage="search",
+                              progress=0.5, detail={"generation": 3, "generations": 6,
+                                                    "best": {"score": 0.8, "macs": 1.5e6}})
+        time.sleep(0.2)
+        if end == "succeeded":
+            queue.finish(engine, claimed.id, "w1", claimed.attempt,
+                         detail={"result": {"metapruning": {"test_accuracy": 0.9,
+                                                            "macs": 1.5e6}}})
+        else:
+            queue.fail(engine, claimed.id, "w1", claimed.attempt, error_kind="data",
+                       error_message="dataset went missing")
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("end", ["succeeded", "failed"])
+def test_watch(server, engine, capsys, end):
+    job_id = submit(capsys)
+    thread = _drive(engine, end)
+    rc, out, err = run(capsys, "watch", job_id, "--interval", "0.05")
+    thread.join(5)
+    assert "[search] running 50%  best est. val 80.00% at 1.50M MACs" in err
+    if end == "succeeded":
+        assert rc == 0 and "succeeded" in out and "test 90.00%" in out
+    else:
+        assert rc == 1 and "dataset went missing" in err and "failed" in err
+
+
+def test_watch_cancelled_and_json(server, capsys):
+    job_id = submit(capsys)
+    run(capsys, "cancel", job_id)
+    rc, out, _ = run(capsys, "watch", job_id, "--json", "--quiet")
+    assert rc == 1 and json.loads(out)["status"] == "cancelled"
+
+
+# --- download, against a fake server implementing the artifact contract ----------------------
+
+FILES = {"model.onnx": b"onnx" * 5000, "report.json": b'{"ok": true}', "config.json": b"{}"}
+
+
+def fake_server(*, corrupt: str | None = None, bad_header: str | None = None):
+    digests = {n: hashlib.sha256(b).hexdigest() for n, b in FILES.items()}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("authorization") != "Bearer tok":
+            return httpx.Response(401, json={"detail": "missing or invalid API token"})
+        parts = request.url.path.strip("/").split("/")
+        if parts[:2] != ["v1", "jobs"] or len(parts) < 4 or parts[3] != "artifacts" \
+                or parts[2] != "J1":
+            return httpx.Response(404, json={"detail": "job not found"})
+        if len(parts) == 4:
+            return httpx.Response(200, json={"items": [
+                {"name": n, "size": len(b), "sha256": digests[n]} for n, b in FILES.items()]})
+        name = parts[4]
+        if name not in FILES:
+            return httpx.Response(404, json={"detail": "artifact not found"})
+        body = FILES[name] + (b"!" if name == corrupt else b"")
+        header = "0" * 64 if name == bad_header else digests[name]
+        return httpx.Response(200, content=body, headers={"X-Content-SHA256": header})
+
+    return httpx.Client(transport=httpx.MockTransport(handler), base_url="http://fake")
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    state = {"client": fake_server()}
+    monkeypatch.setattr(cli, "_api_client",
+                        lambda a: ApiClient("http://fake", token="tok", client=state["client"]))
+    return state
+
+
+def test_download_all_and_only(fake, tmp_path, capsys):
+    dest = tmp_path / "out"
+    rc, out, err = run(capsys, "download", "J1", "--dest", str(dest))
+    assert rc == 0, err
+    assert sorted(p.name for p in dest.iterdir()) == sorted(FILES)
+    assert all((dest / n).read_bytes() == b for n, b in FILES.items())
+    assert out.splitlines() == [str(dest / n) for n in FILES]
+    assert "model.onnx: 20000 bytes, sha256 ok" in err
+
+    only = tmp_path / "only"
+    rc, out, _ = run(capsys, "download", "J1", "--dest", str(only), "--only",
+                     "report.json,model.onnx", "--json")
+    assert rc == 0 and sorted(p.name for p in only.iterdir()) == ["model.onnx", "report.json"]
+    assert {f["name"] for f in json.loads(out)["files"]} == {"model.onnx", "report.json"}
+
+    rc, _, err = run(capsys, "download", "J1", "--dest", str(tmp_path / "x"),
+                     "--only", "model.ts")
+    assert rc == 2 and "no artifact named model.ts" in err and not (tmp_path / "x").exists()
+    rc, _, err = run(capsys, "download", "J2", "--dest", str(tmp_path / "y"))
+    assert rc == 2 and "HTTP 404: job not found" in err
+
+
+@pytest.mark.parametrize("how", ["corrupt", "bad_header"])
+def test_download_sha256_mismatch_leaves_nothing(fake, tmp_path, capsys, how):
+    fake["client"] = fake_server(**{how: "model.onnx"})
+    dest = tmp_path / "out"
+    rc, _, err = run(capsys, "download", "J1", "--dest", str(dest), "--only", "model.onnx")
+    assert rc == 2 and err.strip() == "metaprune: error: sha256 mismatch for model.onnx"
+    assert list(dest.iterdir()) == []  # no partial or temporary file
+
+
+def test_connection_refused(capsys, monkeypatch):
+    monkeypatch.delenv("METAPRUNE_TOKEN", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    for argv in (["status", "J1"], ["jobs"], ["download", "J1"], [*SUBMIT]):
+        rc, _, err = run(capsys, *argv, "--server", url)
+        assert rc == 2
+        assert err.strip() == (f"metaprune: error: cannot reach the server at {url} "
+                               f"(is `metaprune serve` running?)")
+    monkeypatch.setenv("METAPRUNE_SERVER", url)
+    rc, _, err = run(capsys, "cancel", "J1")
+    assert rc == 2 and f"cannot reach the server at {url}" in err
