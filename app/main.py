@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from app.db import make_engine, session_factory
 from app.deps import Database
+from app.metrics import HttpMetrics, Registry
 from app.middleware import BodySizeLimit
 from app.services import ServiceError
 from app.settings import Settings, get_settings
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   openapi_tags=[{"name": "jobs", "description": "pruning jobs and their queue"},
                                 {"name": "artifacts", "description": "a job's artifacts, "
                                  "progress events and search history"},
+                                {"name": "configurations", "description": "pruned "
+                                 "configurations that succeeded jobs found"},
                                 {"name": "catalog", "description": "what a spec may name"},
                                 {"name": "health", "description": "probes"}])
     app.dependency_overrides[get_settings] = lambda: settings
@@ -55,11 +58,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
-    from app.routes import artifacts, catalog, health, jobs
+    from app.routes import artifacts, catalog, configurations, health, jobs, metrics
 
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
     app.include_router(catalog.router)
+    app.include_router(configurations.router)
+    app.include_router(metrics.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.metrics = Registry()
+    app.add_middleware(HttpMetrics, registry=app.state.metrics)  # outermost: counts 413s too
     return app

@@ -297,3 +297,39 @@ def reap(engine: Engine, now: datetime | None = None) -> dict[str, str]:
             .returning(Job.id, Job.status))
     with write_transaction(engine) as conn:
         return {job_id: status for job_id, status in conn.execute(stmt)}
+
+
+# --- reads for /metrics and /v1/configurations ------------------------------------------------
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    """How many jobs there are in each status (all owners; one ``GROUP BY``)."""
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+
+def _result_macs():
+    return Job.detail[("result", "metapruning", "macs")].as_integer()
+
+
+def list_configurations(session: Session, owner: str, *, arch: str | None = None,
+                        dataset: str | None = None, min_macs: int | None = None,
+                        max_macs: int | None = None, limit: int = 20,
+                        offset: int = 0) -> tuple[list[Job], int]:
+    """A page of ``owner``'s succeeded jobs that stored a MetaPruning result, filtered in SQL by
+    the spec's ``arch`` and ``dataset`` and the result's MACs (JSON path access that works on
+    SQLite and PostgreSQL), newest first, and the total number that match."""
+    macs = _result_macs()
+    where = [Job.owner == owner, Job.status == SUCCEEDED, macs.is_not(None)]
+    if arch is not None:
+        where.append(Job.spec["arch"].as_string() == arch)
+    if dataset is not None:
+        where.append(Job.spec["dataset"].as_string() == dataset)
+    if min_macs is not None:
+        where.append(macs >= min_macs)
+    if max_macs is not None:
+        where.append(macs <= max_macs)
+    total = session.scalar(select(func.count()).select_from(Job).where(*where))
+    rows = session.scalars(select(Job).where(*where)
+                           .order_by(Job.created_at.desc(), Job.id.desc())
+                           .limit(limit).offset(offset)).all()
+    return list(rows), total

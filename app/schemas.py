@@ -164,6 +164,45 @@ class SearchOut(BaseModel):
         description="candidates no other beats on both score and MACs, sorted by MACs")
 
 
+_CONFIGURATION = {"job_id": "5b0f3f0e-8a4e-4c1e-9a57-0d3f1c2b7e11", "arch": "mobilenet_v1",
+                  "dataset": "fashion-mnist", "width_mult": 0.25,
+                  "budget": {"macs_ratio": 0.3, "macs": 3_580_000},
+                  "candidate": "3-4-2-4",
+                  "widths": {"stem": 16, "stage1": 32, "stage2": 48, "stage3": 96},
+                  "macs": 3_512_000, "params": 110_442, "test_accuracy": 0.874,
+                  "created_at": "2030-01-01T12:00:00Z"}
+
+
+class ConfigurationOut(BaseModel):
+    """A pruned configuration: the MetaPruning winner of a succeeded job."""
+
+    job_id: str = Field(description="the job that found it (its artifacts hold the model)")
+    arch: str | None
+    dataset: str | None
+    width_mult: float | None = Field(default=None, description="the spec's width multiplier")
+    budget: dict[str, Any] | None = Field(description="the budget the job pruned to")
+    candidate: str | None = Field(description="the candidate's key (its width choices)")
+    widths: dict[str, int] | None = Field(description="channels per width group (null for jobs "
+                                                      "stored before widths were recorded)")
+    macs: int
+    params: int | None
+    test_accuracy: float | None
+    created_at: datetime
+
+
+class ConfigurationPage(BaseModel):
+    """A page of stored configurations, newest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"items": [_CONFIGURATION], "total": 7, "limit": 1, "offset": 0, "next_offset": 1}]})
+
+    items: list[ConfigurationOut]
+    total: int = Field(description="configurations matching the filters, over all pages")
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="offset of the next page; null on the last")
+
+
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for these error status codes."""
     text = {401: "missing or invalid API token",

@@ -359,10 +359,13 @@ class Worker:
 
 def summary(report: dict, attempt: int) -> dict:
     """The small result stored on a succeeded job (``detail``): the report's metapruning and
-    uniform entries (no widths), the budget and the time taken."""
+    uniform entries (the MetaPruning one with its widths, for ``/v1/configurations``), the
+    budget and the time taken."""
     keep = ("candidate", "macs", "params", "estimated_val_accuracy", "test_accuracy",
             "latency_ms")
-    result = {name: {k: report[name][k] for k in keep if k in report[name]}
+    result = {name: {k: report[name][k]
+                     for k in keep + (("widths",) if name == "metapruning" else ())
+                     if k in report[name]}
               for name in ("metapruning", "uniform") if name in report}
     result["budget"] = report.get("budget")
     result["elapsed_s"] = report.get("elapsed_s")
