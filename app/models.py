@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, Index, Integer, MetaData,
-                        String, Text, TypeDecorator, UniqueConstraint, false, text)
+                        String, Text, TypeDecorator, UniqueConstraint, false)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 

@@ -337,7 +337,7 @@ class Bench:
         from pruning.pipeline import pick_device
         from pruning.search import random_feasible
         from pruning.space import SearchSpace
-        from pruning.train import Cancelled, TrainConfig, accuracy, train_network
+        from pruning.train import Cancelled, accuracy, train_network
         from pruning import counting
 
         a = self.a

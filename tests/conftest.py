@@ -6,7 +6,9 @@ only built at small sizes (or on the ``meta`` device) where a test says so.
 
 from __future__ import annotations
 
+import os
 import random
+import uuid
 from functools import lru_cache
 
 import pytest
@@ -101,3 +103,36 @@ def check_widths(space, cand, net):
     assert fc.weight.shape == (head.cout, by_group[head.cin]) and fc.bias.shape == (head.cout,)
     assert seen_groups == set(by_group)
     assert n_convs == sum(isinstance(m, nn.Conv2d) for m in net.modules())
+
+
+PG_ADMIN_URL = os.environ.get("METAPRUNE_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A fresh, migrated PostgreSQL database for one test module, dropped afterwards; skipped
+    with the reason only where no PostgreSQL answers (CI always has one)."""
+    from sqlalchemy import make_url, text
+
+    from app.db import make_engine, upgrade
+
+    try:
+        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
+                            connect_args={"connect_timeout": 3})
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as e:  # noqa: BLE001 — any failure to connect means: no PostgreSQL here
+        pytest.skip(f"PostgreSQL unreachable at {make_url(PG_ADMIN_URL).host}:"
+                    f"{make_url(PG_ADMIN_URL).port}: {type(e).__name__}")
+    name = f"metaprune_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        assert upgrade(url) == "0001"
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

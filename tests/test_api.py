@@ -4,13 +4,11 @@ database on 127.0.0.1:5432, as in test_queue.py)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select, text, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from app.auth import create_token
@@ -21,8 +19,6 @@ from app.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
 
-PG_ADMIN_URL = os.environ.get("METAPRUNE_TEST_POSTGRES_URL",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 SPEC = {"arch": "test_mobilenet_v1", "dataset": "synthetic", "budget": {"macs_ratio": 0.5},
         "preset": "smoke"}
 
@@ -32,28 +28,6 @@ def sqlite_url(tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'api.db'}"
     upgrade(url)
     return url
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    try:
-        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                            connect_args={"connect_timeout": 3})
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as e:  # noqa: BLE001 — any failure to connect means: no PostgreSQL here
-        pytest.skip(f"PostgreSQL unreachable: {type(e).__name__}")
-    name = f"metaprune_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _clean(url):

@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, delete, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Column, Integer, MetaData, Table, delete
 from sqlalchemy.orm import Session
 
 from app import queue
@@ -19,8 +16,6 @@ from app.models import ApiToken, Base, Job
 
 pytestmark = pytest.mark.timeout(60)
 
-PG_ADMIN_URL = os.environ.get("METAPRUNE_TEST_POSTGRES_URL",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
 
@@ -29,29 +24,6 @@ def sqlite_url(tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'queue.db'}"
     assert upgrade(url) == "0001"
     return url
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    try:
-        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                            connect_args={"connect_timeout": 3})
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as e:  # noqa: BLE001 — any failure to connect means: no PostgreSQL here
-        pytest.skip(f"PostgreSQL unreachable at {make_url(PG_ADMIN_URL).host}:"
-                    f"{make_url(PG_ADMIN_URL).port}: {type(e).__name__}")
-    name = f"metaprune_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        assert upgrade(url) == "0001"
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
