@@ -136,3 +136,42 @@ def postgres_url():
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def sqlite_url(tmp_path_factory):
+    """A migrated SQLite database file for one test module."""
+    from app.db import upgrade
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'service.db'}"
+    assert upgrade(url) == "0001"
+    return url
+
+
+def emptied_engine(url: str):
+    """An engine on the migrated database ``url`` with every job and token deleted."""
+    from sqlalchemy import delete
+
+    from app.db import make_engine
+    from app.models import ApiToken, Job
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(delete(Job))
+        conn.execute(delete(ApiToken))
+    return engine
+
+
+def sigkill_at(proc, marker, timeout: float) -> None:
+    """SIGKILL ``proc`` as soon as the file ``marker`` exists (it must still be running)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"the process ended early: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, f"no {marker.name} within {timeout:g} s"
+        time.sleep(0.005)
+    assert proc.poll() is None  # killed mid-run, not after it
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL

@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
+from tests.conftest import emptied_engine
 from app.auth import create_token
-from app.db import make_engine, upgrade
 from app.main import create_app
 from app.models import ApiToken, Job
 from app.settings import Settings
@@ -23,24 +23,9 @@ SPEC = {"arch": "test_mobilenet_v1", "dataset": "synthetic", "budget": {"macs_ra
         "preset": "smoke"}
 
 
-@pytest.fixture(scope="module")
-def sqlite_url(tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'api.db'}"
-    upgrade(url)
-    return url
-
-
-def _clean(url):
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(delete(Job))
-        conn.execute(delete(ApiToken))
-    return engine
-
-
 @pytest.fixture
 def engine(sqlite_url):
-    eng = _clean(sqlite_url)
+    eng = emptied_engine(sqlite_url)
     yield eng
     eng.dispose()
 
@@ -117,7 +102,7 @@ def test_main_flow_sqlite(api, engine):
 
 @pytest.mark.postgres
 def test_main_flow_postgres(postgres_url):
-    engine = _clean(postgres_url)
+    engine = emptied_engine(postgres_url)
     try:
         with client_for(postgres_url) as client:
             main_flow(client, engine, bearer(token_for(engine, "alice")))

@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from app.models import Job
 from app.services import artifacts as artifacts_service
-from tests.test_api import SPEC, bearer, client_for, engine, sqlite_url, token_for  # noqa: F401
+from tests.test_api import SPEC, bearer, client_for, engine, token_for  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,14 +13,12 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
+from tests.conftest import emptied_engine
 from app import queue
 from app.auth import create_token
-from app.db import make_engine, upgrade
 from app.main import create_app
-from app.models import ApiToken, Job
 from app.settings import Settings
 from pruning import cli
 from pruning.client import ApiClient
@@ -31,30 +29,20 @@ SUBMIT = ["submit", "--arch", "test_mobilenet_v1", "--dataset", "synthetic", "--
           "--macs-ratio", "0.5"]
 
 
-@pytest.fixture(scope="module")
-def db_url(tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'client.db'}"
-    upgrade(url)
-    return url
-
-
 @pytest.fixture
-def engine(db_url):
-    eng = make_engine(db_url)
-    with eng.begin() as conn:
-        conn.execute(delete(Job))
-        conn.execute(delete(ApiToken))
+def engine(sqlite_url):
+    eng = emptied_engine(sqlite_url)
     yield eng
     eng.dispose()
 
 
 @pytest.fixture
-def server(engine, db_url, monkeypatch):
+def server(engine, sqlite_url, monkeypatch):
     """The app in-process; every client command talks to it with alice's token."""
     with Session(engine) as s:
         token = create_token(s, "alice", "t")
         s.commit()
-    settings = Settings(database_url=db_url, require_auth=True)
+    settings = Settings(database_url=sqlite_url, require_auth=True)
     with TestClient(create_app(settings)) as tc:
         monkeypatch.setattr(cli, "_api_client", lambda a: ApiClient(token=token, client=tc))
         tc.token = token

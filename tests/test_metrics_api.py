@@ -8,14 +8,14 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from tests.conftest import emptied_engine
 from app import queue
 from app.auth import create_token
-from app.db import make_engine, upgrade
 from app.main import create_app
-from app.models import STATUSES, ApiToken, Job, utcnow
+from app.models import STATUSES, Job, utcnow
 from app.settings import Settings
 
 pytestmark = pytest.mark.timeout(30)
@@ -26,19 +26,9 @@ LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
-@pytest.fixture(scope="module")
-def sqlite_url(tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'metrics.db'}"
-    upgrade(url)
-    return url
-
-
 @pytest.fixture
 def engine(sqlite_url):
-    eng = make_engine(sqlite_url)
-    with eng.begin() as conn:
-        conn.execute(delete(Job))
-        conn.execute(delete(ApiToken))
+    eng = emptied_engine(sqlite_url)
     yield eng
     eng.dispose()
 

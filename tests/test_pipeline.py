@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import sigkill_at
 from metanet.bn import bn_statistics, recalibrate_bn
 from metanet.pruningnet import PruningNet
 from pruning import cli, counting
@@ -157,15 +156,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(reference, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "pruning.cli", *CLI_ARGS, "--out", str(out)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        marker = out / "metanet" / "state.safetensors"  # the first PruningNet checkpoint
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, f"the run ended early: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.005)
-        assert proc.poll() is None  # killed mid-run, not after it
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
+        sigkill_at(proc, out / "metanet" / "state.safetensors", 120)  # first checkpoint
     finally:
         if proc.poll() is None:
             proc.kill()

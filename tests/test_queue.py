@@ -7,23 +7,17 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, delete
+from sqlalchemy import Column, Integer, MetaData, Table
 from sqlalchemy.orm import Session
 
+from tests.conftest import emptied_engine
 from app import queue
-from app.db import make_engine, upgrade
-from app.models import ApiToken, Base, Job
+from app.db import make_engine
+from app.models import Base, Job
 
 pytestmark = pytest.mark.timeout(60)
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
-
-
-@pytest.fixture(scope="module")
-def sqlite_url(tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'queue.db'}"
-    assert upgrade(url) == "0001"
-    return url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -34,10 +28,7 @@ def db_url(request):
 @pytest.fixture
 def engine(db_url):
     """An engine on an empty (migrated) database."""
-    eng = make_engine(db_url)
-    with eng.begin() as conn:
-        conn.execute(delete(Job))
-        conn.execute(delete(ApiToken))
+    eng = emptied_engine(db_url)
     yield eng
     eng.dispose()
 

@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
+from tests.conftest import sigkill_at
 from app import queue
 from app.db import make_engine, upgrade
 from app.models import Job, utcnow
@@ -258,15 +259,7 @@ def test_a_killed_worker_s_job_is_finished_from_its_checkpoint(reference, clean,
          "--worker-id", "w-killed", "--quiet"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        marker = run_dir / "metanet" / "state.safetensors"  # the first PruningNet checkpoint
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None, f"the worker ended early: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "no checkpoint within 60 s"
-            time.sleep(0.005)
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
+        sigkill_at(proc, run_dir / "metanet" / "state.safetensors", 60)  # first checkpoint
     finally:
         if proc.poll() is None:
             proc.kill()
