@@ -82,6 +82,13 @@ def alembic_config(url: str | None = None):
     return cfg
 
 
+def head_revision() -> str:
+    """The newest revision in ``migrations/``: what ``upgrade`` brings a database to."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def upgrade(url: str, revision: str = "head") -> str | None:
     """Migrate the database at ``url`` to ``revision`` (``alembic upgrade head``); returns the
     revision the database is at afterwards. Migrations are the only way the schema is made."""

@@ -98,6 +98,9 @@ class Job(Base):
     error_kind: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # pruning.pipeline.metanet_fingerprint of the spec: a succeeded job with the same one (and
+    # owner) lends its trained PruningNet to the next (train once, search many)
+    metanet_key: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -113,6 +116,8 @@ class Job(Base):
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         # an owner's job list, newest first
         Index("ix_jobs_owner_created_at", "owner", "created_at"),
+        # PruningNet reuse: an owner's succeeded jobs with a given fingerprint
+        Index("ix_jobs_owner_metanet_key_status", "owner", "metanet_key", "status"),
     )
 
 

@@ -77,7 +77,8 @@ def _ts(value: datetime):
 
 
 def submit(session: Session, owner: str, spec: dict[str, Any], idempotency_key: str | None = None,
-           *, max_attempts: int = 3, now: datetime | None = None) -> Job:
+           *, max_attempts: int = 3, metanet_key: str | None = None,
+           now: datetime | None = None) -> Job:
     """Queue a job for ``owner``. With an ``idempotency_key`` the same key of the same owner gives
     the same job (the first one's; a concurrent duplicate waits for it and gets it too)."""
     from sqlalchemy.dialects import postgresql, sqlite
@@ -85,7 +86,8 @@ def submit(session: Session, owner: str, spec: dict[str, Any], idempotency_key: 
     now = now or utcnow()
     values = dict(id=new_id(), owner=owner, status=QUEUED, stage=None, progress=0.0, detail={},
                   spec=spec, attempt=0, max_attempts=max_attempts, cancel_requested=False,
-                  idempotency_key=idempotency_key, created_at=now, updated_at=now)
+                  idempotency_key=idempotency_key, metanet_key=metanet_key, created_at=now,
+                  updated_at=now)
     dialect = session.get_bind().dialect.name
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
     stmt = insert(Job).values(**values)
@@ -103,6 +105,18 @@ def get_job(session: Session, job_id: str, owner: str | None) -> Job | None:
     if owner is not None:
         stmt = stmt.where(Job.owner == owner)
     return session.scalars(stmt).one_or_none()
+
+
+def metanet_lenders(engine: Engine, owner: str, metanet_key: str, exclude: str,
+                    limit: int = 5) -> list[str]:
+    """Ids of ``owner``'s succeeded jobs (newest first) whose PruningNet fingerprint is
+    ``metanet_key``, other than ``exclude``: the PruningNets a new job may reuse."""
+    stmt = (select(Job.id)
+            .where(Job.owner == owner, Job.metanet_key == metanet_key,
+                   Job.status == SUCCEEDED, Job.id != exclude)
+            .order_by(Job.finished_at.desc(), Job.id).limit(limit))
+    with engine.connect() as conn:
+        return list(conn.execute(stmt).scalars())
 
 
 def count_queued(session: Session, owner: str) -> int:

@@ -17,6 +17,10 @@ One job at a time, in the calling thread::
   drops it (lease lost: someone else owns it now).
 * **Resume.** The run folder of a job is the same for every attempt, and ``run(...,
   resume=True)`` continues from the last stage checkpoint there.
+* **PruningNet reuse.** A job whose :func:`~pruning.pipeline.metanet_fingerprint` (architecture,
+  widths, data and split, seed, PruningNet recipe; stored on the row at submission) equals one of
+  the same owner's succeeded jobs adopts that job's trained PruningNet (``metanet_from``, checked
+  first; an unusable one is passed over) and runs only search, training, evaluation and export.
 * **Errors.** A bad spec or a user error (validation, infeasible budget, missing data, unusable
   ``metanet_from``, diverged training) fails the job for good; anything else is retried (the
   attempt fails with ``error_kind = "internal"`` and the job is re-queued while attempts are left).
@@ -28,6 +32,7 @@ One job at a time, in the calling thread::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -323,7 +328,8 @@ class Worker:
                     return self._fenced(queue.fail, job, "retry", error_kind="device",
                                         error_message="the job asks for CUDA and this worker "
                                                       "has no CUDA device", retry=True)
-            spec = spec.model_copy(update={"device": device})
+            spec = spec.model_copy(update={"device": device,
+                                           "metanet_from": self._metanet_source(job, spec)})
             state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))
             report = run(spec, self.run_dir(job.id), resume=True, progress=state.on_event,
                          should_stop=state.should_stop)
@@ -340,6 +346,31 @@ class Worker:
         if state.lost.is_set():
             return "lost"
         return self._fenced(queue.finish, job, "succeeded", detail=summary(report, job.attempt))
+
+    def _metanet_source(self, job: queue.Claimed, spec) -> str | None:
+        """The run folder of the owner's newest succeeded job whose PruningNet this job can reuse
+        (same :func:`~pruning.pipeline.metanet_fingerprint`, checked by
+        :func:`~pruning.pipeline.check_metanet_source`), or ``None``: train one. Decided at the
+        first attempt; later attempts resume with the same decision (saved in ``spec.json``)."""
+        from pruning.pipeline import RunFolderError, check_metanet_source, metanet_fingerprint
+
+        saved = self.run_dir(job.id) / "spec.json"
+        if saved.exists():
+            return json.loads(saved.read_text()).get("metanet_from")
+        if spec.metanet_from is not None:  # not over the API; a job queued by other means
+            return spec.metanet_from
+        for lender in queue.metanet_lenders(self.engine, job.owner, metanet_fingerprint(spec),
+                                            exclude=job.id):
+            src = self.run_dir(lender)
+            try:
+                check_metanet_source(spec.model_copy(update={"metanet_from": str(src)}),
+                                     self.run_dir(job.id))
+            except RunFolderError as e:  # e.g. trained by an older version: try the next one
+                log.info("job %s: cannot reuse the PruningNet of job %s: %s", job.id, lender, e)
+                continue
+            log.info("job %s: reusing the PruningNet of job %s", job.id, lender)
+            return str(src)
+        return None
 
     def _stopped(self, job: queue.Claimed, state: _JobRun) -> str:
         """The pipeline stopped on request: cancelled, given back (shutdown) or lost."""
@@ -367,6 +398,8 @@ def summary(report: dict, attempt: int) -> dict:
                      for k in keep + (("widths",) if name == "metapruning" else ())
                      if k in report[name]}
               for name in ("metapruning", "uniform") if name in report}
+    if "metanet_from" in report:  # the run folder <artifact_dir>/jobs/<id> of the lender
+        result["metanet_reused_from"] = Path(report["metanet_from"]["run"]).name
     result["budget"] = report.get("budget")
     result["elapsed_s"] = report.get("elapsed_s")
     return {"attempt": attempt, "result": result}

@@ -360,7 +360,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     r = spec.resolved()
     _check_run_dir(run_dir, spec, resume)
     if spec.metanet_from is not None and not (run_dir / METANET_FILE).exists():
-        _check_metanet_source(spec, run_dir)
+        check_metanet_source(spec, run_dir)
     device = pick_device(spec.device)
     t_start = time.perf_counter()
 
@@ -592,7 +592,13 @@ def metanet_identity(spec: PipelineSpec) -> dict:
             "budget": spec.budget.model_dump() if spec.metanet_sampling == "budget" else None}
 
 
-def _check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
+def metanet_fingerprint(spec: PipelineSpec) -> str:
+    """sha256 of :func:`metanet_identity` (canonical JSON): equal fingerprints, interchangeable
+    PruningNets. The service stores it on every job to find a finished one to reuse."""
+    return hashlib.sha256(json_bytes(metanet_identity(spec))).hexdigest()
+
+
+def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
     """The run folder ``spec.metanet_from``, checked: a run whose PruningNet is trained, with the
     same :func:`metanet_identity` as ``spec``."""
     src = Path(spec.metanet_from)
@@ -621,7 +627,7 @@ def _check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
 def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
     """Copy the checked PruningNet of ``src`` (and its stats) into this run's folder, so the run
     stays complete if ``src`` changes or goes; ``metanet/source.json`` records the origin."""
-    _check_metanet_source(ctx.spec, ctx.run_dir)
+    check_metanet_source(ctx.spec, ctx.run_dir)
     _, meta = load_tensors(src / METANET_FILE)  # the space it was built for must be ours
     if json.loads(json.dumps(meta.get("space"))) != json.loads(json.dumps(ctx.space.to_dict())):
         raise RunFolderError(f"metanet_from: the PruningNet of {src} was built for another "

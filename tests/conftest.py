@@ -115,7 +115,7 @@ def postgres_url():
     with the reason only where no PostgreSQL answers (CI always has one)."""
     from sqlalchemy import make_url, text
 
-    from app.db import make_engine, upgrade
+    from app.db import head_revision, make_engine, upgrade
 
     try:
         admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
@@ -130,7 +130,7 @@ def postgres_url():
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     try:
-        assert upgrade(url) == "0001"
+        assert upgrade(url) == head_revision()
         yield url
     finally:
         with admin.connect() as conn:
@@ -141,10 +141,10 @@ def postgres_url():
 @pytest.fixture(scope="module")
 def sqlite_url(tmp_path_factory):
     """A migrated SQLite database file for one test module."""
-    from app.db import upgrade
+    from app.db import head_revision, upgrade
 
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'service.db'}"
-    assert upgrade(url) == "0001"
+    assert upgrade(url) == head_revision()
     return url
 
 

@@ -12,7 +12,7 @@ from app.deps import Database
 from app.models import TERMINAL, Job
 from app.services import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from app.settings import Settings
-from pruning.pipeline import PipelineSpec
+from pruning.pipeline import PipelineSpec, metanet_fingerprint
 
 
 def _invalid(field: str, msg: str) -> InvalidRequest:
@@ -63,7 +63,8 @@ def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
             raise QuotaExceeded(f"queue limit reached: {settings.max_queued_per_owner} queued "
                                 "jobs per owner; wait for some to start or cancel them")
         job = queue.submit(session, owner, spec_json, idempotency_key,
-                           max_attempts=settings.max_attempts)
+                           max_attempts=settings.max_attempts,
+                           metanet_key=metanet_fingerprint(spec))
         session.commit()
         return job, True
 

@@ -1,0 +1,113 @@
+"""PruningNet reuse between jobs ("train once, search many", issue: the service): a job whose
+architecture, data and PruningNet settings match an owner's earlier succeeded job adopts that
+job's trained PruningNet and runs only search, final training, evaluation and export.
+
+Real worker, real database (SQLite and PostgreSQL), the ``smoke`` preset on a tiny network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from tests.conftest import emptied_engine
+from app import queue
+from app.settings import Settings
+from app.worker import Worker
+from pruning.pipeline import Budget, PipelineSpec, metanet_fingerprint
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(300)]
+
+SEARCH = {"population": 6, "keep_top": 6, "parents": 3, "mutants": 3, "crossovers": 3,
+          "generations": 1}
+BASE = PipelineSpec(arch="test_mobilenet_v2", dataset="synthetic", preset="smoke", device="cpu",
+                    budget=Budget(macs_ratio=0.5), metanet={"epochs": 2}, search=SEARCH)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                scope="module")
+def setup(request, tmp_path_factory):
+    url = request.getfixturevalue(f"{request.param}_url")
+    engine = emptied_engine(url)
+    settings = Settings(database_url=url, artifact_dir=tmp_path_factory.mktemp("artifacts"),
+                        lease_seconds=30, heartbeat_seconds=5)
+    yield engine, settings, Worker(settings, "w-reuse", device="cpu", engine=engine)
+    engine.dispose()
+
+
+def run_job(setup, spec: PipelineSpec, owner: str = "alice"):
+    """Queue ``spec`` as the API does (with its fingerprint), let the worker run it, and return
+    the finished row and its run folder."""
+    engine, settings, worker = setup
+    with Session(engine, expire_on_commit=False) as s:
+        job = queue.submit(s, owner, spec.model_dump(mode="json"),
+                           metanet_key=metanet_fingerprint(spec))
+        s.commit()
+    assert worker.run_once()
+    with Session(engine, expire_on_commit=False) as s:
+        row = queue.get_job(s, job.id, None)
+    assert row.status == "succeeded", (row.error_kind, row.error_message)
+    return row, Path(settings.artifact_dir) / "jobs" / job.id
+
+
+def trained_here(run_dir: Path) -> bool:
+    """Whether the run trained its own PruningNet (training leaves its step checkpoint)."""
+    return (run_dir / "metanet" / "state.safetensors").exists()
+
+
+def test_a_matching_job_reuses_the_pruningnet_and_others_do_not(setup):
+    first, first_dir = run_job(setup, BASE)
+    assert trained_here(first_dir) and "metanet_reused_from" not in first.detail["result"]
+
+    # a new budget, same architecture, data, seed and PruningNet settings: reused
+    second, second_dir = run_job(setup, BASE.model_copy(update={"budget":
+                                                                Budget(macs_ratio=0.7)}))
+    assert second.detail["result"]["metanet_reused_from"] == first.id
+    assert not trained_here(second_dir)
+    pnet = "metanet/pruningnet.safetensors"
+    assert (second_dir / pnet).read_bytes() == (first_dir / pnet).read_bytes()
+    report = json.loads((second_dir / "artifacts" / "report.json").read_text())
+    assert Path(report["metanet_from"]["run"]).name == first.id
+    assert second.detail["result"]["budget"] != first.detail["result"]["budget"]
+
+    # another owner, another seed, other PruningNet settings: each trains its own
+    for owner, spec in [("bob", BASE),
+                        ("alice", BASE.model_copy(update={"seed": 1})),
+                        ("alice", BASE.model_copy(update={"metanet": {"epochs": 1}}))]:
+        job, run_dir = run_job(setup, spec, owner)
+        assert trained_here(run_dir), (owner, spec.seed, spec.metanet)
+        assert "metanet_reused_from" not in job.detail["result"]
+
+
+def test_an_unusable_lender_is_skipped_not_fatal(setup):
+    """A lender whose PruningNet is gone (or was trained by an older version) is passed over: the
+    job trains its own instead of failing."""
+    spec = BASE.model_copy(update={"seed": 7})
+    lender, lender_dir = run_job(setup, spec)
+    (lender_dir / "metanet" / "pruningnet.safetensors").unlink()
+    job, run_dir = run_job(setup, spec.model_copy(update={"budget": Budget(macs_ratio=0.7)}))
+    assert trained_here(run_dir) and "metanet_reused_from" not in job.detail["result"]
+
+
+def test_a_resumed_attempt_keeps_its_first_decision(setup):
+    """An attempt that began training before a lender finished resumes its own training (its run
+    folder's spec.json says so) instead of switching PruningNets halfway."""
+    engine, settings, _ = setup
+    spec = BASE.model_copy(update={"seed": 9})
+    run_job(setup, spec)  # the lender
+    later = spec.model_copy(update={"budget": Budget(macs_ratio=0.7)})
+    with Session(engine, expire_on_commit=False) as s:
+        job = queue.submit(s, "alice", later.model_dump(mode="json"),
+                           metanet_key=metanet_fingerprint(later))
+        s.commit()
+    run_dir = Path(settings.artifact_dir) / "jobs" / job.id
+    run_dir.mkdir(parents=True)  # what the first attempt, begun before the lender, claimed
+    (run_dir / "spec.json").write_text(json.dumps(later.model_dump()))
+    assert setup[2].run_once()
+    with Session(engine) as s:
+        row = queue.get_job(s, job.id, None)
+    assert row.status == "succeeded", row.error_message
+    assert trained_here(run_dir) and "metanet_reused_from" not in row.detail["result"]
