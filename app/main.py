@@ -7,15 +7,19 @@ only queues jobs; training runs in worker processes (``metaprune worker``, or th
 
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app.db import make_engine, session_factory
 from app.deps import Database
 from app.metrics import HttpMetrics, Registry
-from app.middleware import BodySizeLimit
+from app.middleware import RequestBodyGuard
 from app.services import ServiceError
 from app.settings import Settings, get_settings
 
@@ -25,6 +29,18 @@ pruned models.
 Every `/v1` request carries `Authorization: Bearer <token>` (a token from
 `metaprune token create`), unless the server binds only to loopback and runs without auth.
 Errors are `{"detail": ...}` with the status code saying what went wrong."""
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as the JSON tokens a client sent (``"NaN"``,
+    ``"Infinity"``, ``"-Infinity"``): strict JSON, which a response must be, has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,6 +70,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 {"name": "health", "description": "probes"}])
     app.dependency_overrides[get_settings] = lambda: settings
 
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler, except that an echoed NaN / Infinity (Python's json module
+        # accepts them in a body) cannot turn a 422 into a 500
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))},
+                            status_code=422)
+
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
@@ -66,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(catalog.router)
     app.include_router(configurations.router)
     app.include_router(metrics.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes)
     app.state.metrics = Registry()
     app.add_middleware(HttpMetrics, registry=app.state.metrics)  # outermost: counts 413s too
     return app

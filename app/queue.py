@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, literal, select, true, update
+from sqlalchemy import BigInteger, Engine, and_, case, cast, func, literal, select, true, update
 from sqlalchemy.orm import Session
 
 from app.db import write_transaction
@@ -322,7 +322,8 @@ def count_by_status(session: Session) -> dict[str, int]:
 
 
 def _result_macs():
-    return Job.detail[("result", "metapruning", "macs")].as_integer()
+    # BIGINT: as_integer() casts to a 32-bit INTEGER on PostgreSQL, and MACs exceed 2**31
+    return cast(Job.detail[("result", "metapruning", "macs")].as_string(), BigInteger)
 
 
 def list_configurations(session: Session, owner: str, *, arch: str | None = None,

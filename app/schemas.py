@@ -209,6 +209,7 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
             404: "no such job among the caller's",
             409: "the job's state does not allow this",
             413: "request body larger than the server's limit",
+            415: "request body is not JSON (Content-Type: application/json)",
             416: "the Range lies beyond the file (Content-Range: bytes */<size>)",
             422: "invalid request: the reason is in detail",
             429: "too many queued jobs for this owner",

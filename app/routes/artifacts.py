@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Path, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import Owner
-from app.deps import Db, SettingsDep
+from app.deps import Db, JobId, SettingsDep
 from app.schemas import ArtifactList, ErrorOut, JobOut, SearchOut, errors
 from app.services import artifacts
 from app.services.jobs import get_job
@@ -32,8 +32,6 @@ _FILE_HEADERS = {
 _FILE_CONTENT = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                  "application/json": {"schema": {"type": "object"}},
                  "image/png": {"schema": {"type": "string", "format": "binary"}}}
-
-JobId = Annotated[str, Path(description="the job id", max_length=64)]
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="List a job's artifacts",
@@ -101,6 +99,14 @@ _EVENTS_EXAMPLE = ('event: progress\ndata: {"id": "5b0f…", "status": "running"
                    'event: done\ndata: {"id": "5b0f…", "status": "succeeded", …}\n\n')
 
 
+# OpenAPI 3.1 without `itemSchema`: the schema of a `text/event-stream` describes one event (its
+# fields); `data` is the job as JSON (comment lines such as heartbeats are not events)
+_EVENT_SCHEMA = {"type": "object", "required": ["event", "data"],
+                 "properties": {"event": {"type": "string", "enum": ["progress", "done"]},
+                                "data": {"type": "string", "contentMediaType": "application/json",
+                                         "contentSchema": {"$ref": "#/components/schemas/JobOut"}}}}
+
+
 @router.get("/{job_id}/events", summary="Follow a job's progress (server-sent events)",
             response_class=StreamingResponse,
             responses={200: {"description": "a `text/event-stream`: `progress` events (the job "
@@ -108,7 +114,7 @@ _EVENTS_EXAMPLE = ('event: progress\ndata: {"id": "5b0f…", "status": "running"
                                             "progress or detail; `done` (the job) when it is "
                                             "succeeded, failed or cancelled, then the stream "
                                             "ends; `: heartbeat` comments while idle",
-                             "content": {"text/event-stream": {"schema": {"type": "string"},
+                             "content": {"text/event-stream": {"schema": _EVENT_SCHEMA,
                                                                "example": _EVENTS_EXAMPLE}}},
                        **errors(404)})
 async def job_events(job_id: JobId, request: Request, owner: Owner, db: Db,

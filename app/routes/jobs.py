@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Header, Query, Response, status
 
 from app.auth import Owner
-from app.deps import Db, SettingsDep
+from app.deps import Db, JobId, SettingsDep
 from app.models import JobStatus
 from app.schemas import JobOut, JobPage, errors
 from app.services import jobs
@@ -30,12 +30,13 @@ SPEC_EXAMPLES = {
              summary="Submit a pruning job",
              responses={200: {"model": JobOut, "description": "an Idempotency-Key replay: the "
                                                               "job that key made"},
-                        **errors(409, 413, 422, 429)})
+                        **errors(409, 413, 415, 422, 429)})
 def submit_job(spec: Annotated[PipelineSpec, Body(openapi_examples=SPEC_EXAMPLES)],
                response: Response, owner: Owner, db: Db, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(
-                   min_length=1, max_length=255,
-                   description="a client-chosen key; the same key gives back the same job")
+                   min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$",
+                   description="a client-chosen key (no control characters); the same key "
+                               "gives back the same job")
                ] = None) -> JobOut:
     """Queue a job. The body is a pipeline spec (architecture, dataset, budget, preset and
     overrides, seed); it is validated in full, with every hyperparameter bounded."""
@@ -60,8 +61,9 @@ def list_jobs(owner: Owner, db: Db,
                    next_offset=offset + len(items) if more else None)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="Get a job", responses=errors(404))
-def get_job(job_id: str, owner: Owner, db: Db) -> JobOut:
+@router.get("/{job_id}", response_model=JobOut, summary="Get a job",
+            responses=errors(404, 422))
+def get_job(job_id: JobId, owner: Owner, db: Db) -> JobOut:
     """Status, stage, progress, stage detail, attempts, timestamps and any error."""
     return JobOut.of(jobs.get_job(db, owner, job_id))
 
@@ -69,8 +71,8 @@ def get_job(job_id: str, owner: Owner, db: Db) -> JobOut:
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job",
              responses={202: {"model": JobOut, "description": "the job is running: its worker "
                                                               "was asked to stop"},
-                        **errors(404, 409)})
-def cancel_job(job_id: str, response: Response, owner: Owner, db: Db) -> JobOut:
+                        **errors(404, 409, 422)})
+def cancel_job(job_id: JobId, response: Response, owner: Owner, db: Db) -> JobOut:
     """A queued job is cancelled at once (200); a running one is asked to stop (202) and
     becomes ``cancelled`` when its worker acknowledges; a finished one is a conflict (409)."""
     job = jobs.cancel_job(db, owner, job_id)

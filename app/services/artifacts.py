@@ -233,6 +233,12 @@ def open_artifact(db: Database, settings: Settings, owner: str, job_id: str,
     return ArtifactFile(name, fd, st.st_size, actual, content_type(name))
 
 
+def _digits(text: str) -> bool:
+    """Empty or ASCII digits only: ``str.isdigit`` also accepts ``²`` (a header is latin-1),
+    which ``int`` refuses."""
+    return text == "" or (text.isascii() and text.isdigit())
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The inclusive byte range a ``Range`` header asks of a ``size``-byte file; ``None`` for the
     whole file (no header, a malformed one, several ranges or another unit: RFC 9110 lets a
@@ -244,7 +250,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, dash, last = spec.strip().partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if not dash or not _digits(first) or not _digits(last):
         return None
     if first == "":
         if last == "":

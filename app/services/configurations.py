@@ -27,6 +27,8 @@ def list_configurations(db: Database, owner: str, *, arch: str | None, dataset: 
     if min_macs is not None and max_macs is not None and min_macs > max_macs:
         raise InvalidRequest([{"loc": ["query", "min_macs"], "type": "value_error",
                                "msg": "min_macs must not exceed max_macs"}])
+    if any("\x00" in value for value in (arch, dataset) if value is not None):
+        return [], 0  # no stored spec names one (and PostgreSQL refuses to compare text with NUL)
     with db.read() as session:
         jobs, total = queue.list_configurations(session, owner, arch=arch, dataset=dataset,
                                                 min_macs=min_macs, max_macs=max_macs,
