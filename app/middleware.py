@@ -1,24 +1,54 @@
-"""A request body size limit, enforced while the body streams in (pure ASGI)."""
+"""What a request body may be, enforced while it streams in (pure ASGI): at most ``max_bytes``,
+JSON only (``application/json`` or ``application/*+json``), UTF-8.
+
+Nothing else is parsed, so nothing else can be deserialised: a body of any other media type
+(a pickle, a form, an upload) is refused with 415 before a byte of it is read, and a "JSON" body
+that is not UTF-8 (a binary payload sent as ``application/json``) with 422 as it arrives
+(FastAPI would answer it with a 400, or a 500 where it echoes the bytes in a validation error).
+"""
 
 from __future__ import annotations
 
+import codecs
+import email.message
 import json
 
 from starlette.exceptions import HTTPException
 
 
-class BodyTooLarge(HTTPException):
+class BodyRejected(HTTPException):
     """Raised from ``receive``; an HTTPException, so that FastAPI's body parsing passes it on
-    (it turns other exceptions into 400) and the exception middleware answers 413."""
+    (it turns other exceptions into 400) and the exception middleware answers with it."""
 
+
+class BodyTooLarge(BodyRejected):
     def __init__(self, limit: int):
         super().__init__(413, f"request body larger than {limit} bytes")
 
 
-class BodySizeLimit:
+class BodyNotUtf8(BodyRejected):
+    def __init__(self):
+        # the shape of FastAPI's own validation errors, so that clients parse one format
+        super().__init__(422, [{"loc": ["body"], "type": "json_invalid",
+                                "msg": "request body is not UTF-8 (JSON bodies must be)"}])
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether ``content_type`` is a JSON media type (as FastAPI decides it)."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json"))
+
+
+class RequestBodyGuard:
     """Refuse bodies over ``max_bytes``: at once when ``Content-Length`` says so, else by
-    counting the bytes of the ``http.request`` messages as they arrive (chunked uploads
-    included), so an oversized body is never buffered whole."""
+    counting the bytes of the ``http.request`` messages as they arrive (chunked uploads, and a
+    ``Content-Length`` that lies, included), so an oversized body is never buffered whole.
+    Refuse a body that is not JSON (415, unread) or not UTF-8 (422, as it arrives)."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -28,24 +58,41 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.max_bytes
+        has_body = False
+        content_type = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    too_large = int(value) > limit
+                    length = int(value)
                 except ValueError:
-                    too_large = False
-                if too_large:
-                    return await _send_413(send, limit)
+                    length = None  # unknown: count the bytes instead
+                if length is not None and length > limit:
+                    return await _send_error(send, BodyTooLarge(limit))
+                has_body = has_body or length != 0
+            elif name == b"transfer-encoding":
+                has_body = True
+            elif name == b"content-type":
+                content_type = value.decode("latin-1")
+        if has_body and not is_json(content_type):
+            return await _send_error(send, HTTPException(
+                415, "request bodies must be JSON (Content-Type: application/json), got "
+                     + (repr(content_type) if content_type else "no Content-Type")))
         seen = 0
         started = False
+        utf8 = codecs.getincrementaldecoder("utf-8")()
 
         async def counting_receive():
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                body = message.get("body", b"")
+                seen += len(body)
                 if seen > limit:
                     raise BodyTooLarge(limit)
+                try:
+                    utf8.decode(body, final=not message.get("more_body", False))
+                except UnicodeDecodeError:
+                    raise BodyNotUtf8() from None
             return message
 
         async def tracking_send(message):
@@ -56,15 +103,15 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
+        except BodyRejected as e:
             if started:
                 raise
-            await _send_413(send, limit)
+            await _send_error(send, e)
 
 
-async def _send_413(send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
-    await send({"type": "http.response.start", "status": 413,
+async def _send_error(send, exc: HTTPException) -> None:
+    body = json.dumps({"detail": exc.detail}).encode()
+    await send({"type": "http.response.start", "status": exc.status_code,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

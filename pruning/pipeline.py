@@ -32,15 +32,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
 
 from metanet.pruningnet import PruningNet
 from pruning import counting
 from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, json_bytes, load_tensors,
-                                read_json, save_tensors)
+                                read_json, remove_stale_temporaries, save_tensors)
 from pruning.constraints import MacsConstraint, ParamsConstraint, check_feasible
 from pruning.data import DataBundle, list_datasets, load_dataset
 from pruning.evaluate import CandidateEvaluator
@@ -86,6 +87,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+MAX_IMAGES = 10**9  # bound of train_limit, test_limit, val_size and eval_images
+
+
 class Budget(BaseModel):
     """Exactly one budget: absolute (MACs, params, milliseconds) or relative to the full 1.0×
     network. Latency is predicted from a per-layer table measured on the run's device at
@@ -94,10 +98,10 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     macs: int | None = Field(None, gt=0, le=10**13)
     params: int | None = Field(None, gt=0, le=10**11)
-    macs_ratio: float | None = Field(None, gt=0, le=4)
-    params_ratio: float | None = Field(None, gt=0, le=4)
+    macs_ratio: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
+    params_ratio: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
     latency_ms: float | None = Field(None, gt=0, le=10**6, allow_inf_nan=False)
-    latency_ratio: float | None = Field(None, gt=0, le=4)
+    latency_ratio: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one(self):
@@ -114,26 +118,27 @@ class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     arch: str = "mobilenet_v2"
     dataset: str = "fashion-mnist"
-    data_root: str | None = None
+    data_root: str | None = Field(None, min_length=1, max_length=4096)
     budget: Budget = Budget(macs_ratio=0.25)
     preset: Literal["smoke", "quick", "standard", "paper"] = "quick"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    width_mult: float = Field(1.0, ge=0.05, le=4)
+    width_mult: float = Field(1.0, ge=0.05, le=4, allow_inf_nan=False)
     metanet_sampling: Literal["uniform", "budget"] = Field(
         "uniform", description="PruningNet training candidates: uniform per group (the paper) "
                                "or biased towards this run's budget (not reusable across budgets)")
-    max_width_mult: float | None = Field(None, gt=0, le=4)
-    levels: list[float] | None = Field(None, min_length=1, max_length=256,
-                                       description="width scales of a group's maximum "
-                                                   "(default: 31 levels 0.10…1.00)")
+    max_width_mult: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
+    levels: list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = Field(
+        None, min_length=1, max_length=256,
+        description="width scales of a group's maximum, increasing, each in (0, 1] "
+                    "(default: 31 levels 0.10…1.00)")
     channel_divisor: int = Field(1, ge=1, le=64)
-    train_limit: int | None = Field(None, ge=16)
-    test_limit: int | None = Field(None, ge=16)
-    val_size: int | None = Field(None, ge=16)
+    train_limit: int | None = Field(None, ge=16, le=MAX_IMAGES)
+    test_limit: int | None = Field(None, ge=16, le=MAX_IMAGES)
+    val_size: int | None = Field(None, ge=16, le=MAX_IMAGES)
     calib_batches: int | None = Field(None, ge=1, le=1000)
     calib_batch_size: int | None = Field(None, ge=1, le=4096)
-    eval_images: int | None = Field(None, ge=16)
+    eval_images: int | None = Field(None, ge=16, le=MAX_IMAGES)
     final_init: Literal["scratch", "generated"] = "scratch"
     train_baseline: bool = False
     metanet_from: str | None = Field(None, min_length=1, max_length=4096,
@@ -159,24 +164,38 @@ class PipelineSpec(BaseModel):
             raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
         return name
 
-    @model_validator(mode="after")
-    def _settings_resolve(self):
-        self._configs()  # unknown or out-of-range training/search settings fail here
-        return self
+    @field_validator("data_root", "metanet_from")
+    @classmethod
+    def _no_nul(cls, path: str | None) -> str | None:
+        if path is not None and "\0" in path:
+            raise ValueError("a path cannot contain a NUL character")
+        return path
+
+    @field_validator("levels")
+    @classmethod
+    def _increasing(cls, levels: list[float] | None) -> list[float] | None:
+        if levels is not None and levels != sorted(set(levels)):
+            raise ValueError("levels must be strictly increasing")
+        return levels
+
+    @field_validator("metanet", "search", "final")
+    @classmethod
+    def _settings_resolve(cls, overrides: dict, info: ValidationInfo) -> dict:
+        """Unknown or out-of-range training/search settings fail here, each under its own
+        field (the preset's settings, updated by these, must make a valid config)."""
+        preset, seed = info.data.get("preset"), info.data.get("seed")
+        if preset is None or seed is None:
+            return overrides  # already invalid; the preset or the seed is reported
+        if info.field_name == "search" and "seed" in overrides:
+            raise ValueError("seed is not a search setting: the search uses the spec's seed")
+        _settings(info.field_name, PRESETS[preset], overrides, seed)
+        return overrides
 
     def _configs(self) -> tuple[TrainConfig, SearchConfig, TrainConfig]:
         """The metanet, search and final settings: the preset's, updated by this spec's."""
         p = PRESETS[self.preset]
-
-        def part(name, make):
-            try:
-                return make({**p[name], **getattr(self, name)})
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-
-        return (part("metanet", TrainConfig.from_dict),
-                part("search", lambda d: SearchConfig.from_dict({**d, "seed": self.seed})),
-                part("final", TrainConfig.from_dict))
+        return tuple(_settings(name, p, getattr(self, name), self.seed)
+                     for name in ("metanet", "search", "final"))
 
     def resolved(self) -> ResolvedSpec:
         p = PRESETS[self.preset]
@@ -188,6 +207,15 @@ class PipelineSpec(BaseModel):
             val_size=pick("val_size"), calib_batches=pick("calib_batches"),
             calib_batch_size=pick("calib_batch_size"), eval_images=pick("eval_images"),
             metanet=metanet, search=search, final=final)
+
+
+def _settings(name: str, preset: dict, overrides: dict,
+              seed: int) -> TrainConfig | SearchConfig:
+    """The ``metanet``, ``search`` or ``final`` config of ``preset`` updated by ``overrides``."""
+    merged = {**preset[name], **overrides}
+    if name == "search":
+        return SearchConfig.from_dict({**merged, "seed": seed})
+    return TrainConfig.from_dict(merged)
 
 
 class ResolvedSpec(BaseModel):
@@ -382,6 +410,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     baseline = uniform_baseline(space, constraints)
     # claimed only now: a typo in the data folder or an infeasible budget leaves no run behind
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # left by a run killed mid-write (resumed runs only)
     if not (run_dir / "spec.json").exists():
         atomic_write_json(run_dir / "spec.json", spec.model_dump())
     if latency is not None and not table_path.exists():

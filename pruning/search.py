@@ -73,6 +73,10 @@ class SearchStateError(ValueError):
 
 # --- settings -------------------------------------------------------------------------------
 
+MAX_COUNT = 10_000  # bound of population, keep_top, parents, mutants, crossovers, generations
+MAX_ATTEMPTS = 10**6  # bound of max_attempts
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -98,12 +102,12 @@ class SearchConfig:
     def __post_init__(self):
         for name in ("population", "keep_top", "parents", "generations"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            if not _is_int(v) or not 1 <= v <= MAX_COUNT:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_COUNT}], got {v!r}")
         for name in ("mutants", "crossovers"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+            if not _is_int(v) or not 0 <= v <= MAX_COUNT:
+                raise ValueError(f"{name} must be an integer in [0, {MAX_COUNT}], got {v!r}")
         if self.parents > self.keep_top:
             raise ValueError(f"parents ({self.parents}) cannot exceed keep_top ({self.keep_top}): "
                              "parents are taken from the kept top candidates")
@@ -116,8 +120,8 @@ class SearchConfig:
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.max_attempts is not None and (not _is_int(self.max_attempts)
-                                              or self.max_attempts < 1):
-            raise ValueError(f"max_attempts must be a positive integer or None, "
+                                              or not 1 <= self.max_attempts <= MAX_ATTEMPTS):
+            raise ValueError(f"max_attempts must be an integer in [1, {MAX_ATTEMPTS}] or None, "
                              f"got {self.max_attempts!r}")
 
     def attempts(self, wanted: int) -> int:

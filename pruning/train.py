@@ -27,6 +27,9 @@ from pruning.space import Candidate, SearchSpace
 Progress = Callable[[dict], None]
 
 
+MAX_STEPS = 10**9  # bound of max_steps and checkpoint_every (every setting is bounded)
+
+
 class Cancelled(Exception):
     """Raised inside a loop when the caller's ``should_stop`` says so."""
 
@@ -50,7 +53,9 @@ class TrainConfig:
     def __post_init__(self):
         def number(v, integer=False):
             kind = numbers.Integral if integer else numbers.Real
-            return isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+            # an int is finite (math.isfinite would raise OverflowError on a huge one)
+            return (isinstance(v, kind) and not isinstance(v, bool)
+                    and (isinstance(v, numbers.Integral) or math.isfinite(v)))
 
         checks = {
             "epochs": (number(self.epochs) and 0 < self.epochs <= 10_000, "a number in (0, 10000]"),
@@ -68,10 +73,11 @@ class TrainConfig:
                                 "a number in [0, 1)"),
             "augment": (isinstance(self.augment, bool), "true or false"),
             "max_steps": (self.max_steps is None
-                          or (number(self.max_steps, True) and self.max_steps >= 1),
-                          "a positive integer or null"),
-            "checkpoint_every": (number(self.checkpoint_every, True) and self.checkpoint_every >= 1,
-                                 "a positive integer"),
+                          or (number(self.max_steps, True) and 1 <= self.max_steps <= MAX_STEPS),
+                          f"an integer in [1, {MAX_STEPS}] or null"),
+            "checkpoint_every": (number(self.checkpoint_every, True)
+                                 and 1 <= self.checkpoint_every <= MAX_STEPS,
+                                 f"an integer in [1, {MAX_STEPS}]"),
         }
         bad = [f"{k}={getattr(self, k)!r} (must be {want})" for k, (ok, want) in checks.items()
                if not ok]

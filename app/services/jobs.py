@@ -33,8 +33,12 @@ def check_paths(spec: PipelineSpec, settings: Settings) -> None:
                                     "configured); leave it out to use the default location")
     path = Path(spec.data_root)
     roots = [Path(os.path.realpath(r)) for r in settings.dataset_roots]
-    if not path.is_absolute() or not any(Path(os.path.realpath(path)).is_relative_to(r)
-                                         for r in roots):
+    try:
+        inside = path.is_absolute() and any(Path(os.path.realpath(path)).is_relative_to(r)
+                                            for r in roots)
+    except (ValueError, OSError):  # e.g. an embedded NUL (PipelineSpec refuses it already)
+        inside = False
+    if not inside:
         raise _invalid("data_root", "data_root must be an absolute path under one of the "
                                     "server's dataset roots: " + ", ".join(map(str, roots)))
 
