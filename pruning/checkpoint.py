@@ -33,6 +33,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, min_age_s: float = 600.0) -> int:
+    """Delete the temporary files (``.<name>.*.tmp``) that writers killed mid-write (SIGKILL,
+    OOM, power loss) left anywhere under ``folder``, if untouched for ``min_age_s``: a writer
+    that is still running (one that lost its lease finishes its step) touches its file as it
+    writes. Returns how many were removed."""
+    import time
+
+    removed, cutoff = 0, time.time() - min_age_s
+    for tmp in Path(folder).rglob(".*.tmp"):
+        try:
+            if tmp.is_file() and not tmp.is_symlink() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove
+    return removed
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -175,3 +175,132 @@ def sigkill_at(proc, marker, timeout: float) -> None:
     assert proc.poll() is None  # killed mid-run, not after it
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
+
+
+# --- the job service's worker, as the worker and reliability tests drive it -------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def submit_job(engine, spec, max_attempts: int = 3, owner: str = "alice") -> str:
+    """Queue ``spec`` straight through :func:`app.queue.submit`; the new job's id."""
+    from sqlalchemy.orm import Session
+
+    from app import queue
+
+    with Session(engine, expire_on_commit=False) as s:
+        job = queue.submit(s, owner, spec, max_attempts=max_attempts)
+        s.commit()
+        return job.id
+
+
+def job_row(engine, job_id):
+    """The job's row as it is now (any owner)."""
+    from sqlalchemy.orm import Session
+
+    from app import queue
+
+    with Session(engine, expire_on_commit=False) as s:
+        return queue.get_job(s, job_id, None)
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def record_progress(monkeypatch) -> list[dict]:
+    """Every progress write the worker makes (with whether it applied)."""
+    import time
+
+    from app import queue
+
+    writes, original = [], queue.report_progress
+
+    def spy(*args, **kwargs):
+        applied = original(*args, **kwargs)
+        writes.append({**kwargs, "applied": applied, "t": time.monotonic()})
+        return applied
+
+    monkeypatch.setattr(queue, "report_progress", spy)
+    return writes
+
+
+def worker_process(settings, worker_id: str, *args: str, lease_seconds: float | None = None,
+                   stdout=None):
+    """A real ``metaprune worker --once`` process on ``settings``' database and artifact folder
+    (one CPU thread; ``lease_seconds``: a short lease, heartbeat a quarter of it). stderr is a
+    pipe (read it on failure), stdout goes to ``stdout`` (default: nowhere)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if lease_seconds is not None:
+        env.update(METAPRUNE_LEASE_SECONDS=str(lease_seconds),
+                   METAPRUNE_HEARTBEAT_SECONDS=str(lease_seconds / 4))
+    return subprocess.Popen(
+        [sys.executable, "-m", "pruning.cli", "worker", "--once", "--device", "cpu",
+         "--database-url", settings.database_url, "--artifact-dir", str(settings.artifact_dir),
+         "--worker-id", worker_id, "--quiet", *args],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL if stdout is None else stdout,
+        stderr=subprocess.PIPE)
+
+
+def stop_process(proc) -> None:
+    """Kill ``proc`` if it still runs, reap it and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def killed_worker_is_resumed(engine, settings, spec, reference, monkeypatch) -> None:
+    """A ``metaprune worker`` process SIGKILLed at its first PruningNet checkpoint: the job stays
+    ``running`` until its lease (2 s) expires, the reaper re-queues it, a second worker resumes it
+    from the checkpoint and finishes it exactly once, with the result of ``reference`` (the id
+    and final row of the same spec run uninterrupted, artifacts under ``settings``)."""
+    from pathlib import Path
+
+    from app import queue
+    from app.worker import Worker
+    from pruning.checkpoint import read_json
+
+    ref_id, ref_row = reference
+    job_id = submit_job(engine, spec)
+    run_dir = Path(settings.artifact_dir) / "jobs" / job_id
+    proc = worker_process(settings, "w-killed", lease_seconds=2)
+    try:
+        sigkill_at(proc, run_dir / "metanet" / "state.safetensors", 60)  # first checkpoint
+    finally:
+        stop_process(proc)
+    assert not (run_dir / "metanet" / "pruningnet.safetensors").exists()  # killed mid-stage
+    job = job_row(engine, job_id)
+    assert (job.status, job.attempt, job.lease_owner) == ("running", 1, "w-killed")
+
+    assert queue.reap(engine) == {}  # the lease (2 s) still runs
+    wait_for(lambda: queue.reap(engine) == {job_id: "queued"}, timeout=10, what="the reaper")
+
+    finishes, original = [], queue.finish
+    monkeypatch.setattr(queue, "finish",
+                        lambda *a, **k: finishes.append(original(*a, **k)) or finishes[-1])
+    writes = record_progress(monkeypatch)
+    assert Worker(settings, "w-second", device="cpu").run_once()
+    job = job_row(engine, job_id)
+    assert (job.status, job.attempt, job.progress) == ("succeeded", 2, 1.0)
+    assert finishes == [True]
+    # the second attempt resumed the PruningNet training from the killed worker's checkpoint
+    first_metanet = next(w for w in writes if w["stage"] == "metanet")
+    assert first_metanet["detail"]["step"] > 0
+    # exactly one completion: the killed attempt can no longer finish the job
+    assert not original(engine, job_id, "w-killed", 1)
+    art = Path(settings.artifact_dir) / "jobs"
+    assert read_json(art / job_id / "artifacts" / "search.json")["history"] == \
+        read_json(art / ref_id / "artifacts" / "search.json")["history"]
+    assert job.detail["result"] == ref_row.detail["result"] | {
+        "elapsed_s": job.detail["result"]["elapsed_s"]}

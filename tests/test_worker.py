@@ -20,7 +20,8 @@ import pytest
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from tests.conftest import sigkill_at
+from tests.conftest import (job_row, killed_worker_is_resumed, record_progress,
+                            submit_job as submit, wait_for)
 from app import queue
 from app.db import make_engine, upgrade
 from app.models import Job, utcnow
@@ -71,38 +72,6 @@ def clean(engine):
     with engine.begin() as conn:
         conn.execute(delete(Job))
     return engine
-
-
-def submit(engine, spec, max_attempts=3) -> str:
-    with Session(engine, expire_on_commit=False) as s:
-        job = queue.submit(s, "alice", spec, max_attempts=max_attempts)
-        s.commit()
-        return job.id
-
-
-def job_row(engine, job_id) -> Job:
-    with Session(engine, expire_on_commit=False) as s:
-        return queue.get_job(s, job_id, None)
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def record_progress(monkeypatch) -> list[dict]:
-    """Every progress write the worker makes (with whether it applied)."""
-    writes, original = [], queue.report_progress
-
-    def spy(*args, **kwargs):
-        applied = original(*args, **kwargs)
-        writes.append({**kwargs, "applied": applied, "t": time.monotonic()})
-        return applied
-
-    monkeypatch.setattr(queue, "report_progress", spy)
-    return writes
 
 
 @pytest.fixture(scope="module")
@@ -248,48 +217,7 @@ def test_shutdown_gives_the_job_back_at_a_checkpoint(clean, settings):
 
 def test_a_killed_worker_s_job_is_finished_from_its_checkpoint(reference, clean, settings,
                                                                  monkeypatch):
-    ref_id = reference[0]
-    job_id = submit(clean, SPEC)
-    run_dir = Path(settings.artifact_dir) / "jobs" / job_id
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               METAPRUNE_LEASE_SECONDS="2", METAPRUNE_HEARTBEAT_SECONDS="0.5")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pruning.cli", "worker", "--once", "--device", "cpu",
-         "--database-url", settings.database_url, "--artifact-dir", str(settings.artifact_dir),
-         "--worker-id", "w-killed", "--quiet"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        sigkill_at(proc, run_dir / "metanet" / "state.safetensors", 60)  # first checkpoint
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert not (run_dir / "metanet" / "pruningnet.safetensors").exists()  # killed mid-stage
-    job = job_row(clean, job_id)
-    assert (job.status, job.attempt, job.lease_owner) == ("running", 1, "w-killed")
-
-    assert queue.reap(clean) == {}  # the lease (2 s) still runs
-    wait_for(lambda: queue.reap(clean) == {job_id: "queued"}, timeout=10, what="the reaper")
-
-    finishes, original = [], queue.finish
-    monkeypatch.setattr(queue, "finish",
-                        lambda *a, **k: finishes.append(original(*a, **k)) or finishes[-1])
-    writes = record_progress(monkeypatch)
-    assert Worker(settings, "w-second", device="cpu").run_once()
-    job = job_row(clean, job_id)
-    assert (job.status, job.attempt, job.progress) == ("succeeded", 2, 1.0)
-    assert finishes == [True]
-    # the second attempt resumed the PruningNet training from the killed worker's checkpoint
-    first_metanet = next(w for w in writes if w["stage"] == "metanet")
-    assert first_metanet["detail"]["step"] > 0
-    # exactly one completion: the killed attempt can no longer finish the job
-    assert not original(clean, job_id, "w-killed", 1)
-    art = Path(settings.artifact_dir) / "jobs"
-    assert read_json(art / job_id / "artifacts" / "search.json")["history"] == \
-        read_json(art / ref_id / "artifacts" / "search.json")["history"]
-    assert job.detail["result"] == reference[1].detail["result"] | {
-        "elapsed_s": job.detail["result"]["elapsed_s"]}
+    killed_worker_is_resumed(clean, settings, SPEC, reference[:2], monkeypatch)
 
 
 def test_a_worker_that_lost_its_lease_stops_and_is_fenced_out(clean, settings):
