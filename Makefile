@@ -8,8 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/metaprune prune --arch mobilenet_v1 --width-mult 0.25 --macs-ratio 0.3 \
-		--preset quick --baseline --out runs/demo --resume
+	@bash scripts/demo.sh
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
