@@ -17,13 +17,14 @@ import hmac
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.deps import SettingsDep
 from app.models import ApiToken
-from app.settings import Settings, get_settings
+from app.services import NotFound
 
 LOCAL_OWNER = "local"
 
@@ -58,7 +59,7 @@ def _unauthorized(detail: str) -> HTTPException:
 
 
 def current_owner(request: Request,
-                  settings: Annotated[Settings, Depends(get_settings)],
+                  settings: SettingsDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
                   ) -> str:
     """The owner the request acts for (a FastAPI dependency)."""
@@ -76,3 +77,16 @@ def current_owner(request: Request,
 
 
 Owner = Annotated[str, Depends(current_owner)]
+
+
+def job_id_of_path(job_id: Annotated[str, Path(description="the job id", max_length=64)],
+                   _owner: Owner) -> str:
+    """The ``{job_id}`` of a path, checked after auth (so a bad token is 401 first). One with a
+    NUL character is no job's (ids are UUIDs), and PostgreSQL refuses to compare text holding
+    one (a 500): 404 without a query."""
+    if "\x00" in job_id:
+        raise NotFound("job not found")
+    return job_id
+
+
+JobId = Annotated[str, Depends(job_id_of_path)]

@@ -1,18 +1,19 @@
-"""FastAPI dependencies: the database sessions opened in the app's lifespan, settings, and the
-job id of a path."""
+"""FastAPI dependencies: the app's settings and the database sessions opened in its lifespan.
+
+Both are plain attributes of ``app.state`` read by ``async`` functions: no thread hop, and no
+``dependency_overrides`` (while that dict is non-empty FastAPI re-inspects every route's
+dependencies on every request)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.auth import current_owner
-from app.services import NotFound
-from app.settings import Settings, get_settings
+from app.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -25,21 +26,14 @@ class Database:
     write: sessionmaker[Session]
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     return request.app.state.database
 
 
+async def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
 Db = Annotated[Database, Depends(get_database)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
-
-def job_id_of_path(job_id: Annotated[str, Path(description="the job id", max_length=64)],
-                   _owner: Annotated[str, Depends(current_owner)]) -> str:
-    """The ``{job_id}`` of a path (after auth). One with a NUL character is no job's (ids are
-    UUIDs), and PostgreSQL refuses to compare text holding one (a 500): 404 without a query."""
-    if "\x00" in job_id:
-        raise NotFound("job not found")
-    return job_id
-
-
-JobId = Annotated[str, Depends(job_id_of_path)]

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30,
                                 description="largest request body, counted while streaming "
                                             "(413 beyond)")
+    db_pool_size: int = Field(40, ge=1, le=1000,
+                              description="database connections the API keeps open (up to 10 "
+                                          "more under bursts); PostgreSQL counts them against "
+                                          "max_connections")
     events_poll_seconds: float = Field(0.5, gt=0, le=60,
                                        description="how often a progress event stream "
                                                    "(GET /v1/jobs/{id}/events) reads the job")

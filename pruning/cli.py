@@ -688,11 +688,6 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve beyond loopback
 
 
-def _has_command(name: str) -> bool:
-    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return name in sub.choices
-
-
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(0)
 
@@ -725,15 +720,12 @@ def cmd_serve(a) -> dict:
     except SQLAlchemyError as e:
         raise UserError(f"database upgrade failed: {e.__class__.__name__}: {e}") from None
 
-    workers: list[subprocess.Popen] = []
-    if a.workers and _has_command("worker"):
-        env = {**os.environ, "METAPRUNE_DATABASE_URL": url}
-        workers = [subprocess.Popen([sys.executable, "-m", "pruning.cli", "worker",
-                                     "--database-url", url], env=env)
-                   for _ in range(a.workers)]
-    elif a.workers:
-        print("metaprune: no `worker` command in this build; serving the API only",
-              file=sys.stderr)
+    # the workers at a lower CPU priority (nice 10): training yields to the API's requests
+    env = {**os.environ, "METAPRUNE_DATABASE_URL": url}
+    workers = [subprocess.Popen([sys.executable, "-m", "pruning.cli", "worker",
+                                 "--database-url", url], env=env,
+                                preexec_fn=lambda: os.nice(10))
+               for _ in range(a.workers)]
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that an exit that runs
     # the `finally` below, so the workers are stopped too (`docker stop`, systemd, kill)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -267,3 +267,16 @@ def test_token_is_stored_hashed(engine):
         assert row.token_sha256 == hashlib.sha256(token.encode()).hexdigest()
         values = [str(v) for v in s.execute(text("SELECT * FROM api_tokens")).one()]
     assert token not in " ".join(values) and len(token) >= 43
+
+
+def test_readme_documents_every_setting():
+    """The README's configuration table names every METAPRUNE_* setting, and nothing else."""
+    import re
+    from pathlib import Path
+
+    from app.settings import Settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Configuration"):readme.index("### API")]
+    documented = set(re.findall(r"^\| `METAPRUNE_([A-Z_]+)`", table, re.M))
+    assert documented == {name.upper() for name in Settings.model_fields}

@@ -89,3 +89,31 @@ def test_kendall_tau_own_implementation(monkeypatch):
     assert tau([1, 1, 1], [1, 2, 3]) is None
     # tau-b with one tie in each variable: 4 concordant, 0 discordant → 4 / √(5·5)
     assert abs(tau([1, 2, 2, 3], [1, 3, 2, 3]) - 0.8) < 1e-12
+
+
+def test_service_smoke(tmp_path):
+    """The service load benchmark end to end, tiny: 5 clients for 2 s on SQLite, one closed-loop
+    and one paced load, while the worker trains (counts and fields only, never timings)."""
+    d = run_script("bench_service.py", "--db", "sqlite", "--clients", "5", "--duration-s", "2",
+                   "--warmup-s", "0.5", "--interval-ms", "0,100", "--owners", "2",
+                   "--seed-jobs", "2", "--submit-fraction", "0.2", "--work-dir", str(tmp_path),
+                   timeout=240)
+    assert d["bench"] == "service" and d["clients"] == 5 and d["server_workers"] == 1
+    assert d["machine"]["cores"] >= 1 and d["machine"]["cpu"]
+    assert list(d["backends"]) == ["sqlite"]
+    b = d["backends"]["sqlite"]
+    assert b["database"] == "sqlite"
+    assert b["training_job"]["when_measurement_began"]["stage"] == "metanet"
+    assert b["training_job"]["cancel_answer"] in ("running", "cancelled")
+    assert [load["interval_ms"] for load in b["loads"]] == [0, 100]
+    for load in b["loads"]:
+        assert load["window_s"] > 0
+        assert load["training_job"]["at_start"]["status"] == "running"
+        for kind in ("polls", "submissions"):
+            s = load[kind]
+            assert s["errors"] == 0 and s["error_kinds"] == {}, s
+            assert s["count"] > 0 and s["throughput_per_s"] > 0
+            assert 0 < s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
+        assert load["jobs_submitted"] == load["submissions"]["count"]
+        assert set(load["cpu_seconds"]) == {"api", "worker", "client", "machine_busy_cores"}
+    assert set(d["goal_met"]) == {"sqlite interval 0 ms", "sqlite interval 100 ms"}

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.auth import Owner
-from app.deps import Db, JobId, SettingsDep
+from app.auth import JobId, Owner
+from app.deps import Db, SettingsDep
 from app.schemas import ArtifactList, ErrorOut, JobOut, SearchOut, errors
 from app.services import artifacts
 from app.services.jobs import get_job

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Response, status
 
-from app.auth import Owner
-from app.deps import Db, JobId, SettingsDep
+from app.auth import JobId, Owner
+from app.deps import Db, SettingsDep
 from app.models import JobStatus
 from app.schemas import JobOut, JobPage, errors
 from app.services import jobs
