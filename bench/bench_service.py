@@ -48,14 +48,9 @@ TRAINING_STAGE = "metanet"
 
 
 def machine_info() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from pruning.machine import cpu_model
+
+    model = cpu_model()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": model, "cores": usable, "python": platform.python_version(),
             "platform": platform.platform(), "loadavg_at_start": list(os.getloadavg())}

@@ -44,6 +44,8 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-width-mult", type=float, default=1.0,
                    help="search up to this multiple of the base widths (paper: 1.4)")
     p.add_argument("--channel-divisor", type=int, default=1)
+    p.add_argument("--min-channels", type=int, default=1,
+                   help="no group narrower than this (or its maximum); pipeline runs default to 4")
     p.add_argument("--scales", help="comma-separated width levels as fractions of each group's "
                                     "maximum (default: 31 levels 0.10, 0.13, …, 1.00)")
 
@@ -52,7 +54,7 @@ def _space(a) -> SearchSpace:
     return SearchSpace.create(a.arch, num_classes=a.num_classes, in_channels=a.in_channels,
                               input_size=a.input_size, width_mult=a.width_mult,
                               max_width_mult=a.max_width_mult, levels=_scales(a.scales),
-                              channel_divisor=a.channel_divisor)
+                              channel_divisor=a.channel_divisor, min_channels=a.min_channels)
 
 
 def _scales(text: str | None) -> tuple[float, ...]:

@@ -229,5 +229,7 @@ def check_feasible(space: SearchSpace, constraints: Constraint | Iterable[Constr
             raise InfeasibleBudgetError(
                 f"{c.label} budget {c.format_limit()} is infeasible for {space.arch}: the "
                 f"smallest candidate needs {c.format_value(v)} ({c.format_exact(v)}every group "
-                f"at {space.levels[0]:g}x of its maximum width)")
+                f"at {space.levels[0]:g}x of its maximum width"
+                + (f", at least {space.min_channels} channels)" if space.min_channels > 1
+                   else ")"))
     return constraints

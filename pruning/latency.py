@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -56,6 +55,7 @@ from torch import nn
 
 from pruning.checkpoint import atomic_write_json, read_json
 from pruning.constraints import Constraint, _check_limit, register_constraint
+from pruning.machine import cpu_model
 from pruning.modules import Classifier, ConvBNAct, activation
 from pruning.space import Candidate, Channels, ConvSpec, MaxPoolSpec, SearchSpace
 
@@ -112,15 +112,7 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{device.type}:{model}:{os.cpu_count()} cores:{torch.get_num_threads()} threads"
+    return f"{device.type}:{cpu_model()}:{os.cpu_count()} cores:{torch.get_num_threads()} threads"
 
 
 def default_cache_dir() -> Path:

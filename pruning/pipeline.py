@@ -133,6 +133,10 @@ class PipelineSpec(BaseModel):
         description="width scales of a group's maximum, increasing, each in (0, 1] "
                     "(default: 31 levels 0.10…1.00)")
     channel_divisor: int = Field(1, ge=1, le=64)
+    min_channels: int = Field(4, ge=1, le=64,
+                              description="no layer narrower than this (or its maximum): 1–3 "
+                                          "channel layers are bottlenecks whose ReLU can die "
+                                          "when trained from scratch")
     train_limit: int | None = Field(None, ge=16, le=MAX_IMAGES)
     test_limit: int | None = Field(None, ge=16, le=MAX_IMAGES)
     val_size: int | None = Field(None, ge=16, le=MAX_IMAGES)
@@ -400,7 +404,8 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
                                in_channels=meta.in_channels, input_size=meta.input_size,
                                width_mult=spec.width_mult, max_width_mult=r.max_width_mult,
                                levels=tuple(spec.levels or DEFAULT_LEVELS),
-                               channel_divisor=spec.channel_divisor)
+                               channel_divisor=spec.channel_divisor,
+                               min_channels=spec.min_channels)
     table_path = run_dir / "latency_table.json"
     if spec.budget.latency_ms is not None or spec.budget.latency_ratio is not None:
         notify({"stage": "latency", "message": "building the latency table (cached per device)"})
@@ -614,7 +619,8 @@ def metanet_identity(spec: PipelineSpec) -> dict:
             "seed": spec.seed, "width_mult": spec.width_mult,
             "max_width_mult": r.max_width_mult,
             "levels": [float(x) for x in (spec.levels or DEFAULT_LEVELS)],
-            "channel_divisor": spec.channel_divisor, "train_limit": r.train_limit,
+            "channel_divisor": spec.channel_divisor, "min_channels": spec.min_channels,
+            "train_limit": r.train_limit,
             "val_size": r.val_size, "metanet": asdict(r.metanet),
             "metanet_sampling": spec.metanet_sampling,
             # a budget-biased PruningNet is trained for its budget only

@@ -8,8 +8,11 @@ the same plan, so they cannot drift apart: exact counting (`pruning.counting`), 
 pruned network (`pruning.modules.build`) and the PruningNet's meta forward (`metanet`).
 
 A candidate is one level index per group; group ``g`` at level ``s`` has width
-``max(1, floor(max_g × s))``, where ``max_g = base_g × max_width_mult`` (the paper searched
-MobileNetV2 up to 1.4× its base widths), optionally rounded to a ``channel_divisor``.
+``max(min(min_channels, max_g), floor(max_g × s))``, where ``max_g = base_g × max_width_mult``
+(the paper searched MobileNetV2 up to 1.4× its base widths), optionally rounded to a
+``channel_divisor``. ``min_channels`` (1 here, a few in the pipeline) keeps the lowest levels of
+narrow groups from becoming 1–2-channel bottlenecks: a ReLU after a single channel can die in
+training and take the whole network with it.
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ class SearchSpace:
     levels: tuple[float, ...] = DEFAULT_LEVELS
     max_width_mult: float = 1.0
     channel_divisor: int = 1
+    min_channels: int = 1
 
     def __post_init__(self):
         if not self.levels or any(not 0 < s <= 1 for s in self.levels):
@@ -179,6 +183,8 @@ class SearchSpace:
             raise ValueError("max_width_mult must be in (0, 4]")
         if not 1 <= self.channel_divisor <= 64:
             raise ValueError("channel_divisor must be in [1, 64]")
+        if not 1 <= self.min_channels <= 64:
+            raise ValueError("min_channels must be in [1, 64]")
         _validate_plan(self.plan)
 
     # hashing by identity keeps frozen-dataclass semantics without hashing the dict
@@ -201,7 +207,8 @@ class SearchSpace:
     def width_table(self) -> tuple[tuple[int, ...], ...]:
         """``width_table[g][level]``: the width of group ``g`` at each level (non-decreasing)."""
         return tuple(
-            tuple(min(m, self._round(max(1, math.floor(m * s + 1e-9)))) for s in self.levels)
+            tuple(min(m, self._round(max(self.min_channels, math.floor(m * s + 1e-9))))
+                  for s in self.levels)
             for m in self.max_widths)
 
     def _round(self, width: int) -> int:
@@ -288,24 +295,27 @@ class SearchSpace:
     @classmethod
     def create(cls, arch: str, *, max_width_mult: float = 1.0,
                levels: tuple[float, ...] = DEFAULT_LEVELS, channel_divisor: int = 1,
-               **arch_args) -> SearchSpace:
+               min_channels: int = 1, **arch_args) -> SearchSpace:
         """The space of a registered architecture, e.g. ``create("mobilenet_v2", num_classes=10,
         in_channels=1, input_size=28, max_width_mult=1.4)``."""
         from pruning.registry import get_arch
 
         plan = get_arch(arch)(**arch_args)
         return cls(arch=arch, arch_args=dict(arch_args), plan=plan, levels=tuple(levels),
-                   max_width_mult=max_width_mult, channel_divisor=channel_divisor)
+                   max_width_mult=max_width_mult, channel_divisor=channel_divisor,
+                   min_channels=min_channels)
 
     def to_dict(self) -> dict:
         """JSON-ready settings; :meth:`from_dict` rebuilds an equal space."""
         return {"arch": self.arch, "arch_args": dict(self.arch_args), "levels": list(self.levels),
-                "max_width_mult": self.max_width_mult, "channel_divisor": self.channel_divisor}
+                "max_width_mult": self.max_width_mult, "channel_divisor": self.channel_divisor,
+                "min_channels": self.min_channels}
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchSpace:
         return cls.create(d["arch"], max_width_mult=d["max_width_mult"],
                           levels=tuple(d["levels"]), channel_divisor=d["channel_divisor"],
+                          min_channels=d.get("min_channels", 1),  # older files: none
                           **d["arch_args"])
 
 

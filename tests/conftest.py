@@ -180,6 +180,14 @@ def sigkill_at(proc, marker, timeout: float) -> None:
 # --- the job service's worker, as the worker and reliability tests drive it -------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a job spec that a worker runs in seconds (the smoke preset on a tiny network, checkpointing
+# every 3 steps) and one that would train for minutes: only ever killed, cancelled or fenced out
+SMOKE_JOB = {"arch": "test_mobilenet_v2", "dataset": "synthetic", "preset": "smoke",
+             "device": "cpu", "budget": {"macs_ratio": 0.5},
+             "metanet": {"epochs": 4, "checkpoint_every": 3},
+             "search": {"population": 8, "keep_top": 8, "parents": 4, "mutants": 4,
+                        "crossovers": 4, "generations": 2}}
+LONG_JOB = {**SMOKE_JOB, "metanet": {"epochs": 200, "checkpoint_every": 3}}
 
 
 def submit_job(engine, spec, max_attempts: int = 3, owner: str = "alice") -> str:

@@ -127,6 +127,7 @@ def test_pipeline_reports_predicted_and_measured_latency(tmp_path, monkeypatch):
     monkeypatch.setenv("METAPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
                         budget=Budget(latency_ratio=0.9),  # tiny net: level 0 needs ~0.8x
+                        min_channels=1,  # the table's space (a floor leaves no room here)
                         metanet={"epochs": 1},
                         search={"population": 4, "keep_top": 4, "parents": 2, "mutants": 2,
                                 "crossovers": 2, "generations": 1})

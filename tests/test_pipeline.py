@@ -51,7 +51,8 @@ ARTIFACTS = ("config.json", "model.safetensors", "model.ts", "model.onnx", "sear
 
 def synthetic_space() -> SearchSpace:
     """The space the pipeline builds for ``synthetic`` (1 × 16 × 16 images, 10 classes)."""
-    return SearchSpace.create(ARCH, num_classes=10, in_channels=1, input_size=16)
+    return SearchSpace.create(ARCH, num_classes=10, in_channels=1, input_size=16,
+                              min_channels=PipelineSpec.model_fields["min_channels"].default)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 from torch import nn
 
-from tests.conftest import (ROOT, emptied_engine, job_row, killed_worker_is_resumed, stop_process,
+from tests.conftest import (LONG_JOB as LONG, ROOT, SMOKE_JOB as SPEC, emptied_engine, job_row, killed_worker_is_resumed, stop_process,
                             submit_job, wait_for, worker_process)
 from app import queue
 from app.auth import create_token
@@ -40,17 +40,9 @@ from app.settings import Settings
 from app.worker import Worker
 from pruning.checkpoint import (atomic_write_json, load_training_state, read_json,
                                 save_training_state)
-from pruning.pipeline import Budget, PipelineSpec
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(180)]
 
-SEARCH = {"population": 8, "keep_top": 8, "parents": 4, "mutants": 4, "crossovers": 4,
-          "generations": 2}
-SPEC = PipelineSpec(arch="test_mobilenet_v2", dataset="synthetic", preset="smoke", device="cpu",
-                    budget=Budget(macs_ratio=0.5), metanet={"epochs": 4, "checkpoint_every": 3},
-                    search=SEARCH).model_dump(mode="json")
-# a job that would train for minutes: only ever killed or cancelled here
-LONG = {**SPEC, "metanet": {"epochs": 200, "checkpoint_every": 3}}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

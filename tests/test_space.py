@@ -236,6 +236,7 @@ def test_candidate_keys_distinguish_candidates():
     dict(arch="test_resnet"),
     dict(arch="mobilenet_v2", num_classes=10, in_channels=1, input_size=28, max_width_mult=1.4),
     dict(arch="resnet50", channel_divisor=8, levels=(0.25, 0.5, 0.75, 1.0)),
+    dict(arch="mobilenet_v1", width_mult=0.25, min_channels=4),
 ])
 def test_space_dict_round_trip(kwargs):
     kwargs = dict(kwargs)
@@ -419,3 +420,18 @@ def test_invalid_plans_raise(case):
         blocks[1] = Block("b", (_conv("c1", "a", "b", act="gelu"),))
     with pytest.raises(ValueError):
         _space(blocks, groups, head)
+
+
+@pytest.mark.parametrize("floor", [1, 4, 16])
+def test_min_channels_floors_every_group_below_its_maximum(floor):
+    """No width below ``min(min_channels, max_width)``; levels above the floor are unchanged."""
+    plain = SearchSpace.create("mobilenet_v1", width_mult=0.25)
+    space = SearchSpace.create("mobilenet_v1", width_mult=0.25, min_channels=floor)
+    for row, plain_row, top in zip(space.width_table, plain.width_table, space.max_widths):
+        assert row == tuple(max(min(floor, top), w) for w in plain_row)
+    assert min(min(row) for row in space.width_table) == min(floor, min(space.max_widths))
+    # spaces saved before the setting existed load with no floor
+    old = {k: v for k, v in space.to_dict().items() if k != "min_channels"}
+    assert SearchSpace.from_dict(old).width_table == plain.width_table
+    with pytest.raises(ValueError, match="min_channels"):
+        SearchSpace.create("mobilenet_v1", min_channels=0)

@@ -20,26 +20,19 @@ import pytest
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from tests.conftest import (job_row, killed_worker_is_resumed, record_progress,
-                            submit_job as submit, wait_for)
+from tests.conftest import (LONG_JOB as LONG, SMOKE_JOB as SPEC, job_row,
+                            killed_worker_is_resumed, record_progress, submit_job as submit,
+                            wait_for)
 from app import queue
 from app.db import make_engine, upgrade
 from app.models import Job, utcnow
 from app.settings import Settings
 from app.worker import Progress, Worker
 from pruning.checkpoint import read_json
-from pruning.pipeline import Budget, PipelineSpec
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parents[1]
-SEARCH = {"population": 8, "keep_top": 8, "parents": 4, "mutants": 4, "crossovers": 4,
-          "generations": 2}
-SPEC = PipelineSpec(arch="test_mobilenet_v2", dataset="synthetic", preset="smoke", device="cpu",
-                    budget=Budget(macs_ratio=0.5), metanet={"epochs": 4, "checkpoint_every": 3},
-                    search=SEARCH).model_dump(mode="json")
-# a job that would train for minutes: only ever cancelled, stopped or fenced out
-LONG = {**SPEC, "metanet": {"epochs": 200, "checkpoint_every": 3}}
 
 
 @pytest.fixture(scope="module")
