@@ -393,7 +393,7 @@ def summary(report: dict, attempt: int) -> dict:
     uniform entries (the MetaPruning one with its widths, for ``/v1/configurations``), the
     budget and the time taken."""
     keep = ("candidate", "macs", "params", "estimated_val_accuracy", "test_accuracy",
-            "latency_ms")
+            "latency_ms", "warning")
     result = {name: {k: report[name][k]
                      for k in keep + (("widths",) if name == "metapruning" else ())
                      if k in report[name]}

@@ -583,6 +583,9 @@ def _print_summary(report: dict, out: str) -> None:
     print(f"\n{report['arch']} on {report['dataset']}, budget {report['budget']}")
     print(line("MetaPruning", mp))
     print(line("uniform", un))
+    for name, e in (("MetaPruning", mp), ("uniform", un)):
+        if "warning" in e:
+            print(f"  warning: {name}: {e['warning']}", file=sys.stderr)
     print(f"artifacts in {Path(out) / 'artifacts'}  ({report['elapsed_s']:.0f} s)")
 
 

@@ -508,6 +508,12 @@ def stage_evaluate(ctx: RunContext) -> dict:
                                             else ctx.evaluator(cand))}
         if net is not None:
             entry["test_accuracy"] = accuracy(net, ctx.data.test, device=ctx.device)
+            chance = 1 / meta.num_classes
+            if entry["test_accuracy"] <= chance + 0.01:
+                entry["warning"] = (
+                    f"test accuracy {100 * entry['test_accuracy']:.2f}% is at chance level "
+                    f"({100 * chance:.1f}%): its training collapsed; a larger budget, a higher "
+                    "min_channels or final_init 'generated' may help")
         if latency is not None:
             from pruning.latency import measure_latency
             from pruning.modules import build
