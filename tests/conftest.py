@@ -312,3 +312,45 @@ def killed_worker_is_resumed(engine, settings, spec, reference, monkeypatch) -> 
         read_json(art / ref_id / "artifacts" / "search.json")["history"]
     assert job.detail["result"] == ref_row.detail["result"] | {
         "elapsed_s": job.detail["result"]["elapsed_s"]}
+
+
+# --- the REST API in-process, on the module's SQLite database ----------------------------------
+
+API_SPEC = {"arch": "test_mobilenet_v1", "dataset": "synthetic", "budget": {"macs_ratio": 0.5},
+            "preset": "smoke"}
+
+
+@pytest.fixture
+def engine(sqlite_url):
+    """An engine on the module's migrated SQLite database, emptied first (modules that run on
+    other databases define their own ``engine``)."""
+    eng = emptied_engine(sqlite_url)
+    yield eng
+    eng.dispose()
+
+
+def token_for(engine, owner: str, name: str = "t") -> str:
+    """A new API token of ``owner``."""
+    from sqlalchemy.orm import Session
+
+    from app.auth import create_token
+
+    with Session(engine) as s:
+        token = create_token(s, owner, name)
+        s.commit()
+    return token
+
+
+def client_for(url: str, **overrides):
+    """A TestClient of the app on ``url`` with auth on (``overrides``: other settings)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    settings = Settings(database_url=url, **{"require_auth": True, **overrides})
+    return TestClient(create_app(settings))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

@@ -11,40 +11,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from tests.conftest import emptied_engine
-from app.auth import create_token
+from tests.conftest import API_SPEC as SPEC, bearer, client_for, emptied_engine, token_for
 from app.main import create_app
 from app.models import ApiToken, Job
 from app.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
-
-SPEC = {"arch": "test_mobilenet_v1", "dataset": "synthetic", "budget": {"macs_ratio": 0.5},
-        "preset": "smoke"}
-
-
-@pytest.fixture
-def engine(sqlite_url):
-    eng = emptied_engine(sqlite_url)
-    yield eng
-    eng.dispose()
-
-
-def token_for(engine, owner, name="t"):
-    with Session(engine) as s:
-        token = create_token(s, owner, name)
-        s.commit()
-    return token
-
-
-def client_for(url, **overrides):
-    settings = Settings(database_url=url, **{"require_auth": True, **overrides})
-    return TestClient(create_app(settings))
-
-
-def bearer(token):
-    return {"Authorization": f"Bearer {token}"}
-
 
 @pytest.fixture
 def api(engine, sqlite_url, tmp_path):

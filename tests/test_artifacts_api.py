@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from app.models import Job
 from app.services import artifacts as artifacts_service
-from tests.test_api import SPEC, bearer, client_for, engine, token_for  # noqa: F401
+from tests.conftest import API_SPEC as SPEC, bearer, client_for, token_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,7 +29,7 @@ def _sha(data: bytes) -> str:
 
 
 @pytest.fixture
-def api(engine, sqlite_url, tmp_path):  # noqa: F811
+def api(engine, sqlite_url, tmp_path):
     with client_for(sqlite_url, artifact_dir=tmp_path / "art", events_poll_seconds=0.05,
                     events_heartbeat_seconds=0.2) as client:
         client.alice = bearer(token_for(engine, "alice"))
@@ -45,12 +45,12 @@ def _submit(api, headers=None):
     return r.json()["id"]
 
 
-def _set(engine, job_id, **values):  # noqa: F811
+def _set(engine, job_id, **values):
     with engine.begin() as conn:
         conn.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
-def _succeeded(api, engine):  # noqa: F811
+def _succeeded(api, engine):
     """A succeeded job of alice's with a small artifacts folder."""
     job_id = _submit(api)
     folder = api.art / "jobs" / job_id / "artifacts"
@@ -63,7 +63,7 @@ def _succeeded(api, engine):  # noqa: F811
     return job_id, folder
 
 
-def test_list_artifacts(api, engine):  # noqa: F811
+def test_list_artifacts(api, engine):
     job_id, folder = _succeeded(api, engine)
     r = api.get(f"/v1/jobs/{job_id}/artifacts", headers=api.alice)
     assert r.status_code == 200, r.text
@@ -75,7 +75,7 @@ def test_list_artifacts(api, engine):  # noqa: F811
     assert items["config.json"]["sha256"] == _sha(cfg) and items["config.json"]["size"] == len(cfg)
 
 
-def test_download_with_sha256_and_types(api, engine):  # noqa: F811
+def test_download_with_sha256_and_types(api, engine):
     job_id, folder = _succeeded(api, engine)
     for name, data, ctype in (("model.onnx", FILES["model.onnx"], "application/octet-stream"),
                               ("pareto.png", FILES["pareto.png"], "image/png"),
@@ -91,7 +91,7 @@ def test_download_with_sha256_and_types(api, engine):  # noqa: F811
         assert name in r.headers["content-disposition"]
 
 
-def test_digest_is_cached(api, engine):  # noqa: F811
+def test_digest_is_cached(api, engine):
     job_id, _ = _succeeded(api, engine)
     url = f"/v1/jobs/{job_id}/artifacts/model.safetensors"
     assert api.get(url, headers=api.alice).status_code == 200
@@ -100,7 +100,7 @@ def test_digest_is_cached(api, engine):  # noqa: F811
     assert artifacts_service.digests.computed == before  # not hashed again
 
 
-def test_range_requests(api, engine):  # noqa: F811
+def test_range_requests(api, engine):
     job_id, _ = _succeeded(api, engine)
     data = FILES["model.onnx"]
     url = f"/v1/jobs/{job_id}/artifacts/model.onnx"
@@ -122,7 +122,7 @@ def test_range_requests(api, engine):  # noqa: F811
         assert r.status_code == 200 and r.content == data, header
 
 
-def test_corrupted_artifact_is_refused(api, engine):  # noqa: F811
+def test_corrupted_artifact_is_refused(api, engine):
     job_id, folder = _succeeded(api, engine)
     url = f"/v1/jobs/{job_id}/artifacts/model.onnx"
     assert api.get(url, headers=api.alice).status_code == 200  # digest now cached
@@ -137,7 +137,7 @@ def test_corrupted_artifact_is_refused(api, engine):  # noqa: F811
     assert r.status_code == 409
 
 
-def test_unknown_names_traversal_and_symlinks_are_404(api, engine, tmp_path):  # noqa: F811
+def test_unknown_names_traversal_and_symlinks_are_404(api, engine, tmp_path):
     job_id, folder = _succeeded(api, engine)
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"top secret")
@@ -162,7 +162,7 @@ def test_unknown_names_traversal_and_symlinks_are_404(api, engine, tmp_path):  #
     assert "model.onnx" not in names and "extra.bin" not in names
 
 
-def test_other_owner_and_unknown_job_404(api, engine):  # noqa: F811
+def test_other_owner_and_unknown_job_404(api, engine):
     job_id, _ = _succeeded(api, engine)
     for path in ("artifacts", "artifacts/model.onnx", "events", "search"):
         r = api.get(f"/v1/jobs/{job_id}/{path}", headers=api.bob)
@@ -171,7 +171,7 @@ def test_other_owner_and_unknown_job_404(api, engine):  # noqa: F811
         assert api.get(f"/v1/jobs/{job_id}/{path}").status_code == 401
 
 
-def test_not_succeeded_is_409(api, engine):  # noqa: F811
+def test_not_succeeded_is_409(api, engine):
     job_id = _submit(api)
     for path in ("artifacts", "artifacts/model.onnx", "artifacts/config.json"):
         r = api.get(f"/v1/jobs/{job_id}/{path}", headers=api.alice)
@@ -192,7 +192,7 @@ def _events(text: str) -> list[tuple[str, dict]]:
     return out
 
 
-def test_events_stream_until_the_job_ends(api, engine):  # noqa: F811
+def test_events_stream_until_the_job_ends(api, engine):
     job_id = _submit(api)
     steps = [dict(status="running", attempt=1, lease_owner="w", stage="metanet", progress=0.1),
              dict(stage="search", progress=0.5, detail={"generation": 3}),
@@ -223,7 +223,7 @@ def test_events_stream_until_the_job_ends(api, engine):  # noqa: F811
     assert ": heartbeat" in text  # 0.4 s between changes, heartbeat every 0.2 s
 
 
-def test_events_of_a_finished_job(api, engine):  # noqa: F811
+def test_events_of_a_finished_job(api, engine):
     job_id = _submit(api)
     api.post(f"/v1/jobs/{job_id}/cancel", headers=api.alice)
     r = api.get(f"/v1/jobs/{job_id}/events", headers=api.alice)
@@ -246,7 +246,7 @@ def _dominated(r, others):
                and (o["macs"] < r["macs"] or o["score"] > r["score"]) for o in others)
 
 
-def test_search_history_and_pareto(api, engine):  # noqa: F811
+def test_search_history_and_pareto(api, engine):
     job_id = _submit(api)
     assert api.get(f"/v1/jobs/{job_id}/search", headers=api.alice).json() == {
         "detail": "no search results yet"}

@@ -15,7 +15,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from tests.conftest import emptied_engine
 from app import queue
 from app.auth import create_token
 from app.main import create_app
@@ -27,13 +26,6 @@ pytestmark = pytest.mark.timeout(60)
 
 SUBMIT = ["submit", "--arch", "test_mobilenet_v1", "--dataset", "synthetic", "--preset", "smoke",
           "--macs-ratio", "0.5"]
-
-
-@pytest.fixture
-def engine(sqlite_url):
-    eng = emptied_engine(sqlite_url)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture

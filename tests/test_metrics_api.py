@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from tests.conftest import emptied_engine
 from app import queue
 from app.auth import create_token
 from app.main import create_app
@@ -24,13 +23,6 @@ SPEC = {"arch": "test_mobilenet_v1", "dataset": "synthetic", "budget": {"macs_ra
         "preset": "smoke"}
 LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-@pytest.fixture
-def engine(sqlite_url):
-    eng = emptied_engine(sqlite_url)
-    yield eng
-    eng.dispose()
 
 
 def bearer(engine, owner):

@@ -79,7 +79,7 @@ import app.auth
 from app.main import create_app
 from app.models import Job
 from app.settings import Settings, get_settings
-from tests.test_api import SPEC, bearer, engine, token_for  # noqa: F401 (engine: a fixture)
+from tests.conftest import API_SPEC as SPEC, bearer, token_for
 from tests.test_artifacts_api import FILES, _set, _sha, _succeeded
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,7 +88,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def api(engine, sqlite_url, tmp_path):  # noqa: F811
+def api(engine, sqlite_url, tmp_path):
     """Auth on, ``alice`` and ``bob`` hold tokens, dataset root ``tmp_path/datasets``, at most 3
     queued jobs per owner; a server error is a 500 response, not an exception in the test."""
     (tmp_path / "datasets").mkdir()
@@ -103,7 +103,7 @@ def api(engine, sqlite_url, tmp_path):  # noqa: F811
         yield client
 
 
-def jobs_in_db(engine) -> int:  # noqa: F811
+def jobs_in_db(engine) -> int:
     with Session(engine) as s:
         return s.scalar(select(func.count()).select_from(Job))
 
@@ -117,7 +117,7 @@ def post_raw(api, text: str, headers=None):
 # --- (a) tokens ---------------------------------------------------------------------------------
 
 
-def test_token_is_looked_up_by_hash_and_compared_with_compare_digest(api, engine,  # noqa: F811
+def test_token_is_looked_up_by_hash_and_compared_with_compare_digest(api, engine,
                                                                      monkeypatch):
     """What this can prove: the token's sha256, never the token, is what the database sees;
     the stored hash is compared with ``hmac.compare_digest`` (constant time for equal lengths,
@@ -274,7 +274,7 @@ def _search_json(folder: Path) -> None:
     ("GET", "/artifacts/model.onnx", "succeeded", 200),
     ("GET", "/artifacts/config.json", "succeeded", 200),
 ])
-def test_every_job_endpoint_hides_other_owners_jobs(api, engine, method, path, state,  # noqa: F811
+def test_every_job_endpoint_hides_other_owners_jobs(api, engine, method, path, state,
                                                     ok):
     if state == "succeeded":
         job_id, folder = _succeeded(api, engine)
@@ -326,7 +326,7 @@ def test_job_lists_show_only_ones_own(api):
 # --- (c) no client-supplied paths ---------------------------------------------------------------
 
 
-def test_data_root_escapes_are_refused(api, engine, tmp_path):  # noqa: F811
+def test_data_root_escapes_are_refused(api, engine, tmp_path):
     root = api.root
     (root / "fmnist").mkdir()
     (root / "sub").mkdir()
@@ -357,7 +357,7 @@ def test_data_root_escapes_are_refused(api, engine, tmp_path):  # noqa: F811
     assert r.status_code == 201, r.text
 
 
-def test_artifacts_by_id_only(api, engine, tmp_path):  # noqa: F811
+def test_artifacts_by_id_only(api, engine, tmp_path):
     job_id, folder = _succeeded(api, engine)
     run = folder.parent
     secret = b"TOP-SECRET, not an artifact"
@@ -432,7 +432,7 @@ def _asgi_post(app_, headers: list[tuple[bytes, bytes]], chunks: list[bytes]):
     return start["status"], body, pulled
 
 
-def test_body_limit_counts_the_bytes_that_arrive(engine, sqlite_url):  # noqa: F811
+def test_body_limit_counts_the_bytes_that_arrive(engine, sqlite_url):
     """The Content-Length header is not trusted, and an oversized body is not read to its end:
     the app stops pulling chunks at the limit (2048 bytes here, chunks of 256)."""
     settings = Settings(database_url=sqlite_url, require_auth=False, max_body_bytes=2048)
@@ -504,7 +504,7 @@ ABSURD = [
 
 @pytest.mark.parametrize("path, value, field", ABSURD,
                          ids=[f"{p}={str(v)[:12]}" for p, v, _ in ABSURD])
-def test_absurd_settings_are_422_naming_the_field(api, engine, path, value, field):  # noqa: F811
+def test_absurd_settings_are_422_naming_the_field(api, engine, path, value, field):
     r = api.post("/v1/jobs", json=_with(path, value), headers=api.alice)
     assert r.status_code == 422, r.text
     errors = r.json()["detail"]
@@ -523,7 +523,7 @@ NON_FINITE = [("width_mult", math.nan), ("max_width_mult", math.inf),
 
 
 @pytest.mark.parametrize("path, value", NON_FINITE, ids=[p for p, _ in NON_FINITE])
-def test_non_finite_numbers_are_422_naming_the_field(api, engine, path, value):  # noqa: F811
+def test_non_finite_numbers_are_422_naming_the_field(api, engine, path, value):
     body = json.dumps(_with(path, value))  # Python writes NaN / Infinity, as a client can
     assert "NaN" in body or "Infinity" in body
     r = post_raw(api, body)
@@ -536,7 +536,7 @@ def test_non_finite_numbers_are_422_naming_the_field(api, engine, path, value): 
 # --- (f) per-owner queue limit ------------------------------------------------------------------
 
 
-def test_queue_limit_holds_under_concurrent_submissions(api, engine):  # noqa: F811
+def test_queue_limit_holds_under_concurrent_submissions(api, engine):
     """8 concurrent submissions against a limit of 3: exactly 3 are queued."""
     barrier = threading.Barrier(8)
 
@@ -575,7 +575,7 @@ class _Boobytrap:
     ("application/json", pickle.HIGHEST_PROTOCOL, 422),  # binary: not UTF-8
     ("application/json", 0, 422),  # protocol 0 is ASCII: not JSON
 ])
-def test_pickle_bodies_are_refused_unread(api, engine, tmp_path, monkeypatch,  # noqa: F811
+def test_pickle_bodies_are_refused_unread(api, engine, tmp_path, monkeypatch,
                                           content_type, protocol, status):
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(_Boobytrap(marker), protocol=protocol)
