@@ -400,6 +400,9 @@ def _summary_line(job: dict) -> str:
     best = _best(job)
     if best:
         parts.append(best)
+    result = ((job.get("detail") or {}).get("result") or {}).get("metapruning") or {}
+    if isinstance(result, dict) and result.get("warning"):
+        parts.append(f"warning: {result['warning']}")
     if job.get("error_kind") or job.get("error_message"):
         parts.append(f"error {job.get('error_kind') or '?'}: {job.get('error_message') or ''}")
     return "  ".join(p.strip() for p in parts)

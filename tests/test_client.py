@@ -225,3 +225,16 @@ def test_connection_refused(capsys, monkeypatch):
     monkeypatch.setenv("METAPRUNE_SERVER", url)
     rc, _, err = run(capsys, "cancel", "J1")
     assert rc == 2 and f"cannot reach the server at {url}" in err
+
+
+def test_summary_line_shows_a_collapse_warning():
+    from pruning.cli import _summary_line
+
+    job = {"id": "j1", "status": "succeeded", "stage": "done", "progress": 1.0, "attempt": 1,
+           "detail": {"result": {"metapruning": {
+               "test_accuracy": 0.1, "macs": 1e6,
+               "warning": "test accuracy 10.00% is at chance level (10.0%)"}}}}
+    line = _summary_line(job)
+    assert "test 10.00%" in line and "warning: test accuracy 10.00% is at chance" in line
+    del job["detail"]["result"]["metapruning"]["warning"]
+    assert "warning" not in _summary_line(job)
