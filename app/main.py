@@ -57,8 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.database = Database(engine=engine, read=session_factory(engine),
                                       write=session_factory(write_engine))
         app.state.sessions = app.state.database.read
-        # the API imports PyTorch (spec validation): hundreds of thousands of long-lived objects
-        # that every full garbage collection would walk again (~0.1 s stalls under load)
+        # the objects made at start-up live as long as the process: keep every later full
+        # garbage collection from walking them again (it did: ~0.1 s stalls under load, when
+        # the API still imported PyTorch)
         gc.collect()
         gc.freeze()
         try:

@@ -98,7 +98,7 @@ class Job(Base):
     error_kind: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
-    # pruning.pipeline.metanet_fingerprint of the spec: a succeeded job with the same one (and
+    # pruning.spec.metanet_fingerprint of the spec: a succeeded job with the same one (and
     # owner) lends its trained PruningNet to the next (train once, search many)
     metanet_key: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

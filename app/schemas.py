@@ -1,5 +1,5 @@
 """Response bodies of the REST API (requests are validated by the engine's own models, e.g.
-:class:`pruning.pipeline.PipelineSpec`). Each carries an example for the OpenAPI document."""
+:class:`pruning.spec.PipelineSpec`). Each carries an example for the OpenAPI document."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ One job at a time, in the calling thread::
   drops it (lease lost: someone else owns it now).
 * **Resume.** The run folder of a job is the same for every attempt, and ``run(...,
   resume=True)`` continues from the last stage checkpoint there.
-* **PruningNet reuse.** A job whose :func:`~pruning.pipeline.metanet_fingerprint` (architecture,
+* **PruningNet reuse.** A job whose :func:`~pruning.spec.metanet_fingerprint` (architecture,
   widths, data and split, seed, PruningNet recipe; stored on the row at submission) equals one of
   the same owner's succeeded jobs adopts that job's trained PruningNet (``metanet_from``, checked
   first; an unusable one is passed over) and runs only search, training, evaluation and export.
@@ -349,10 +349,11 @@ class Worker:
 
     def _metanet_source(self, job: queue.Claimed, spec) -> str | None:
         """The run folder of the owner's newest succeeded job whose PruningNet this job can reuse
-        (same :func:`~pruning.pipeline.metanet_fingerprint`, checked by
+        (same :func:`~pruning.spec.metanet_fingerprint`, checked by
         :func:`~pruning.pipeline.check_metanet_source`), or ``None``: train one. Decided at the
         first attempt; later attempts resume with the same decision (saved in ``spec.json``)."""
-        from pruning.pipeline import RunFolderError, check_metanet_source, metanet_fingerprint
+        from pruning.pipeline import RunFolderError, check_metanet_source
+        from pruning.spec import metanet_fingerprint
 
         saved = self.run_dir(job.id) / "spec.json"
         if saved.exists():

@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     from pruning.data import DatasetMeta, TensorSplit
     from pruning.evaluate import CandidateEvaluator
     from pruning.modules import build
-    from pruning.pipeline import PRESETS
+    from pruning.spec import PRESETS
     from pruning.search import SearchConfig, evolve, random_feasible
     from pruning.space import SearchSpace
     from pruning.train import TrainConfig, train_network, train_pruningnet

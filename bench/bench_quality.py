@@ -169,7 +169,7 @@ def mean_std(values: list[float]) -> dict:
 
 class Bench:
     def __init__(self, a: argparse.Namespace):
-        from pruning.pipeline import PipelineSpec
+        from pruning.spec import PipelineSpec
 
         self.a = a
         self.PipelineSpec = PipelineSpec
@@ -209,7 +209,7 @@ class Bench:
         return d
 
     def spec(self, seed: int, budget: float, metanet_from: Path | None, as_file: bool = False):
-        from pruning.pipeline import Budget
+        from pruning.spec import Budget
 
         a = self.a
         pop = a.search_population

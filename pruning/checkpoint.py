@@ -11,9 +11,11 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the JSON half of this module needs no PyTorch (the service's API imports it)
+    import torch
+    from torch import nn
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -80,6 +82,8 @@ def read_json(path: str | os.PathLike):
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  metadata: dict | None = None) -> None:
     """Write a safetensors file atomically (tensors are made contiguous on the CPU)."""
+    from safetensors.torch import save
+
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"json": json.dumps(metadata or {}, sort_keys=True)}
     atomic_write_bytes(path, save(cpu, metadata=meta))
@@ -88,6 +92,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
                  ) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("json", "{}"))
@@ -97,6 +102,8 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
 def save_training_state(path: str | os.PathLike, module: nn.Module,
                         optimizer: torch.optim.Optimizer, meta: dict) -> None:
     """Module weights, buffers and per-parameter optimizer state in one safetensors file."""
+    import torch
+
     tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
     names = {id(p): n for n, p in module.named_parameters()}
     for p, state in optimizer.state.items():

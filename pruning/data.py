@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pruning.spec import DATASETS, list_datasets
+
 __all__ = [
     "DataBundle", "DatasetError", "DatasetMeta", "Split", "StreamSplit", "TensorSplit",
     "list_datasets", "load_dataset",
@@ -955,11 +957,7 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
 # --------------------------------------------------------------------------------------------
 # entry points
 
-_DATASETS = ("fashion-mnist", "imagefolder", "synthetic")
-
-
-def list_datasets() -> list[str]:
-    return list(_DATASETS)
+_DATASETS = DATASETS  # the names live with the spec, which must not import PyTorch
 
 
 def load_dataset(name: str, *, root: str | os.PathLike | None = None,

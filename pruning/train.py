@@ -8,11 +8,9 @@ one interval. Randomness is derived from ``(seed, step)``, so a resumed run cont
 from __future__ import annotations
 
 import math
-import numbers
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -23,89 +21,13 @@ from pruning.checkpoint import load_training_state, save_training_state
 from pruning.constraints import Constraint
 from pruning.search import random_feasible
 from pruning.space import Candidate, SearchSpace
+from pruning.spec import TrainConfig  # the recipe lives with the spec; re-exported here
 
 Progress = Callable[[dict], None]
 
 
-MAX_STEPS = 10**9  # bound of max_steps and checkpoint_every (every setting is bounded)
-
-
 class Cancelled(Exception):
     """Raised inside a loop when the caller's ``should_stop`` says so."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training recipe. ``epochs`` may be fractional; ``max_steps`` caps the step count."""
-
-    epochs: float = 1.0
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 4e-5
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    augment: bool = True
-    max_steps: int | None = None
-    checkpoint_every: int = 200
-
-    def __post_init__(self):
-        def number(v, integer=False):
-            kind = numbers.Integral if integer else numbers.Real
-            # an int is finite (math.isfinite would raise OverflowError on a huge one)
-            return (isinstance(v, kind) and not isinstance(v, bool)
-                    and (isinstance(v, numbers.Integral) or math.isfinite(v)))
-
-        checks = {
-            "epochs": (number(self.epochs) and 0 < self.epochs <= 10_000, "a number in (0, 10000]"),
-            "batch_size": (number(self.batch_size, True) and 1 <= self.batch_size <= 65_536,
-                           "an integer in [1, 65536]"),
-            "lr": (number(self.lr) and 0 < self.lr <= 100, "a number in (0, 100]"),
-            "momentum": (number(self.momentum) and 0 <= self.momentum < 1, "a number in [0, 1)"),
-            "nesterov": (isinstance(self.nesterov, bool), "true or false"),
-            "weight_decay": (number(self.weight_decay) and 0 <= self.weight_decay <= 1,
-                             "a number in [0, 1]"),
-            "warmup_epochs": (number(self.warmup_epochs) and 0 <= self.warmup_epochs
-                              and (not number(self.epochs) or self.warmup_epochs <= self.epochs),
-                              "a number in [0, epochs]"),
-            "label_smoothing": (number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-                                "a number in [0, 1)"),
-            "augment": (isinstance(self.augment, bool), "true or false"),
-            "max_steps": (self.max_steps is None
-                          or (number(self.max_steps, True) and 1 <= self.max_steps <= MAX_STEPS),
-                          f"an integer in [1, {MAX_STEPS}] or null"),
-            "checkpoint_every": (number(self.checkpoint_every, True)
-                                 and 1 <= self.checkpoint_every <= MAX_STEPS,
-                                 f"an integer in [1, {MAX_STEPS}]"),
-        }
-        bad = [f"{k}={getattr(self, k)!r} (must be {want})" for k, (ok, want) in checks.items()
-               if not ok]
-        if bad:
-            raise ValueError(f"invalid training settings: {'; '.join(bad)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Build from JSON-like settings; unknown names are a ``ValueError`` (not a TypeError)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(known))})")
-        return cls(**d)
-
-    def total_steps(self, num_examples: int) -> int:
-        per_epoch = max(1, num_examples // self.batch_size)
-        steps = max(1, math.ceil(self.epochs * per_epoch))
-        return min(steps, self.max_steps) if self.max_steps else steps
-
-    def lr_at(self, step: int, total: int, per_epoch: int) -> float:
-        """Linear warm-up, then cosine decay to zero (``step`` counts from 0)."""
-        warmup = int(self.warmup_epochs * per_epoch)
-        if step < warmup:
-            return self.lr * (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.5 * self.lr * (1 + math.cos(math.pi * t))
 
 
 def candidate_for_step(space: SearchSpace, seed: int, step: int,

@@ -22,6 +22,6 @@ def archs(_owner: Owner, include_test: Annotated[bool, Query(
 
 @router.get("/datasets", response_model=DatasetList, summary="Available datasets")
 def datasets(_owner: Owner) -> DatasetList:
-    from pruning.data import list_datasets
+    from pruning.spec import list_datasets
 
     return DatasetList(datasets=list_datasets())

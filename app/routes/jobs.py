@@ -11,7 +11,7 @@ from app.deps import Db, SettingsDep
 from app.models import JobStatus
 from app.schemas import JobOut, JobPage, errors
 from app.services import jobs
-from pruning.pipeline import PipelineSpec
+from pruning.spec import PipelineSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=errors(401))
 

@@ -12,7 +12,7 @@ from app.deps import Database
 from app.models import TERMINAL, Job
 from app.services import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from app.settings import Settings
-from pruning.pipeline import PipelineSpec, metanet_fingerprint
+from pruning.spec import PipelineSpec, metanet_fingerprint
 
 
 def _invalid(field: str, msg: str) -> InvalidRequest:

@@ -1,0 +1,316 @@
+"""What a pruning run is, without running it: the job specification (:class:`PipelineSpec`:
+architecture, data, budget, preset and overrides), the presets, the training recipe
+(:class:`TrainConfig`) and the PruningNet fingerprint that lets runs share a PruningNet.
+
+No PyTorch here: the service's API validates specs with this module alone, and the pipeline
+(:mod:`pruning.pipeline`) runs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
+from typing import Annotated, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
+
+from pruning.checkpoint import json_bytes
+from pruning.registry import get_arch
+from pruning.search import SearchConfig
+from pruning.space import DEFAULT_LEVELS
+
+DATASETS = ("fashion-mnist", "imagefolder", "synthetic")
+
+
+def list_datasets() -> list[str]:
+    """The dataset names a spec may give (loaded by :func:`pruning.data.load_dataset`)."""
+    return list(DATASETS)
+
+
+MAX_STEPS = 10**9  # bound of max_steps and checkpoint_every (every setting is bounded)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe. ``epochs`` may be fractional; ``max_steps`` caps the step count."""
+
+    epochs: float = 1.0
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 4e-5
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = True
+    max_steps: int | None = None
+    checkpoint_every: int = 200
+
+    def __post_init__(self):
+        def number(v, integer=False):
+            kind = numbers.Integral if integer else numbers.Real
+            # an int is finite (math.isfinite would raise OverflowError on a huge one)
+            return (isinstance(v, kind) and not isinstance(v, bool)
+                    and (isinstance(v, numbers.Integral) or math.isfinite(v)))
+
+        checks = {
+            "epochs": (number(self.epochs) and 0 < self.epochs <= 10_000, "a number in (0, 10000]"),
+            "batch_size": (number(self.batch_size, True) and 1 <= self.batch_size <= 65_536,
+                           "an integer in [1, 65536]"),
+            "lr": (number(self.lr) and 0 < self.lr <= 100, "a number in (0, 100]"),
+            "momentum": (number(self.momentum) and 0 <= self.momentum < 1, "a number in [0, 1)"),
+            "nesterov": (isinstance(self.nesterov, bool), "true or false"),
+            "weight_decay": (number(self.weight_decay) and 0 <= self.weight_decay <= 1,
+                             "a number in [0, 1]"),
+            "warmup_epochs": (number(self.warmup_epochs) and 0 <= self.warmup_epochs
+                              and (not number(self.epochs) or self.warmup_epochs <= self.epochs),
+                              "a number in [0, epochs]"),
+            "label_smoothing": (number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+                                "a number in [0, 1)"),
+            "augment": (isinstance(self.augment, bool), "true or false"),
+            "max_steps": (self.max_steps is None
+                          or (number(self.max_steps, True) and 1 <= self.max_steps <= MAX_STEPS),
+                          f"an integer in [1, {MAX_STEPS}] or null"),
+            "checkpoint_every": (number(self.checkpoint_every, True)
+                                 and 1 <= self.checkpoint_every <= MAX_STEPS,
+                                 f"an integer in [1, {MAX_STEPS}]"),
+        }
+        bad = [f"{k}={getattr(self, k)!r} (must be {want})" for k, (ok, want) in checks.items()
+               if not ok]
+        if bad:
+            raise ValueError(f"invalid training settings: {'; '.join(bad)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Build from JSON-like settings; unknown names are a ``ValueError`` (not a TypeError)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    def total_steps(self, num_examples: int) -> int:
+        per_epoch = max(1, num_examples // self.batch_size)
+        steps = max(1, math.ceil(self.epochs * per_epoch))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def lr_at(self, step: int, total: int, per_epoch: int) -> float:
+        """Linear warm-up, then cosine decay to zero (``step`` counts from 0)."""
+        warmup = int(self.warmup_epochs * per_epoch)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * t))
+
+
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU: for tests and for trying the tool
+    "smoke": {"train_limit": 512, "test_limit": 256, "val_size": 128, "calib_batches": 2,
+              "calib_batch_size": 64, "eval_images": 128,
+              "metanet": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+              "search": {"population": 8, "keep_top": 8, "parents": 4, "mutants": 4,
+                         "crossovers": 4, "generations": 2},
+              "final": {"epochs": 1, "batch_size": 64, "lr": 0.05}},
+    # a few minutes on a 2-core CPU with a small network (the README's demo)
+    "quick": {"train_limit": 5000, "test_limit": 2000, "val_size": 500, "calib_batches": 2,
+              "calib_batch_size": 128, "eval_images": 500,
+              "metanet": {"epochs": 6, "batch_size": 64, "lr": 0.05, "warmup_epochs": 0.3},
+              "search": {"population": 16, "keep_top": 16, "parents": 5, "mutants": 6,
+                         "crossovers": 6, "generations": 6},
+              "final": {"epochs": 5, "batch_size": 64, "lr": 0.05}},
+    # the GPU benchmark: all of Fashion-MNIST, the paper's search
+    "standard": {"val_size": 10000, "calib_batches": 10, "calib_batch_size": 256,
+                 "eval_images": 10000,
+                 "metanet": {"epochs": 10, "batch_size": 256, "lr": 0.1, "warmup_epochs": 0.5},
+                 "search": {},
+                 "final": {"epochs": 10, "batch_size": 256, "lr": 0.1, "warmup_epochs": 0.5}},
+    # the paper's search and width settings (PruningNet up to 1.4×, label smoothing 0.1), its
+    # PruningNet/final epoch ratio, and learning rates scaled to the batch size
+    "paper": {"val_size": 10000, "calib_batches": 20, "calib_batch_size": 256,
+              "eval_images": 10000, "max_width_mult": 1.4,
+              "metanet": {"epochs": 32, "batch_size": 512, "lr": 0.25, "warmup_epochs": 1,
+                          "label_smoothing": 0.1},
+              "search": {},
+              "final": {"epochs": 64, "batch_size": 512, "lr": 0.25, "warmup_epochs": 1,
+                        "label_smoothing": 0.1}},
+}
+
+
+MAX_IMAGES = 10**9  # bound of train_limit, test_limit, val_size and eval_images
+
+
+class Budget(BaseModel):
+    """Exactly one budget: absolute (MACs, params, milliseconds) or relative to the full 1.0×
+    network. Latency is predicted from a per-layer table measured on the run's device at
+    batch size 1 (:mod:`pruning.latency`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    macs: int | None = Field(None, gt=0, le=10**13)
+    params: int | None = Field(None, gt=0, le=10**11)
+    macs_ratio: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
+    params_ratio: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
+    latency_ms: float | None = Field(None, gt=0, le=10**6, allow_inf_nan=False)
+    latency_ratio: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one budget: macs, params, macs_ratio, params_ratio, "
+                             f"latency_ms or latency_ratio (got {given or 'none'})")
+        return self
+
+
+class PipelineSpec(BaseModel):
+    """Everything a pruning run needs; the preset fills what is not given."""
+
+    model_config = ConfigDict(extra="forbid")
+    arch: str = "mobilenet_v2"
+    dataset: str = "fashion-mnist"
+    data_root: str | None = Field(None, min_length=1, max_length=4096)
+    budget: Budget = Budget(macs_ratio=0.25)
+    preset: Literal["smoke", "quick", "standard", "paper"] = "quick"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    width_mult: float = Field(1.0, ge=0.05, le=4, allow_inf_nan=False)
+    metanet_sampling: Literal["uniform", "budget"] = Field(
+        "uniform", description="PruningNet training candidates: uniform per group (the paper) "
+                               "or biased towards this run's budget (not reusable across budgets)")
+    max_width_mult: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
+    levels: list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = Field(
+        None, min_length=1, max_length=256,
+        description="width scales of a group's maximum, increasing, each in (0, 1] "
+                    "(default: 31 levels 0.10…1.00)")
+    channel_divisor: int = Field(1, ge=1, le=64)
+    min_channels: int = Field(4, ge=1, le=64,
+                              description="no layer narrower than this (or its maximum): 1–3 "
+                                          "channel layers are bottlenecks whose ReLU can die "
+                                          "when trained from scratch")
+    train_limit: int | None = Field(None, ge=16, le=MAX_IMAGES)
+    test_limit: int | None = Field(None, ge=16, le=MAX_IMAGES)
+    val_size: int | None = Field(None, ge=16, le=MAX_IMAGES)
+    calib_batches: int | None = Field(None, ge=1, le=1000)
+    calib_batch_size: int | None = Field(None, ge=1, le=4096)
+    eval_images: int | None = Field(None, ge=16, le=MAX_IMAGES)
+    final_init: Literal["scratch", "generated"] = "scratch"
+    train_baseline: bool = False
+    metanet_from: str | None = Field(None, min_length=1, max_length=4096,
+                                     description="a run folder whose trained PruningNet this run "
+                                                 "reuses (same architecture, data and seed)")
+    metanet: dict = Field(default_factory=dict)
+    search: dict = Field(default_factory=dict)
+    final: dict = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, name: str) -> str:
+        try:
+            get_arch(name)
+        except KeyError as e:  # pydantic reports ValueErrors only
+            raise ValueError(str(e)) from None
+        return name
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in list_datasets():
+            raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+        return name
+
+    @field_validator("data_root", "metanet_from")
+    @classmethod
+    def _no_nul(cls, path: str | None) -> str | None:
+        if path is not None and "\0" in path:
+            raise ValueError("a path cannot contain a NUL character")
+        return path
+
+    @field_validator("levels")
+    @classmethod
+    def _increasing(cls, levels: list[float] | None) -> list[float] | None:
+        if levels is not None and levels != sorted(set(levels)):
+            raise ValueError("levels must be strictly increasing")
+        return levels
+
+    @field_validator("metanet", "search", "final")
+    @classmethod
+    def _settings_resolve(cls, overrides: dict, info: ValidationInfo) -> dict:
+        """Unknown or out-of-range training/search settings fail here, each under its own
+        field (the preset's settings, updated by these, must make a valid config)."""
+        preset, seed = info.data.get("preset"), info.data.get("seed")
+        if preset is None or seed is None:
+            return overrides  # already invalid; the preset or the seed is reported
+        if info.field_name == "search" and "seed" in overrides:
+            raise ValueError("seed is not a search setting: the search uses the spec's seed")
+        _settings(info.field_name, PRESETS[preset], overrides, seed)
+        return overrides
+
+    def _configs(self) -> tuple[TrainConfig, SearchConfig, TrainConfig]:
+        """The metanet, search and final settings: the preset's, updated by this spec's."""
+        p = PRESETS[self.preset]
+        return tuple(_settings(name, p, getattr(self, name), self.seed)
+                     for name in ("metanet", "search", "final"))
+
+    def resolved(self) -> ResolvedSpec:
+        p = PRESETS[self.preset]
+        pick = lambda name: getattr(self, name) if getattr(self, name) is not None else p.get(name)  # noqa: E731
+        metanet, search, final = self._configs()
+        return ResolvedSpec(
+            spec=self, max_width_mult=pick("max_width_mult") or 1.0,
+            train_limit=pick("train_limit"), test_limit=pick("test_limit"),
+            val_size=pick("val_size"), calib_batches=pick("calib_batches"),
+            calib_batch_size=pick("calib_batch_size"), eval_images=pick("eval_images"),
+            metanet=metanet, search=search, final=final)
+
+
+def _settings(name: str, preset: dict, overrides: dict,
+              seed: int) -> TrainConfig | SearchConfig:
+    """The ``metanet``, ``search`` or ``final`` config of ``preset`` updated by ``overrides``."""
+    merged = {**preset[name], **overrides}
+    if name == "search":
+        return SearchConfig.from_dict({**merged, "seed": seed})
+    return TrainConfig.from_dict(merged)
+
+
+class ResolvedSpec(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    spec: PipelineSpec
+    max_width_mult: float
+    train_limit: int | None
+    test_limit: int | None
+    val_size: int
+    calib_batches: int
+    calib_batch_size: int
+    eval_images: int
+    metanet: TrainConfig
+    search: SearchConfig
+    final: TrainConfig
+
+
+
+# --- "train once, search many" ---------------------------------------------------------------
+
+
+def metanet_identity(spec: PipelineSpec) -> dict:
+    """Everything that determines a run's trained PruningNet: the architecture and its widths,
+    the data and its split, the seed and the PruningNet training recipe."""
+    r = spec.resolved()
+    return {"arch": spec.arch, "dataset": spec.dataset, "data_root": spec.data_root,
+            "seed": spec.seed, "width_mult": spec.width_mult,
+            "max_width_mult": r.max_width_mult,
+            "levels": [float(x) for x in (spec.levels or DEFAULT_LEVELS)],
+            "channel_divisor": spec.channel_divisor, "min_channels": spec.min_channels,
+            "train_limit": r.train_limit,
+            "val_size": r.val_size, "metanet": asdict(r.metanet),
+            "metanet_sampling": spec.metanet_sampling,
+            # a budget-biased PruningNet is trained for its budget only
+            "budget": spec.budget.model_dump() if spec.metanet_sampling == "budget" else None}
+
+
+def metanet_fingerprint(spec: PipelineSpec) -> str:
+    """sha256 of :func:`metanet_identity` (canonical JSON): equal fingerprints, interchangeable
+    PruningNets. The service stores it on every job to find a finished one to reuse."""
+    return hashlib.sha256(json_bytes(metanet_identity(spec))).hexdigest()
