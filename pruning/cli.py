@@ -470,7 +470,7 @@ class _WatchPrinter:
         self.last: tuple | None = None
 
     def __call__(self, job: dict) -> None:
-        stage, pct, best = job.get("stage") or job["status"], int(100 * float(
+        stage, pct, best = job.get("stage") or "-", int(100 * float(
             job.get("progress") or 0)), _best(job)
         if self.mode == "bars":
             from tqdm import tqdm
