@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -40,8 +41,6 @@ def remove_stale_temporaries(folder: str | os.PathLike, min_age_s: float = 600.0
     OOM, power loss) left anywhere under ``folder``, if untouched for ``min_age_s``: a writer
     that is still running (one that lost its lease finishes its step) touches its file as it
     writes. Returns how many were removed."""
-    import time
-
     removed, cutoff = 0, time.time() - min_age_s
     for tmp in Path(folder).rglob(".*.tmp"):
         try:

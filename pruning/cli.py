@@ -371,11 +371,16 @@ def _percent(job: dict) -> str:
     return f"{100 * float(job.get('progress') or 0):3.0f}%"
 
 
+def _result(job: dict) -> dict | None:
+    """The MetaPruning entry of a succeeded job's stored result (``detail.result``), if any."""
+    result = ((job.get("detail") or {}).get("result") or {}).get("metapruning")
+    return result if isinstance(result, dict) else None
+
+
 def _best(job: dict) -> str:
     """Best so far (search) or the result (succeeded), as a short phrase; '' when none."""
-    detail = job.get("detail") or {}
-    result = (detail.get("result") or {}).get("metapruning")
-    if isinstance(result, dict):
+    result = _result(job)
+    if result is not None:
         parts = []
         if result.get("test_accuracy") is not None:
             parts.append(f"test {100 * result['test_accuracy']:.2f}%")
@@ -384,7 +389,7 @@ def _best(job: dict) -> str:
         if result.get("macs") is not None:
             parts.append(f"MACs {result['macs'] / 1e6:.2f}M")
         return ", ".join(parts)
-    best = detail.get("best")
+    best = (job.get("detail") or {}).get("best")
     if isinstance(best, dict) and best.get("score") is not None:
         text = f"best est. val {100 * best['score']:.2f}%"
         if best.get("macs") is not None:
@@ -400,9 +405,9 @@ def _summary_line(job: dict) -> str:
     best = _best(job)
     if best:
         parts.append(best)
-    result = ((job.get("detail") or {}).get("result") or {}).get("metapruning") or {}
-    if isinstance(result, dict) and result.get("warning"):
-        parts.append(f"warning: {result['warning']}")
+    warning = (_result(job) or {}).get("warning")
+    if warning:
+        parts.append(f"warning: {warning}")
     if job.get("error_kind") or job.get("error_message"):
         parts.append(f"error {job.get('error_kind') or '?'}: {job.get('error_message') or ''}")
     return "  ".join(p.strip() for p in parts)

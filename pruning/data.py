@@ -957,8 +957,6 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
 # --------------------------------------------------------------------------------------------
 # entry points
 
-_DATASETS = DATASETS  # the names live with the spec, which must not import PyTorch
-
 
 def load_dataset(name: str, *, root: str | os.PathLike | None = None,
                  device: torch.device | str = "cpu", val_size: int | float = 0.1,
@@ -982,8 +980,8 @@ def load_dataset(name: str, *, root: str | os.PathLike | None = None,
       :class:`TensorSplit` when they fit, else stream them with a :class:`StreamSplit`.
     """
     key = str(name).strip().lower()
-    if key not in _DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(_DATASETS)}")
+    if key not in DATASETS:  # the names live with the spec (pruning.spec: no PyTorch)
+        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise DatasetError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
