@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +192,7 @@ class Bench:
         self.seeds_done: list[int] = []
         self.seeds_skipped: list[dict] = []
         self.cancelled: dict | None = None
+        self.failures: list[dict] = []  # seeds whose runs raised (the error, not a traceback)
         self.tau: dict | None = None
         self.first_run_dir: Path | None = None  # seed 0's first run: holds the PruningNet
 
@@ -228,6 +230,18 @@ class Bench:
                                          if as_file else metanet_from)
         return self.PipelineSpec(**fields)
 
+    @staticmethod
+    def full_macs(metanet_dir: Path) -> int:
+        """MACs of the full 1.0× network of the space a trained PruningNet was built on."""
+        from pruning import counting
+        from pruning.checkpoint import load_tensors
+        from pruning.space import SearchSpace
+
+        _, meta = load_tensors(metanet_dir / "metanet" / "pruningnet.safetensors")
+        space = SearchSpace.from_dict(meta["space"])
+        full = SearchSpace.create(space.arch, **space.arch_args)
+        return counting.macs(full, full.largest())
+
     def progress(self, label: str):
         state = {"stage": None, "t": 0.0}
 
@@ -252,6 +266,7 @@ class Bench:
 
     def one_run(self, seed: int, budget: float, first: Path | None) -> tuple[Path, dict]:
         from pruning.pipeline import run
+        from pruning.train import Cancelled
 
         run_dir = self.work / f"seed{seed}" / f"macs{budget:g}"
         metanet_from = None
@@ -275,12 +290,22 @@ class Bench:
                 raise
             spec = self.spec(seed, budget, metanet_from, as_file=True)
         t = time.perf_counter()
-        report = run(spec, run_dir, progress=self.progress(f"seed {seed} macs {budget:g}"),
-                     should_stop=self.over_time)
+        entry = {"seed": seed, "macs_ratio": budget,
+                 "metanet_reused": first is not None and self.reuse != "none"}
+        try:
+            report = run(spec, run_dir, progress=self.progress(f"seed {seed} macs {budget:g}"),
+                         should_stop=self.over_time)
+            entry["search_evaluated"] = report["search"]["evaluated"]
+        except Exception as e:  # noqa: BLE001 — a GPU run is one shot: keep what was measured
+            if isinstance(e, Cancelled) or not (run_dir / "evaluation.json").is_file():
+                raise
+            # export (stage 5) failed after the test accuracies were written: report them
+            report = {**json.loads((run_dir / "evaluation.json").read_text()),
+                      "full_network": {"macs": self.full_macs(first or run_dir)}}
+            entry["error"] = f"stage after evaluation failed: {e!r}"
+            log(f"seed {seed} macs {budget:g}: {entry['error']}")
+        entry["elapsed_s"] = round(time.perf_counter() - t, 1)
         full = report["full_network"]["macs"]
-        entry = {"seed": seed, "macs_ratio": budget, "elapsed_s": round(time.perf_counter() - t, 1),
-                 "metanet_reused": first is not None and self.reuse != "none",
-                 "search_evaluated": report.get("search", {}).get("evaluated")}
         for name in ("metapruning", "uniform"):
             r = report[name]
             entry[name] = {"test_accuracy": r.get("test_accuracy"),
@@ -323,6 +348,10 @@ class Bench:
                 self.cancelled = {"seed": seed, "stage": str(e),
                                   "reason": f"time budget {a.time_budget_s:.0f} s exceeded"}
                 log(f"seed {seed} cancelled in stage {e}: time budget exceeded")
+                continue
+            except Exception as e:  # noqa: BLE001 — record it, go on with the next seed
+                self.failures.append({"seed": seed, "error": repr(e)})
+                log(f"seed {seed} failed:\n{traceback.format_exc()}")
                 continue
             self.seed_times.append(time.perf_counter() - t)
             self.seeds_done.append(seed)
@@ -452,6 +481,7 @@ class Bench:
             "bench": "quality",
             "status": "partial" if partial else (
                 "complete" if not self.seeds_skipped and self.cancelled is None
+                and not self.failures and not any("error" in r for r in self.runs)
                 and not (self.tau or {}).get("skipped_candidates") else "incomplete"),
             "tiny": a.tiny,
             "note": ("--tiny: a check of the script on a test architecture and a few hundred "
@@ -463,7 +493,7 @@ class Bench:
             "arch": a.arch, "dataset": a.dataset, "preset": a.preset,
             "budgets_macs_ratio": floats(a.budgets), "seeds_requested": ints(a.seeds),
             "seeds_done": self.seeds_done, "seeds_skipped": self.seeds_skipped,
-            "cancelled": self.cancelled,
+            "cancelled": self.cancelled, "failures": self.failures,
             "metanet_reuse": self.reuse, "metanet_reuse_note": self.reuse_note or (
                 "one PruningNet per seed, shared by its budgets" if self.reuse != "none"
                 else "every run trained its own PruningNet (separate runs)"),

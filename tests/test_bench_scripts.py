@@ -75,12 +75,40 @@ def test_quality_tiny(tmp_path):
         assert 0 <= row["estimated_val_accuracy"] <= 1 and 0 <= row["trained_test_accuracy"] <= 1
 
 
-def test_kendall_tau_own_implementation(monkeypatch):
+def import_bench_quality():
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import bench_quality
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return bench_quality
+
+
+def test_quality_keeps_accuracies_when_export_fails(tmp_path, monkeypatch):
+    """A one-shot GPU run must not lose its trained accuracies to a broken exporter."""
+    import pruning.pipeline
+
+    def broken_export(ctx):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(pruning.pipeline, "stage_export", broken_export)
+    args = ["--tiny", "--seeds", "0", "--budgets", "0.5,0.25", "--tau-candidates", "0",
+            "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "quality.json")]
+    if not fashion_mnist_present():
+        args += ["--dataset", "synthetic"]
+    d = import_bench_quality().main(args)
+    assert d["status"] == "incomplete" and not d["failures"]
+    assert [r["metanet_reused"] for r in d["runs"]] == [False, True]
+    for r in d["runs"]:
+        assert "exporter broke" in r["error"]
+        for name in ("metapruning", "uniform"):
+            assert 0 <= r[name]["test_accuracy"] <= 1
+            assert 0 < r[name]["macs_vs_full"] <= r["macs_ratio"]
+    assert d["summary"]["0.25"]["metapruning_test_accuracy"]["n"] == 1
+
+
+def test_kendall_tau_own_implementation(monkeypatch):
+    bench_quality = import_bench_quality()
     monkeypatch.setitem(sys.modules, "scipy", None)  # force the fallback
     monkeypatch.setitem(sys.modules, "scipy.stats", None)
     tau = bench_quality.kendall_tau

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Both GPU benchmarks in one device call (docs/benchmarks.md, "Running the GPU benchmarks"):
+# the speed benchmark first (a couple of minutes at most), then the quality benchmark with the
+# time that is left. Usage: bash bench/run_gpu_benchmarks.sh [OUT_DIR] [TOTAL_SECONDS]
+set -u
+out=${1:-${OUT:-runs/gpu-bench}}
+total=${2:-585}
+start=$SECONDS
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then  # pydantic & co., missing on the GPU image
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+
+timeout 150 python3 bench/bench_pipeline_speed.py --out "$out/speed.json" 2> "$out/speed.log"
+echo "speed: exit $? after $((SECONDS - start)) s"; tail -n 12 "$out/speed.log"
+
+left=$((total - (SECONDS - start)))
+timeout $((left - 5)) python3 bench/bench_quality.py --time-budget-s $((left - 45)) \
+  --out "$out/quality.json" 2> "$out/quality.log" > /dev/null
+echo "quality: exit $? after $((SECONDS - start)) s"; grep -E "MetaPruning|tau|skip|fail" "$out/quality.log" | tail -n 40
