@@ -6,9 +6,11 @@ With a preset's settings (default ``standard``: MobileNetV2 1.0×, Fashion-MNIST
 1. PruningNet training throughput (images/s) through the pipeline's own loop
    (``train_pruningnet``: random candidate per step, augmentation on the device, bf16 autocast on
    CUDA, SGD) against the plain max-width network trained by the same loop at the same batch
-   (``train_network``).
+   (``train_network``); in both shape modes (``fixed_shapes``, the default on CUDA, and
+   ``cropped``, the default on a CPU: see ``metanet/pruningnet.py``).
 2. Search throughput (candidates/s): ``CandidateEvaluator`` on the preset's calibration and
-   validation images (generate weights → materialise → recalibrate BN → score), and the whole
+   validation images (generate weights → materialise → recalibrate BN → score), in both shape
+   modes, and the whole
    evolutionary search (``evolve``, the preset's search settings, a few generations), against
    the forward passes over the same images per candidate of (a) the plain max-width network and
    (b) the very same candidates as plain networks (the physical limit of scoring a candidate).
@@ -41,11 +43,12 @@ from timing import median_seconds, seconds  # noqa: E402  (bench/timing.py, besi
 T0 = time.perf_counter()
 
 GPU_DEFAULTS = dict(arch="mobilenet_v2", preset="standard", budget_ratio=0.25, train_images=50000,
-                    warmup_steps=15, train_steps=100, warmup_candidates=3, candidates=20,
+                    warmup_steps=15, train_steps=100, other_mode_steps=40,
+                    warmup_candidates=3, candidates=20,
                     same_candidates=5, search_generations=2, batch_size=None, calib_batches=None,
                     calib_batch_size=None, eval_images=None, population=None, repeat=3)
 TINY_DEFAULTS = dict(arch="test_mobilenet_v2", threads=1, train_images=256,
-                     warmup_steps=1, train_steps=3,
+                     warmup_steps=1, train_steps=3, other_mode_steps=3,
                      warmup_candidates=1, candidates=3, same_candidates=2, search_generations=1,
                      batch_size=32, calib_batches=2, calib_batch_size=32, eval_images=64,
                      population=4, repeat=1)
@@ -70,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      "(Fashion-MNIST's sub-train split: 50,000)")
     ap.add_argument("--warmup-steps", type=int)
     ap.add_argument("--train-steps", type=int, help="timed training steps per network")
+    ap.add_argument("--other-mode-steps", type=int,
+                    help="timed PruningNet steps in the shape mode that is not the device's "
+                         "default (cropped on CUDA, fixed shapes on a CPU)")
     ap.add_argument("--warmup-candidates", type=int)
     ap.add_argument("--candidates", type=int, help="timed candidate evaluations")
     ap.add_argument("--same-candidates", type=int,
@@ -100,7 +106,7 @@ def main(argv=None) -> dict:
                  "(see docs/benchmarks.md, 'Running the GPU benchmarks')")
     if a.threads:  # one thread on a shared 2-core machine: spinning OpenMP threads cost 10×
         torch.set_num_threads(a.threads)
-    from metanet.pruningnet import PruningNet
+    from metanet.pruningnet import PruningNet, fixed_shapes_default
     from pruning import counting
     from pruning.constraints import MacsConstraint
     from pruning.data import DatasetMeta, TensorSplit
@@ -148,20 +154,29 @@ def main(argv=None) -> dict:
     recipe = {k: v for k, v in p["metanet"].items() if k != "epochs"}
     recipe.update(batch_size=batch, checkpoint_every=10**9)
 
-    def train_rate(fn, module) -> dict:
+    def train_rate(fn, module, steps=a.train_steps, **kwargs) -> dict:
         fn(module, train, TrainConfig.from_dict({**recipe, "max_steps": a.warmup_steps}),
-           seed=1, device=device)
+           seed=1, device=device, **kwargs)
         stats = {}
         elapsed = seconds(lambda: stats.update(fn(
-            module, train, TrainConfig.from_dict({**recipe, "max_steps": a.train_steps}),
-            seed=2, device=device)), device)
+            module, train, TrainConfig.from_dict({**recipe, "max_steps": steps}),
+            seed=2, device=device, **kwargs)), device)
         return {"steps": stats["steps"], "seconds": round(elapsed, 4),
                 "images_per_s": round(stats["steps"] * batch / elapsed, 1)}
 
+    # the PruningNet in both shape modes (metanet/pruningnet.py): the device's default one is
+    # the pipeline's and gets the full step count
+    default_fixed = fixed_shapes_default(device)
     torch.manual_seed(0)
     pnet = PruningNet(space).to(device)
-    meta_train = train_rate(train_pruningnet, pnet)
-    log(f"PruningNet training: {meta_train['images_per_s']:.0f} img/s")
+    by_mode = {}
+    for fixed in (default_fixed, not default_fixed):
+        name = "fixed_shapes" if fixed else "cropped"
+        by_mode[name] = train_rate(train_pruningnet, pnet, fixed_shapes=fixed,
+                                   steps=a.train_steps if fixed == default_fixed
+                                   else a.other_mode_steps)
+        log(f"PruningNet training ({name}): {by_mode[name]['images_per_s']:.0f} img/s")
+    meta_train = by_mode["fixed_shapes" if default_fixed else "cropped"]
     plain = build(space, space.largest()).to(device)
     plain_train = train_rate(train_network, plain)
     log(f"plain max-width training: {plain_train['images_per_s']:.0f} img/s")
@@ -180,7 +195,15 @@ def main(argv=None) -> dict:
         evaluator(c)
     per_candidate = [seconds(lambda: evaluator(c), device) for c in cands[a.warmup_candidates:]]
     eval_rate = len(per_candidate) / sum(per_candidate)
-    log(f"candidate evaluation: {eval_rate:.2f} candidates/s")
+    log(f"candidate evaluation ({'fixed shapes' if default_fixed else 'cropped'}): "
+        f"{eval_rate:.2f} candidates/s")
+    other = CandidateEvaluator(pnet, train, val, calib_batches=calib_batches,
+                               batch_size=calib_bs, val_images=eval_images, seed=0,
+                               device=device, fixed_shapes=not default_fixed)
+    per_candidate_other = [seconds(lambda: other(c), device) for c in cands]
+    other_rate = len(per_candidate_other) / sum(per_candidate_other)
+    log(f"candidate evaluation ({'cropped' if default_fixed else 'fixed shapes'}): "
+        f"{other_rate:.2f} candidates/s")
 
     def forward_time(net) -> float:
         @torch.inference_mode()
@@ -228,6 +251,8 @@ def main(argv=None) -> dict:
         "training": {
             "batch": batch, "warmup_steps": a.warmup_steps,
             "pruningnet": meta_train, "plain_max_width": plain_train,
+            "pruningnet_default_mode": "fixed_shapes" if default_fixed else "cropped",
+            "pruningnet_by_mode": by_mode,
             "throughput_ratio_pruningnet_vs_plain": round(meta_train["images_per_s"]
                                                / plain_train["images_per_s"], 3)},
         "search": {
@@ -238,7 +263,13 @@ def main(argv=None) -> dict:
             "evaluator": {"candidates": len(per_candidate),
                           "seconds_per_candidate_median": round(statistics.median(per_candidate),
                                                                 5),
-                          "candidates_per_s": round(eval_rate, 3)},
+                          "candidates_per_s": round(eval_rate, 3),
+                          "mode": "fixed_shapes" if default_fixed else "cropped"},
+            "evaluator_other_mode": {
+                "mode": "cropped" if default_fixed else "fixed_shapes",
+                "candidates": len(per_candidate_other),
+                "seconds_per_candidate_median": round(statistics.median(per_candidate_other), 5),
+                "candidates_per_s": round(other_rate, 3)},
             "plain_max_width_forward": {
                 "seconds_per_candidate": round(t_plain_fwd, 5),
                 "candidates_per_s": round(1 / t_plain_fwd, 3),

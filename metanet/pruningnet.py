@@ -12,6 +12,14 @@ in the meta-network has no affine parameters and uses batch statistics, because 
 of different candidates differ; a candidate's own statistics are recalibrated later.
 Training samples a random candidate each step, so every width combination gets trained weights,
 and the gradient flows back through the crop into the generators.
+
+*Fixed shapes* (the default on CUDA, :func:`fixed_shapes_default`): the cropped weights are
+zero-padded back to the maximum widths and the candidate is computed at full width. This is the
+same function: a zero-padded output channel stays exactly 0 through batch-statistics BN
+(``(0 - 0) / √(0 + ε)``), ReLU, residual adds and the next layer, and a zero input channel adds
+nothing; the gradient still reaches only the crop. On a GPU it is much faster, because cuDNN
+builds an execution plan for every new convolution shape and a random candidate per step is a
+new shape nearly every step; on a CPU cropping does less arithmetic and wins.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class WeightGenerator(nn.Module):
 
     def __init__(self, num_inputs: int, max_shape: tuple[int, ...], hidden: int = 32):
         super().__init__()
+        self.max_shape = tuple(max_shape)
         self.fc1 = nn.Linear(num_inputs, hidden)
         self.scale = 1.0 / math.sqrt(hidden)
         self.weight2 = nn.Parameter(torch.empty(*max_shape, hidden))
@@ -55,9 +64,24 @@ class WeightGenerator(nn.Module):
         nn.init.uniform_(self.bias2, -bound, bound)
         nn.init.uniform_(self.weight2, -bound, bound)
 
-    def forward(self, code: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+    def forward(self, code: torch.Tensor, out: int, inp: int,
+                fixed_shapes: bool = False) -> torch.Tensor:
+        """The ``[:out, :inp]`` crop of the weight; zero-padded to ``max_shape`` with
+        ``fixed_shapes``."""
         h = F.relu(self.fc1(code)) * self.scale
-        return self.weight2[:out, :inp] @ h + self.bias2[:out, :inp]
+        w = self.weight2[:out, :inp] @ h + self.bias2[:out, :inp]
+        if not fixed_shapes:
+            return w
+        pad = []  # F.pad lists (before, after) from the last dimension backwards
+        for have, full in zip(reversed(w.shape), reversed(self.max_shape)):
+            pad += [0, full - have]
+        return F.pad(w, pad)
+
+
+def fixed_shapes_default(device: torch.device | str) -> bool:
+    """Compute candidates at full width with zero-padded weights on CUDA, cropped elsewhere
+    (see the module docstring)."""
+    return torch.device(device).type == "cuda"
 
 
 def _key(path: str) -> str:
@@ -117,10 +141,13 @@ class PruningNet(nn.Module):
         code = [w / m for w, m in zip(self.space.widths(candidate), self.space.max_widths)]
         return torch.tensor(code + [1.0]).to(self.code_index.device, non_blocking=True)
 
-    def generate(self, candidate: Candidate) -> dict[str, torch.Tensor]:
-        """Generated weights of every conv and of the classifier, keyed by layer path."""
+    def generate(self, candidate: Candidate, fixed_shapes: bool = False
+                 ) -> dict[str, torch.Tensor]:
+        """Generated weights of every conv and of the classifier, keyed by layer path; with
+        ``fixed_shapes``, zero-padded to the maximum widths."""
         codes = self._encoding_and_one(candidate)[self.code_index]
-        return {path: self.generators[_key(path)](codes[self._code_slices[path]], out, inp)
+        return {path: self.generators[_key(path)](codes[self._code_slices[path]], out, inp,
+                                                  fixed_shapes)
                 for path, (out, inp) in self._shapes(self.space.widths(candidate)).items()}
 
     def _shapes(self, widths: tuple[int, ...]) -> dict[str, tuple[int, int]]:
@@ -137,14 +164,15 @@ class PruningNet(nn.Module):
         return shapes
 
     # --- meta forward -----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, candidate: Candidate, bn_stats: BNStats | None = None
-                ) -> torch.Tensor:
-        """Logits of ``candidate`` with generated weights.
+    def forward(self, x: torch.Tensor, candidate: Candidate, bn_stats: BNStats | None = None,
+                fixed_shapes: bool = False) -> torch.Tensor:
+        """Logits of ``candidate`` with generated weights (at full width with zero-padded
+        weights when ``fixed_shapes``: the same logits).
 
         BN uses batch statistics, or, when ``bn_stats`` (``{"<conv path>.bn": (mean, var)}``,
         as :func:`metanet.bn.bn_statistics` returns) is given, those running statistics.
         """
-        weights = self.generate(candidate)
+        weights = self.generate(candidate, fixed_shapes)
         for block, body, short in self._blocks:
             y = self._chain(body, x, weights, bn_stats)
             if short is not None:
@@ -163,6 +191,9 @@ class PruningNet(nn.Module):
             x = F.conv2d(x, weights[path], stride=spec.stride, padding=spec.kernel // 2,
                          groups=x.shape[1] if spec.depthwise else 1)
             mean, var = bn_stats[path + ".bn"] if bn_stats is not None else (None, None)
+            if mean is not None and len(mean) < x.shape[1]:  # fixed shapes: pad as identity
+                mean = F.pad(mean, (0, x.shape[1] - len(mean)))
+                var = F.pad(var, (0, x.shape[1] - len(var)), value=1.0)
             x = F.batch_norm(x, mean, var, training=bn_stats is None, eps=BN_EPS)
             x = _ACT[spec.act](x)
         return x
@@ -170,16 +201,19 @@ class PruningNet(nn.Module):
     # --- materialisation --------------------------------------------------------------------
     @torch.no_grad()
     def materialise(self, candidate: Candidate,
-                    calibration: Iterable[torch.Tensor] | None = None) -> PrunedNet:
-        """The plain pruned network of ``candidate`` carrying the generated weights.
+                    calibration: Iterable[torch.Tensor] | None = None,
+                    fixed_shapes: bool = False) -> PrunedNet:
+        """The plain pruned network of ``candidate`` carrying the generated weights (with
+        ``fixed_shapes``, the full-width network carrying them zero-padded: the same function).
 
         BN affine parameters are the identity (the meta BN has none); with ``calibration``
         batches, running statistics are recalibrated (:func:`metanet.bn.recalibrate_bn`), so in
         eval mode the net computes what ``forward(x, candidate, bn_statistics(net))`` does.
         Returns the net in eval mode, on this PruningNet's device.
         """
-        weights = self.generate(candidate)
-        net = build(self.space, candidate, device="meta")
+        weights = self.generate(candidate, fixed_shapes)
+        net = build(self.space, self.space.largest() if fixed_shapes else candidate,
+                    device="meta")
         device = self.code_index.device
         state = {}
         for name, module in net.named_modules():

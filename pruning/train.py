@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metanet.pruningnet import fixed_shapes_default
 from pruning.checkpoint import load_training_state, save_training_state
 from pruning.constraints import Constraint
 from pruning.search import random_feasible
@@ -24,6 +25,14 @@ from pruning.space import Candidate, SearchSpace
 from pruning.spec import TrainConfig  # the recipe lives with the spec; re-exported here
 
 Progress = Callable[[dict], None]
+
+SYNC_EVERY = 25  # on CUDA, steps between reads of the loss (progress, divergence check)
+
+
+def _sync_every(device: torch.device) -> int:
+    """Steps between reads of the loss. A read waits for the GPU; reading every few steps lets
+    the host queue the next steps meanwhile (a CPU has nothing to overlap: every step)."""
+    return SYNC_EVERY if device.type == "cuda" else 1
 
 
 class Cancelled(Exception):
@@ -71,6 +80,8 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor],
             raise ValueError(f"{stage}: checkpoint {ckpt} belongs to a run of {meta['total']} "
                              f"steps, this one has {total}; remove it or use the same settings")
     use_amp = device.type == "cuda"
+    sync_every = _sync_every(device)
+    ema = None if loss_ema is None else torch.tensor(loss_ema, device=device)
     module.train()
     t0, images = time.perf_counter(), 0
     while step < total:
@@ -92,16 +103,20 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor],
             opt.step()
             step += 1
             images += len(x)
-            value = loss.item()
-            if not math.isfinite(value):
+            value = loss.detach().float()
+            ema = value if ema is None else ema * 0.9 + value * 0.1  # NaN/inf stay in it
+            save = ckpt and (step % config.checkpoint_every == 0 or step == total)
+            if not (save or step == total or step == 1 or step % sync_every == 0):
+                continue
+            loss_ema = ema.item()
+            if not math.isfinite(loss_ema):
                 raise FloatingPointError(
-                    f"{stage}: the loss became {value} at step {step} of {total} (learning rate "
-                    f"{opt.param_groups[0]['lr']:.3g}); training diverged: lower the learning "
-                    "rate (lr) or add warm-up (warmup_epochs) and start a new run (the "
+                    f"{stage}: the loss became {loss_ema} by step {step} of {total} (learning "
+                    f"rate {opt.param_groups[0]['lr']:.3g}); training diverged: lower the "
+                    "learning rate (lr) or add warm-up (warmup_epochs) and start a new run (the "
                     "checkpoint holds the last finite state)")
-            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
             elapsed = time.perf_counter() - t0
-            if ckpt and (step % config.checkpoint_every == 0 or step == total):
+            if save:
                 save_training_state(ckpt, module, opt,
                                     {"step": step, "total": total, "loss": loss_ema})
             if progress:
@@ -117,12 +132,18 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor],
 
 
 def train_pruningnet(pnet, split, config: TrainConfig, *, seed: int = 0,
-                     constraints: Sequence[Constraint] = (), **kwargs) -> dict:
+                     constraints: Sequence[Constraint] = (), fixed_shapes: bool | None = None,
+                     **kwargs) -> dict:
     """Train the PruningNet's generators, one random candidate per step (uniform, or biased
-    towards the budget ``constraints``: see :func:`candidate_for_step`)."""
+    towards the budget ``constraints``: see :func:`candidate_for_step`). ``fixed_shapes``
+    (default: on CUDA) computes each candidate at full width with zero-padded weights, the
+    same function (:mod:`metanet.pruningnet`)."""
     constraints = tuple(constraints)
+    if fixed_shapes is None:
+        fixed_shapes = fixed_shapes_default(kwargs.get("device", "cpu"))
     return fit(pnet, lambda x, step: pnet(x, candidate_for_step(pnet.space, seed, step,
-                                                                constraints)),
+                                                                constraints),
+                                          fixed_shapes=fixed_shapes),
                split, config, seed=seed, stage="metanet", **kwargs)
 
 

@@ -37,9 +37,14 @@ def test_pipeline_speed_tiny(tmp_path):
     for part in ("pruningnet", "plain_max_width"):
         assert t[part]["images_per_s"] > 0 and t[part]["steps"] == 3
     assert t["throughput_ratio_pruningnet_vs_plain"] > 0
+    assert t["pruningnet_default_mode"] == "cropped"  # on a CPU
+    assert t["pruningnet"] == t["pruningnet_by_mode"]["cropped"]
+    assert t["pruningnet_by_mode"]["fixed_shapes"]["images_per_s"] > 0
     s = d["search"]
     assert s["images_per_candidate"] == s["calibration_images"] + s["validation_images"] > 0
-    assert s["evaluator"]["candidates_per_s"] > 0
+    assert s["evaluator"]["candidates_per_s"] > 0 and s["evaluator"]["mode"] == "cropped"
+    assert s["evaluator_other_mode"]["mode"] == "fixed_shapes"
+    assert s["evaluator_other_mode"]["candidates_per_s"] > 0
     assert s["plain_max_width_forward"]["candidates_per_s"] > 0
     assert s["slowdown_vs_plain_max_width_forward"] > 0
     assert s["same_candidates_forward"]["median_slowdown"] > 0

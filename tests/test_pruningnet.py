@@ -282,6 +282,48 @@ def test_gradients_flow_through_the_crop(arch):
     assert cropped_somewhere == len(shapes) - 1  # all but the classifier (fixed 10 outputs)
 
 
+# --- fixed shapes (full width, zero-padded weights) ------------------------------------------
+
+
+@pytest.mark.parametrize("arch", TEST_ARCHS)
+def test_fixed_shapes_forward_and_gradients_equal_the_cropped_ones(arch):
+    """Zero-padding the crop and computing at full width is the same function with the same
+    gradients: padded channels stay 0 through batch-statistics BN, activations and adds."""
+    space = space_of(arch)
+    x = image_batch(space, 6, seed=4)
+    y = torch.arange(6) % 10
+    for cand in [space.smallest(), *random_candidates(space, 2, seed=8)]:
+        grads = []
+        for fixed in (False, True):
+            pn = make_pn(arch)
+            logits = pn(x, cand, fixed_shapes=fixed)
+            F.cross_entropy(logits, y).backward()
+            grads.append((logits.detach(), {n: p.grad.clone() for n, p in pn.named_parameters()
+                                            if p.grad is not None}))
+        (crop_logits, crop_grads), (fixed_logits, fixed_grads) = grads
+        assert_close_rel(fixed_logits, crop_logits)
+        assert crop_grads.keys() == fixed_grads.keys()
+        for name, g in crop_grads.items():  # float noise only (a 1-channel layer's are ~1e-8)
+            torch.testing.assert_close(fixed_grads[name], g, rtol=1e-3,
+                                       atol=1e-4 * g.abs().max().item() + 1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", TEST_ARCHS)
+def test_fixed_shapes_materialise_scores_like_the_cropped_net(arch):
+    pn = make_pn(arch).eval()
+    space = pn.space
+    x = image_batch(space, 5, seed=12)
+    batches = calibration(space)
+    cand = random_candidates(space, 1, seed=13)[0]
+    crop = pn.materialise(cand, calibration=batches)
+    full = pn.materialise(cand, calibration=batches, fixed_shapes=True)
+    check_widths(space, space.largest(), full)
+    with torch.no_grad():
+        assert_close_rel(full(x), crop(x))
+        # running statistics padded as the identity give the same meta forward too
+        assert_close_rel(pn(x, cand, bn_statistics(crop), fixed_shapes=True), crop(x))
+
+
 def test_gradient_matches_the_generated_weights_gradient():
     """dL/dweight2[:out, :in] = dL/dW ⊗ h and dL/dbias2[:out, :in] = dL/dW (the crop is a
     slice, so the loss reaches the generator through exactly the cropped entries)."""
@@ -294,7 +336,7 @@ def test_gradient_matches_the_generated_weights_gradient():
     leaf = weights[path].detach().requires_grad_()
     # recompute the forward with the generated weight of one layer replaced by a leaf
     original = pn.generate
-    pn.generate = lambda c: {**weights, path: leaf}
+    pn.generate = lambda c, fixed_shapes=False: {**weights, path: leaf}
     try:
         loss = F.cross_entropy(pn(x, cand), torch.arange(4))
     finally:
@@ -411,3 +453,18 @@ def test_bn_statistics_keys_match_meta_forward_paths():
     m, v = stats["stem.conv.bn"]
     assert m is net.get_submodule("stem.conv.bn").running_mean
     assert v is net.get_submodule("stem.conv.bn").running_var
+
+
+@pytest.mark.parametrize("arch", ["test_mobilenet_v2", "test_resnet"])
+def test_evaluator_scores_the_same_with_fixed_shapes(arch):
+    from pruning.data import load_dataset
+    from pruning.evaluate import CandidateEvaluator
+
+    pn = make_pn(arch)
+    data = load_dataset("synthetic", val_size=64, train_limit=256, test_limit=32)
+    kwargs = dict(calib_batches=2, batch_size=32, val_images=64)
+    crop = CandidateEvaluator(pn, data.train, data.val, fixed_shapes=False, **kwargs)
+    full = CandidateEvaluator(pn, data.train, data.val, fixed_shapes=True, **kwargs)
+    assert CandidateEvaluator(pn, data.train, data.val, **kwargs).fixed_shapes is False  # CPU
+    for cand in random_candidates(pn.space, 3, seed=21):
+        assert full(cand) == crop(cand)

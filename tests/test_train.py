@@ -232,7 +232,7 @@ def test_nan_loss_is_an_actionable_error(data, tmp_path):
     with pytest.raises(FloatingPointError) as e:
         fit(net, forward, data.train, config, checkpoint=ckpt, stage="final")
     msg = str(e.value)
-    assert msg.startswith("final: the loss became nan at step 6 of 10")
+    assert msg.startswith("final: the loss became nan by step 6 of 10")
     assert "lower the learning rate" in msg and "warmup_epochs" in msg and "\n" not in msg
     state, meta = load_tensors(ckpt)  # the checkpoint keeps the last finite state
     assert meta["step"] == 4
@@ -310,3 +310,27 @@ def test_budget_biased_pruningnet_is_tied_to_its_budget():
     assert identity("uniform", 0.3) == identity("uniform", 0.5)
     assert identity("budget", 0.3) != identity("budget", 0.5)
     assert identity("budget", 0.3) != identity("uniform", 0.3)
+
+
+def test_loss_is_read_every_few_steps_on_a_gpu(data, tmp_path, monkeypatch):
+    """On CUDA the loss is read (progress, divergence check) every few steps, always at step 1,
+    at checkpoints and at the end; a NaN is still caught, and the checkpoint stays finite."""
+    import pruning.train
+
+    monkeypatch.setattr(pruning.train, "_sync_every", lambda device: 3)
+    net = _plain_net()
+    seen = []
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.05, checkpoint_every=4)
+    fit(net, lambda x, step: net(x), data.train, config, progress=seen.append,
+        checkpoint=tmp_path / "a.safetensors")
+    assert [e["step"] for e in seen] == [1, 3, 4, 6, 8, 9, 10]
+    assert all(math.isfinite(e["loss"]) for e in seen)
+
+    def forward(x, step):
+        out = net(x)
+        return out * float("nan") if step >= 4 else out  # the 5th step's loss is NaN
+
+    with pytest.raises(FloatingPointError, match="became nan by step 6 of 10"):
+        fit(net, forward, data.train, config, checkpoint=tmp_path / "b.safetensors")
+    _, meta = load_tensors(tmp_path / "b.safetensors")
+    assert meta["step"] == 4
