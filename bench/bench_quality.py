@@ -11,8 +11,9 @@ when the spec has it, else by seeding the run folder with the first run's traine
 (``--tau-epochs``); the JSON gives Kendall's tau-b between estimate and trained test accuracy
 (and, for reference, between MACs and trained accuracy).
 
-The defaults are sized for one H100 in under 10 minutes; ``--time-budget-s`` skips whole seeds
-(and then tau candidates) that would not fit, and says so in the JSON. ``--tiny`` runs a tiny
+The defaults are meant to fit one H100-class GPU in under 10 minutes; measured on an H200
+(2026-11-27) a seed takes ~250 s, so all three need ~13 min. ``--time-budget-s`` skips whole
+seeds (and then tau candidates) that would not fit, and says so in the JSON. ``--tiny`` runs a tiny
 test architecture on a few hundred images on a CPU in well under 3 minutes: it checks the
 script, its numbers are not a result.
 
@@ -49,7 +50,7 @@ T0 = time.perf_counter()
 REQUIRED = ("numpy", "pydantic", "safetensors", "onnx", "onnxruntime")
 
 # GPU defaults: MobileNetV2 on Fashion-MNIST, the `standard` preset with shorter schedules and
-# a smaller search so that 3 seeds × 3 budgets (+ tau) fit in ~9 minutes on one H100. The
+# a smaller search (3 seeds × 3 budgets + tau: ~13 min on an H200, see docs/benchmarks.md). The
 # learning rate follows the batch (the preset's 0.1 at 256 → 0.2 at 512).
 GPU_DEFAULTS = dict(
     arch="mobilenet_v2", dataset="fashion-mnist", preset="standard", device="auto",
