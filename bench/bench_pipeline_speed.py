@@ -14,6 +14,9 @@ With a preset's settings (default ``standard``: MobileNetV2 1.0×, Fashion-MNIST
    evolutionary search (``evolve``, the preset's search settings, a few generations), against
    the forward passes over the same images per candidate of (a) the plain max-width network and
    (b) the very same candidates as plain networks (the physical limit of scoring a candidate).
+3. Layouts (``layouts``; measured, not used by the pipeline): the plain max-width network's
+   forward over the validation images at the calibration batch and 4× it, in NCHW and
+   channels-last memory format, and its training in channels-last format.
 
 The images are random tensors of the dataset's shape on the device (speed does not depend on
 pixel values), so no dataset is needed.
@@ -238,6 +241,36 @@ def main(argv=None) -> dict:
                   "slowdown_vs_evaluator": round(eval_rate * elapsed / evaluated, 3)}
         log(f"evolutionary search: {search['candidates_per_s']:.2f} candidates/s")
 
+    # 3. the plain max-width network in other layouts and batch sizes: what the search's
+    # forward passes and the final training could gain (measured, not used by the pipeline)
+    images = torch.cat([x for x, _ in evaluator.validation])
+    channels_last = torch.channels_last
+
+    def forward_rate(net, batch_size: int, nhwc: bool) -> float:
+        batches = [b.contiguous(memory_format=channels_last) if nhwc else b
+                   for b in images.split(batch_size)]
+
+        @torch.inference_mode()
+        def once():
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                for b in batches:
+                    net(b)
+
+        return round(len(images) / median_seconds(once, device, a.repeat, warmup=1), 1)
+
+    layouts = {"forward_images": len(images), "forward_images_per_s": {}}
+    for nhwc in (False, True):
+        net = build(space, space.largest()).to(device).eval()
+        if nhwc:
+            net = net.to(memory_format=channels_last)
+        for bs in (calib_bs, 4 * calib_bs):
+            name = f"batch{bs}_{'channels_last' if nhwc else 'nchw'}"
+            layouts["forward_images_per_s"][name] = forward_rate(net, bs, nhwc)
+    nhwc_net = build(space, space.largest()).to(device).to(memory_format=channels_last)
+    layouts["plain_max_width_training_channels_last"] = train_rate(train_network, nhwc_net)
+    log(f"layouts: forward img/s {layouts['forward_images_per_s']}, channels-last training "
+        f"{layouts['plain_max_width_training_channels_last']['images_per_s']:.0f} img/s")
+
     ratio_same = [te / tf for te, tf in zip(t_eval_same, t_same)]
     result = {
         "bench": "pipeline_speed", "tiny": a.tiny,
@@ -283,6 +316,7 @@ def main(argv=None) -> dict:
                 "median_slowdown": (round(statistics.median(ratio_same), 3)
                                                        if ratio_same else None)},
             "evolve": search},
+        "layouts": layouts,
         "elapsed_s": round(time.perf_counter() - T0, 1),
     }
     text = json.dumps(result, indent=1)

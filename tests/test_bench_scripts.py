@@ -49,6 +49,12 @@ def test_pipeline_speed_tiny(tmp_path):
     assert s["slowdown_vs_plain_max_width_forward"] > 0
     assert s["same_candidates_forward"]["median_slowdown"] > 0
     assert s["evolve"]["evaluated"] >= 1 and s["evolve"]["candidates_per_s"] > 0
+    lay = d["layouts"]
+    assert lay["forward_images"] == s["validation_images"]
+    assert set(lay["forward_images_per_s"]) == {"batch32_nchw", "batch128_nchw",
+                                               "batch32_channels_last", "batch128_channels_last"}
+    assert all(v > 0 for v in lay["forward_images_per_s"].values())
+    assert lay["plain_max_width_training_channels_last"]["images_per_s"] > 0
 
 
 def test_quality_tiny(tmp_path):
