@@ -17,6 +17,8 @@ python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_devic
 
 timeout 150 python3 bench/bench_pipeline_speed.py --out "$out/speed.json" 2> "$out/speed.log"
 echo "speed: exit $? after $((SECONDS - start)) s"; tail -n 12 "$out/speed.log"
+timeout 60 python3 bench/bench_launches.py --out "$out/launches.json" > /dev/null 2> "$out/launches.log"
+echo "launches: exit $? after $((SECONDS - start)) s"
 
 left=$((total - (SECONDS - start)))
 timeout $((left - 5)) python3 bench/bench_quality.py --time-budget-s $((left - 45)) \

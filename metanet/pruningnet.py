@@ -66,16 +66,32 @@ class WeightGenerator(nn.Module):
 
     def forward(self, code: torch.Tensor, out: int, inp: int,
                 fixed_shapes: bool = False) -> torch.Tensor:
-        """The ``[:out, :inp]`` crop of the weight; zero-padded to ``max_shape`` with
-        ``fixed_shapes``."""
+        """The ``[:out, :inp]`` crop of the weight; with ``fixed_shapes``, the full-size
+        weight with everything outside the crop zeroed (the crop zero-padded, computed as one
+        product and a mask: fewer, larger kernels than slicing and padding)."""
         h = F.relu(self.fc1(code)) * self.scale
-        w = self.weight2[:out, :inp] @ h + self.bias2[:out, :inp]
         if not fixed_shapes:
-            return w
-        pad = []  # F.pad lists (before, after) from the last dimension backwards
-        for have, full in zip(reversed(w.shape), reversed(self.max_shape)):
-            pad += [0, full - have]
-        return F.pad(w, pad)
+            return self.weight2[:out, :inp] @ h + self.bias2[:out, :inp]
+        w = self.weight2 @ h + self.bias2
+        rows = _prefix_mask(self.max_shape[0], out, w)
+        cols = _prefix_mask(self.max_shape[1], inp, w)
+        trailing = (1,) * (w.ndim - 2)
+        return w * rows.view(-1, 1, *trailing) * cols.view(1, -1, *trailing)
+
+
+_PREFIX_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _prefix_mask(size: int, keep: int, like: torch.Tensor) -> torch.Tensor:
+    """``[1]*keep + [0]*(size-keep)`` in ``like``'s dtype and on its device: a row of a cached
+    lower-triangular matrix, so selecting it launches nothing (and, in the weight's own dtype,
+    multiplying by it needs no cast)."""
+    key = (size, like.dtype, like.device)
+    table = _PREFIX_MASKS.get(key)
+    if table is None:
+        table = torch.ones(size, size, dtype=like.dtype, device=like.device).tril_()
+        _PREFIX_MASKS[key] = table
+    return table[keep - 1]
 
 
 def fixed_shapes_default(device: torch.device | str) -> bool:

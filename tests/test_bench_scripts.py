@@ -156,3 +156,18 @@ def test_service_smoke(tmp_path):
         assert load["jobs_submitted"] == load["submissions"]["count"]
         assert set(load["cpu_seconds"]) == {"api", "worker", "client", "machine_busy_cores"}
     assert set(d["goal_met"]) == {"sqlite interval 0 ms", "sqlite interval 100 ms"}
+
+
+def test_launches_counts_the_pruningnet_against_the_plain_network(tmp_path):
+    out = tmp_path / "launches.json"
+    d = run_script("bench_launches.py", "--arch", "test_mobilenet_v2", "--device", "cpu",
+                   "--out", str(out))
+    assert json.loads(out.read_text()) == d
+    n = d["forward_backward_launches"]
+    assert set(n) == {"plain_max_width", "plain_same_candidate", "pruningnet_fixed_shapes",
+                      "pruningnet_cropped"}
+    # the PruningNet runs the plain network's layers plus a weight generator per layer
+    assert n["pruningnet_fixed_shapes"] > n["plain_max_width"] > 0
+    assert n["pruningnet_cropped"] > n["plain_same_candidate"] > 0
+    assert d["ratio_vs_plain_max_width"]["plain_max_width"] == 1.0
+    assert d["parameter_tensors"]["pruningnet"] > 0
