@@ -3,9 +3,8 @@ seeds, plus the Kendall tau of the PruningNet's estimates against trained accura
 
 For every seed, one pipeline run per budget (``pruning.pipeline.run`` with
 ``train_baseline=True``, so both networks get the same final recipe); the PruningNet is trained
-once per seed and reused by the other budgets of that seed (through ``PipelineSpec.metanet_from``
-when the spec has it, else by seeding the run folder with the first run's trained PruningNet;
-``metanet_reuse`` in the JSON says which). Then, from the first seed's trained PruningNet,
+once per seed and reused by the other budgets of that seed (``PipelineSpec.metanet_from``;
+``--reuse none`` trains one per run). Then, from the first seed's trained PruningNet,
 ``--tau-candidates`` feasible candidates spread over MACs are scored with the run's
 ``CandidateEvaluator`` settings and trained with the final recipe for a short schedule
 (``--tau-epochs``); the JSON gives Kendall's tau-b between estimate and trained test accuracy
@@ -181,13 +180,7 @@ class Bench:
             local = ROOT / ".data" / "fashion-mnist"
             if local.is_dir():
                 self.data_root = str(local)
-        if a.reuse == "none":
-            self.reuse = "none"
-        elif "metanet_from" in PipelineSpec.model_fields:
-            self.reuse = "metanet_from"
-        else:
-            self.reuse = "run_folder_copy"
-        self.reuse_note = None
+        self.reuse = "none" if a.reuse == "none" else "metanet_from"
         self.runs: list[dict] = []
         self.seed_times: list[float] = []
         self.seeds_done: list[int] = []
@@ -211,7 +204,7 @@ class Bench:
             d["max_steps"] = a.max_steps
         return d
 
-    def spec(self, seed: int, budget: float, metanet_from: Path | None, as_file: bool = False):
+    def spec(self, seed: int, budget: float, metanet_from: Path | None):
         from pruning.spec import Budget
 
         a = self.a
@@ -227,8 +220,7 @@ class Bench:
                       train_baseline=True, metanet=self.recipe(a.epochs_metanet),
                       search=search, final=self.recipe(a.epochs_final))
         if metanet_from is not None:
-            fields["metanet_from"] = str(metanet_from / "metanet" / "pruningnet.safetensors"
-                                         if as_file else metanet_from)
+            fields["metanet_from"] = str(metanet_from)
         return self.PipelineSpec(**fields)
 
     @staticmethod
@@ -270,26 +262,8 @@ class Bench:
         from pruning.train import Cancelled
 
         run_dir = self.work / f"seed{seed}" / f"macs{budget:g}"
-        metanet_from = None
-        if first is not None and self.reuse == "metanet_from":
-            metanet_from = first
-        elif first is not None and self.reuse == "run_folder_copy":
-            src = first / "metanet"
-            files = [src / "pruningnet.safetensors", src / "stats.json"]
-            if all(f.is_file() for f in files):
-                (run_dir / "metanet").mkdir(parents=True, exist_ok=True)
-                for f in files:
-                    shutil.copy2(f, run_dir / "metanet" / f.name)
-            else:
-                self.reuse = "none"
-                self.reuse_note = (f"{src} holds no trained PruningNet (run-folder layout "
-                                   "changed?): every run trained its own")
-        try:
-            spec = self.spec(seed, budget, metanet_from)
-        except ValueError:
-            if metanet_from is None:
-                raise
-            spec = self.spec(seed, budget, metanet_from, as_file=True)
+        metanet_from = first if self.reuse == "metanet_from" else None
+        spec = self.spec(seed, budget, metanet_from)
         t = time.perf_counter()
         entry = {"seed": seed, "macs_ratio": budget,
                  "metanet_reused": first is not None and self.reuse != "none"}
@@ -495,7 +469,7 @@ class Bench:
             "budgets_macs_ratio": floats(a.budgets), "seeds_requested": ints(a.seeds),
             "seeds_done": self.seeds_done, "seeds_skipped": self.seeds_skipped,
             "cancelled": self.cancelled, "failures": self.failures,
-            "metanet_reuse": self.reuse, "metanet_reuse_note": self.reuse_note or (
+            "metanet_reuse": self.reuse, "metanet_reuse_note": (
                 "one PruningNet per seed, shared by its budgets" if self.reuse != "none"
                 else "every run trained its own PruningNet (separate runs)"),
             "settings": {k: getattr(a, k) for k in (

@@ -65,7 +65,7 @@ def test_quality_tiny(tmp_path):
     assert json.loads((tmp_path / "quality.json").read_text()) == d
     assert d["bench"] == "quality" and d["tiny"] is True and d["status"] == "complete"
     assert d["seeds_done"] == [0, 1] and not d["seeds_skipped"] and d["cancelled"] is None
-    assert d["metanet_reuse"] in ("metanet_from", "run_folder_copy")
+    assert d["metanet_reuse"] == "metanet_from"
     assert len(d["runs"]) == 6
     assert [r["metanet_reused"] for r in d["runs"]] == [False, True, True] * 2
     for r in d["runs"]:
