@@ -11,8 +11,10 @@ once per seed and reused by the other budgets of that seed (``PipelineSpec.metan
 (and, for reference, between MACs and trained accuracy).
 
 The defaults are meant to fit one H100-class GPU in under 10 minutes; measured on an H200
-(2026-11-27) a seed takes ~250 s, so all three need ~13 min. ``--time-budget-s`` skips whole
-seeds (and then tau candidates) that would not fit, and says so in the JSON. ``--tiny`` runs a tiny
+(2026-11-27) a seed takes ~250 s, so three in turn need ~13 min: ``--jobs`` (3) runs the seeds
+at once, each in its own process on the same device. ``--time-budget-s`` skips whole seeds (and
+then tau candidates) that would not fit, cancels a stage running past it, and says so in the
+JSON. ``--tiny`` runs a tiny
 test architecture on a few hundred images on a CPU in well under 3 minutes: it checks the
 script, its numbers are not a result.
 
@@ -27,10 +29,12 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,10 +62,10 @@ GPU_DEFAULTS = dict(
     max_steps=None, train_limit=None, test_limit=None, val_size=5000, eval_images=5000,
     calib_batches=8, calib_batch_size=256, search_population=24, search_generations=6,
     tau_candidates=10, tau_epochs=1.0, tau_max_steps=None,
-    time_budget_s=540.0, tau_reserve_s=60.0, threads=None)
+    time_budget_s=540.0, tau_reserve_s=60.0, threads=None, jobs=3)
 
 TINY_DEFAULTS = dict(
-    arch="test_mobilenet_v2", preset="smoke", device="cpu", seeds="0,1", threads=1,
+    arch="test_mobilenet_v2", preset="smoke", device="cpu", seeds="0,1", threads=1, jobs=1,
     epochs_metanet=1.0, epochs_final=1.0, batch_size=64, lr=0.05, warmup_epochs=0.0,
     max_steps=4, train_limit=320, test_limit=128, val_size=64, eval_images=64,
     calib_batches=1, calib_batch_size=64, search_population=6, search_generations=2,
@@ -121,7 +125,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work-dir", help="run folders go here (default: a temporary folder, "
                                        "removed at the end unless --keep-runs)")
     ap.add_argument("--keep-runs", action="store_true")
-    ap.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; with "
+                                                "--jobs, the CPU's cores shared out)")
+    ap.add_argument("--jobs", type=int,
+                    help="seeds run at once, each in its own process on the same device (a "
+                         "launch-bound GPU has room for several)")
     ap.set_defaults(**GPU_DEFAULTS)
     first, _ = ap.parse_known_args(argv)
     if first.tiny:
@@ -185,7 +193,7 @@ class Bench:
         self.seed_times: list[float] = []
         self.seeds_done: list[int] = []
         self.seeds_skipped: list[dict] = []
-        self.cancelled: dict | None = None
+        self.cancelled: list[dict] = []  # runs stopped by the time budget
         self.failures: list[dict] = []  # seeds whose runs raised (the error, not a traceback)
         self.tau: dict | None = None
         self.first_run_dir: Path | None = None  # seed 0's first run: holds the PruningNet
@@ -294,11 +302,63 @@ class Bench:
         return run_dir, entry
 
     def seeds(self) -> None:
+        if self.a.jobs > 1 and len(ints(self.a.seeds)) > 1:
+            self.seeds_in_parallel()
+        else:
+            self.seeds_in_turn()
+
+    def seeds_in_parallel(self) -> None:
+        """Every seed in its own process (this script with ``--seeds S --jobs 1``), at once,
+        then their JSON merged; the runs stay in the shared work folder for the tau part."""
+        a = self.a
+        seeds = ints(a.seeds)
+        budget = a.time_budget_s - self.elapsed() - (a.tau_reserve_s if a.tau_candidates else 0)
+        threads = a.threads or max(1, (os.cpu_count() or 1) // len(seeds))
+        children = []
+        for seed in seeds:
+            out = self.work / f"seed{seed}.json"
+            argv = [sys.executable, __file__, *self.child_args(), "--seeds", str(seed),
+                    "--out", str(out), "--work-dir", str(self.work), "--jobs", "1",
+                    "--threads", str(threads), "--time-budget-s", f"{budget:.0f}",
+                    "--tau-candidates", "0"]
+            children.append((seed, out, subprocess.Popen(argv, stdout=subprocess.DEVNULL)))
+        log(f"{len(seeds)} seeds started in parallel, {threads} CPU thread(s) each")
+        for seed, out, child in children:
+            code = child.wait()
+            if not out.is_file():
+                self.failures.append({"seed": seed, "error": f"its process exited with {code} "
+                                                              "and wrote no result"})
+                continue
+            part = json.loads(out.read_text())
+            self.runs += part["runs"]
+            self.seeds_done += part["seeds_done"]
+            self.seeds_skipped += part["seeds_skipped"]
+            self.cancelled += part["cancelled"]
+            self.failures += part["failures"]
+            self.seed_times += part["seed_seconds"]
+            self.emit(partial=True)
+        order = {b: i for i, b in enumerate(floats(a.budgets))}
+        self.runs.sort(key=lambda r: (seeds.index(r["seed"]), order[r["macs_ratio"]]))
+        if self.runs:
+            first = self.runs[0]
+            self.first_run_dir = self.work / f"seed{first['seed']}" / f"macs{first['macs_ratio']:g}"
+
+    def child_args(self) -> list[str]:
+        """This run's settings as command-line options (those a child sets itself left out)."""
+        own = {"seeds", "out", "work_dir", "jobs", "threads", "time_budget_s", "tau_candidates",
+               "tiny", "keep_runs"}
+        args = ["--tiny"] if self.a.tiny else []
+        for key, value in vars(self.a).items():
+            if key not in own and value is not None:
+                args += [f"--{key.replace('_', '-')}", str(value)]
+        return args
+
+    def seeds_in_turn(self) -> None:
         from pruning.train import Cancelled
 
         a = self.a
         for k, seed in enumerate(ints(a.seeds)):
-            if self.cancelled is not None:
+            if self.cancelled:
                 self.seeds_skipped.append({"seed": seed, "reason": "an earlier run was cancelled"})
                 continue
             estimate = max(self.seed_times) if self.seed_times else 0.0
@@ -320,8 +380,8 @@ class Bench:
                             self.first_run_dir = run_dir
                     self.emit(partial=True)
             except Cancelled as e:
-                self.cancelled = {"seed": seed, "stage": str(e),
-                                  "reason": f"time budget {a.time_budget_s:.0f} s exceeded"}
+                self.cancelled.append({"seed": seed, "stage": str(e), "reason":
+                                       f"time budget {a.time_budget_s:.0f} s exceeded"})
                 log(f"seed {seed} cancelled in stage {e}: time budget exceeded")
                 continue
             except Exception as e:  # noqa: BLE001 — record it, go on with the next seed
@@ -455,7 +515,7 @@ class Bench:
         result = {
             "bench": "quality",
             "status": "partial" if partial else (
-                "complete" if not self.seeds_skipped and self.cancelled is None
+                "complete" if not self.seeds_skipped and not self.cancelled
                 and not self.failures and not any("error" in r for r in self.runs)
                 and not (self.tau or {}).get("skipped_candidates") else "incomplete"),
             "tiny": a.tiny,
@@ -477,7 +537,7 @@ class Bench:
                 "max_steps", "train_limit", "test_limit", "val_size", "eval_images",
                 "calib_batches", "calib_batch_size", "search_population", "search_generations",
                 "tau_candidates", "tau_epochs", "tau_max_steps", "time_budget_s",
-                "tau_reserve_s")},
+                "tau_reserve_s", "jobs")},
             "summary": self.summary(),
             "kendall": self.tau,
             "runs": self.runs,

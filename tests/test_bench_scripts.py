@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pruning.data import FASHION_MNIST_DEFAULT_DIR, FASHION_MNIST_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +59,20 @@ def test_pipeline_speed_tiny(tmp_path):
     assert lay["plain_max_width_training_channels_last"]["images_per_s"] > 0
 
 
-def test_quality_tiny(tmp_path):
-    args = ["--tiny", "--out", str(tmp_path / "quality.json"), "--work-dir", str(tmp_path / "w")]
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_quality_tiny(tmp_path, jobs):
+    """Seeds in turn, or each in its own process at once (merged into the same JSON)."""
+    args = ["--tiny", "--out", str(tmp_path / "quality.json"), "--work-dir", str(tmp_path / "w"),
+            "--jobs", str(jobs)]
     if not fashion_mnist_present():
         args += ["--dataset", "synthetic"]
     d = run_script("bench_quality.py", *args, timeout=170)
     assert json.loads((tmp_path / "quality.json").read_text()) == d
     assert d["bench"] == "quality" and d["tiny"] is True and d["status"] == "complete"
-    assert d["seeds_done"] == [0, 1] and not d["seeds_skipped"] and d["cancelled"] is None
+    assert sorted(d["seeds_done"]) == [0, 1] and not d["seeds_skipped"]
+    assert d["cancelled"] == [] and d["failures"] == [] and d["settings"]["jobs"] == jobs
+    assert [(r["seed"], r["macs_ratio"]) for r in d["runs"]] == [
+        (seed, b) for seed in (0, 1) for b in (0.5, 0.25, 0.1)]
     assert d["metanet_reuse"] == "metanet_from"
     assert len(d["runs"]) == 6
     assert [r["metanet_reused"] for r in d["runs"]] == [False, True, True] * 2
