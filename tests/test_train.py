@@ -334,3 +334,20 @@ def test_loss_is_read_every_few_steps_on_a_gpu(data, tmp_path, monkeypatch):
         fit(net, forward, data.train, config, checkpoint=tmp_path / "b.safetensors")
     _, meta = load_tensors(tmp_path / "b.safetensors")
     assert meta["step"] == 4
+
+
+def test_pruningnet_training_is_the_same_with_fixed_shapes(data):
+    """Full width with zero-padded weights (the CUDA default) trains exactly like cropping:
+    the same candidates, losses and updated generators (weight decay and momentum included)."""
+    space = space_for("test_mobilenet_v2")
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.05, max_steps=3)
+    trained = []
+    for fixed in (False, True):
+        torch.manual_seed(0)
+        pnet = PruningNet(space)
+        stats = train_pruningnet(pnet, data.train, config, seed=4, fixed_shapes=fixed)
+        trained.append((stats["loss"], pnet.state_dict()))
+    (crop_loss, crop), (fixed_loss, fixed) = trained
+    assert fixed_loss == pytest.approx(crop_loss, rel=1e-4)
+    for name, value in crop.items():
+        torch.testing.assert_close(fixed[name], value, rtol=1e-3, atol=2e-4, msg=name)  # float noise
