@@ -13,13 +13,14 @@ of different candidates differ; a candidate's own statistics are recalibrated la
 Training samples a random candidate each step, so every width combination gets trained weights,
 and the gradient flows back through the crop into the generators.
 
-*Fixed shapes* (the default on CUDA, :func:`fixed_shapes_default`): the cropped weights are
-zero-padded back to the maximum widths and the candidate is computed at full width. This is the
-same function: a zero-padded output channel stays exactly 0 through batch-statistics BN
-(``(0 - 0) / √(0 + ε)``), ReLU, residual adds and the next layer, and a zero input channel adds
-nothing; the gradient still reaches only the crop. On a GPU it is much faster, because cuDNN
-builds an execution plan for every new convolution shape and a random candidate per step is a
-new shape nearly every step; on a CPU cropping does less arithmetic and wins.
+*Fixed shapes* (the default on CUDA, :func:`fixed_shapes_default`): every candidate is
+computed at full width, with the full-size generated weights whose rows past the candidate's
+output width are zeroed. This is the same function with the same gradients: a zeroed output
+channel stays exactly 0 through batch-statistics BN (``(0 - 0) / √(0 + ε)``), ReLU, residual
+adds and pooling, so the next layer's columns past its input width meet exact zeros — they add
+nothing and get no gradient, as if cropped. On a GPU it is much faster, because cuDNN builds an
+execution plan for every new convolution shape and a random candidate per step is a new shape
+nearly every step; on a CPU cropping does less arithmetic and wins.
 """
 
 from __future__ import annotations
@@ -67,16 +68,15 @@ class WeightGenerator(nn.Module):
     def forward(self, code: torch.Tensor, out: int, inp: int,
                 fixed_shapes: bool = False) -> torch.Tensor:
         """The ``[:out, :inp]`` crop of the weight; with ``fixed_shapes``, the full-size
-        weight with everything outside the crop zeroed (the crop zero-padded, computed as one
-        product and a mask: fewer, larger kernels than slicing and padding)."""
-        h = F.relu(self.fc1(code)) * self.scale
+        weight with its rows past ``out`` zeroed (columns past ``inp`` are left: they meet
+        exactly-zero inputs, see the module docstring) — one fused product and one mask, where
+        slicing costs a copy per slice and a zero fill per slice in the backward pass."""
+        h = F.relu(self.fc1(code))
         if not fixed_shapes:
-            return self.weight2[:out, :inp] @ h + self.bias2[:out, :inp]
-        w = self.weight2 @ h + self.bias2
+            return self.weight2[:out, :inp] @ (h * self.scale) + self.bias2[:out, :inp]
+        w = torch.addmv(self.bias2.flatten(), self.weight2.flatten(0, -2), h, alpha=self.scale)
         rows = _prefix_mask(self.max_shape[0], out, w)
-        cols = _prefix_mask(self.max_shape[1], inp, w)
-        trailing = (1,) * (w.ndim - 2)
-        return w * rows.view(-1, 1, *trailing) * cols.view(1, -1, *trailing)
+        return w.view(self.max_shape) * rows.view(-1, *(1,) * (len(self.max_shape) - 1))
 
 
 _PREFIX_MASKS: dict[tuple, torch.Tensor] = {}
