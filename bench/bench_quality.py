@@ -91,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="CPU check of the script (test architecture, tiny data); not a result")
     ap.add_argument("--out", help="also write the JSON to this file (rewritten after every run)")
     ap.add_argument("--arch")
+    ap.add_argument("--width-mult", type=float, help="the architecture's width multiplier")
     ap.add_argument("--dataset")
     ap.add_argument("--data-root", help="dataset folder (default: .data/fashion-mnist when it "
                                         "exists, else the loader's default / env variable)")
@@ -220,7 +221,8 @@ class Bench:
         search = {"population": pop, "keep_top": pop, "parents": max(2, min(pop, pop // 4)),
                   "mutants": int(pop * 0.4), "crossovers": int(pop * 0.4),
                   "generations": a.search_generations}
-        fields = dict(arch=a.arch, dataset=a.dataset, data_root=self.data_root,
+        fields = dict(arch=a.arch, width_mult=a.width_mult or 1.0, dataset=a.dataset,
+                      data_root=self.data_root,
                       budget=Budget(macs_ratio=budget), preset=a.preset, seed=seed,
                       device=a.device, train_limit=a.train_limit, test_limit=a.test_limit,
                       val_size=a.val_size, eval_images=a.eval_images,
@@ -525,7 +527,8 @@ class Bench:
             "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                             else platform.processor() or platform.machine()),
             "torch": torch.__version__, "python": platform.python_version(),
-            "arch": a.arch, "dataset": a.dataset, "preset": a.preset,
+            "arch": a.arch, "width_mult": a.width_mult or 1.0, "dataset": a.dataset,
+            "preset": a.preset,
             "budgets_macs_ratio": floats(a.budgets), "seeds_requested": ints(a.seeds),
             "seeds_done": self.seeds_done, "seeds_skipped": self.seeds_skipped,
             "cancelled": self.cancelled, "failures": self.failures,
