@@ -116,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tau-candidates", type=int, help="0 skips the Kendall tau part")
     ap.add_argument("--tau-epochs", type=float, help="short final-recipe schedule per candidate")
     ap.add_argument("--tau-max-steps", type=int)
+    ap.add_argument("--tau-range", help="LO,HI: MACs ratios the tau candidates spread over "
+                                        "(default: the budgets' range; LO=HI: one budget)")
     ap.add_argument("--time-budget-s", type=float,
                     help="wall-clock budget of the whole script; seeds/tau candidates that "
                          "would not fit are skipped, a stage running past it is cancelled")
@@ -432,7 +434,7 @@ class Bench:
                                        batch_size=r.calib_batch_size, val_images=r.eval_images,
                                        seed=seed, device=device)
         full = self.runs[0]["full_macs"]
-        budgets = floats(a.budgets)
+        budgets = floats(a.tau_range) if a.tau_range else floats(a.budgets)
         lo, hi = min(budgets), max(budgets)
         rng = random.Random(10_000 + seed)
         smallest = counting.macs(space, space.smallest())
@@ -478,7 +480,8 @@ class Bench:
         mac = [row["macs"] for row in rows]
         ok = len(rows) >= 3
         self.tau = {
-            "seed": seed, "candidates": len(rows), "skipped_candidates": skipped,
+            "seed": seed, "macs_range": [lo, hi], "candidates": len(rows),
+            "skipped_candidates": skipped,
             "epochs": a.tau_epochs, "max_steps": cfg.max_steps, "batch_size": cfg.batch_size,
             "evaluator": {"calib_batches": r.calib_batches, "calib_batch_size": r.calib_batch_size,
                           "eval_images": r.eval_images},

@@ -126,6 +126,16 @@ def test_quality_keeps_accuracies_when_export_fails(tmp_path, monkeypatch):
     assert d["summary"]["0.25"]["metapruning_test_accuracy"]["n"] == 1
 
 
+def test_quality_tau_at_one_budget(tmp_path):
+    args = ["--tiny", "--seeds", "0", "--budgets", "0.5", "--tau-range", "0.2,0.2",
+            "--tau-candidates", "3", "--work-dir", str(tmp_path / "w")]
+    if not fashion_mnist_present():
+        args += ["--dataset", "synthetic"]
+    k = import_bench_quality().main(args)["kendall"]
+    assert k["macs_range"] == [0.2, 0.2] and k["candidates"] == 3
+    assert all(0.19 <= row["macs_vs_full"] <= 0.2 for row in k["rows"])
+
+
 def test_kendall_tau_own_implementation(monkeypatch):
     bench_quality = import_bench_quality()
     monkeypatch.setitem(sys.modules, "scipy", None)  # force the fallback
