@@ -372,3 +372,29 @@ def test_recalibrate_bn_restores_momentum_and_stats_when_a_forward_raises():
     assert out is net and not net.training
     assert all(m.momentum == 0.2 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
     assert all(s[0].abs().sum() > 0 for s in bn_statistics(net).values())
+
+
+def test_a_run_takes_the_gpu_paths_on_a_cpu(tmp_path, monkeypatch):
+    """The CUDA defaults — fixed shapes in PruningNet training and scoring, the loss read every
+    few steps — forced on the CPU: the whole run completes with verified exports and progress
+    (that fixed shapes compute the same function is tested in test_pruningnet.py)."""
+    import pruning.evaluate
+    import pruning.train
+
+    monkeypatch.setattr(pruning.train, "fixed_shapes_default", lambda device: True)
+    monkeypatch.setattr(pruning.evaluate, "fixed_shapes_default", lambda device: True)
+    monkeypatch.setattr(pruning.train, "_sync_every", lambda device: 5)
+    spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
+                        budget=Budget(macs_ratio=0.5), train_baseline=True, **OVERRIDES)
+    events = []
+    report = run(spec, tmp_path, progress=events.append)
+    for name in ARTIFACTS:
+        assert (tmp_path / "artifacts" / name).is_file(), name
+    total = report["metanet"]["steps"]
+    steps = [e["step"] for e in events if e.get("stage") == "metanet" and "step" in e]
+    # read at step 1, every 5 steps, at every checkpoint (every 3) and at the end
+    assert steps == [k for k in range(1, total + 1)
+                     if k in (1, total) or k % 5 == 0 or k % 3 == 0]
+    assert report["search"]["evaluated"] > 0
+    for name in ("metapruning", "uniform"):
+        assert 0 <= report[name]["test_accuracy"] <= 1
