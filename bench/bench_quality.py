@@ -329,9 +329,9 @@ class Bench:
         log(f"{len(seeds)} seeds started in parallel, {threads} CPU thread(s) each")
         for seed, out, child in children:
             code = child.wait()
+            if code != 0:  # what it finished before (its partial JSON) is still merged
+                self.failures.append({"seed": seed, "error": f"its process exited with {code}"})
             if not out.is_file():
-                self.failures.append({"seed": seed, "error": f"its process exited with {code} "
-                                                              "and wrote no result"})
                 continue
             part = json.loads(out.read_text())
             self.runs += part["runs"]
