@@ -243,9 +243,7 @@ class Bench:
         from pruning.space import SearchSpace
 
         _, meta = load_tensors(metanet_dir / "metanet" / "pruningnet.safetensors")
-        space = SearchSpace.from_dict(meta["space"])
-        full = SearchSpace.create(space.arch, **space.arch_args)
-        return counting.macs(full, full.largest())
+        return counting.macs(*SearchSpace.from_dict(meta["space"]).full_network())
 
     def progress(self, label: str):
         state = {"stage": None, "t": 0.0}

@@ -82,17 +82,17 @@ def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device |
             table = LatencyTable.build(space, device, batch=1)
         if budget.latency_ms is not None:
             return [LatencyConstraint(budget.latency_ms, table)]
-        full = SearchSpace.create(space.arch, **space.arch_args)  # max_width_mult 1.0
-        full_ms = table.predict_widths(full.widths(full.largest()))
+        full, top = space.full_network()
+        full_ms = table.predict_widths(full.widths(top))
         return [LatencyConstraint(budget.latency_ratio * full_ms, table)]
     if budget.macs is not None:
         return [MacsConstraint(budget.macs)]
     if budget.params is not None:
         return [ParamsConstraint(budget.params)]
-    full = SearchSpace.create(space.arch, **space.arch_args)  # max_width_mult 1.0
+    full, top = space.full_network()
     if budget.macs_ratio is not None:
-        return [MacsConstraint(int(budget.macs_ratio * counting.macs(full, full.largest())))]
-    return [ParamsConstraint(int(budget.params_ratio * counting.params(full, full.largest())))]
+        return [MacsConstraint(int(budget.macs_ratio * counting.macs(full, top)))]
+    return [ParamsConstraint(int(budget.params_ratio * counting.params(full, top)))]
 
 
 @dataclass
@@ -370,9 +370,9 @@ def stage_export(ctx: RunContext) -> dict:
         report["latency_table"] = {"device": latency.table.key["device"], "batch": 1,
                                    "limit_ms": latency.limit,
                                    "measured_s": round(latency.table.measured_s, 3)}
-    full = SearchSpace.create(spec.arch, **space.arch_args)
-    report["full_network"] = {"macs": counting.macs(full, full.largest()),
-                              "params": counting.params(full, full.largest())}
+    full, top = space.full_network()
+    report["full_network"] = {"macs": counting.macs(full, top),
+                              "params": counting.params(full, top)}
     meta = ctx.data.meta
     sample = next(iter(ctx.data.test.batches(8, device="cpu")))[0]
     best = Candidate(tuple(result.best.choices))

@@ -305,6 +305,12 @@ class SearchSpace:
                    max_width_mult=max_width_mult, channel_divisor=channel_divisor,
                    min_channels=min_channels)
 
+    def full_network(self) -> tuple[SearchSpace, Candidate]:
+        """The unpruned 1.0× network of this architecture (``max_width_mult`` 1.0): the space
+        and its largest candidate, which ratio budgets and reports refer to."""
+        full = SearchSpace.create(self.arch, **self.arch_args)
+        return full, full.largest()
+
     def to_dict(self) -> dict:
         """JSON-ready settings; :meth:`from_dict` rebuilds an equal space."""
         return {"arch": self.arch, "arch_args": dict(self.arch_args), "levels": list(self.levels),
