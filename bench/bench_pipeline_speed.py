@@ -185,9 +185,12 @@ def main(argv=None) -> dict:
     log(f"plain max-width training: {plain_train['images_per_s']:.0f} img/s")
 
     # 2. search throughput vs the forward passes over the same images per candidate
-    evaluator = CandidateEvaluator(pnet, train, val, calib_batches=calib_batches,
-                                   batch_size=calib_bs, val_images=eval_images, seed=0,
-                                   device=device)
+    def make_evaluator(**mode) -> CandidateEvaluator:
+        return CandidateEvaluator(pnet, train, val, calib_batches=calib_batches,
+                                  batch_size=calib_bs, val_images=eval_images, seed=0,
+                                  device=device, **mode)
+
+    evaluator = make_evaluator()  # the device's default shape mode
     images_per_candidate = (sum(len(x) for x in evaluator.calibration)
                             + sum(len(y) for _, y in evaluator.validation))
     constraint = MacsConstraint(int(a.budget_ratio * full_macs))
@@ -200,9 +203,7 @@ def main(argv=None) -> dict:
     eval_rate = len(per_candidate) / sum(per_candidate)
     log(f"candidate evaluation ({'fixed shapes' if default_fixed else 'cropped'}): "
         f"{eval_rate:.2f} candidates/s")
-    other = CandidateEvaluator(pnet, train, val, calib_batches=calib_batches,
-                               batch_size=calib_bs, val_images=eval_images, seed=0,
-                               device=device, fixed_shapes=not default_fixed)
+    other = make_evaluator(fixed_shapes=not default_fixed)
     per_candidate_other = [seconds(lambda: other(c), device) for c in cands]
     other_rate = len(per_candidate_other) / sum(per_candidate_other)
     log(f"candidate evaluation ({'cropped' if default_fixed else 'fixed shapes'}): "
