@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in device calls (docs/benchmarks.md, "Running the GPU benchmarks").
-# Usage: bash bench/run_gpu_benchmarks.sh [OUT_DIR] [TOTAL_SECONDS] [all|quality|speed]
+# Usage: bash bench/run_gpu_benchmarks.sh [OUT_DIR] [TOTAL_SECONDS] [all|quality|speed] [ARGS]
 #   quality  the quality benchmark alone, with all of TOTAL_SECONDS (one 600 s call)
 #   speed    the speed benchmark and the launch count (about 2.5 minutes)
 #   all      speed first, then quality with the time that is left
+#   ARGS     more options for bench_quality.py, e.g. `--seeds 0 --budgets 0.1 --tau-candidates 0`
 set -u
 out=${1:-${OUT:-runs/gpu-bench}}
 total=${2:-585}
 what=${3:-all}
+shift $(($# < 3 ? $# : 3))
 start=$SECONDS
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then  # pydantic & co., missing on the GPU image
@@ -28,7 +30,7 @@ fi
 if [ "$what" != speed ]; then
   left=$((total - (SECONDS - start)))
   timeout $((left - 5)) python3 bench/bench_quality.py --time-budget-s $((left - 45)) \
-    --out "$out/quality.json" 2> "$out/quality.log" > /dev/null
+    --out "$out/quality.json" "$@" 2> "$out/quality.log" > /dev/null
   echo "quality: exit $? after $((SECONDS - start)) s"
   grep -E "MetaPruning|tau|skip|fail|cancel|started" "$out/quality.log" | tail -n 40
 fi
