@@ -181,10 +181,7 @@ def mean_std(values: list[float]) -> dict:
 
 class Bench:
     def __init__(self, a: argparse.Namespace):
-        from pruning.spec import PipelineSpec
-
         self.a = a
-        self.PipelineSpec = PipelineSpec
         self.work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="bench_q_"))
         self.data_root = a.data_root
         if self.data_root is None and a.dataset == "fashion-mnist":
@@ -216,7 +213,7 @@ class Bench:
         return d
 
     def spec(self, seed: int, budget: float, metanet_from: Path | None):
-        from pruning.spec import Budget
+        from pruning.spec import Budget, PipelineSpec
 
         a = self.a
         pop = a.search_population
@@ -233,7 +230,7 @@ class Bench:
                       search=search, final=self.recipe(a.epochs_final))
         if metanet_from is not None:
             fields["metanet_from"] = str(metanet_from)
-        return self.PipelineSpec(**fields)
+        return PipelineSpec(**fields)
 
     @staticmethod
     def full_macs(metanet_dir: Path) -> int:
