@@ -7,7 +7,10 @@ With a preset's settings (default ``standard``: MobileNetV2 1.0×, Fashion-MNIST
    (``train_pruningnet``: random candidate per step, augmentation on the device, bf16 autocast on
    CUDA, SGD) against the plain max-width network trained by the same loop at the same batch
    (``train_network``); in both shape modes (``fixed_shapes``, the default on CUDA, and
-   ``cropped``, the default on a CPU: see ``metanet/pruningnet.py``).
+   ``cropped``, the default on a CPU: see ``metanet/pruningnet.py``). On CUDA the plain nets
+   (max width, and the uniform net of the search's budget, what the final training trains)
+   are timed eager and from a CUDA graph (``plain_by_mode``; graphs are the pipeline's
+   default there, see ``pruning/train.py``).
 2. Search throughput (candidates/s): ``CandidateEvaluator`` on the preset's calibration and
    validation images (generate weights → materialise → recalibrate BN → score), in both shape
    modes, and the whole
@@ -116,7 +119,7 @@ def main(argv=None) -> dict:
     from pruning.evaluate import CandidateEvaluator
     from pruning.modules import build
     from pruning.spec import PRESETS
-    from pruning.search import SearchConfig, evolve, random_feasible
+    from pruning.search import SearchConfig, evolve, random_feasible, uniform_baseline
     from pruning.space import SearchSpace
     from pruning.train import TrainConfig, train_network, train_pruningnet
 
@@ -183,6 +186,19 @@ def main(argv=None) -> dict:
     plain = build(space, space.largest()).to(device)
     plain_train = train_rate(train_network, plain)
     log(f"plain max-width training: {plain_train['images_per_s']:.0f} img/s")
+    # eager vs CUDA graph (CUDA only): the max-width net and the budget's uniform net
+    constraint = MacsConstraint(int(a.budget_ratio * full_macs))
+    plain_by_mode = {}
+    if device.type == "cuda":
+        for name, cand in (("max_width", space.largest()),
+                           ("budget_uniform", uniform_baseline(space, [constraint]))):
+            net = build(space, cand).to(device)
+            plain_by_mode[name] = {mode: train_rate(train_network, net, cuda_graphs=graphed)
+                                   for mode, graphed in (("eager", False), ("graphed", True))}
+            plain_by_mode[name]["macs"] = counting.macs(space, cand)
+            log(f"plain {name} training: " + ", ".join(
+                f"{m} {plain_by_mode[name][m]['images_per_s']:.0f} img/s"
+                for m in ("eager", "graphed")))
 
     # 2. search throughput vs the forward passes over the same images per candidate
     def make_evaluator(**mode) -> CandidateEvaluator:
@@ -193,7 +209,6 @@ def main(argv=None) -> dict:
     evaluator = make_evaluator()  # the device's default shape mode
     images_per_candidate = (sum(len(x) for x in evaluator.calibration)
                             + sum(len(y) for _, y in evaluator.validation))
-    constraint = MacsConstraint(int(a.budget_ratio * full_macs))
     rng = random.Random(0)
     cands = [random_feasible(space, [constraint], rng)
              for _ in range(a.warmup_candidates + a.candidates)]
@@ -286,7 +301,7 @@ def main(argv=None) -> dict:
             "batch": batch, "warmup_steps": a.warmup_steps,
             "pruningnet": meta_train, "plain_max_width": plain_train,
             "pruningnet_default_mode": "fixed_shapes" if default_fixed else "cropped",
-            "pruningnet_by_mode": by_mode,
+            "pruningnet_by_mode": by_mode, "plain_by_mode": plain_by_mode,
             "throughput_ratio_pruningnet_vs_plain": round(meta_train["images_per_s"]
                                                / plain_train["images_per_s"], 3)},
         "search": {

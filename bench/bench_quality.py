@@ -25,6 +25,7 @@ script, its numbers are not a result.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -177,6 +178,47 @@ def mean_std(values: list[float]) -> dict:
             "std": round(statistics.stdev(values), 5) if len(values) > 1 else None}
 
 
+# --- CUDA graphs, checked before they are trusted ----------------------------------------
+
+def check_cuda_graphs(arch: str, device: str = "cuda", steps: int = 12, **graphs) -> dict:
+    """The pipeline trains plain nets from CUDA graphs on a GPU (``pruning/train.py``). Before
+    the benchmark relies on that, one small net is trained ``steps`` steps three times from the
+    same weights on the same batches — eagerly twice (the run-to-run noise of the GPU's
+    kernels) and once from a graph — and ``ok`` says whether the graphed weights lie as close to
+    the eager ones as ``max(0.02, 3 × noise)`` of the distance training moved them."""
+    from pruning.data import DatasetMeta, TensorSplit
+    from pruning.modules import build
+    from pruning.space import SearchSpace
+    from pruning.train import TrainConfig, train_network
+
+    space = SearchSpace.create(arch, num_classes=10, in_channels=1, input_size=28)
+    meta = DatasetMeta("random-28x28", 10, 1, 28, (0.286,), (0.353,),
+                       tuple(f"class{i}" for i in range(10)), hflip=True, crop_padding=4)
+    batch = 128
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randint(0, 256, (batch * steps, 1, 28, 28), generator=g,
+                                      dtype=torch.uint8),
+                        torch.randint(0, 10, (batch * steps,), generator=g), meta).to(device)
+    config = TrainConfig(epochs=1, batch_size=batch, lr=0.1, warmup_epochs=0.3,
+                         checkpoint_every=10**9)
+    torch.manual_seed(0)
+    init = build(space, space.uniform(space.num_levels // 3)).to(device)
+
+    def trained(cuda_graphs: bool) -> torch.Tensor:
+        net = copy.deepcopy(init)
+        train_network(net, split, config, device=device, cuda_graphs=cuda_graphs,
+                      **(graphs if cuda_graphs else {}))
+        return torch.cat([p.detach().flatten().float() for p in net.parameters()])
+
+    start = torch.cat([p.detach().flatten().float() for p in init.parameters()])
+    eager, eager_again, graphed = trained(False), trained(False), trained(True)
+    moved = float((eager - start).norm())
+    noise = float((eager_again - eager).norm()) / moved
+    distance = float((graphed - eager).norm()) / moved
+    return {"ok": distance <= max(0.02, 3 * noise), "steps": steps,
+            "relative_distance": round(distance, 6), "eager_noise": round(noise, 6)}
+
+
 # --- the benchmark ------------------------------------------------------------------------
 
 class Bench:
@@ -196,6 +238,7 @@ class Bench:
         self.cancelled: list[dict] = []  # runs stopped by the time budget
         self.failures: list[dict] = []  # seeds whose runs raised (the error, not a traceback)
         self.tau: dict | None = None
+        self.cuda_graphs: dict | None = None  # check_cuda_graphs() (parent process, CUDA only)
         self.first_run_dir: Path | None = None  # seed 0's first run: holds the PruningNet
 
     def elapsed(self) -> float:
@@ -308,10 +351,11 @@ class Bench:
 
     def seeds_in_parallel(self) -> None:
         """Every seed in its own process (this script with ``--seeds S --jobs 1``), at once,
-        then their JSON merged; the runs stay in the shared work folder for the tau part."""
+        then their JSON merged; the runs stay in the shared work folder. The tau part runs
+        here meanwhile, as soon as the first seed's PruningNet is trained."""
         a = self.a
         seeds = ints(a.seeds)
-        budget = a.time_budget_s - self.elapsed() - (a.tau_reserve_s if a.tau_candidates else 0)
+        budget = a.time_budget_s - self.elapsed()
         threads = a.threads or max(1, (os.cpu_count() or 1) // len(seeds))
         children = []
         for seed in seeds:
@@ -322,6 +366,16 @@ class Bench:
                     "--tau-candidates", "0"]
             children.append((seed, out, subprocess.Popen(argv, stdout=subprocess.DEVNULL)))
         log(f"{len(seeds)} seeds started in parallel, {threads} CPU thread(s) each")
+        if a.tau_candidates:
+            first_budget = floats(a.budgets)[0]
+            first = self.work / f"seed{seeds[0]}" / f"macs{first_budget:g}"
+            pnet_file = first / "metanet" / "pruningnet.safetensors"
+            while not pnet_file.is_file() and children[0][2].poll() is None:
+                time.sleep(1.0)
+            if pnet_file.is_file():
+                self.kendall_from(seeds[0], first_budget, first)
+            else:
+                self.tau = {"skipped": f"seed {seeds[0]} ended before its PruningNet was trained"}
         for seed, out, child in children:
             code = child.wait()
             if code != 0:  # what it finished before (its partial JSON) is still merged
@@ -391,6 +445,19 @@ class Bench:
             self.seeds_done.append(seed)
 
     def kendall(self) -> None:
+        """Tau from the first finished run's PruningNet (after the seeds, when they ran in turn;
+        seeds in parallel start it themselves, see :meth:`seeds_in_parallel`)."""
+        if self.tau is not None:
+            return
+        if not self.a.tau_candidates:
+            self.tau = {"skipped": "--tau-candidates 0"}
+        elif self.first_run_dir is None:
+            self.tau = {"skipped": "no finished pipeline run to take a PruningNet from"}
+        else:
+            self.kendall_from(self.runs[0]["seed"], self.runs[0]["macs_ratio"],
+                              self.first_run_dir)
+
+    def kendall_from(self, seed: int, budget: float, run_dir: Path) -> None:
         from metanet.pruningnet import PruningNet
         from pruning.checkpoint import load_tensors
         from pruning.constraints import MacsConstraint
@@ -405,18 +472,11 @@ class Bench:
 
         a = self.a
         n = a.tau_candidates
-        if not n:
-            self.tau = {"skipped": "--tau-candidates 0"}
-            return
-        if self.first_run_dir is None:
-            self.tau = {"skipped": "no finished pipeline run to take a PruningNet from"}
-            return
-        path = self.first_run_dir / "metanet" / "pruningnet.safetensors"
+        path = run_dir / "metanet" / "pruningnet.safetensors"
         if not path.is_file():
             self.tau = {"skipped": f"{path} not found (run-folder layout changed?)"}
             return
-        seed = self.runs[0]["seed"]
-        spec = self.spec(seed, self.runs[0]["macs_ratio"], None)
+        spec = self.spec(seed, budget, None)
         r = spec.resolved()
         device = pick_device(a.device)
         state, meta = load_tensors(path, device)
@@ -428,7 +488,7 @@ class Bench:
         evaluator = CandidateEvaluator(pnet, data.train, data.val, calib_batches=r.calib_batches,
                                        batch_size=r.calib_batch_size, val_images=r.eval_images,
                                        seed=seed, device=device)
-        full = self.runs[0]["full_macs"]
+        full = self.full_macs(run_dir)
         budgets = floats(a.tau_range) if a.tau_range else floats(a.budgets)
         lo, hi = min(budgets), max(budgets)
         rng = random.Random(10_000 + seed)
@@ -530,6 +590,9 @@ class Bench:
             "budgets_macs_ratio": floats(a.budgets), "seeds_requested": ints(a.seeds),
             "seeds_done": self.seeds_done, "seeds_skipped": self.seeds_skipped,
             "cancelled": self.cancelled, "failures": self.failures,
+            "cuda_graphs": self.cuda_graphs or (
+                {"environment": os.environ["METAPRUNE_CUDA_GRAPHS"]}
+                if "METAPRUNE_CUDA_GRAPHS" in os.environ else None),
             "metanet_reuse": self.reuse, "metanet_reuse_note": (
                 "one PruningNet per seed, shared by its budgets" if self.reuse != "none"
                 else "every run trained its own PruningNet (separate runs)"),
@@ -567,6 +630,14 @@ def main(argv=None) -> dict:
     bench = Bench(a)
     log(f"bench_quality: {a.arch} on {a.dataset}, seeds {a.seeds}, budgets {a.budgets}, "
         f"PruningNet reuse: {bench.reuse}, runs in {bench.work}")
+    use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    if use_cuda and "METAPRUNE_CUDA_GRAPHS" not in os.environ:  # children inherit the verdict
+        try:
+            bench.cuda_graphs = check_cuda_graphs(a.arch)
+        except Exception as e:  # noqa: BLE001 — the benchmark goes on without graphs
+            bench.cuda_graphs = {"ok": False, "error": repr(e)}
+        os.environ["METAPRUNE_CUDA_GRAPHS"] = "1" if bench.cuda_graphs["ok"] else "0"
+        log(f"CUDA graphs for plain-net training: {bench.cuda_graphs}")
     try:
         bench.seeds()
         bench.kendall()

@@ -189,3 +189,39 @@ def test_launches_counts_the_pruningnet_against_the_plain_network(tmp_path):
     assert n["pruningnet_cropped"] > n["plain_same_candidate"] > 0
     assert d["ratio_vs_plain_max_width"]["plain_max_width"] == 1.0
     assert d["parameter_tensors"]["pruningnet"] > 0
+
+
+def test_quality_checks_cuda_graphs_before_trusting_them():
+    """The check passes a graph that replays the real step and fails one that does not apply
+    the learning rate (run on the CPU: the capture runs the step eagerly)."""
+    import contextlib
+
+    import pruning.train
+
+    check = import_bench_quality().check_cuda_graphs
+
+    class EagerGraphs:
+        side_stream = staticmethod(contextlib.nullcontext)
+
+        @staticmethod
+        def capture(body):
+            return body
+
+    good = check("test_mobilenet_v2", device="cpu", steps=6, graphs=EagerGraphs)
+    assert good["ok"] and good["relative_distance"] < 1e-3, good
+
+    real_update = pruning.train.sgd_update
+
+    class FrozenLrGraphs(EagerGraphs):
+        @staticmethod
+        def capture(body):
+            def replay():
+                pruning.train.sgd_update = lambda opt, neg_lr: real_update(opt, 0 * neg_lr)
+                try:
+                    body()
+                finally:
+                    pruning.train.sgd_update = real_update
+            return replay
+
+    bad = check("test_mobilenet_v2", device="cpu", steps=6, graphs=FrozenLrGraphs)
+    assert not bad["ok"] and bad["relative_distance"] > 0.1, bad

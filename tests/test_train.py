@@ -6,6 +6,7 @@ gratings in noise), on one CPU thread.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -19,10 +20,13 @@ from pruning.modules import build
 from pruning.space import SearchSpace
 from pruning.train import (
     Cancelled,
+    GraphedStep,
     TrainConfig,
     accuracy,
     candidate_for_step,
+    cuda_graphs_default,
     fit,
+    sgd_update,
     train_network,
     train_pruningnet,
 )
@@ -351,3 +355,127 @@ def test_pruningnet_training_is_the_same_with_fixed_shapes(data):
     assert fixed_loss == pytest.approx(crop_loss, rel=1e-4)
     for name, value in crop.items():
         torch.testing.assert_close(fixed[name], value, rtol=1e-3, atol=2e-4, msg=name)  # float noise
+
+
+# --- CUDA graphs (the plumbing, on the CPU: the capture runs the step eagerly) ---------------
+
+
+class EagerGraphs:
+    """Stands in for :class:`pruning.train.CudaGraphs`: ``capture`` records nothing and each
+    replay runs the captured body — the semantics of a CUDA graph, without a GPU."""
+
+    captures = 0
+    side_stream = staticmethod(contextlib.nullcontext)
+
+    @classmethod
+    def capture(cls, body):
+        cls.captures += 1
+        return body
+
+
+class BrokenGraphs(EagerGraphs):
+    @classmethod
+    def capture(cls, body):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+
+@pytest.mark.parametrize("nesterov,momentum", [(True, 0.9), (False, 0.9), (False, 0.0)])
+def test_sgd_update_is_torch_sgd(nesterov, momentum):
+    """The update captured in the graph (lr from a tensor) equals ``torch.optim.SGD.step``,
+    weight decay per group included, over several steps with changing learning rates."""
+    torch.manual_seed(0)
+    ref = [torch.randn(4, 3), torch.randn(5)]
+    ours = [t.clone() for t in ref]
+
+    def sgd(params):
+        return torch.optim.SGD([{"params": [params[0]], "weight_decay": 4e-5},
+                                {"params": [params[1]], "weight_decay": 0.0}],
+                               lr=0.1, momentum=momentum, nesterov=nesterov)
+
+    opt_ref, opt = sgd(ref), sgd(ours)
+    neg_lr = torch.zeros(())
+    for step, lr in enumerate([0.1, 0.05, 0.2, 0.01]):
+        grads = [torch.randn_like(t) for t in ref]
+        for a, b, g in zip(ref, ours, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        for group in opt_ref.param_groups + opt.param_groups:
+            group["lr"] = lr
+        opt_ref.step()
+        if step == 0:
+            opt.step()  # the eager warm-up step creates the momentum buffers
+        else:
+            neg_lr.fill_(-lr)
+            sgd_update(opt, neg_lr)
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_graphed_training_equals_eager_training(data, tmp_path):
+    """A plain net trained through :class:`GraphedStep` (warm-up, capture, replays with the
+    scheduled learning rate; label smoothing, weight decay, BN statistics) ends where eager
+    training ends; interrupted after a checkpoint, it resumes (eagerly) to the same end: the
+    checkpoint holds the momentum the graph updated."""
+    config = TrainConfig(epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5,
+                         label_smoothing=0.1, checkpoint_every=8)
+    ref = _plain_net()
+    ref_stats = train_network(ref, data.train, config, seed=5, cuda_graphs=False)
+
+    def close(a, b):
+        sa, sb = a.state_dict(), b.state_dict()
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    EagerGraphs.captures = 0
+    net, events = _plain_net(), []
+    stats = train_network(net, data.train, config, seed=5, cuda_graphs=True, graphs=EagerGraphs,
+                          progress=events.append)
+    assert EagerGraphs.captures == 1 and stats["steps"] == ref_stats["steps"] == 20
+    assert not [e for e in events if "message" in e]  # no fallback
+    close(ref, net)
+    assert stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-4)
+    assert not same_state(net, _plain_net())  # it did train
+
+    ckpt = tmp_path / "state.safetensors"
+
+    def stop_at_12(event):
+        if event["step"] == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_network(_plain_net(), data.train, config, seed=5, cuda_graphs=True,
+                      graphs=EagerGraphs, checkpoint=ckpt, progress=stop_at_12)
+    assert load_tensors(ckpt)[1]["step"] == 8
+    resumed = _plain_net()
+    train_network(resumed, data.train, config, seed=5, cuda_graphs=False, checkpoint=ckpt)
+    close(ref, resumed)
+
+
+def test_a_failed_capture_falls_back_to_eager_steps(data):
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.1)
+    ref = _plain_net()
+    train_network(ref, data.train, config, seed=2, cuda_graphs=False)
+    net, events = _plain_net(), []
+    stats = train_network(net, data.train, config, seed=2, cuda_graphs=True,
+                          graphs=BrokenGraphs, progress=events.append)
+    assert stats["steps"] == len(data.train) // 64
+    notes = [e["message"] for e in events if "message" in e]
+    assert notes == ["CUDA graph capture failed (operation not permitted when stream is "
+                     "capturing); training eagerly"]
+    assert same_state(net, ref)  # every step eager: bit for bit the eager run
+
+
+def test_cuda_graphs_default(monkeypatch):
+    assert not cuda_graphs_default("cpu")
+    monkeypatch.delenv("METAPRUNE_CUDA_GRAPHS", raising=False)
+    assert cuda_graphs_default("cuda")
+    monkeypatch.setenv("METAPRUNE_CUDA_GRAPHS", "0")
+    assert not cuda_graphs_default("cuda")
+
+
+def test_graphed_step_warms_up_eagerly_before_capturing():
+    calls = []
+    step = GraphedStep(lambda x: x, opt=None, eager=lambda x, y: calls.append("eager") or x.sum(),
+                       label_smoothing=0.0, amp=False, graphs=BrokenGraphs)
+    for _ in range(GraphedStep.WARMUP):
+        step(torch.ones(2), torch.zeros(2), 0.1)
+    assert calls == ["eager"] * GraphedStep.WARMUP and step.replay is None and not step.failed
