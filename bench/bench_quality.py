@@ -4,19 +4,22 @@ seeds, plus the Kendall tau of the PruningNet's estimates against trained accura
 For every seed, one pipeline run per budget (``pruning.pipeline.run`` with
 ``train_baseline=True``, so both networks get the same final recipe); the PruningNet is trained
 once per seed and reused by the other budgets of that seed (``PipelineSpec.metanet_from``;
-``--reuse none`` trains one per run). Then, from the first seed's trained PruningNet,
+``--reuse none`` trains one per run). From the first seed's trained PruningNet,
 ``--tau-candidates`` feasible candidates spread over MACs are scored with the run's
 ``CandidateEvaluator`` settings and trained with the final recipe for a short schedule
 (``--tau-epochs``); the JSON gives Kendall's tau-b between estimate and trained test accuracy
 (and, for reference, between MACs and trained accuracy).
 
 The defaults are meant to fit one H100-class GPU in under 10 minutes; measured on an H200
-(2026-11-27) a seed takes ~250 s, so three in turn need ~13 min: ``--jobs`` (3) runs the seeds
-at once, each in its own process on the same device. ``--time-budget-s`` skips whole seeds (and
-then tau candidates) that would not fit, cancels a stage running past it, and says so in the
-JSON. ``--tiny`` runs a tiny
-test architecture on a few hundred images on a CPU in well under 3 minutes: it checks the
-script, its numbers are not a result.
+(2026-11-27) a seed took ~250 s, so three in turn need ~13 min: ``--jobs`` (3) runs the seeds
+at once, each in its own process on the same device, and the tau part in this process as soon
+as the first seed's PruningNet is trained. On CUDA the pipeline trains plain nets from CUDA
+graphs; :func:`check_cuda_graphs` first verifies on a small net that a graphed training ends
+where an eager one does, and turns graphs off for the run otherwise (``cuda_graphs`` in the
+JSON). ``--time-budget-s`` skips whole seeds (and then tau candidates) that would not fit,
+cancels a stage running past it, and says so in the JSON. ``--tiny`` runs a tiny test
+architecture on a few hundred images on a CPU in well under 3 minutes: it checks the script,
+its numbers are not a result.
 
     python bench/bench_quality.py [--out FILE] [--seeds 0,1,2] [--budgets 0.5,0.25,0.1] ...
     python bench/bench_quality.py --tiny

@@ -123,7 +123,7 @@ class GraphedStep:
         self.y.copy_(y)
         self.neg_lr.fill_(-lr)
         self.replay()
-        return self.loss
+        return self.loss.clone()  # the next replay overwrites self.loss
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x.clone(), y.clone()
