@@ -20,6 +20,10 @@ With a preset's settings (default ``standard``: MobileNetV2 1.0×, Fashion-MNIST
 3. Layouts (``layouts``; measured, not used by the pipeline): the plain max-width network's
    forward over the validation images at the calibration batch and 4× it, in NCHW and
    channels-last memory format, and its training in channels-last format.
+4. Profiles (``profiles``, ``torch.profiler``): for a few training steps of the budget's uniform
+   net (eager, and graphed on CUDA), of the PruningNet, and for two candidate evaluations — the
+   share of the wall time the GPU was busy and the longest kernels: bound by the GPU's work or
+   by launches and the host.
 
 The images are random tensors of the dataset's shape on the device (speed does not depend on
 pixel values), so no dataset is needed.
@@ -44,7 +48,7 @@ if str(ROOT) not in sys.path:  # `python bench/bench_pipeline_speed.py` from a b
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from timing import median_seconds, seconds  # noqa: E402  (bench/timing.py, beside this script)
+from timing import median_seconds, profile, seconds  # noqa: E402  (bench/timing.py, beside this script)
 
 T0 = time.perf_counter()
 
@@ -52,12 +56,13 @@ GPU_DEFAULTS = dict(arch="mobilenet_v2", preset="standard", budget_ratio=0.25, t
                     warmup_steps=15, train_steps=100, other_mode_steps=40,
                     warmup_candidates=3, candidates=20,
                     same_candidates=5, search_generations=2, batch_size=None, calib_batches=None,
-                    calib_batch_size=None, eval_images=None, population=None, repeat=3)
+                    calib_batch_size=None, eval_images=None, population=None, repeat=3,
+                    profile_steps=20)
 TINY_DEFAULTS = dict(arch="test_mobilenet_v2", threads=1, train_images=256,
                      warmup_steps=1, train_steps=3, other_mode_steps=3,
                      warmup_candidates=1, candidates=3, same_candidates=2, search_generations=1,
                      batch_size=32, calib_batches=2, calib_batch_size=32, eval_images=64,
-                     population=4, repeat=1)
+                     population=4, repeat=1, profile_steps=2)
 
 
 def log(msg: str) -> None:
@@ -95,6 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-images", type=int)
     ap.add_argument("--population", type=int, help="override the search population")
     ap.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    ap.add_argument("--profile-steps", type=int, help="training steps per profile")
     ap.set_defaults(**GPU_DEFAULTS)
     first, _ = ap.parse_known_args(argv)
     if first.tiny:
@@ -193,7 +199,8 @@ def main(argv=None) -> dict:
         for name, cand in (("max_width", space.largest()),
                            ("budget_uniform", uniform_baseline(space, [constraint]))):
             net = build(space, cand).to(device)
-            plain_by_mode[name] = {mode: train_rate(train_network, net, cuda_graphs=graphed)
+            plain_by_mode[name] = {mode: train_rate(train_network, net, cuda_graphs=graphed,
+                                                    steps=a.other_mode_steps)
                                    for mode, graphed in (("eager", False), ("graphed", True))}
             plain_by_mode[name]["macs"] = counting.macs(space, cand)
             log(f"plain {name} training: " + ", ".join(
@@ -287,6 +294,21 @@ def main(argv=None) -> dict:
     log(f"layouts: forward img/s {layouts['forward_images_per_s']}, channels-last training "
         f"{layouts['plain_max_width_training_channels_last']['images_per_s']:.0f} img/s")
 
+    # 4. where the time goes (torch.profiler): GPU busy share and the longest kernels
+    small = build(space, uniform_baseline(space, [constraint])).to(device)
+    short = TrainConfig.from_dict({**recipe, "max_steps": a.profile_steps})
+    profiles = {
+        "budget_uniform_training_eager": profile(lambda: train_network(
+            small, train, short, seed=3, device=device, cuda_graphs=False), device),
+        "pruningnet_training": profile(lambda: train_pruningnet(
+            pnet, train, short, seed=3, device=device), device),
+        "candidate_evaluation": profile(lambda: [evaluator(c) for c in cands[:2]], device)}
+    if device.type == "cuda":
+        profiles["budget_uniform_training_graphed"] = profile(lambda: train_network(
+            small, train, short, seed=3, device=device, cuda_graphs=True), device)
+    log("profiles: " + ", ".join(f"{k} GPU busy {v['gpu_busy_share']}"
+                                 for k, v in profiles.items()))
+
     ratio_same = [te / tf for te, tf in zip(t_eval_same, t_same)]
     result = {
         "bench": "pipeline_speed", "tiny": a.tiny,
@@ -333,6 +355,7 @@ def main(argv=None) -> dict:
                                                        if ratio_same else None)},
             "evolve": search},
         "layouts": layouts,
+        "profiles": {"steps": a.profile_steps, "candidates": 2, **profiles},
         "elapsed_s": round(time.perf_counter() - T0, 1),
     }
     text = json.dumps(result, indent=1)

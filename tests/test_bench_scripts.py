@@ -57,6 +57,14 @@ def test_pipeline_speed_tiny(tmp_path):
                                                "batch32_channels_last", "batch128_channels_last"}
     assert all(v > 0 for v in lay["forward_images_per_s"].values())
     assert lay["plain_max_width_training_channels_last"]["images_per_s"] > 0
+    assert t["plain_by_mode"] == {}  # eager vs graphed: CUDA only
+    prof = d["profiles"]
+    assert set(prof) == {"steps", "candidates", "budget_uniform_training_eager",
+                         "pruningnet_training", "candidate_evaluation"}
+    for name in ("budget_uniform_training_eager", "pruningnet_training", "candidate_evaluation"):
+        assert prof[name]["wall_s"] > 0 and prof[name]["gpu_busy_share"] is None  # no GPU
+        ops = dict(prof[name]["top_kernels"])  # on a CPU: the operators with most own time
+        assert any("conv" in op for op in ops) and all(t >= 0 for t in ops.values())
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
