@@ -109,16 +109,14 @@ class GraphedStep:
         self.warm, self.replay, self.failed = 0, None, False
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
-        if self.failed or (self.replay is None and self.warm < self.WARMUP):
-            self.warm += 1
-            if self.failed:
-                return self.eager(x, y)
-            with self.graphs.side_stream():
-                return self.eager(x, y)
-        if self.replay is None:
+        if self.replay is None and not self.failed:
+            if self.warm < self.WARMUP:
+                self.warm += 1
+                with self.graphs.side_stream():
+                    return self.eager(x, y)
             self._capture(x, y)
-            if self.failed:
-                return self.eager(x, y)
+        if self.failed:
+            return self.eager(x, y)
         self.x.copy_(x)
         self.y.copy_(y)
         self.neg_lr.fill_(-lr)
