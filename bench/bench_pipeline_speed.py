@@ -9,8 +9,9 @@ With a preset's settings (default ``standard``: MobileNetV2 1.0×, Fashion-MNIST
    (``train_network``); in both shape modes (``fixed_shapes``, the default on CUDA, and
    ``cropped``, the default on a CPU: see ``metanet/pruningnet.py``). On CUDA the plain nets
    (max width, and the uniform net of the search's budget, what the final training trains)
-   are timed eager and from a CUDA graph (``plain_by_mode``; graphs are the pipeline's
-   default there, see ``pruning/train.py``).
+   are timed eager and from a CUDA graph (``plain_by_mode``), and the fixed-shape PruningNet
+   eager too (``pruningnet_by_mode.fixed_shapes_eager``): graphs are the pipeline's default on
+   CUDA (``pruning/train.py``).
 2. Search throughput (candidates/s): ``CandidateEvaluator`` on the preset's calibration and
    validation images (generate weights → materialise → recalibrate BN → score), in both shape
    modes, and the whole
@@ -188,6 +189,11 @@ def main(argv=None) -> dict:
                                    steps=a.train_steps if fixed == default_fixed
                                    else a.other_mode_steps)
         log(f"PruningNet training ({name}): {by_mode[name]['images_per_s']:.0f} img/s")
+    if device.type == "cuda":  # the default fixed-shape steps replay a CUDA graph: without it
+        by_mode["fixed_shapes_eager"] = train_rate(train_pruningnet, pnet, fixed_shapes=True,
+                                                   cuda_graphs=False, steps=a.other_mode_steps)
+        log(f"PruningNet training (fixed shapes, eager): "
+            f"{by_mode['fixed_shapes_eager']['images_per_s']:.0f} img/s")
     meta_train = by_mode["fixed_shapes" if default_fixed else "cropped"]
     plain = build(space, space.largest()).to(device)
     plain_train = train_rate(train_network, plain)
@@ -303,9 +309,11 @@ def main(argv=None) -> dict:
         "pruningnet_training": profile(lambda: train_pruningnet(
             pnet, train, short, seed=3, device=device), device),
         "candidate_evaluation": profile(lambda: [evaluator(c) for c in cands[:2]], device)}
-    if device.type == "cuda":
+    if device.type == "cuda":  # the defaults above are graphed for the PruningNet, not here
         profiles["budget_uniform_training_graphed"] = profile(lambda: train_network(
             small, train, short, seed=3, device=device, cuda_graphs=True), device)
+        profiles["pruningnet_training_eager"] = profile(lambda: train_pruningnet(
+            pnet, train, short, seed=3, device=device, cuda_graphs=False), device)
     log("profiles: " + ", ".join(f"{k} GPU busy {v['gpu_busy_share']}"
                                  for k, v in profiles.items()))
 

@@ -184,17 +184,20 @@ def mean_std(values: list[float]) -> dict:
 # --- CUDA graphs, checked before they are trusted ----------------------------------------
 
 def check_cuda_graphs(arch: str, device: str = "cuda", steps: int = 12, **graphs) -> dict:
-    """The pipeline trains plain nets from CUDA graphs on a GPU (``pruning/train.py``). Before
-    the benchmark relies on that, one small net is trained ``steps`` steps three times from the
-    same weights on the same batches — eagerly twice (the run-to-run noise of the GPU's
-    kernels) and once from a graph — and ``ok`` says whether the graphed weights lie as close to
-    the eager ones as ``max(0.02, 3 × noise)`` of the distance training moved them."""
+    """The pipeline trains plain nets and the fixed-shape PruningNet from CUDA graphs on a GPU
+    (``pruning/train.py``). Before the benchmark relies on that, a small plain net and a small
+    PruningNet (``arch`` at width 0.35) are each trained ``steps`` steps three times from the
+    same weights on the same batches — eagerly twice (the run-to-run noise of the GPU's kernels)
+    and once from a graph — and ``ok`` says whether, for both, the graphed weights lie as close
+    to the eager ones as ``max(0.02, 3 × noise)`` of the distance training moved them."""
+    from metanet.pruningnet import PruningNet
     from pruning.data import DatasetMeta, TensorSplit
     from pruning.modules import build
     from pruning.space import SearchSpace
-    from pruning.train import TrainConfig, train_network
+    from pruning.train import TrainConfig, train_network, train_pruningnet
 
-    space = SearchSpace.create(arch, num_classes=10, in_channels=1, input_size=28)
+    space = SearchSpace.create(arch, num_classes=10, in_channels=1, input_size=28,
+                               width_mult=0.35, min_channels=4)
     meta = DatasetMeta("random-28x28", 10, 1, 28, (0.286,), (0.353,),
                        tuple(f"class{i}" for i in range(10)), hflip=True, crop_padding=4)
     batch = 128
@@ -204,22 +207,28 @@ def check_cuda_graphs(arch: str, device: str = "cuda", steps: int = 12, **graphs
                         torch.randint(0, 10, (batch * steps,), generator=g), meta).to(device)
     config = TrainConfig(epochs=1, batch_size=batch, lr=0.1, warmup_epochs=0.3,
                          checkpoint_every=10**9)
+
+    def compare(init: torch.nn.Module, train) -> dict:
+        def trained(cuda_graphs: bool) -> torch.Tensor:
+            net = copy.deepcopy(init)
+            train(net, split, config, device=device, cuda_graphs=cuda_graphs,
+                  **(graphs if cuda_graphs else {}))
+            return torch.cat([p.detach().flatten().float() for p in net.parameters()])
+
+        start = torch.cat([p.detach().flatten().float() for p in init.parameters()])
+        eager, eager_again, graphed = trained(False), trained(False), trained(True)
+        moved = float((eager - start).norm())
+        noise = float((eager_again - eager).norm()) / moved
+        distance = float((graphed - eager).norm()) / moved
+        return {"ok": distance <= max(0.02, 3 * noise), "relative_distance": round(distance, 6),
+                "eager_noise": round(noise, 6)}
+
     torch.manual_seed(0)
-    init = build(space, space.uniform(space.num_levels // 3)).to(device)
-
-    def trained(cuda_graphs: bool) -> torch.Tensor:
-        net = copy.deepcopy(init)
-        train_network(net, split, config, device=device, cuda_graphs=cuda_graphs,
-                      **(graphs if cuda_graphs else {}))
-        return torch.cat([p.detach().flatten().float() for p in net.parameters()])
-
-    start = torch.cat([p.detach().flatten().float() for p in init.parameters()])
-    eager, eager_again, graphed = trained(False), trained(False), trained(True)
-    moved = float((eager - start).norm())
-    noise = float((eager_again - eager).norm()) / moved
-    distance = float((graphed - eager).norm()) / moved
-    return {"ok": distance <= max(0.02, 3 * noise), "steps": steps,
-            "relative_distance": round(distance, 6), "eager_noise": round(noise, 6)}
+    plain = compare(build(space, space.uniform(space.num_levels // 3)).to(device),
+                    train_network)
+    pnet = compare(PruningNet(space).to(device),
+                   lambda *args, **kw: train_pruningnet(*args, fixed_shapes=True, **kw))
+    return {"ok": plain["ok"] and pnet["ok"], "steps": steps, "plain": plain, "pruningnet": pnet}
 
 
 # --- the benchmark ------------------------------------------------------------------------

@@ -20,7 +20,10 @@ channel stays exactly 0 through batch-statistics BN (``(0 - 0) / √(0 + ε)``),
 adds and pooling, so the next layer's columns past its input width meet exact zeros — they add
 nothing and get no gradient, as if cropped. On a GPU it is much faster, because cuDNN builds an
 execution plan for every new convolution shape and a random candidate per step is a new shape
-nearly every step; on a CPU cropping does less arithmetic and wins.
+nearly every step; on a CPU cropping does less arithmetic and wins. In this mode the candidate
+enters as one small tensor (:meth:`PruningNet.fixed_inputs`: its encoding and every layer's
+output width), so a whole training step has static shapes and static inputs and can be
+captured in a CUDA graph (:mod:`pruning.train`).
 """
 
 from __future__ import annotations
@@ -65,33 +68,16 @@ class WeightGenerator(nn.Module):
         nn.init.uniform_(self.bias2, -bound, bound)
         nn.init.uniform_(self.weight2, -bound, bound)
 
-    def forward(self, code: torch.Tensor, out: int, inp: int,
-                fixed_shapes: bool = False) -> torch.Tensor:
-        """The ``[:out, :inp]`` crop of the weight; with ``fixed_shapes``, the full-size
-        weight with its rows past ``out`` zeroed (columns past ``inp`` are left: they meet
-        exactly-zero inputs, see the module docstring) — one fused product and one mask, where
-        slicing costs a copy per slice and a zero fill per slice in the backward pass."""
+    def forward(self, code: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+        """The ``[:out, :inp]`` crop of the weight (only the cropped rows are computed)."""
         h = F.relu(self.fc1(code))
-        if not fixed_shapes:
-            return self.weight2[:out, :inp] @ (h * self.scale) + self.bias2[:out, :inp]
-        w = torch.addmv(self.bias2.flatten(), self.weight2.flatten(0, -2), h, alpha=self.scale)
-        rows = _prefix_mask(self.max_shape[0], out, w)
-        return w.view(self.max_shape) * rows.view(-1, *(1,) * (len(self.max_shape) - 1))
+        return self.weight2[:out, :inp] @ (h * self.scale) + self.bias2[:out, :inp]
 
-
-_PREFIX_MASKS: dict[tuple, torch.Tensor] = {}
-
-
-def _prefix_mask(size: int, keep: int, like: torch.Tensor) -> torch.Tensor:
-    """``[1]*keep + [0]*(size-keep)`` in ``like``'s dtype and on its device: a row of a cached
-    lower-triangular matrix, so selecting it launches nothing (and, in the weight's own dtype,
-    multiplying by it needs no cast)."""
-    key = (size, like.dtype, like.device)
-    table = _PREFIX_MASKS.get(key)
-    if table is None:
-        table = torch.ones(size, size, dtype=like.dtype, device=like.device).tril_()
-        _PREFIX_MASKS[key] = table
-    return table[keep - 1]
+    def full(self, code: torch.Tensor) -> torch.Tensor:
+        """The full-size weight, flattened: one fused product (the fixed-shape mode masks its
+        rows; slicing would cost a copy per slice and a zero fill in the backward pass)."""
+        h = F.relu(self.fc1(code))
+        return torch.addmv(self.bias2.flatten(), self.weight2.flatten(0, -2), h, alpha=self.scale)
 
 
 def fixed_shapes_default(device: torch.device | str) -> bool:
@@ -134,6 +120,10 @@ class PruningNet(nn.Module):
         # one gather on the device gives every layer's code (no per-layer host transfers)
         self.register_buffer("code_index", torch.tensor(
             [i if i >= 0 else space.num_groups for i in self._code_index]), persistent=False)
+        # fixed shapes: row r of a generated weight is kept while r < the layer's output width
+        rows = max(g.max_shape[0] for g in self.generators.values())
+        self.register_buffer("row_index", torch.arange(rows, dtype=torch.float32),
+                             persistent=False)
 
     def _max(self, c: Channels) -> int:
         return c if isinstance(c, int) else self.space.max_widths[self.space.group_index[c]]
@@ -161,10 +151,35 @@ class PruningNet(nn.Module):
                  ) -> dict[str, torch.Tensor]:
         """Generated weights of every conv and of the classifier, keyed by layer path; with
         ``fixed_shapes``, zero-padded to the maximum widths."""
+        if fixed_shapes:
+            return self._generate_fixed(self.fixed_inputs(candidate).to(
+                self.code_index.device, non_blocking=True))
         codes = self._encoding_and_one(candidate)[self.code_index]
-        return {path: self.generators[_key(path)](codes[self._code_slices[path]], out, inp,
-                                                  fixed_shapes)
+        return {path: self.generators[_key(path)](codes[self._code_slices[path]], out, inp)
                 for path, (out, inp) in self._shapes(self.space.widths(candidate)).items()}
+
+    def fixed_inputs(self, candidate: Candidate) -> torch.Tensor:
+        """The candidate as the fixed-shape mode reads it, one float tensor on the CPU: the
+        encoding, a constant 1, then the output width of every generated weight."""
+        widths = self.space.widths(candidate)
+        code = [w / m for w, m in zip(widths, self.space.max_widths)]
+        outs = [out for out, _ in self._shapes(widths).values()]
+        return torch.tensor(code + [1.0] + outs)
+
+    def _generate_fixed(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full-size weights with the rows past each layer's output width zeroed, from
+        :meth:`fixed_inputs` on the device (no Python value depends on the candidate)."""
+        n = self.space.num_groups + 1
+        codes, outs = inputs[:n][self.code_index], inputs[n:]
+        weights, keep = {}, None
+        for i, path in enumerate(self._code_slices):
+            gen = self.generators[_key(path)]
+            w = gen.full(codes[self._code_slices[path]])
+            if keep is None:  # every layer's row mask at once, in the weights' dtype
+                keep = (self.row_index < outs[:, None]).to(w.dtype)
+            rows = keep[i, :gen.max_shape[0]].view(-1, *(1,) * (len(gen.max_shape) - 1))
+            weights[path] = w.view(gen.max_shape) * rows
+        return weights
 
     def _shapes(self, widths: tuple[int, ...]) -> dict[str, tuple[int, int]]:
         """(out, in / groups) of every generated weight at these widths."""
@@ -188,7 +203,15 @@ class PruningNet(nn.Module):
         BN uses batch statistics, or, when ``bn_stats`` (``{"<conv path>.bn": (mean, var)}``,
         as :func:`metanet.bn.bn_statistics` returns) is given, those running statistics.
         """
-        weights = self.generate(candidate, fixed_shapes)
+        return self._run(x, self.generate(candidate, fixed_shapes), bn_stats)
+
+    def forward_fixed(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``forward(x, candidate, fixed_shapes=True)`` with the candidate given as
+        ``fixed_inputs(candidate)`` on the device: static shapes, nothing read on the host."""
+        return self._run(x, self._generate_fixed(inputs), None)
+
+    def _run(self, x: torch.Tensor, weights: dict[str, torch.Tensor],
+             bn_stats: BNStats | None) -> torch.Tensor:
         for block, body, short in self._blocks:
             y = self._chain(body, x, weights, bn_stats)
             if short is not None:

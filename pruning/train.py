@@ -4,9 +4,11 @@ One loop serves both: SGD with Nesterov momentum, linear warm-up then cosine dec
 smoothing, checkpoints every ``checkpoint_every`` steps so a killed run resumes losing at most
 one interval. Randomness is derived from ``(seed, step)``, so a resumed run continues exactly.
 
-On CUDA a plain network (static shapes) trains from a **CUDA graph**: after a few eager steps
-the whole step — forward, loss, backward, SGD update — is captured once and replayed, one
-launch per step instead of hundreds (small nets are bound by launches, not by the GPU). The
+On CUDA every step with static shapes — a plain network's, and the PruningNet's in the
+fixed-shape mode, where the step's candidate is one small input tensor — trains from a **CUDA
+graph**: after a few eager steps the whole step (forward, loss, backward, SGD update) is
+captured once and replayed, one launch per step instead of hundreds (small nets and the
+PruningNet's generators are bound by launches, not by the GPU). The
 update in the graph is SGD's own arithmetic with the learning rate read from a device tensor
 (:func:`sgd_update`); the optimizer's momentum buffers are the ones the graph updates, so
 checkpoints are unchanged. ``METAPRUNE_CUDA_GRAPHS=0`` turns graphs off; a capture that fails
@@ -93,38 +95,44 @@ class CudaGraphs:
 
 
 class GraphedStep:
-    """One training step of a static-shape net, captured after ``WARMUP`` eager steps.
+    """One training step with static shapes, captured after ``WARMUP`` eager steps.
 
-    ``step(x, y, lr)`` returns the loss (a device tensor that later steps overwrite). Until
-    capture, and for good if capture fails, the step is the eager one."""
+    ``step(x, y, lr, step)`` returns the loss. The captured step computes
+    ``forward(x, inputs(step))``; ``inputs(step)`` is ``None`` or a tensor of fixed shape
+    (copied into the graph's input before each replay). Until capture, and for good if capture
+    fails, the step is ``eager(x, y, step)``."""
 
     WARMUP = 3
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.SGD,
-                 eager: Callable, label_smoothing: float, amp: bool,
+    def __init__(self, forward: Callable, inputs: Callable[[int], torch.Tensor | None],
+                 opt: torch.optim.SGD, eager: Callable, label_smoothing: float, amp: bool,
                  graphs=CudaGraphs, notify: Callable[[str], None] = lambda msg: None):
-        self.forward, self.opt, self.eager = forward, opt, eager
+        self.forward, self.inputs, self.opt, self.eager = forward, inputs, opt, eager
         self.label_smoothing, self.amp, self.graphs, self.notify = (label_smoothing, amp,
                                                                     graphs, notify)
         self.warm, self.replay, self.failed = 0, None, False
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int) -> torch.Tensor:
         if self.replay is None and not self.failed:
             if self.warm < self.WARMUP:
                 self.warm += 1
                 with self.graphs.side_stream():
-                    return self.eager(x, y)
-            self._capture(x, y)
+                    return self.eager(x, y, step)
+            self._capture(x, y, step)
         if self.failed:
-            return self.eager(x, y)
+            return self.eager(x, y, step)
         self.x.copy_(x)
         self.y.copy_(y)
+        if self.extra is not None:  # from the host without waiting for the GPU
+            self.extra.copy_(self.inputs(step), non_blocking=True)
         self.neg_lr.fill_(-lr)
         self.replay()
         return self.loss.clone()  # the next replay overwrites self.loss
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
         self.x, self.y = x.clone(), y.clone()
+        extra = self.inputs(step)
+        self.extra = None if extra is None else extra.to(x.device).clone()
         self.neg_lr = torch.zeros((), device=x.device)
         self.loss = torch.zeros((), device=x.device)
         params = [p for g in self.opt.param_groups for p in g["params"]]
@@ -134,7 +142,7 @@ class GraphedStep:
                 p.grad = None
             with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp,
                                 cache_enabled=False):
-                loss = F.cross_entropy(self.forward(self.x), self.y,
+                loss = F.cross_entropy(self.forward(self.x, self.extra), self.y,
                                        label_smoothing=self.label_smoothing)
             loss.backward()
             sgd_update(self.opt, self.neg_lr)
@@ -167,15 +175,18 @@ def candidate_for_step(space: SearchSpace, seed: int, step: int,
     return random_feasible(space, constraints, rng) if constraints else space.random(rng)
 
 
-def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor], split,
-        config: TrainConfig, *, seed: int = 0, device: torch.device | str = "cpu",
+def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tensor], split,
+        config: TrainConfig, *, inputs: Callable[[int], object] = lambda step: step,
+        seed: int = 0, device: torch.device | str = "cpu",
         checkpoint: str | Path | None = None, progress: Progress | None = None,
         stage: str = "train", should_stop: Callable[[], bool] | None = None,
         cuda_graphs: bool = False, graphs=CudaGraphs) -> dict:
-    """Train ``module`` with ``loss = CE(forward(x, step), y)`` over ``split``.
+    """Train ``module`` with ``loss = CE(forward(x, inputs(step)), y)`` over ``split`` (a
+    tensor from ``inputs`` is moved to the device first).
 
-    ``cuda_graphs``: ``forward`` has static shapes and ignores ``step``, so the step may be
-    replayed from a CUDA graph (:class:`GraphedStep`; ``graphs`` is for tests).
+    ``cuda_graphs``: ``forward`` has static shapes and ``inputs(step)`` is ``None`` or a tensor
+    of fixed shape, so the step may be replayed from a CUDA graph (:class:`GraphedStep`;
+    ``graphs`` is for tests).
 
     With ``checkpoint``, state is saved every ``config.checkpoint_every`` steps and at the end,
     and an existing checkpoint is resumed. Returns ``{"steps", "loss", "images_per_s"}``.
@@ -204,16 +215,19 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor],
     sync_every = _sync_every(device)
     ema = None if loss_ema is None else torch.tensor(loss_ema, device=device)
 
-    def eager_step(x, y, step=0):
+    def eager_step(x, y, step):
+        extra = inputs(step)
+        if torch.is_tensor(extra):
+            extra = extra.to(device, non_blocking=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-            loss = F.cross_entropy(forward(x, step), y, label_smoothing=config.label_smoothing)
+            loss = F.cross_entropy(forward(x, extra), y, label_smoothing=config.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.detach()
 
-    graphed = (GraphedStep(lambda x: forward(x, 0), opt, eager_step, config.label_smoothing,
-                           use_amp, graphs, lambda msg: progress and progress(
+    graphed = (GraphedStep(forward, inputs, opt, eager_step, config.label_smoothing, use_amp,
+                           graphs, lambda msg: progress and progress(
                                {"stage": stage, "message": msg}))
                if cuda_graphs else None)
     module.train()
@@ -231,7 +245,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor],
             lr = config.lr_at(step, total, per_epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = graphed(x, y, lr) if graphed else eager_step(x, y, step)
+            loss = graphed(x, y, lr, step) if graphed else eager_step(x, y, step)
             step += 1
             images += len(x)
             value = loss.float()
@@ -264,18 +278,30 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, int], torch.Tensor],
 
 def train_pruningnet(pnet, split, config: TrainConfig, *, seed: int = 0,
                      constraints: Sequence[Constraint] = (), fixed_shapes: bool | None = None,
-                     **kwargs) -> dict:
+                     cuda_graphs: bool | None = None, **kwargs) -> dict:
     """Train the PruningNet's generators, one random candidate per step (uniform, or biased
     towards the budget ``constraints``: see :func:`candidate_for_step`). ``fixed_shapes``
     (default: on CUDA) computes each candidate at full width with zero-padded weights, the
-    same function (:mod:`metanet.pruningnet`)."""
+    same function (:mod:`metanet.pruningnet`); its steps are replayed from a CUDA graph
+    (``cuda_graphs``, default :func:`cuda_graphs_default`)."""
     constraints = tuple(constraints)
+    device = kwargs.get("device", "cpu")
     if fixed_shapes is None:
-        fixed_shapes = fixed_shapes_default(kwargs.get("device", "cpu"))
-    return fit(pnet, lambda x, step: pnet(x, candidate_for_step(pnet.space, seed, step,
-                                                                constraints),
-                                          fixed_shapes=fixed_shapes),
-               split, config, seed=seed, stage="metanet", **kwargs)
+        fixed_shapes = fixed_shapes_default(device)
+    if cuda_graphs is None:
+        cuda_graphs = fixed_shapes and cuda_graphs_default(device)
+    if cuda_graphs and not fixed_shapes:
+        raise ValueError("cuda_graphs needs fixed_shapes (a cropped candidate changes shapes)")
+
+    def candidate(step: int) -> Candidate:
+        return candidate_for_step(pnet.space, seed, step, constraints)
+
+    if fixed_shapes:
+        return fit(pnet, pnet.forward_fixed, split, config,
+                   inputs=lambda step: pnet.fixed_inputs(candidate(step)), seed=seed,
+                   stage="metanet", cuda_graphs=cuda_graphs, **kwargs)
+    return fit(pnet, pnet, split, config, inputs=candidate, seed=seed, stage="metanet",
+               **kwargs)
 
 
 def train_network(net: nn.Module, split, config: TrainConfig, *, seed: int = 0,
@@ -284,8 +310,8 @@ def train_network(net: nn.Module, split, config: TrainConfig, *, seed: int = 0,
     (:func:`cuda_graphs_default`)."""
     if cuda_graphs is None:
         cuda_graphs = cuda_graphs_default(kwargs.get("device", "cpu"))
-    return fit(net, lambda x, step: net(x), split, config, seed=seed, cuda_graphs=cuda_graphs,
-               **kwargs)
+    return fit(net, lambda x, _: net(x), split, config, inputs=lambda step: None, seed=seed,
+               cuda_graphs=cuda_graphs, **kwargs)
 
 
 @torch.inference_mode()

@@ -474,8 +474,30 @@ def test_cuda_graphs_default(monkeypatch):
 
 def test_graphed_step_warms_up_eagerly_before_capturing():
     calls = []
-    step = GraphedStep(lambda x: x, opt=None, eager=lambda x, y: calls.append("eager") or x.sum(),
+    step = GraphedStep(lambda x, extra: x, lambda s: None, opt=None,
+                       eager=lambda x, y, s: calls.append(s) or x.sum(),
                        label_smoothing=0.0, amp=False, graphs=BrokenGraphs)
-    for _ in range(GraphedStep.WARMUP):
-        step(torch.ones(2), torch.zeros(2), 0.1)
-    assert calls == ["eager"] * GraphedStep.WARMUP and step.replay is None and not step.failed
+    for s in range(GraphedStep.WARMUP):
+        step(torch.ones(2), torch.zeros(2), 0.1, s)
+    assert calls == list(range(GraphedStep.WARMUP)) and step.replay is None
+    assert not step.failed
+
+
+def test_pruningnet_training_from_a_graph_equals_eager_training(data):
+    """The fixed-shape PruningNet step takes its candidate as one input tensor, so it can be
+    replayed from a graph: the same weights as eager fixed-shape training (itself equal to
+    cropped training, see test_pruningnet_training_is_the_same_with_fixed_shapes)."""
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.1, warmup_epochs=0.3)
+    ref = _pruningnet()
+    train_pruningnet(ref, data.train, config, seed=4, fixed_shapes=True, cuda_graphs=False)
+    EagerGraphs.captures = 0
+    net = _pruningnet()
+    train_pruningnet(net, data.train, config, seed=4, fixed_shapes=True, cuda_graphs=True,
+                     graphs=EagerGraphs)
+    assert EagerGraphs.captures == 1
+    sa, sb = ref.state_dict(), net.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not same_state(net, _pruningnet())
+    with pytest.raises(ValueError, match="fixed_shapes"):
+        train_pruningnet(_pruningnet(), data.train, config, fixed_shapes=False, cuda_graphs=True)
