@@ -235,3 +235,15 @@ def test_quality_checks_cuda_graphs_before_trusting_them():
     bad = check("test_mobilenet_v2", device="cpu", steps=6, graphs=FrozenLrGraphs)
     assert not bad["ok"], bad
     assert min(bad["plain"]["relative_distance"], bad["pruningnet"]["relative_distance"]) > 0.1
+
+
+def test_pruningnet_fit_tiny(tmp_path):
+    out = tmp_path / "fit.json"
+    d = run_script("bench_pruningnet_fit.py", "--tiny", "--epochs", "1,2", "--out", str(out))
+    assert json.loads(out.read_text()) == d and d["tiny"] is True
+    assert [r["epochs"] for r in d["pruningnet"]] == [1.0, 2.0]
+    for r in d["pruningnet"]:
+        assert r["steps"] == 3 and len(r["estimates"]) == len(d["candidates"]) == 2
+        assert all(0 <= v <= 1 for v in r["estimates"]) and 0 <= r["largest_estimate"] <= 1
+        assert r["loss_curve"] and all(v > 0 for v in r["loss_curve"])
+    assert d["plain"]["epochs"] == 1.0 and len(d["plain"]["val_accuracy"]) == 1
