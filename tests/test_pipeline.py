@@ -375,12 +375,28 @@ def test_recalibrate_bn_restores_momentum_and_stats_when_a_forward_raises():
 
 
 def test_a_run_takes_the_gpu_paths_on_a_cpu(tmp_path, monkeypatch):
-    """The CUDA defaults — fixed shapes in PruningNet training and scoring, the loss read every
+    """The CUDA defaults — fixed shapes in PruningNet training and scoring, training steps
+    replayed from CUDA graphs (here a stand-in that runs the captured step), the loss read every
     few steps — forced on the CPU: the whole run completes with verified exports and progress
-    (that fixed shapes compute the same function is tested in test_pruningnet.py)."""
+    (that fixed shapes and graphs compute the same is tested in test_pruningnet.py and
+    test_train.py)."""
+    import contextlib
+
     import pruning.evaluate
     import pruning.train
 
+    captures = []
+
+    class EagerGraphs:
+        side_stream = staticmethod(contextlib.nullcontext)
+
+        @staticmethod
+        def capture(body):
+            captures.append(body)
+            return body
+
+    monkeypatch.setattr(pruning.train, "CudaGraphs", EagerGraphs)
+    monkeypatch.setattr(pruning.train, "cuda_graphs_default", lambda device: True)
     monkeypatch.setattr(pruning.train, "fixed_shapes_default", lambda device: True)
     monkeypatch.setattr(pruning.evaluate, "fixed_shapes_default", lambda device: True)
     monkeypatch.setattr(pruning.train, "_sync_every", lambda device: 5)
@@ -396,5 +412,7 @@ def test_a_run_takes_the_gpu_paths_on_a_cpu(tmp_path, monkeypatch):
     assert steps == [k for k in range(1, total + 1)
                      if k in (1, total) or k % 5 == 0 or k % 3 == 0]
     assert report["search"]["evaluated"] > 0
+    assert len(captures) == 3  # the PruningNet, the pick and the uniform baseline
+    assert not [e for e in events if "graph" in str(e.get("message", ""))]  # no fallback
     for name in ("metapruning", "uniform"):
         assert 0 <= report[name]["test_accuracy"] <= 1
