@@ -13,10 +13,10 @@ once per seed and reused by the other budgets of that seed (``PipelineSpec.metan
 The defaults are meant to fit one H100-class GPU in under 10 minutes; measured on an H200
 (2026-11-27) a seed took ~250 s, so three in turn need ~13 min: ``--jobs`` (3) runs the seeds
 at once, each in its own process on the same device, and the tau part in this process as soon
-as the first seed's PruningNet is trained. On CUDA the pipeline trains plain nets from CUDA
-graphs; :func:`check_cuda_graphs` first verifies on a small net that a graphed training ends
-where an eager one does, and turns graphs off for the run otherwise (``cuda_graphs`` in the
-JSON). ``--time-budget-s`` skips whole seeds (and then tau candidates) that would not fit,
+as the first seed's PruningNet is trained. On CUDA the pipeline trains plain nets and the
+PruningNet from CUDA graphs; :func:`check_cuda_graphs` first verifies on small ones that a
+graphed training ends where an eager one does, and turns graphs off for the run otherwise
+(``cuda_graphs`` in the JSON). ``--time-budget-s`` skips whole seeds (and then tau candidates) that would not fit,
 cancels a stage running past it, and says so in the JSON. ``--tiny`` runs a tiny test
 architecture on a few hundred images on a CPU in well under 3 minutes: it checks the script,
 its numbers are not a result.
@@ -385,7 +385,11 @@ class Bench:
             while not pnet_file.is_file() and children[0][2].poll() is None:
                 time.sleep(1.0)
             if pnet_file.is_file():
-                self.kendall_from(seeds[0], first_budget, first)
+                try:
+                    self.kendall_from(seeds[0], first_budget, first)
+                except Exception as e:  # noqa: BLE001 — the seeds still run: keep them
+                    self.tau = {"error": repr(e)}
+                    log(f"tau failed:\n{traceback.format_exc()}")
             else:
                 self.tau = {"skipped": f"seed {seeds[0]} ended before its PruningNet was trained"}
         for seed, out, child in children:
@@ -589,7 +593,8 @@ class Bench:
             "status": "partial" if partial else (
                 "complete" if not self.seeds_skipped and not self.cancelled
                 and not self.failures and not any("error" in r for r in self.runs)
-                and not (self.tau or {}).get("skipped_candidates") else "incomplete"),
+                and not (self.tau or {}).get("skipped_candidates")
+                and "error" not in (self.tau or {}) else "incomplete"),
             "tiny": a.tiny,
             "note": ("--tiny: a check of the script on a test architecture and a few hundred "
                      "images; NOT a result") if a.tiny else None,

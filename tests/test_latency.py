@@ -91,12 +91,20 @@ def test_monotone_even_for_a_noisy_table(space, tmp_path, monkeypatch):
 
 
 def test_predicted_tracks_measured(table, space):
+    """Predictions order the smallest and largest net as measurement does, and the largest's
+    prediction is within a factor of 5 of its measured latency. At batch 1 these tiny nets are
+    bound by per-operator overhead (measured 1.7 vs 1.8 ms on CPU-2), so the measured order is
+    taken at batch 32, where their arithmetic differs, as the least of three interleaved runs
+    (robust to other load on a shared machine)."""
     small, large = space.smallest(), space.largest()
     p_s, p_l = table.predict(space, small), table.predict(space, large)
-    m_s = measure_latency(build(space, small), (1, 16, 16))
-    m_l = measure_latency(build(space, large), (1, 16, 16))
-    assert p_l > 1.1 * p_s and m_l > 1.1 * m_s
-    assert 0.2 < p_l / m_l < 5
+    nets = {"small": build(space, small), "large": build(space, large)}
+    runs = {k: [] for k in nets}
+    for _ in range(3):
+        for k, net in nets.items():
+            runs[k].append(measure_latency(net, (1, 16, 16), batch=32, repeats=5))
+    assert p_l > 1.1 * p_s and min(runs["large"]) > 1.1 * min(runs["small"])
+    assert 0.2 < p_l / measure_latency(nets["large"], (1, 16, 16)) < 5
 
 
 def test_latency_constraint_in_evolve(table, space, tmp_path):
