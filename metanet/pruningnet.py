@@ -46,11 +46,13 @@ _ACT = {"relu": F.relu, "relu6": F.relu6, None: lambda x: x}
 
 
 class WeightGenerator(nn.Module):
-    """``FC(k → hidden) → ReLU → FC(hidden → prod(max_shape))``, evaluated only on the crop.
+    """``FC(k → hidden) → ReLU → FC(hidden → prod(max_shape))``: ``forward`` computes only the
+    crop, ``full`` the whole weight (the fixed-shape mode).
 
     FC₂ is stored as ``weight2[*max_shape, hidden]`` so a crop is a slice. Its weight and bias
     start uniform ±1/√fan_in (the plain layer's default bound), so the generated weights of
-    every candidate start near a sensible init. The hidden vector enters FC₂ scaled by 1/√hidden: an SGD step moves a generated weight by
+    every candidate start near a sensible init. The hidden vector enters FC₂ scaled by
+    1/√hidden: an SGD step moves a generated weight by
     ``lr·(1 + |h|²/hidden)·∂L/∂W`` instead of ``lr·(1 + |h|²)·∂L/∂W``, so the PruningNet trains
     stably with the plain network's learning rate (a reparametrisation; the function class is
     the paper's).
@@ -144,8 +146,11 @@ class PruningNet(nn.Module):
     def _encoding_and_one(self, candidate: Candidate) -> torch.Tensor:
         """The encoding followed by a constant 1 (the code of a layer that touches no group),
         sent to the device in one transfer."""
-        code = [w / m for w, m in zip(self.space.widths(candidate), self.space.max_widths)]
-        return torch.tensor(code + [1.0]).to(self.code_index.device, non_blocking=True)
+        return torch.tensor(self._code(self.space.widths(candidate))).to(
+            self.code_index.device, non_blocking=True)
+
+    def _code(self, widths: tuple[int, ...]) -> list[float]:
+        return [w / m for w, m in zip(widths, self.space.max_widths)] + [1.0]
 
     def generate(self, candidate: Candidate, fixed_shapes: bool = False
                  ) -> dict[str, torch.Tensor]:
@@ -162,9 +167,7 @@ class PruningNet(nn.Module):
         """The candidate as the fixed-shape mode reads it, one float tensor on the CPU: the
         encoding, a constant 1, then the output width of every generated weight."""
         widths = self.space.widths(candidate)
-        code = [w / m for w, m in zip(widths, self.space.max_widths)]
-        outs = [out for out, _ in self._shapes(widths).values()]
-        return torch.tensor(code + [1.0] + outs)
+        return torch.tensor(self._code(widths) + [out for out, _ in self._shapes(widths).values()])
 
     def _generate_fixed(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Full-size weights with the rows past each layer's output width zeroed, from
