@@ -100,18 +100,18 @@ class GraphedStep:
     """One training step with static shapes, captured after ``WARMUP`` eager steps.
 
     ``step(x, y, lr, step)`` returns the loss. The captured step computes
-    ``forward(x, inputs(step))``; ``inputs(step)`` is ``None`` or a tensor of fixed shape
-    (copied into the graph's input before each replay). Until capture, and for good if capture
-    fails, the step is ``eager(x, y, step)``."""
+    ``loss(x, y, inputs(step), cache=False)`` (autocast's weight cache must be off in a graph);
+    ``inputs(step)`` is ``None`` or a tensor of fixed shape (copied into the graph's input before
+    each replay). Until capture, and for good if capture fails, the step is
+    ``eager(x, y, step)``."""
 
     WARMUP = 3
 
-    def __init__(self, forward: Callable, inputs: Callable[[int], torch.Tensor | None],
-                 opt: torch.optim.SGD, eager: Callable, label_smoothing: float, amp: bool,
-                 graphs=CudaGraphs, notify: Callable[[str], None] = lambda msg: None):
-        self.forward, self.inputs, self.opt, self.eager = forward, inputs, opt, eager
-        self.label_smoothing, self.amp, self.graphs, self.notify = (label_smoothing, amp,
-                                                                    graphs, notify)
+    def __init__(self, loss: Callable, inputs: Callable[[int], torch.Tensor | None],
+                 opt: torch.optim.SGD, eager: Callable, graphs=CudaGraphs,
+                 notify: Callable[[str], None] = lambda msg: None):
+        self.loss_of, self.inputs, self.opt, self.eager = loss, inputs, opt, eager
+        self.graphs, self.notify = graphs, notify
         self.warm, self.replay, self.failed = 0, None, False
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, step: int) -> torch.Tensor:
@@ -142,10 +142,7 @@ class GraphedStep:
         def body() -> None:
             for p in params:  # backward writes fresh gradients (the graph's own memory)
                 p.grad = None
-            with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp,
-                                cache_enabled=False):
-                loss = F.cross_entropy(self.forward(self.x, self.extra), self.y,
-                                       label_smoothing=self.label_smoothing)
+            loss = self.loss_of(self.x, self.y, self.extra, cache=False)
             loss.backward()
             sgd_update(self.opt, self.neg_lr)
             self.loss.copy_(loss.detach())
@@ -218,20 +215,22 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
     sync_every = _sync_every(device)
     ema = None if loss_ema is None else torch.tensor(loss_ema, device=device)
 
+    def loss_of(x, y, extra, cache=True):
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_amp, cache_enabled=cache):
+            return F.cross_entropy(forward(x, extra), y, label_smoothing=config.label_smoothing)
+
     def eager_step(x, y, step):
         extra = inputs(step)
         if torch.is_tensor(extra):
             extra = extra.to(device, non_blocking=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-            loss = F.cross_entropy(forward(x, extra), y, label_smoothing=config.label_smoothing)
+        loss = loss_of(x, y, extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.detach()
 
-    graphed = (GraphedStep(forward, inputs, opt, eager_step, config.label_smoothing, use_amp,
-                           graphs, lambda msg: progress and progress(
-                               {"stage": stage, "message": msg}))
+    graphed = (GraphedStep(loss_of, inputs, opt, eager_step, graphs,
+                           lambda msg: progress and progress({"stage": stage, "message": msg}))
                if cuda_graphs else None)
     module.train()
     t0, images = time.perf_counter(), 0

@@ -474,9 +474,8 @@ def test_cuda_graphs_default(monkeypatch):
 
 def test_graphed_step_warms_up_eagerly_before_capturing():
     calls = []
-    step = GraphedStep(lambda x, extra: x, lambda s: None, opt=None,
-                       eager=lambda x, y, s: calls.append(s) or x.sum(),
-                       label_smoothing=0.0, amp=False, graphs=BrokenGraphs)
+    step = GraphedStep(lambda x, y, extra, cache: x.sum(), lambda s: None, opt=None,
+                       eager=lambda x, y, s: calls.append(s) or x.sum(), graphs=BrokenGraphs)
     for s in range(GraphedStep.WARMUP):
         step(torch.ones(2), torch.zeros(2), 0.1, s)
     assert calls == list(range(GraphedStep.WARMUP)) and step.replay is None
