@@ -15,7 +15,6 @@ plain max-width network, the PruningNet in both shape modes (``fixed_shapes``, c
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import sys
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/bench_launches.py` from a bare checkout
     sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402  (bench/common.py, beside this script)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -110,11 +110,7 @@ def main(argv=None) -> dict:
         "parameter_tensors": {"plain_max_width": len(list(plain.parameters())),
                               "pruningnet": len(list(pnet.parameters()))},
     }
-    text = json.dumps(result, indent=1)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    print(text)
-    return result
+    return common.emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ pixel values), so no dataset is needed.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/bench_pipeline_speed.py` from a bare checkout
     sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402  (bench/common.py and bench/timing.py, beside this script)
 import torch  # noqa: E402
 from timing import median_seconds, profile, seconds  # noqa: E402  (bench/timing.py, beside this script)
 
@@ -102,11 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--population", type=int, help="override the search population")
     ap.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
     ap.add_argument("--profile-steps", type=int, help="training steps per profile")
-    ap.set_defaults(**GPU_DEFAULTS)
-    first, _ = ap.parse_known_args(argv)
-    if first.tiny:
-        ap.set_defaults(**TINY_DEFAULTS)
-    return ap.parse_args(argv)
+    return common.parse_args(ap, argv, GPU_DEFAULTS, TINY_DEFAULTS)
 
 
 def main(argv=None) -> dict:
@@ -366,12 +362,7 @@ def main(argv=None) -> dict:
         "profiles": {"steps": a.profile_steps, "candidates": 2, **profiles},
         "elapsed_s": round(time.perf_counter() - T0, 1),
     }
-    text = json.dumps(result, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
-    print(text)
-    return result
+    return common.emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the accuracy the estimates should approach. The PruningNet's training-loss curve
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402  (bench/common.py, beside this script)
 import torch  # noqa: E402
 
 T0 = time.perf_counter()
@@ -61,11 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--plain", type=int, help="of those, how many are trained as plain nets")
     ap.add_argument("--calib-batches", type=int, help="BN recalibration batches per candidate")
     ap.add_argument("--threads", type=int)
-    ap.set_defaults(**DEFAULTS)
-    first, _ = ap.parse_known_args(argv)
-    if first.tiny:
-        ap.set_defaults(**TINY)
-    return ap.parse_args(argv)
+    return common.parse_args(ap, argv, DEFAULTS, TINY)
 
 
 def main(argv=None) -> dict:
@@ -130,11 +126,7 @@ def main(argv=None) -> dict:
         "candidates": [c.key() for c in cands], "pruningnet": runs,
         "plain": {"epochs": min(epochs), "val_accuracy": plain},
         "elapsed_s": round(time.perf_counter() - T0, 1)}
-    text = json.dumps(result, indent=1)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    print(text)
-    return result
+    return common.emit(result, a.out)
 
 
 if __name__ == "__main__":

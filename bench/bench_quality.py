@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/bench_quality.py` from a bare checkout
     sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402  (bench/common.py, beside this script)
 import torch  # noqa: E402
 
 T0 = time.perf_counter()
@@ -137,11 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int,
                     help="seeds run at once, each in its own process on the same device (a "
                          "launch-bound GPU has room for several)")
-    ap.set_defaults(**GPU_DEFAULTS)
-    first, _ = ap.parse_known_args(argv)
-    if first.tiny:
-        ap.set_defaults(**TINY_DEFAULTS)
-    return ap.parse_args(argv)
+    return common.parse_args(ap, argv, GPU_DEFAULTS, TINY_DEFAULTS)
 
 
 # --- statistics ---------------------------------------------------------------------------
