@@ -6,6 +6,7 @@ only built at small sizes (or on the ``meta`` device) where a test says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import uuid
@@ -354,3 +355,17 @@ def client_for(url: str, **overrides):
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+class EagerGraphs:
+    """Stands in for :class:`pruning.train.CudaGraphs` on a CPU: ``capture`` records nothing
+    (it counts captures) and each replay runs the captured body — the semantics of a CUDA graph,
+    without a GPU."""
+
+    captures = 0
+    side_stream = staticmethod(contextlib.nullcontext)
+
+    @classmethod
+    def capture(cls, body):
+        cls.captures += 1
+        return body

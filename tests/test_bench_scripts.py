@@ -202,18 +202,10 @@ def test_launches_counts_the_pruningnet_against_the_plain_network(tmp_path):
 def test_quality_checks_cuda_graphs_before_trusting_them():
     """The check passes graphs that replay the real steps (plain net and PruningNet) and fails
     ones that do not apply the learning rate (on the CPU: the capture runs the step eagerly)."""
-    import contextlib
-
     import pruning.train
+    from tests.conftest import EagerGraphs
 
     check = import_bench_quality().check_cuda_graphs
-
-    class EagerGraphs:
-        side_stream = staticmethod(contextlib.nullcontext)
-
-        @staticmethod
-        def capture(body):
-            return body
 
     good = check("test_mobilenet_v2", device="cpu", steps=6, graphs=EagerGraphs)
     assert good["ok"], good

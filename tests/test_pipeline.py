@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import sigkill_at
+from tests.conftest import EagerGraphs, sigkill_at
 from metanet.bn import bn_statistics, recalibrate_bn
 from metanet.pruningnet import PruningNet
 from pruning import cli, counting
@@ -380,21 +380,10 @@ def test_a_run_takes_the_gpu_paths_on_a_cpu(tmp_path, monkeypatch):
     few steps — forced on the CPU: the whole run completes with verified exports and progress
     (that fixed shapes and graphs compute the same is tested in test_pruningnet.py and
     test_train.py)."""
-    import contextlib
-
     import pruning.evaluate
     import pruning.train
 
-    captures = []
-
-    class EagerGraphs:
-        side_stream = staticmethod(contextlib.nullcontext)
-
-        @staticmethod
-        def capture(body):
-            captures.append(body)
-            return body
-
+    monkeypatch.setattr(EagerGraphs, "captures", 0)
     monkeypatch.setattr(pruning.train, "CudaGraphs", EagerGraphs)
     monkeypatch.setattr(pruning.train, "cuda_graphs_default", lambda device: True)
     monkeypatch.setattr(pruning.train, "fixed_shapes_default", lambda device: True)
@@ -412,7 +401,7 @@ def test_a_run_takes_the_gpu_paths_on_a_cpu(tmp_path, monkeypatch):
     assert steps == [k for k in range(1, total + 1)
                      if k in (1, total) or k % 5 == 0 or k % 3 == 0]
     assert report["search"]["evaluated"] > 0
-    assert len(captures) == 3  # the PruningNet, the pick and the uniform baseline
+    assert EagerGraphs.captures == 3  # the PruningNet, the pick and the uniform baseline
     assert not [e for e in events if "graph" in str(e.get("message", ""))]  # no fallback
     for name in ("metapruning", "uniform"):
         assert 0 <= report[name]["test_accuracy"] <= 1

@@ -6,7 +6,6 @@ gratings in noise), on one CPU thread.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 
@@ -30,6 +29,7 @@ from pruning.train import (
     train_network,
     train_pruningnet,
 )
+from tests.conftest import EagerGraphs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -46,6 +46,13 @@ def space_for(arch: str) -> SearchSpace:
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def assert_close_state(got: torch.nn.Module, want: torch.nn.Module) -> None:
+    """The same weights and buffers up to float noise (another order of the same arithmetic)."""
+    sw, sg = want.state_dict(), got.state_dict()
+    for k in sw:
+        torch.testing.assert_close(sg[k], sw[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -360,19 +367,6 @@ def test_pruningnet_training_is_the_same_with_fixed_shapes(data):
 # --- CUDA graphs (the plumbing, on the CPU: the capture runs the step eagerly) ---------------
 
 
-class EagerGraphs:
-    """Stands in for :class:`pruning.train.CudaGraphs`: ``capture`` records nothing and each
-    replay runs the captured body — the semantics of a CUDA graph, without a GPU."""
-
-    captures = 0
-    side_stream = staticmethod(contextlib.nullcontext)
-
-    @classmethod
-    def capture(cls, body):
-        cls.captures += 1
-        return body
-
-
 class BrokenGraphs(EagerGraphs):
     @classmethod
     def capture(cls, body):
@@ -419,19 +413,13 @@ def test_graphed_training_equals_eager_training(data, tmp_path):
                          label_smoothing=0.1, checkpoint_every=8)
     ref = _plain_net()
     ref_stats = train_network(ref, data.train, config, seed=5, cuda_graphs=False)
-
-    def close(a, b):
-        sa, sb = a.state_dict(), b.state_dict()
-        for k in sa:
-            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=k)
-
     EagerGraphs.captures = 0
     net, events = _plain_net(), []
     stats = train_network(net, data.train, config, seed=5, cuda_graphs=True, graphs=EagerGraphs,
                           progress=events.append)
     assert EagerGraphs.captures == 1 and stats["steps"] == ref_stats["steps"] == 20
     assert not [e for e in events if "message" in e]  # no fallback
-    close(ref, net)
+    assert_close_state(net, ref)
     assert stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-4)
     assert not same_state(net, _plain_net())  # it did train
 
@@ -447,7 +435,7 @@ def test_graphed_training_equals_eager_training(data, tmp_path):
     assert load_tensors(ckpt)[1]["step"] == 8
     resumed = _plain_net()
     train_network(resumed, data.train, config, seed=5, cuda_graphs=False, checkpoint=ckpt)
-    close(ref, resumed)
+    assert_close_state(resumed, ref)
 
 
 def test_a_failed_capture_falls_back_to_eager_steps(data):
@@ -494,9 +482,7 @@ def test_pruningnet_training_from_a_graph_equals_eager_training(data):
     train_pruningnet(net, data.train, config, seed=4, fixed_shapes=True, cuda_graphs=True,
                      graphs=EagerGraphs)
     assert EagerGraphs.captures == 1
-    sa, sb = ref.state_dict(), net.state_dict()
-    for k in sa:
-        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_close_state(net, ref)
     assert not same_state(net, _pruningnet())
     with pytest.raises(ValueError, match="fixed_shapes"):
         train_pruningnet(_pruningnet(), data.train, config, fixed_shapes=False, cuda_graphs=True)
