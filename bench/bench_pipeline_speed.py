@@ -196,10 +196,11 @@ def main(argv=None) -> dict:
     log(f"plain max-width training: {plain_train['images_per_s']:.0f} img/s")
     # eager vs CUDA graph (CUDA only): the max-width net and the budget's uniform net
     constraint = MacsConstraint(int(a.budget_ratio * full_macs))
+    budget_uniform = uniform_baseline(space, [constraint])  # what final training trains
     plain_by_mode = {}
     if device.type == "cuda":
         for name, cand in (("max_width", space.largest()),
-                           ("budget_uniform", uniform_baseline(space, [constraint]))):
+                           ("budget_uniform", budget_uniform)):
             net = build(space, cand).to(device)
             plain_by_mode[name] = {mode: train_rate(train_network, net, cuda_graphs=graphed,
                                                     steps=a.other_mode_steps)
@@ -297,7 +298,7 @@ def main(argv=None) -> dict:
         f"{layouts['plain_max_width_training_channels_last']['images_per_s']:.0f} img/s")
 
     # 4. where the time goes (torch.profiler): GPU busy share and the longest kernels
-    small = build(space, uniform_baseline(space, [constraint])).to(device)
+    small = build(space, budget_uniform).to(device)
     short = TrainConfig.from_dict({**recipe, "max_steps": a.profile_steps})
     profiles = {
         "budget_uniform_training_eager": profile(lambda: train_network(
