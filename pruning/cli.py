@@ -28,6 +28,7 @@ from pathlib import Path
 from pruning import counting
 from pruning.registry import list_archs
 from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
+from pruning.spec import DATASETS
 
 
 class UserError(Exception):
@@ -653,20 +654,28 @@ class ProgressPrinter:
 def _pipeline_args(p: argparse.ArgumentParser, local: bool = True) -> None:
     """The options of ``prune`` and ``train-metanet`` (what a run's spec.json holds); without
     ``local`` (``submit``) no run folder options: the server decides where a job runs."""
-    p.add_argument("--arch", default="mobilenet_v2")
-    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--arch", default="mobilenet_v2",
+                   help="architecture (`metaprune archs` lists them; default: %(default)s)")
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help=f"one of {', '.join(DATASETS)}; imagefolder reads a class-per-folder "
+                        "tree from --data-root (default: %(default)s)")
     p.add_argument("--data-root", help="dataset folder (default: the dataset's standard place)")
-    g = p.add_mutually_exclusive_group()
+    g = p.add_mutually_exclusive_group()  # none given: the spec's default, --macs-ratio 0.25
     g.add_argument("--max-macs", help="MACs budget, e.g. 10M")
     g.add_argument("--max-params", help="parameter budget, e.g. 500k")
-    g.add_argument("--macs-ratio", type=float, help="MACs budget relative to the full network")
+    g.add_argument("--macs-ratio", type=float,
+                   help="MACs budget relative to the full network (the default budget: 0.25)")
     g.add_argument("--params-ratio", type=float, help="params budget relative to the full network")
     g.add_argument("--max-latency-ms", help="latency budget in milliseconds on the run's device "
                                             "(batch 1, predicted from a measured per-layer table)")
     g.add_argument("--latency-ratio", help="latency budget relative to the full network")
-    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "standard", "paper"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "standard", "paper"],
+                   help="settings for the data, PruningNet, search and final training (README, "
+                        "Presets; default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split, the trainings and the search (default: 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when available (default: %(default)s)")
     p.add_argument("--width-mult", type=float, default=1.0,
                    help="scale the family's base widths (e.g. MobileNetV2 0.35)")
     p.add_argument("--max-width-mult", type=float,
@@ -684,7 +693,7 @@ def _pipeline_args(p: argparse.ArgumentParser, local: bool = True) -> None:
     p.add_argument("--set", help='JSON overrides, e.g. \'{"metanet": {"epochs": 2}}\'')
     if local:
         p.add_argument("--out", default="runs/prune",
-                       help="run folder (checkpoints and artifacts)")
+                       help="run folder (checkpoints and artifacts; default: %(default)s)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out")
         p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

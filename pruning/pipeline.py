@@ -91,8 +91,9 @@ def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device |
         return [ParamsConstraint(budget.params)]
     full, top = space.full_network()
     if budget.macs_ratio is not None:
-        return [MacsConstraint(int(budget.macs_ratio * counting.macs(full, top)))]
-    return [ParamsConstraint(int(budget.params_ratio * counting.params(full, top)))]
+        # at least 1, so a tiny ratio reads as an infeasible budget (with the smallest reachable)
+        return [MacsConstraint(max(1, int(budget.macs_ratio * counting.macs(full, top))))]
+    return [ParamsConstraint(max(1, int(budget.params_ratio * counting.params(full, top))))]
 
 
 @dataclass

@@ -214,6 +214,17 @@ def test_infeasible_budget_fails_before_training(tmp_path, capsys, monkeypatch):
     assert not out.exists()  # nothing claimed: the same folder works once the budget is fixed
 
 
+@pytest.mark.parametrize("option, name", [("--macs-ratio", "MACs"), ("--params-ratio", "params")])
+def test_tiny_ratio_reads_as_an_infeasible_budget(tmp_path, capsys, option, name):
+    """A ratio so small it rounds to 0 is named as the infeasible budget it is (with the
+    smallest reachable value), not as a "limit 0" the user never typed."""
+    args = [a if a != "--macs-ratio" else option for a in CLI_ARGS]
+    args[args.index(option) + 1] = "1e-12"
+    assert cli.main([*args, "--out", str(tmp_path / "run")]) == 2
+    (line,) = error_lines(capsys)
+    assert f"{name} budget 1 is infeasible" in line and "smallest candidate needs" in line
+
+
 def test_generated_init_on_fashion_mnist(tmp_path):
     """``final_init="generated"`` fine-tunes the PruningNet's weights: after one step at a tiny
     learning rate the exported convs are still the generated ones. No baseline was asked for,
