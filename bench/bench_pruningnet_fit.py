@@ -8,8 +8,11 @@ candidate per step) and ``--candidates`` fixed random candidates are scored by t
 ``CandidateEvaluator`` on held-out images; the first ``--plain`` of them are also trained as
 plain networks with the same recipe (the smallest epoch count) and scored on the same images:
 the accuracy the estimates should approach. The PruningNet's training-loss curve is reported too.
+With several ``--seeds`` (the PruningNet's init and its candidate draws; the data, the scored
+candidates and the plain nets stay the same) each epoch count is trained once per seed and
+summarised as mean ± std: a few hundred steps of PruningNet training vary a lot from seed to seed.
 
-    python bench/bench_pruningnet_fit.py --device cpu     # CPU-2 defaults: ~10 min
+    python bench/bench_pruningnet_fit.py --device cpu     # CPU-2 defaults (3 seeds): ~20 min
     python bench/bench_pruningnet_fit.py --tiny           # a check of the script; NOT a result
 """
 
@@ -32,10 +35,11 @@ import torch  # noqa: E402
 
 T0 = time.perf_counter()
 DEFAULTS = dict(arch="mobilenet_v2", width_mult=0.35, dataset="fashion-mnist", train_limit=11000,
-                val_size=1000, epochs="2,6", batch_size=128, lr=0.1, warmup_epochs=0.5,
-                max_steps=None, candidates=6, plain=2, calib_batches=4, threads=2)
-TINY = dict(arch="test_mobilenet_v2", width_mult=1.0, dataset="synthetic", train_limit=400, val_size=64, epochs="1",
-            batch_size=32, max_steps=3, candidates=2, plain=1, calib_batches=1, threads=1)
+                val_size=1000, epochs="2,6", seeds="0,1,2", batch_size=128, lr=0.1,
+                warmup_epochs=0.5, max_steps=None, candidates=6, plain=2, calib_batches=4, threads=2)
+TINY = dict(arch="test_mobilenet_v2", width_mult=1.0, dataset="synthetic", train_limit=400,
+            val_size=64, epochs="1", seeds="0", batch_size=32, max_steps=3, candidates=2, plain=1,
+            calib_batches=1, threads=1)
 
 
 def log(msg: str) -> None:
@@ -53,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-limit", type=int, help="stratified subset of the train set")
     ap.add_argument("--val-size", type=int, help="held-out images the candidates are scored on")
     ap.add_argument("--epochs", help="comma-separated PruningNet epoch counts")
+    ap.add_argument("--seeds", help="comma-separated PruningNet seeds (init and candidate draws)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--warmup-epochs", type=float)
@@ -62,6 +67,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calib-batches", type=int, help="BN recalibration batches per candidate")
     ap.add_argument("--threads", type=int)
     return common.parse_args(ap, argv, DEFAULTS, TINY)
+
+
+def summary(epochs: float, runs: list[dict]) -> dict:
+    """Mean ± std over the seeds of one epoch count (std 0 for one seed)."""
+    def stats(values):
+        return {"mean": round(statistics.fmean(values), 4),
+                "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+    return {"epochs": epochs, "seeds": len(runs), "steps": runs[0]["steps"],
+            "mean_estimate": stats([r["mean_estimate"] for r in runs]),
+            "final_loss": stats([r["final_loss"] for r in runs])}
 
 
 def main(argv=None) -> dict:
@@ -83,29 +98,31 @@ def main(argv=None) -> dict:
     rng = random.Random(123)
     cands = [space.random(rng) for _ in range(a.candidates)]
     epochs = [float(e) for e in a.epochs.split(",")]
+    seeds = [int(s) for s in a.seeds.split(",")]
 
     def recipe(e: float) -> TrainConfig:
         return TrainConfig(epochs=e, batch_size=a.batch_size, lr=a.lr,
                            warmup_epochs=min(a.warmup_epochs, e), max_steps=a.max_steps)
 
     runs = []
-    for e in epochs:
-        torch.manual_seed(0)
+    for e, seed in ((e, seed) for e in epochs for seed in seeds):
+        torch.manual_seed(seed)
         pnet = PruningNet(space).to(a.device)
         curve = []
         t = time.perf_counter()
-        stats = train_pruningnet(pnet, data.train, recipe(e), seed=0, device=a.device,
+        stats = train_pruningnet(pnet, data.train, recipe(e), seed=seed, device=a.device,
                                  progress=lambda ev: curve.append(round(ev["loss"], 3))
                                  if "loss" in ev else None)
         evaluator = CandidateEvaluator(pnet, data.train, data.val, calib_batches=a.calib_batches,
                                        batch_size=a.batch_size, device=a.device)
         est = [round(evaluator(c), 4) for c in cands]
-        runs.append({"epochs": e, "steps": stats["steps"], "final_loss": round(stats["loss"], 4),
+        runs.append({"epochs": e, "seed": seed, "steps": stats["steps"],
+                     "final_loss": round(stats["loss"], 4),
                      "loss_curve": curve[::max(1, len(curve) // 10)],
                      "estimates": est, "mean_estimate": round(statistics.fmean(est), 4),
                      "largest_estimate": round(evaluator(space.largest()), 4),
                      "seconds": round(time.perf_counter() - t, 1)})
-        log(f"PruningNet {e:g} epochs: loss {stats['loss']:.3f}, mean estimate "
+        log(f"PruningNet {e:g} epochs, seed {seed}: loss {stats['loss']:.3f}, mean estimate "
             f"{runs[-1]['mean_estimate']:.4f}")
     plain = []
     for c in cands[:a.plain]:
@@ -124,6 +141,7 @@ def main(argv=None) -> dict:
         "recipe": {"batch_size": a.batch_size, "lr": a.lr, "warmup_epochs": a.warmup_epochs,
                    "max_steps": a.max_steps},
         "candidates": [c.key() for c in cands], "pruningnet": runs,
+        "by_epochs": [summary(e, [r for r in runs if r["epochs"] == e]) for e in epochs],
         "plain": {"epochs": min(epochs), "val_accuracy": plain},
         "elapsed_s": round(time.perf_counter() - T0, 1)}
     return common.emit(result, a.out)

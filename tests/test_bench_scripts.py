@@ -231,9 +231,15 @@ def test_quality_checks_cuda_graphs_before_trusting_them():
 
 def test_pruningnet_fit_tiny(tmp_path):
     out = tmp_path / "fit.json"
-    d = run_script("bench_pruningnet_fit.py", "--tiny", "--epochs", "1,2", "--out", str(out))
+    d = run_script("bench_pruningnet_fit.py", "--tiny", "--epochs", "1,2", "--seeds", "0,1",
+                   "--out", str(out))
     assert json.loads(out.read_text()) == d and d["tiny"] is True
-    assert [r["epochs"] for r in d["pruningnet"]] == [1.0, 2.0]
+    assert [(r["epochs"], r["seed"]) for r in d["pruningnet"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for s in d["by_epochs"]:  # each epoch count summarised over its two seeds
+        runs = [r["mean_estimate"] for r in d["pruningnet"] if r["epochs"] == s["epochs"]]
+        assert s["seeds"] == 2
+        assert s["mean_estimate"]["mean"] == pytest.approx(sum(runs) / 2, abs=1e-4)
+        assert s["mean_estimate"]["std"] == pytest.approx(abs(runs[0] - runs[1]) / 2**0.5, abs=2e-4)
     for r in d["pruningnet"]:
         assert r["steps"] == 3 and len(r["estimates"]) == len(d["candidates"]) == 2
         assert all(0 <= v <= 1 for v in r["estimates"]) and 0 <= r["largest_estimate"] <= 1
