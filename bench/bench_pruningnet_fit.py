@@ -12,7 +12,7 @@ With several ``--seeds`` (the PruningNet's init and its candidate draws; the dat
 candidates and the plain nets stay the same) each epoch count is trained once per seed and
 summarised as mean ± std: a few hundred steps of PruningNet training vary a lot from seed to seed.
 
-    python bench/bench_pruningnet_fit.py --device cpu     # CPU-2 defaults (3 seeds): ~20 min
+    python bench/bench_pruningnet_fit.py --device cpu     # CPU-2 defaults (3 seeds): ~16 min
     python bench/bench_pruningnet_fit.py --tiny           # a check of the script; NOT a result
 """
 
