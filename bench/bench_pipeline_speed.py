@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calib-batches", type=int)
     ap.add_argument("--calib-batch-size", type=int)
     ap.add_argument("--eval-images", type=int)
+    ap.add_argument("--eval-batch-size", type=int,
+                    help="validation batch of the evaluator (default: the device's, "
+                         "pruning.evaluate.eval_batch_size_default)")
     ap.add_argument("--population", type=int, help="override the search population")
     ap.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
     ap.add_argument("--profile-steps", type=int, help="training steps per profile")
@@ -214,7 +217,7 @@ def main(argv=None) -> dict:
     def make_evaluator(**mode) -> CandidateEvaluator:
         return CandidateEvaluator(pnet, train, val, calib_batches=calib_batches,
                                   batch_size=calib_bs, val_images=eval_images, seed=0,
-                                  device=device, **mode)
+                                  device=device, **{"eval_batch_size": a.eval_batch_size, **mode})
 
     evaluator = make_evaluator()  # the device's default shape mode
     images_per_candidate = (sum(len(x) for x in evaluator.calibration)
@@ -233,6 +236,18 @@ def main(argv=None) -> dict:
     other_rate = len(per_candidate_other) / sum(per_candidate_other)
     log(f"candidate evaluation ({'cropped' if default_fixed else 'fixed shapes'}): "
         f"{other_rate:.2f} candidates/s")
+    small_batches = None  # the validation pass in calibration-sized batches (the default before)
+    if evaluator.eval_batch_size != calib_bs:
+        small = make_evaluator(eval_batch_size=calib_bs)
+        per_candidate_small = [seconds(lambda: small(c), device) for c in cands]
+        small_rate = len(per_candidate_small) / sum(per_candidate_small)
+        small_batches = {
+            "eval_batch_size": calib_bs, "candidates": len(per_candidate_small),
+            "seconds_per_candidate_median": round(statistics.median(per_candidate_small), 5),
+            "candidates_per_s": round(small_rate, 3),
+            "default_speedup": round(eval_rate / small_rate, 3)}
+        log(f"candidate evaluation, validation in batches of {calib_bs}: "
+            f"{small_batches['candidates_per_s']:.2f} candidates/s")
 
     def forward_time(net) -> float:
         @torch.inference_mode()
@@ -340,7 +355,9 @@ def main(argv=None) -> dict:
                           "seconds_per_candidate_median": round(statistics.median(per_candidate),
                                                                 5),
                           "candidates_per_s": round(eval_rate, 3),
-                          "mode": "fixed_shapes" if default_fixed else "cropped"},
+                          "mode": "fixed_shapes" if default_fixed else "cropped",
+                          "eval_batch_size": evaluator.eval_batch_size},
+            "evaluator_calibration_sized_batches": small_batches,
             "evaluator_other_mode": {
                 "mode": "cropped" if default_fixed else "fixed_shapes",
                 "candidates": len(per_candidate_other),

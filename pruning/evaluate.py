@@ -7,9 +7,17 @@ so every candidate sees the same images and the only work per candidate is one w
 generation plus the forward passes of the plain pruned net — its physical limit. On CUDA the
 net is computed at full width with zero-padded weights (``fixed_shapes``, see
 :mod:`metanet.pruningnet`): the same scores without a new cuDNN plan per candidate.
+
+The validation pass runs in eval mode, where every image is computed on its own, so its batch
+size changes nothing but speed: on CUDA, where a small net's forward over a batch of small
+images costs its kernel launches more than its arithmetic, it is as large as
+:func:`eval_batch_size_default` allows (5,349 Fashion-MNIST images a batch).
+The calibration batches keep ``batch_size``: BN statistics are averaged over them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -17,12 +25,26 @@ from metanet.pruningnet import PruningNet, fixed_shapes_default
 from pruning.space import Candidate
 
 
+EVAL_ELEMENTS = 2**22  # input values per validation batch on CUDA (28×28×1: 5,349 images)
+
+
+def eval_batch_size_default(image_shape: tuple[int, ...], batch_size: int,
+                            device: torch.device | str) -> int:
+    """Validation batch size: ``batch_size`` on a CPU (compute-bound: larger batches gain
+    nothing); on CUDA the most images whose inputs hold ``EVAL_ELEMENTS`` values, never fewer
+    than ``batch_size`` (a 224×224×3 image set keeps 256)."""
+    if torch.device(device).type != "cuda":
+        return batch_size
+    return max(batch_size, EVAL_ELEMENTS // max(1, math.prod(image_shape)))
+
+
 class CandidateEvaluator:
     """``evaluator(candidate) -> accuracy`` on fixed calibration and validation batches."""
 
     def __init__(self, pnet: PruningNet, train_split, val_split, *, calib_batches: int = 10,
                  batch_size: int = 256, val_images: int | None = None, seed: int = 0,
-                 device: torch.device | str = "cpu", fixed_shapes: bool | None = None):
+                 device: torch.device | str = "cpu", fixed_shapes: bool | None = None,
+                 eval_batch_size: int | None = None):
         if calib_batches < 1:
             raise ValueError("calib_batches must be at least 1")
         self.pnet = pnet
@@ -32,16 +54,22 @@ class CandidateEvaluator:
         calib = train_split.batches(batch_size, shuffle=True, seed=seed, device=self.device)
         self.calibration = [x for x, _ in _take(calib, calib_batches)]
         limit = len(val_split) if val_images is None else min(val_images, len(val_split))
-        val = val_split.batches(batch_size, device=self.device)
-        self.validation, seen = [], 0
-        for x, y in val:
+        xs, ys, seen = [], [], 0
+        for x, y in val_split.batches(batch_size, device=self.device):
             if seen >= limit:
                 break
-            x, y = x[:limit - seen], y[:limit - seen]
-            self.validation.append((x, y))
-            seen += len(y)
-        if not self.validation:
+            xs.append(x[:limit - seen])
+            ys.append(y[:limit - seen])
+            seen += len(ys[-1])
+        if not xs:
             raise ValueError("the validation split is empty")
+        self.eval_batch_size = (eval_batch_size_default(tuple(xs[0].shape[1:]), batch_size,
+                                                        self.device)
+                                if eval_batch_size is None else eval_batch_size)
+        if self.eval_batch_size < 1:
+            raise ValueError("eval_batch_size must be at least 1")
+        x, y = torch.cat(xs), torch.cat(ys)
+        self.validation = list(zip(x.split(self.eval_batch_size), y.split(self.eval_batch_size)))
 
     def materialise(self, candidate: Candidate, fixed_shapes: bool = False):
         """The candidate's plain net with recalibrated BN (full width when

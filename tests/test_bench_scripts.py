@@ -32,7 +32,8 @@ def fashion_mnist_present() -> bool:
 
 def test_pipeline_speed_tiny(tmp_path):
     out = tmp_path / "speed.json"
-    d = run_script("bench_pipeline_speed.py", "--device", "cpu", "--tiny", "--out", str(out))
+    d = run_script("bench_pipeline_speed.py", "--device", "cpu", "--tiny", "--eval-batch-size",
+                   "100", "--out", str(out))
     assert json.loads(out.read_text()) == d
     assert d["bench"] == "pipeline_speed" and d["tiny"] is True and d["device"] == "cpu"
     t = d["training"]
@@ -45,6 +46,12 @@ def test_pipeline_speed_tiny(tmp_path):
     s = d["search"]
     assert s["images_per_candidate"] == s["calibration_images"] + s["validation_images"] > 0
     assert s["evaluator"]["candidates_per_s"] > 0 and s["evaluator"]["mode"] == "cropped"
+    # the validation pass in batches of 100 (one), timed against calibration-sized batches
+    assert s["evaluator"]["eval_batch_size"] == 100
+    small = s["evaluator_calibration_sized_batches"]
+    assert small["eval_batch_size"] < 100 and small["candidates_per_s"] > 0
+    assert small["default_speedup"] == pytest.approx(
+        s["evaluator"]["candidates_per_s"] / small["candidates_per_s"], rel=0.01)
     assert s["evaluator_other_mode"]["mode"] == "fixed_shapes"
     assert s["evaluator_other_mode"]["candidates_per_s"] > 0
     assert s["plain_max_width_forward"]["candidates_per_s"] > 0

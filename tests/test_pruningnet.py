@@ -468,3 +468,33 @@ def test_evaluator_scores_the_same_with_fixed_shapes(arch):
     assert CandidateEvaluator(pn, data.train, data.val, **kwargs).fixed_shapes is False  # CPU
     for cand in random_candidates(pn.space, 3, seed=21):
         assert full(cand) == crop(cand)
+
+
+def test_evaluator_validation_batch_size_changes_only_the_chunks():
+    """The validation pass is in eval mode (each image on its own), so its batch size splits
+    the same images differently and gives the same score; on a CPU it defaults to the
+    calibration batch size, on CUDA to as many small images as fit ``EVAL_ELEMENTS``."""
+    from pruning.data import load_dataset
+    from pruning.evaluate import CandidateEvaluator, eval_batch_size_default
+
+    pn = make_pn("test_mobilenet_v2")
+    data = load_dataset("synthetic", val_size=80, train_limit=256, test_limit=32)
+    kwargs = dict(calib_batches=2, batch_size=32, val_images=70)
+    default = CandidateEvaluator(pn, data.train, data.val, **kwargs)
+    small = CandidateEvaluator(pn, data.train, data.val, eval_batch_size=9, **kwargs)
+    whole = CandidateEvaluator(pn, data.train, data.val, eval_batch_size=1000, **kwargs)
+    assert [len(y) for _, y in default.validation] == [32, 32, 6]  # CPU: the batch size
+    assert [len(y) for _, y in small.validation] == [9] * 7 + [7]
+    assert [len(y) for _, y in whole.validation] == [70]
+    for other in (small, whole):  # the very same images, in the same order
+        assert torch.equal(torch.cat([x for x, _ in other.validation]),
+                           torch.cat([x for x, _ in default.validation]))
+    for cand in random_candidates(pn.space, 3, seed=5):
+        scores = {default(cand), small(cand), whole(cand)}
+        assert max(scores) - min(scores) <= 1 / 70  # at most a near-tie flips between chunkings
+
+    assert eval_batch_size_default((1, 28, 28), 256, "cpu") == 256
+    assert eval_batch_size_default((1, 28, 28), 256, "cuda") == 2**22 // 784 > 5000
+    assert eval_batch_size_default((3, 224, 224), 256, "cuda") == 256
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        CandidateEvaluator(pn, data.train, data.val, eval_batch_size=-1, **kwargs)
