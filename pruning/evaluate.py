@@ -68,8 +68,12 @@ class CandidateEvaluator:
                                 if eval_batch_size is None else eval_batch_size)
         if self.eval_batch_size < 1:
             raise ValueError("eval_batch_size must be at least 1")
-        x, y = torch.cat(xs), torch.cat(ys)
-        self.validation = list(zip(x.split(self.eval_batch_size), y.split(self.eval_batch_size)))
+        if self.eval_batch_size == batch_size:  # the batches as drawn (no copy of a large set)
+            self.validation = list(zip(xs, ys))
+        else:
+            x, y = torch.cat(xs), torch.cat(ys)
+            self.validation = list(zip(x.split(self.eval_batch_size),
+                                       y.split(self.eval_batch_size)))
 
     def materialise(self, candidate: Candidate, fixed_shapes: bool = False):
         """The candidate's plain net with recalibrated BN (full width when
