@@ -214,10 +214,10 @@ def main(argv=None) -> dict:
                 for m in ("eager", "graphed")))
 
     # 2. search throughput vs the forward passes over the same images per candidate
-    def make_evaluator(**mode) -> CandidateEvaluator:
+    def make_evaluator(eval_batch_size=a.eval_batch_size, **mode) -> CandidateEvaluator:
         return CandidateEvaluator(pnet, train, val, calib_batches=calib_batches,
                                   batch_size=calib_bs, val_images=eval_images, seed=0,
-                                  device=device, **{"eval_batch_size": a.eval_batch_size, **mode})
+                                  device=device, eval_batch_size=eval_batch_size, **mode)
 
     evaluator = make_evaluator()  # the device's default shape mode
     images_per_candidate = (sum(len(x) for x in evaluator.calibration)
