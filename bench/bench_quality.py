@@ -16,8 +16,8 @@ at once, each in its own process on the same device, and the tau part in this pr
 as the first seed's PruningNet is trained. On CUDA the pipeline trains plain nets and the
 PruningNet from CUDA graphs; :func:`check_cuda_graphs` first verifies on small ones that a
 graphed training ends where an eager one does, and turns graphs off for the run otherwise
-(``cuda_graphs`` in the JSON). ``--time-budget-s`` skips whole seeds (and then tau candidates) that would not fit,
-cancels a stage running past it, and says so in the JSON. ``--tiny`` runs a tiny test
+(``cuda_graphs`` in the JSON). ``--time-budget-s`` skips whole seeds (and then tau candidates)
+that would not fit, cancels a stage running past it, and says so in the JSON. ``--tiny`` runs a tiny test
 architecture on a few hundred images on a CPU in well under 3 minutes: it checks the script,
 its numbers are not a result.
 
@@ -205,14 +205,17 @@ def check_cuda_graphs(arch: str, device: str = "cuda", steps: int = 12, **graphs
     config = TrainConfig(epochs=1, batch_size=batch, lr=0.1, warmup_epochs=0.3,
                          checkpoint_every=10**9)
 
+    def flat(net: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten().float() for p in net.parameters()])
+
     def compare(init: torch.nn.Module, train) -> dict:
         def trained(cuda_graphs: bool) -> torch.Tensor:
             net = copy.deepcopy(init)
             train(net, split, config, device=device, cuda_graphs=cuda_graphs,
                   **(graphs if cuda_graphs else {}))
-            return torch.cat([p.detach().flatten().float() for p in net.parameters()])
+            return flat(net)
 
-        start = torch.cat([p.detach().flatten().float() for p in init.parameters()])
+        start = flat(init)
         eager, eager_again, graphed = trained(False), trained(False), trained(True)
         moved = float((eager - start).norm())
         noise = float((eager_again - eager).norm()) / moved
