@@ -213,6 +213,13 @@ def satisfies(space: SearchSpace, candidate: Candidate,
     return all(c.satisfied(space, candidate) for c in constraints)
 
 
+def budget_use(space: SearchSpace, candidate: Candidate,
+               constraints: Iterable[Constraint]) -> float:
+    """How much of its budgets ``candidate`` uses: ``max_k value_k / limit_k`` (at most 1 iff
+    every budget is met; 0 without budgets). Monotone in the widths, as every value is."""
+    return max((c.value(space, candidate) / c.limit for c in constraints), default=0.0)
+
+
 def check_feasible(space: SearchSpace, constraints: Constraint | Iterable[Constraint]
                    ) -> tuple[Constraint, ...]:
     """Raise :class:`InfeasibleBudgetError` unless the smallest candidate meets every budget.

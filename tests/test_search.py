@@ -21,6 +21,7 @@ from pruning.constraints import (
     InfeasibleBudgetError,
     MacsConstraint,
     ParamsConstraint,
+    budget_use,
     check_feasible,
     constraint_from_dict,
     format_count,
@@ -383,6 +384,62 @@ def test_random_feasible_repairs_into_the_budget(mbv2):
     assert draws[:5] == [random_feasible(mbv2, [budget], again) for _ in range(5)]
 
 
+def test_random_feasible_widens_to_the_budget(mbv2):
+    full = counting.macs(mbv2, mbv2.largest())
+    for share in (0.5, 0.25):
+        budget = [MacsConstraint(full * share)]
+        rng = random.Random(0)
+        plain = [budget_use(mbv2, random_feasible(mbv2, budget, rng), budget) for _ in range(50)]
+        assert min(plain) < 0.9  # without a floor, many random candidates waste the budget
+        rng = random.Random(0)
+        draws = [random_feasible(mbv2, budget, rng, min_use=0.9) for _ in range(50)]
+        uses = [budget_use(mbv2, c, budget) for c in draws]
+        assert all(0.9 <= u <= 1 for u in uses), uses
+        assert len({c.key() for c in draws}) > 40
+
+
+def test_search_keeps_to_the_budget_floor(mbv2):
+    """Every candidate the search scores uses ≥ min_budget_use of the budget (or no gene of it
+    can widen), and a score that favours small networks cannot pull it below."""
+    full = counting.macs(mbv2, mbv2.largest())
+    budget = MacsConstraint(full * 0.5)
+
+    def smallest_first(c: Candidate) -> float:
+        return -float(counting.macs(mbv2, c))
+
+    cfg = SearchConfig(**{**SMALL.to_dict(), "min_budget_use": 0.95})
+    result = evolve(mbv2, smallest_first, budget, cfg)
+    for r in result.history:
+        use = r.macs / budget.limit
+        assert use <= 1
+        if use < 0.95:  # only a random candidate that cannot widen any gene
+            wider = [Candidate(r.choices[:i] + (x + 1,) + r.choices[i + 1:])
+                     for i, x in enumerate(r.choices) if x + 1 < mbv2.num_levels]
+            assert not any(budget.satisfied(mbv2, w) for w in wider), r.key
+    assert result.best.macs >= 0.9 * budget.limit
+    free = evolve(mbv2, smallest_first, budget, SMALL)  # the paper's search: no floor
+    assert free.best.macs < 0.5 * budget.limit
+
+
+def test_budget_floor_is_capped_by_the_largest_network(resnet):
+    """A budget above the full network: the floor asks only for what the largest one uses."""
+    budget = MacsConstraint(counting.macs(resnet, resnet.largest()) * 2)
+    cfg = SearchConfig(**{**SMALL.to_dict(), "min_budget_use": 0.9})
+    result = evolve(resnet, lambda c: 0.0, budget, cfg)
+    assert [r.key for r in result.history] == [resnet.largest().key()]
+
+
+def test_resume_a_state_file_written_before_the_budget_floor(resnet, tmp_path):
+    target, budget = target_budget(resnet)
+    state = tmp_path / "state.json"
+    reference = evolve(resnet, peak_score(target), budget, SMALL, state_path=state)
+    old = json.loads(state.read_text())
+    del old["config"]["min_budget_use"]
+    state.write_text(json.dumps(old))
+    ev = Counting(peak_score(target))
+    assert evolve(resnet, ev, budget, SMALL, state_path=state) == reference and ev.keys == []
+
+
 def test_strategies(resnet):
     rng = random.Random(0)
     parent = resnet.random(rng)
@@ -410,6 +467,9 @@ def test_strategies(resnet):
     ({"seed": "0"}, "seed"),
     ({"max_attempts": 0}, "max_attempts"),
     ({"population": True}, "population"),
+    ({"min_budget_use": 1.5}, "min_budget_use"),
+    ({"min_budget_use": True}, "min_budget_use"),
+    ({"objective": "top5"}, "objective must be one of accuracy, loss"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
