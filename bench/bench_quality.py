@@ -118,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calib-batch-size", type=int)
     ap.add_argument("--search-population", type=int)
     ap.add_argument("--search-generations", type=int)
+    ap.add_argument("--objective", choices=["accuracy", "loss"],
+                    help="what the search maximises: the estimated held-out accuracy or minus "
+                         "the estimated held-out cross-entropy (default: the preset's)")
     ap.add_argument("--tau-candidates", type=int, help="0 skips the Kendall tau part")
     ap.add_argument("--tau-epochs", type=float, help="short final-recipe schedule per candidate")
     ap.add_argument("--tau-max-steps", type=int)
@@ -275,6 +278,8 @@ class Bench:
         search = {"population": pop, "keep_top": pop, "parents": max(2, min(pop, pop // 4)),
                   "mutants": int(pop * 0.4), "crossovers": int(pop * 0.4),
                   "generations": a.search_generations}
+        if a.objective:
+            search["objective"] = a.objective
         fields = dict(arch=a.arch, width_mult=a.width_mult or 1.0, dataset=a.dataset,
                       data_root=self.data_root,
                       budget=Budget(macs_ratio=budget), preset=a.preset, seed=seed,
@@ -528,7 +533,7 @@ class Bench:
                 skipped.append(i)
                 continue
             t = time.perf_counter()
-            estimate = evaluator(cand)
+            estimate = evaluator.estimates(cand)
             torch.manual_seed(seed)
             net = build(space, cand).to(device)
             try:
@@ -542,11 +547,13 @@ class Bench:
             macs = counting.macs(space, cand)
             rows.append({"candidate": cand.key(), "macs": macs,
                          "macs_vs_full": round(macs / full, 4),
-                         "estimated_val_accuracy": round(estimate, 5),
+                         "estimated_val_accuracy": round(estimate["accuracy"], 5),
+                         "estimated_val_loss": round(estimate["loss"], 5),
                          "trained_test_accuracy": round(trained, 5), "seconds": round(last, 1)})
-            log(f"tau {i + 1}/{n}: {macs / full:.3f} of full MACs, estimate {estimate:.4f}, "
-                f"trained {trained:.4f}")
+            log(f"tau {i + 1}/{n}: {macs / full:.3f} of full MACs, estimate "
+                f"{estimate['accuracy']:.4f} (loss {estimate['loss']:.4f}), trained {trained:.4f}")
         est = [row["estimated_val_accuracy"] for row in rows]
+        neg_loss = [-row["estimated_val_loss"] for row in rows]
         acc = [row["trained_test_accuracy"] for row in rows]
         mac = [row["macs"] for row in rows]
         ok = len(rows) >= 3
@@ -557,6 +564,7 @@ class Bench:
             "evaluator": {"calib_batches": r.calib_batches, "calib_batch_size": r.calib_batch_size,
                           "eval_images": r.eval_images},
             "kendall_tau": kendall_tau(est, acc) if ok else None,
+            "kendall_tau_loss": kendall_tau(neg_loss, acc) if ok else None,
             "kendall_tau_macs_vs_trained": kendall_tau(mac, acc) if ok else None,
             "implementation": ("scipy.stats.kendalltau"
                                if importlib.util.find_spec("scipy") else "own tau-b"),
@@ -617,7 +625,7 @@ class Bench:
                 "epochs_metanet", "epochs_final", "batch_size", "lr", "warmup_epochs",
                 "max_steps", "train_limit", "test_limit", "val_size", "eval_images",
                 "calib_batches", "calib_batch_size", "search_population", "search_generations",
-                "tau_candidates", "tau_epochs", "tau_max_steps", "time_budget_s",
+                "objective", "tau_candidates", "tau_epochs", "tau_max_steps", "time_budget_s",
                 "tau_reserve_s", "jobs")},
             "summary": self.summary(),
             "kendall": self.tau,

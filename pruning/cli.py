@@ -242,11 +242,16 @@ def cmd_search(a) -> dict:
     result = stage_search(ctx)
     printer.close()
     best = result.best
-    out = {"run": a.out, "best": best.key, "estimated_val_accuracy": best.score,
+    objective = result.config.objective
+    out = {"run": a.out, "best": best.key, "objective": objective, "score": best.score,
            "macs": best.macs, "params": best.params, "widths": best.widths,
            "evaluated": len(result.history), "generations": result.generations}
+    if objective == "accuracy":  # the key scripts read before there was a choice
+        out["estimated_val_accuracy"] = best.score
     if not a.json:
-        print(f"best {best.key}: est. val {100 * best.score:.2f}%, MACs {best.macs / 1e6:.2f}M, "
+        shown = (f"est. val {100 * best.score:.2f}%" if objective == "accuracy"
+                 else f"est. val loss {-best.score:.4f}")
+        print(f"best {best.key}: {shown}, MACs {best.macs / 1e6:.2f}M, "
               f"params {best.params / 1e3:.1f}k ({len(result.history)} evaluated); "
               f"next: metaprune train --out {a.out}")
         return {}

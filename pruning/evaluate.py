@@ -1,9 +1,13 @@
 """Scoring a candidate during the search (MetaPruning §3.3).
 
 Generate the candidate's weights once, materialise the plain pruned network, recalibrate its
-BatchNorm statistics on K training batches, and measure top-1 accuracy on the held-out
-sub-validation split (never the test split). The batches are drawn once and kept on the device,
-so every candidate sees the same images and the only work per candidate is one weight
+BatchNorm statistics on K training batches, and measure top-1 accuracy and cross-entropy on the
+held-out sub-validation split (never the test split). The search's score is the accuracy (the
+paper) or, with ``objective="loss"``, minus the mean cross-entropy: a proper scoring rule that
+uses each image's whole prediction instead of a right/wrong bit, so it is less noisy on a small
+held-out split, where a search among many near-equal candidates keeps the one that split's
+noise favours (``docs/benchmarks.md``). The batches are drawn once and kept on the device, so
+every candidate sees the same images and the only work per candidate is one weight
 generation plus the forward passes of the plain pruned net — its physical limit. On CUDA the
 net is computed at full width with zero-padded weights (``fixed_shapes``, see
 :mod:`metanet.pruningnet`): the same scores without a new cuDNN plan per candidate.
@@ -20,8 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from metanet.pruningnet import PruningNet, fixed_shapes_default
+from pruning.search import OBJECTIVES
 from pruning.space import Candidate
 
 
@@ -39,14 +45,20 @@ def eval_batch_size_default(image_shape: tuple[int, ...], batch_size: int,
 
 
 class CandidateEvaluator:
-    """``evaluator(candidate) -> accuracy`` on fixed calibration and validation batches."""
+    """``evaluator(candidate) -> score`` (higher is better: the accuracy, or minus the loss for
+    ``objective="loss"``) on fixed calibration and validation batches; ``estimates(candidate)``
+    gives both measures."""
 
     def __init__(self, pnet: PruningNet, train_split, val_split, *, calib_batches: int = 10,
                  batch_size: int = 256, val_images: int | None = None, seed: int = 0,
                  device: torch.device | str = "cpu", fixed_shapes: bool | None = None,
-                 eval_batch_size: int | None = None):
+                 eval_batch_size: int | None = None, objective: str = "accuracy"):
         if calib_batches < 1:
             raise ValueError("calib_batches must be at least 1")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, "
+                             f"got {objective!r}")
+        self.objective = objective
         self.pnet = pnet
         self.device = torch.device(device)
         self.fixed_shapes = (fixed_shapes_default(self.device) if fixed_shapes is None
@@ -81,22 +93,32 @@ class CandidateEvaluator:
         return self.pnet.materialise(candidate, self.calibration, fixed_shapes)
 
     @torch.inference_mode()
-    def score(self, net) -> float:
-        correct = seen = 0
+    def measure(self, net) -> dict:
+        """``{"accuracy", "loss"}`` of ``net`` on the validation batches (one read of the
+        device at the end)."""
+        correct = loss = 0
+        seen = 0
         for x, y in self.validation:
-            correct += (net(x).argmax(1) == y).sum()
+            logits = net(x)
+            correct += (logits.argmax(1) == y).sum()
+            loss += F.cross_entropy(logits.float(), y, reduction="sum")
             seen += len(y)
-        return float(correct) / seen
+        return {"accuracy": float(correct) / seen, "loss": float(loss) / seen}
 
-    def __call__(self, candidate: Candidate) -> float:
+    def estimates(self, candidate: Candidate) -> dict:
+        """``{"accuracy", "loss"}`` of the candidate's generated weights."""
         was_training = self.pnet.training
         self.pnet.eval()
         try:
             with torch.autocast(self.device.type, torch.bfloat16,
                                 enabled=self.device.type == "cuda"):
-                return self.score(self.materialise(candidate, self.fixed_shapes))
+                return self.measure(self.materialise(candidate, self.fixed_shapes))
         finally:
             self.pnet.train(was_training)
+
+    def __call__(self, candidate: Candidate) -> float:
+        m = self.estimates(candidate)
+        return m["accuracy"] if self.objective == "accuracy" else -m["loss"]
 
 
 def _take(iterator, n):

@@ -44,7 +44,7 @@ from pruning.data import DataBundle, load_dataset
 from pruning.evaluate import CandidateEvaluator
 from pruning.export import export_model
 from pruning.report import pareto_png
-from pruning.search import SearchResult, evolve, uniform_baseline
+from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
 from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
 # the specification lives in pruning.spec (no PyTorch there); re-exported here
 from pruning.spec import (Budget, PipelineSpec, ResolvedSpec,  # noqa: F401
@@ -152,7 +152,7 @@ class RunContext:
             self.evaluator_ = CandidateEvaluator(
                 self.pnet, self.data.train, self.data.val, calib_batches=r.calib_batches,
                 batch_size=r.calib_batch_size, val_images=r.eval_images, seed=self.spec.seed,
-                device=self.device)
+                device=self.device, objective=self._search_config().objective)
         return self.evaluator_
 
     def search_result(self) -> SearchResult:
@@ -167,8 +167,20 @@ class RunContext:
 
     def _evolve(self, progress) -> SearchResult:
         # the evaluator is built only when a candidate is scored (a finished search scores none)
-        return evolve(self.space, lambda c: self.evaluator(c), self.constraints, self.r.search,
-                      state_path=self.path(SEARCH_FILE), progress=progress)
+        return evolve(self.space, lambda c: self.evaluator(c), self.constraints,
+                      self._search_config(), state_path=self.path(SEARCH_FILE),
+                      progress=progress)
+
+    def _search_config(self) -> SearchConfig:
+        """The settings a started search recorded, else the resolved ones: a resumed run has
+        the same spec, but a newer version's preset may set the search otherwise."""
+        path = self.path(SEARCH_FILE)
+        if path.exists():
+            try:
+                return SearchConfig.from_dict(read_json(path)["config"])
+            except (OSError, KeyError, TypeError, ValueError):
+                pass  # evolve reports the unreadable file
+        return self.r.search
 
     def trained_nets(self) -> dict:
         """``{"metapruning": net, "uniform": net}`` (the latter when the baseline is trained),
@@ -195,6 +207,8 @@ class StageError(RunFolderError):
 
 METANET_FILE = "metanet/pruningnet.safetensors"
 SEARCH_FILE = "search/state.json"
+SCORE_LABELS = {"accuracy": "score (estimated held-out accuracy)",
+                "loss": "score (minus the estimated held-out cross-entropy)"}
 EVALUATION_FILE = "evaluation.json"
 
 
@@ -274,6 +288,7 @@ def stage_search(ctx: RunContext) -> SearchResult:
 
     start = time.perf_counter()
     first_done: list[int] = []  # the first generation finished by this process
+    objective = ctx._search_config().objective  # what best_score measures
 
     def on_generation(event: dict) -> None:
         # ETA from this process's pace (a resumed search starts counting anew)
@@ -281,7 +296,7 @@ def stage_search(ctx: RunContext) -> SearchResult:
         if not first_done:
             first_done.append(done)
         per_gen = (time.perf_counter() - start) / (done - first_done[0] + 1)
-        ctx.notify({"stage": "search", **event,
+        ctx.notify({"stage": "search", **event, "objective": objective,
                     "eta_s": round(per_gen * (event["generations"] - done), 1)})
         if ctx.should_stop is not None and ctx.should_stop():
             from pruning.train import Cancelled
@@ -319,10 +334,11 @@ def stage_evaluate(ctx: RunContext) -> dict:
     entries = {}
     for name, cand in (("metapruning", best), ("uniform", ctx.baseline)):
         net = trained.get(name)
+        estimates = ctx.evaluator.estimates(cand)
         entry = {"candidate": cand.key(), "widths": space.widths_by_group(cand),
                  "macs": counting.macs(space, cand), "params": counting.params(space, cand),
-                 "estimated_val_accuracy": (result.best.score if name == "metapruning"
-                                            else ctx.evaluator(cand))}
+                 "estimated_val_accuracy": estimates["accuracy"],
+                 "estimated_val_loss": round(estimates["loss"], 6)}
         if net is not None:
             entry["test_accuracy"] = accuracy(net, ctx.data.test, device=ctx.device)
             chance = 1 / meta.num_classes
@@ -361,7 +377,8 @@ def stage_export(ctx: RunContext) -> dict:
         "device": str(ctx.device),
         "budget": {c.name: c.limit for c in constraints},
         "metanet": read_json(ctx.path("metanet/stats.json")),
-        "search": {"evaluated": len(result.history), "generations": ctx.r.search.generations},
+        "search": {"evaluated": len(result.history), "generations": result.config.generations,
+                   "objective": result.config.objective, "best_score": result.best.score},
         "elapsed_s": None,
         **entries,
     }
@@ -377,20 +394,23 @@ def stage_export(ctx: RunContext) -> dict:
     meta = ctx.data.meta
     sample = next(iter(ctx.data.test.batches(8, device="cpu")))[0]
     best = Candidate(tuple(result.best.choices))
+    mp, uniform = report["metapruning"], report["uniform"]
+    uniform_score = (uniform["estimated_val_accuracy"] if result.config.objective == "accuracy"
+                     else -uniform["estimated_val_loss"])
     report["elapsed_s"] = round(time.perf_counter() - ctx.t_start, 3)
     export_model(art, net, space, best, sample=sample,
                  extra={"dataset": {"name": spec.dataset, **asdict(meta)}, "seed": spec.seed,
-                        "metrics": {"test_accuracy": report["metapruning"]["test_accuracy"],
-                                    "estimated_val_accuracy": result.best.score}},
+                        "metrics": {k: mp[k] for k in ("test_accuracy", "estimated_val_accuracy",
+                                                        "estimated_val_loss") if k in mp}},
                  files={"search.json": json_bytes(result.to_dict()),
                         "report.json": json_bytes(report),
                         "pareto.png": pareto_png(
                             result.history, result.best,
-                            (report["uniform"]["macs"],
-                             report["uniform"]["estimated_val_accuracy"]),
+                            (uniform["macs"], uniform_score),
                             next((c.limit for c in constraints
                                   if isinstance(c, MacsConstraint)), None),
-                            title=f"{spec.arch} on {spec.dataset}: score vs MACs")})
+                            title=f"{spec.arch} on {spec.dataset}: score vs MACs",
+                            score_label=SCORE_LABELS[result.config.objective])})
     return report
 
 

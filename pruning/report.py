@@ -39,8 +39,9 @@ def pareto_front(points: Iterable[Point]) -> list[Point]:
 
 def pareto_png(history: Iterable[Any], best: Any, uniform: Any | None = None,
                budget_macs: float | None = None, *, title: str | None = None,
+               score_label: str = "score (estimated held-out accuracy)",
                dpi: int = 100) -> bytes:
-    """PNG bytes of score (estimated held-out accuracy) against MACs for every evaluated
+    """PNG bytes of the search's score (``score_label``) against MACs for every evaluated
     candidate in ``history``, with the non-dominated front, ``best`` and the ``uniform``
     baseline marked and the MACs budget as a vertical line (each of the last two optional).
 
@@ -75,7 +76,7 @@ def pareto_png(history: Iterable[Any], best: Any, uniform: Any | None = None,
         ax.axvline(float(budget_macs) / scale, color="tab:orange", linestyle="--", linewidth=1.2,
                    label=f"budget ({float(budget_macs) / scale:.4g} {unit}MACs)")
     ax.set_xlabel(f"{unit}MACs")
-    ax.set_ylabel("score (estimated held-out accuracy)")
+    ax.set_ylabel(score_label)
     ax.set_title(title or "MetaPruning search: score vs MACs")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")

@@ -144,7 +144,12 @@ def test_report_compares_winner_and_uniform_within_the_budget(reference):
     assert all(r["macs"] <= budget for r in search["history"])
     assert report["search"]["evaluated"] == len(search["history"]) == 16
     best = max(search["history"], key=lambda r: r["score"])
-    assert report["metapruning"]["estimated_val_accuracy"] == best["score"]
+    assert report["search"]["best_score"] == best["score"]
+    assert search["config"]["objective"] == report["search"]["objective"]
+    estimate = report["metapruning"]["estimated_val_" + report["search"]["objective"]]
+    assert estimate == pytest.approx(best["score"] if report["search"]["objective"] == "accuracy"
+                                     else -best["score"], abs=1e-6)
+    assert report["uniform"]["estimated_val_loss"] > 0
 
 
 # --- resuming, and the run folder -----------------------------------------------------------

@@ -470,6 +470,36 @@ def test_evaluator_scores_the_same_with_fixed_shapes(arch):
         assert full(cand) == crop(cand)
 
 
+def test_evaluator_objectives_accuracy_and_loss():
+    """The score is the held-out accuracy, or minus the mean cross-entropy of the very same
+    recalibrated network, computed here independently."""
+    import torch.nn.functional as F
+
+    from pruning.data import load_dataset
+    from pruning.evaluate import CandidateEvaluator
+
+    pn = make_pn("test_mobilenet_v2")
+    data = load_dataset("synthetic", val_size=64, train_limit=256, test_limit=32)
+    kwargs = dict(calib_batches=2, batch_size=32, val_images=50)
+    by_accuracy = CandidateEvaluator(pn, data.train, data.val, **kwargs)
+    by_loss = CandidateEvaluator(pn, data.train, data.val, objective="loss", **kwargs)
+    x = torch.cat([x for x, _ in by_loss.validation])
+    y = torch.cat([y for _, y in by_loss.validation])
+    assert len(y) == 50
+    for cand in random_candidates(pn.space, 3, seed=8):
+        net = by_loss.materialise(cand).eval()
+        with torch.no_grad():
+            logits = net(x)
+        estimates = by_loss.estimates(cand)
+        assert estimates == by_accuracy.estimates(cand)
+        assert estimates["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+        assert estimates["accuracy"] == (logits.argmax(1) == y).sum().item() / 50
+        assert by_loss(cand) == -estimates["loss"]
+        assert by_accuracy(cand) == estimates["accuracy"]
+    with pytest.raises(ValueError, match="objective must be one of accuracy, loss"):
+        CandidateEvaluator(pn, data.train, data.val, objective="top5", **kwargs)
+
+
 def test_evaluator_validation_batch_size_changes_only_the_chunks():
     """The validation pass is in eval mode (each image on its own), so its batch size splits
     the same images differently and gives the same score; on a CPU it defaults to the

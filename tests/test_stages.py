@@ -18,6 +18,7 @@ from pruning import cli
 from pruning.checkpoint import json_bytes, read_json
 from pruning.pipeline import (Budget, PipelineSpec, RunFolderError, StageError, prepare, run,
                               stage_metanet, stage_search, stage_train)
+from pruning.spec import PRESETS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -177,3 +178,57 @@ def test_stage_functions_refuse_to_run_out_of_order(tmp_path):
         stage_search(ctx)
     with pytest.raises(StageError, match="run `metaprune search --out"):
         stage_train(ctx)
+
+
+def test_a_run_keeps_the_search_settings_it_started_with(reference, tmp_path, capsys,
+                                                         monkeypatch):
+    """A newer version's preset may set the search otherwise (here: another objective and a
+    budget floor); a run whose search is recorded still reads back and finishes with the
+    settings it started with. A state file written before a setting existed holds its
+    default."""
+    ref, ref_report = reference
+    old = tmp_path / "old"
+    shutil.copytree(ref, old)
+    state_path = old / "search" / "state.json"
+    state = read_json(state_path)
+    assert state["config"].pop("min_budget_use") == 0
+    state_path.write_text(json.dumps(state))
+    shutil.rmtree(old / "artifacts")  # export again from the old search
+    newer = {**PRESETS["smoke"], "search": {**PRESETS["smoke"]["search"], "objective": "loss",
+                                            "min_budget_use": 0.9}}
+    monkeypatch.setitem(PRESETS, "smoke", newer)
+
+    assert prepare(spec(), old, resume=True).search_result().best.key == \
+        ref_report["metapruning"]["candidate"]
+    status, printed, errors = call(capsys, "export", "--out", str(old), "--json")
+    assert status == 0 and not errors
+    assert json.loads(printed)["metapruning"] == ref_report["metapruning"]
+
+
+def test_search_by_loss_reuses_the_pruningnet_and_reports_both_estimates(reference, tmp_path,
+                                                                         capsys):
+    """``objective: loss``: the search maximises minus the held-out cross-entropy; the report
+    names the objective and gives both estimates of the pick and the baseline."""
+    ref, _ = reference
+    out = tmp_path / "by-loss"
+    status, printed, errors = call(
+        capsys, "prune", "--arch", ARCH, "--dataset", "synthetic", "--preset", "smoke",
+        "--device", "cpu", "--quiet", "--macs-ratio", "0.5", "--json", "--metanet-from",
+        str(ref), "--set", json.dumps({**SETTINGS, "search": {**SETTINGS["search"],
+                                                              "objective": "loss"}}),
+        "--out", str(out))
+    assert status == 0 and not errors
+    report = json.loads(printed)
+    search = read_json(out / "artifacts" / "search.json")
+    assert search["config"]["objective"] == report["search"]["objective"] == "loss"
+    best = max(search["history"], key=lambda r: r["score"])
+    assert all(r["score"] < 0 for r in search["history"])  # minus a cross-entropy
+    assert report["search"]["best_score"] == best["score"]
+    assert report["metapruning"]["estimated_val_loss"] == pytest.approx(-best["score"], abs=1e-6)
+    for name in ("metapruning", "uniform"):
+        assert 0 <= report[name]["estimated_val_accuracy"] <= 1
+        assert report[name]["estimated_val_loss"] > 0
+    status, printed, _ = call(capsys, "search", "--out", str(out), "--json")
+    assert status == 0
+    assert json.loads(printed)["objective"] == "loss"
+    assert json.loads(printed)["score"] == best["score"]
