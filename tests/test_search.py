@@ -429,12 +429,12 @@ def test_budget_floor_is_capped_by_the_largest_network(resnet):
     assert [r.key for r in result.history] == [resnet.largest().key()]
 
 
-def test_resume_a_state_file_written_before_the_budget_floor(resnet, tmp_path):
+def test_resume_a_state_file_written_before_the_new_settings(resnet, tmp_path):
     target, budget = target_budget(resnet)
     state = tmp_path / "state.json"
     reference = evolve(resnet, peak_score(target), budget, SMALL, state_path=state)
     old = json.loads(state.read_text())
-    del old["config"]["min_budget_use"]
+    del old["config"]["min_budget_use"], old["config"]["objective"]
     state.write_text(json.dumps(old))
     ev = Counting(peak_score(target))
     assert evolve(resnet, ev, budget, SMALL, state_path=state) == reference and ev.keys == []

@@ -192,6 +192,7 @@ def test_a_run_keeps_the_search_settings_it_started_with(reference, tmp_path, ca
     state_path = old / "search" / "state.json"
     state = read_json(state_path)
     assert state["config"].pop("min_budget_use") == 0
+    assert state["config"].pop("objective") == "accuracy"
     state_path.write_text(json.dumps(state))
     shutil.rmtree(old / "artifacts")  # export again from the old search
     newer = {**PRESETS["smoke"], "search": {**PRESETS["smoke"]["search"], "objective": "loss",
