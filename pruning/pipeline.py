@@ -117,6 +117,7 @@ class RunContext:
     pnet_: PruningNet | None = None
     evaluator_: CandidateEvaluator | None = None
     result_: SearchResult | None = None
+    search_config_: SearchConfig | None = None
     trained: dict = field(default_factory=dict)
 
     @property
@@ -173,14 +174,17 @@ class RunContext:
 
     def _search_config(self) -> SearchConfig:
         """The settings a started search recorded, else the resolved ones: a resumed run has
-        the same spec, but a newer version's preset may set the search otherwise."""
-        path = self.path(SEARCH_FILE)
-        if path.exists():
-            try:
-                return SearchConfig.from_dict(read_json(path)["config"])
-            except (OSError, KeyError, TypeError, ValueError):
-                pass  # evolve reports the unreadable file
-        return self.r.search
+        the same spec, but a newer version's preset may set the search otherwise. Read once:
+        a search started later in this process records the resolved ones."""
+        if self.search_config_ is None:
+            self.search_config_ = self.r.search
+            path = self.path(SEARCH_FILE)
+            if path.exists():
+                try:
+                    self.search_config_ = SearchConfig.from_dict(read_json(path)["config"])
+                except (OSError, KeyError, TypeError, ValueError):
+                    pass  # evolve reports the unreadable file
+        return self.search_config_
 
     def trained_nets(self) -> dict:
         """``{"metapruning": net, "uniform": net}`` (the latter when the baseline is trained),

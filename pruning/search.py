@@ -430,7 +430,8 @@ class _Search:
         def offer(c: Candidate, widened: bool) -> bool:
             k = c.key()
             if k in seen or not satisfies(space, c, cons) or (
-                    not widened and budget_use(space, c, cons) < self.min_use):
+                    self.min_use > 0 and not widened
+                    and budget_use(space, c, cons) < self.min_use):
                 return False
             seen.add(k)
             new.append(c)
