@@ -21,9 +21,9 @@ One job at a time, in the calling thread::
   widths, data and split, seed, PruningNet recipe; stored on the row at submission) equals one of
   the same owner's succeeded jobs adopts that job's trained PruningNet (``metanet_from``, checked
   first; an unusable one is passed over) and runs only search, training, evaluation and export.
-* **Errors.** A bad spec or a user error (validation, infeasible budget, missing data, unusable
-  ``metanet_from``, diverged training) fails the job for good; anything else is retried (the
-  attempt fails with ``error_kind = "internal"`` and the job is re-queued while attempts are left).
+* **Errors.** A bad spec or a user error (validation, a budget that is infeasible or prunes
+  nothing, missing data, unusable ``metanet_from``, diverged training) fails the job for good;
+  anything else is retried (the attempt fails with ``error_kind = "internal"`` and the job is re-queued while attempts are left).
 * **Reaper.** Every worker calls :func:`app.queue.reap` every ``lease_seconds / 2`` (idle or busy).
 * **Progress.** Pipeline events become :func:`app.queue.report_progress` writes (at most about two
   a second, and at every stage change): the stage, the fraction of the whole pipeline done
@@ -62,10 +62,10 @@ MAX_MESSAGE = 500           # error messages stored, in characters
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
-    from pruning.constraints import InfeasibleBudgetError
+    from pruning.constraints import BudgetError
     from pruning.pipeline import RunFolderError
 
-    return (ValidationError, InfeasibleBudgetError, RunFolderError)
+    return (ValidationError, BudgetError, RunFolderError)
 
 
 def classify(exc: BaseException) -> tuple[str, bool]:

@@ -27,8 +27,16 @@ from pruning import counting
 from pruning.space import Candidate, SearchSpace
 
 
-class InfeasibleBudgetError(ValueError):
+class BudgetError(ValueError):
+    """A budget a pruning run cannot work with (a mistake in the input, not a crash)."""
+
+
+class InfeasibleBudgetError(BudgetError):
     """No candidate of the space meets the budget (not even the smallest one)."""
+
+
+class LooseBudgetError(BudgetError):
+    """Every candidate of the space meets the budget (even the largest): nothing to prune."""
 
 
 # --- human-readable counts ------------------------------------------------------------------
@@ -239,4 +247,25 @@ def check_feasible(space: SearchSpace, constraints: Constraint | Iterable[Constr
                 f"at {space.levels[0]:g}x of its maximum width"
                 + (f", at least {space.min_channels} channels)" if space.min_channels > 1
                    else ")"))
+    return constraints
+
+
+def check_binding(space: SearchSpace, constraints: Constraint | Iterable[Constraint]
+                  ) -> tuple[Constraint, ...]:
+    """Raise :class:`LooseBudgetError` when the largest candidate meets every budget.
+
+    Values are monotone in the widths, so then every candidate does: the search would only
+    rediscover the largest network (a ratio of 1.5 typed for 0.15 would train for nothing).
+    Returns the constraints as a tuple.
+    """
+    constraints = as_constraints(constraints)
+    largest = space.largest()
+    if constraints and all(c.satisfied(space, largest) for c in constraints):
+        uses = ", ".join(f"{c.format_value(c.value(space, largest))} within "
+                         f"{c.format_limit()}" for c in constraints)
+        raise LooseBudgetError(
+            f"the budget does not prune {space.arch}: its largest candidate (every group at "
+            f"{space.levels[-1]:g}x of its maximum width, max_width_mult "
+            f"{space.max_width_mult:g}) already meets it ({uses}); give a smaller budget, or "
+            "search wider networks with a larger max_width_mult (--max-width-mult)")
     return constraints

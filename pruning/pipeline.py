@@ -39,7 +39,7 @@ from metanet.pruningnet import PruningNet
 from pruning import counting
 from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, json_bytes, load_tensors,
                                 read_json, remove_stale_temporaries, save_tensors)
-from pruning.constraints import MacsConstraint, ParamsConstraint, check_feasible
+from pruning.constraints import MacsConstraint, ParamsConstraint, check_binding, check_feasible
 from pruning.data import DataBundle, load_dataset
 from pruning.evaluate import CandidateEvaluator
 from pruning.export import export_model
@@ -221,7 +221,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
             should_stop: Callable[[], bool] | None = None) -> RunContext:
     """Check the run folder, load the data, build the space and the budget, and claim the folder
     (``spec.json``). Nothing is written when the folder holds another run, the data is missing,
-    the budget is infeasible or ``metanet_from`` names an unusable run."""
+    the budget is infeasible or prunes nothing, or ``metanet_from`` names an unusable run."""
     run_dir = Path(run_dir)
     notify = progress or (lambda event: None)
     r = spec.resolved()
@@ -247,8 +247,9 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     constraints = resolve_budget(space, spec.budget, device=device, table_path=table_path)
     latency = next((c for c in constraints if c.name == "latency"), None)
     check_feasible(space, constraints)  # fail before any training
+    check_binding(space, constraints)
     baseline = uniform_baseline(space, constraints)
-    # claimed only now: a typo in the data folder or an infeasible budget leaves no run behind
+    # claimed only now: a typo in the data folder or an unusable budget leaves no run behind
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)  # left by a run killed mid-write (resumed runs only)
     if not (run_dir / "spec.json").exists():

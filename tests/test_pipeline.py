@@ -26,6 +26,7 @@ from metanet.bn import bn_statistics, recalibrate_bn
 from metanet.pruningnet import PruningNet
 from pruning import cli, counting
 from pruning.checkpoint import load_tensors, read_json
+from pruning.constraints import format_count
 from pruning.data import load_dataset
 from pruning.export import load_pruned
 from pruning.modules import build
@@ -228,6 +229,27 @@ def test_tiny_ratio_reads_as_an_infeasible_budget(tmp_path, capsys, option, name
     assert cli.main([*args, "--out", str(tmp_path / "run")]) == 2
     (line,) = error_lines(capsys)
     assert f"{name} budget 1 is infeasible" in line and "smallest candidate needs" in line
+
+
+@pytest.mark.parametrize("option, value", [("--macs-ratio", "1.5"), ("--params-ratio", "1")])
+def test_a_budget_that_prunes_nothing_fails_before_training(tmp_path, capsys, monkeypatch,
+                                                            option, value):
+    """A budget the largest candidate already meets (a ratio of 1.5 typed for 0.15) would only
+    rediscover the full network: it fails at once, naming the largest network's value."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained despite a budget that prunes nothing")
+
+    monkeypatch.setattr("pruning.pipeline.train_pruningnet", no_training)
+    args = [a if a != "--macs-ratio" else option for a in CLI_ARGS]
+    args[args.index(option) + 1] = value
+    out = tmp_path / "run"
+    assert cli.main([*args, "--out", str(out)]) == 2
+    (line,) = error_lines(capsys)
+    space = synthetic_space()
+    count = counting.macs if option == "--macs-ratio" else counting.params
+    largest = format_count(count(space, space.largest()))
+    assert f"the budget does not prune {ARCH}" in line and largest in line, line
+    assert not out.exists()
 
 
 def test_generated_init_on_fashion_mnist(tmp_path):

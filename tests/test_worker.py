@@ -128,6 +128,7 @@ def test_progress_weights_stages():
 @pytest.mark.parametrize("spec, kind", [
     ({"arch": "no_such_arch"}, "invalid_spec"),
     ({**SPEC, "budget": {"macs": 1}}, "invalid_spec"),   # infeasible budget
+    ({**SPEC, "budget": {"macs_ratio": 2}}, "invalid_spec"),  # a budget that prunes nothing
     ({**SPEC, "metanet": {"epochs": -1}}, "invalid_spec"),
 ])
 def test_a_bad_spec_fails_without_retry(clean, settings, spec, kind):
