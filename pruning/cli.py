@@ -736,7 +736,8 @@ def cmd_serve(a) -> dict:
         raise UserError("--workers must be 0 or more")
     settings = get_settings()
     url = a.database_url or settings.database_url
-    update = {"database_url": url}
+    artifact_dir = str(Path(a.artifact_dir or settings.artifact_dir).resolve())
+    update = {"database_url": url, "artifact_dir": artifact_dir}
     if not _is_loopback(a.host):
         update["require_auth"] = True
     elif "METAPRUNE_REQUIRE_AUTH" not in os.environ:
@@ -748,9 +749,9 @@ def cmd_serve(a) -> dict:
         raise UserError(f"database upgrade failed: {e.__class__.__name__}: {e}") from None
 
     # the workers at a lower CPU priority (nice 10): training yields to the API's requests
-    env = {**os.environ, "METAPRUNE_DATABASE_URL": url}
+    env = {**os.environ, "METAPRUNE_DATABASE_URL": url, "METAPRUNE_ARTIFACT_DIR": artifact_dir}
     workers = [subprocess.Popen([sys.executable, "-m", "pruning.cli", "worker",
-                                 "--database-url", url], env=env,
+                                 "--database-url", url, "--artifact-dir", artifact_dir], env=env,
                                 preexec_fn=lambda: os.nice(10))
                for _ in range(a.workers)]
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that an exit that runs
@@ -868,6 +869,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="worker processes to start beside the API (0: API only)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL, "
                                           "else sqlite:///./metaprune.db)")
+    p.add_argument("--artifact-dir", help="job run folders (default: $METAPRUNE_ARTIFACT_DIR, "
+                                          "else ./artifacts), for the API and its workers")
     p.add_argument("--quiet", action="store_true", help="warnings only")
     p.set_defaults(fn=cmd_serve)
 
