@@ -40,7 +40,7 @@ from pruning import counting
 from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, json_bytes, load_tensors,
                                 read_json, remove_stale_temporaries, save_tensors)
 from pruning.constraints import MacsConstraint, ParamsConstraint, check_binding, check_feasible
-from pruning.data import DataBundle, load_dataset
+from pruning.data import DataBundle, DatasetError, load_dataset
 from pruning.evaluate import CandidateEvaluator
 from pruning.export import export_model
 from pruning.report import pareto_png
@@ -234,6 +234,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     notify({"stage": "data", "message": f"loading {spec.dataset}"})
     data = load_dataset(spec.dataset, root=spec.data_root, device=device, val_size=r.val_size,
                         train_limit=r.train_limit, test_limit=r.test_limit, seed=spec.seed)
+    _check_batches(data, r)
     meta = data.meta
     space = SearchSpace.create(spec.arch, num_classes=meta.num_classes,
                                in_channels=meta.in_channels, input_size=meta.input_size,
@@ -259,6 +260,18 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     return RunContext(spec=spec, r=r, run_dir=run_dir, device=device, data=data, space=space,
                       constraints=constraints, baseline=baseline, notify=notify,
                       should_stop=should_stop, t_start=t_start)
+
+
+def _check_batches(data: DataBundle, r: ResolvedSpec) -> None:
+    """Training drops each epoch's last partial batch, so the sub-train split must hold at
+    least one batch of each recipe (a small image folder would otherwise train no step)."""
+    n = len(data.train)
+    for name, recipe in (("metanet", r.metanet), ("final", r.final)):
+        if n < recipe.batch_size:
+            raise DatasetError(
+                f"the sub-train split holds {n} images, fewer than one batch of the {name} "
+                f"recipe ({name}.batch_size {recipe.batch_size}): use more images, a smaller "
+                f"val_size or a smaller {name}.batch_size")
 
 
 def stage_metanet(ctx: RunContext) -> dict:

@@ -201,7 +201,10 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=config.lr, momentum=config.momentum,
                           nesterov=config.nesterov and config.momentum > 0)
-    per_epoch = max(1, len(split) // config.batch_size)
+    if len(split) < config.batch_size:  # every epoch drops its last, partial batch: no steps
+        raise ValueError(f"{stage}: {len(split)} training samples are fewer than one batch "
+                         f"(batch_size {config.batch_size})")
+    per_epoch = len(split) // config.batch_size
     total = config.total_steps(len(split))
     step, loss_ema = 0, None
     ckpt = Path(checkpoint) if checkpoint else None

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tests.conftest import EagerGraphs, sigkill_at
+from tests.test_data import write_tree
 from metanet.bn import bn_statistics, recalibrate_bn
 from metanet.pruningnet import PruningNet
 from pruning import cli, counting
@@ -249,6 +250,21 @@ def test_a_budget_that_prunes_nothing_fails_before_training(tmp_path, capsys, mo
     count = counting.macs if option == "--macs-ratio" else counting.params
     largest = format_count(count(space, space.largest()))
     assert f"the budget does not prune {ARCH}" in line and largest in line, line
+    assert not out.exists()
+
+
+@pytest.mark.timeout(120)
+def test_an_image_folder_smaller_than_one_batch_fails_before_training(tmp_path, capsys):
+    """30 images, some for the test split, 16 held out: the sub-train split is smaller than the
+    smoke recipe's batch of 64, so no training step could run; the error says what to change."""
+    write_tree(tmp_path / "tree", n=10)
+    args = ["prune", "--arch", "test_mobilenet_v1", "--dataset", "imagefolder", "--data-root",
+            str(tmp_path / "tree"), "--macs-ratio", "0.5", "--preset", "smoke", "--quiet",
+            "--set", '{"val_size": 16}']
+    out = tmp_path / "run"
+    assert cli.main([*args, "--out", str(out)]) == 2
+    (line,) = error_lines(capsys)
+    assert "sub-train split holds" in line and "metanet.batch_size 64" in line, line
     assert not out.exists()
 
 

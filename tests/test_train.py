@@ -157,6 +157,18 @@ def test_fit_learns_the_synthetic_task(data):
     assert after > 0.6 > before + 0.2, (before, after)  # chance is 0.1
 
 
+@pytest.mark.timeout(60)
+def test_fit_refuses_a_split_smaller_than_one_batch(data):
+    """Each epoch drops its last partial batch: with fewer samples than one batch no step
+    would ever run (the loop used to spin for ever); it is an error at once instead."""
+    space = space_for("test_mobilenet_v1")
+    net = build(space, space.smallest())
+    config = TrainConfig(epochs=1, batch_size=len(data.val) + 1, lr=0.1)
+    with pytest.raises(ValueError, match=rf"{len(data.val)} training samples are fewer than "
+                                         rf"one batch \(batch_size {len(data.val) + 1}\)"):
+        train_network(net, data.val, config, seed=0)
+
+
 # --- checkpoints and exact resume -----------------------------------------------------------
 
 RESUME_CONFIG = TrainConfig(epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5,
