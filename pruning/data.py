@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pruning.spec import DATASETS, list_datasets
+from pruning.spec import DATASET_SHAPES, DATASETS, list_datasets
 
 __all__ = [
     "DataBundle", "DatasetError", "DatasetMeta", "Split", "StreamSplit", "TensorSplit",
@@ -648,7 +648,7 @@ def _load_fashion_mnist(root, device, val_size, train_limit, test_limit, seed, i
     train_idx, val_idx = pool[sub], pool[val]
     test_idx = _limit(te_labels, test_limit, torch.Generator().manual_seed(_TEST_SUBSET_SEED))
 
-    size = image_size or 28
+    size = image_size or DATASET_SHAPES["fashion-mnist"][2]
     mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
     parts = {}
     for name, (imgs, labs, idx) in {"train": (tr_images, tr_labels, train_idx),
@@ -679,7 +679,7 @@ def _load_synthetic(device, val_size, train_limit, test_limit, seed, image_size,
     above chance within a few hundred steps — but not instantly, so narrow and wide candidates
     still score differently.
     """
-    size = image_size or 16
+    size = image_size or DATASET_SHAPES["synthetic"][2]
     k = 10 if num_classes is None else num_classes
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 2 <= k <= 1000:
         raise DatasetError(f"num_classes must be an integer in [2, 1000], got {k!r}")

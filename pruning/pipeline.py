@@ -39,13 +39,13 @@ from metanet.pruningnet import PruningNet
 from pruning import counting
 from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, json_bytes, load_tensors,
                                 read_json, remove_stale_temporaries, save_tensors)
-from pruning.constraints import MacsConstraint, ParamsConstraint, check_binding, check_feasible
+from pruning.constraints import MacsConstraint, check_binding, check_feasible
 from pruning.data import DataBundle, DatasetError, load_dataset
 from pruning.evaluate import CandidateEvaluator
 from pruning.export import export_model
 from pruning.report import pareto_png
 from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
-from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
+from pruning.space import Candidate, SearchSpace
 # the specification lives in pruning.spec (no PyTorch there); re-exported here
 from pruning.spec import (Budget, PipelineSpec, ResolvedSpec,  # noqa: F401
                           metanet_fingerprint, metanet_identity)
@@ -73,7 +73,7 @@ def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device |
     ``table_path`` when that file exists (a resumed run keeps the table its search used),
     otherwise loaded from the cache or measured (:meth:`LatencyTable.build`).
     """
-    if budget.latency_ms is not None or budget.latency_ratio is not None:
+    if budget.is_latency:
         from pruning.latency import LatencyConstraint, LatencyTable
 
         if table_path is not None and Path(table_path).exists():
@@ -85,15 +85,7 @@ def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device |
         full, top = space.full_network()
         full_ms = table.predict_widths(full.widths(top))
         return [LatencyConstraint(budget.latency_ratio * full_ms, table)]
-    if budget.macs is not None:
-        return [MacsConstraint(budget.macs)]
-    if budget.params is not None:
-        return [ParamsConstraint(budget.params)]
-    full, top = space.full_network()
-    if budget.macs_ratio is not None:
-        # at least 1, so a tiny ratio reads as an infeasible budget (with the smallest reachable)
-        return [MacsConstraint(max(1, int(budget.macs_ratio * counting.macs(full, top))))]
-    return [ParamsConstraint(max(1, int(budget.params_ratio * counting.params(full, top))))]
+    return [budget.count_constraint(space)]
 
 
 @dataclass
@@ -236,14 +228,9 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
                         train_limit=r.train_limit, test_limit=r.test_limit, seed=spec.seed)
     _check_batches(data, r)
     meta = data.meta
-    space = SearchSpace.create(spec.arch, num_classes=meta.num_classes,
-                               in_channels=meta.in_channels, input_size=meta.input_size,
-                               width_mult=spec.width_mult, max_width_mult=r.max_width_mult,
-                               levels=tuple(spec.levels or DEFAULT_LEVELS),
-                               channel_divisor=spec.channel_divisor,
-                               min_channels=spec.min_channels)
+    space = spec.search_space(meta.num_classes, meta.in_channels, meta.input_size)
     table_path = run_dir / "latency_table.json"
-    if spec.budget.latency_ms is not None or spec.budget.latency_ratio is not None:
+    if spec.budget.is_latency:
         notify({"stage": "latency", "message": "building the latency table (cached per device)"})
     constraints = resolve_budget(space, spec.budget, device=device, table_path=table_path)
     latency = next((c for c in constraints if c.name == "latency"), None)

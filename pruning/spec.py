@@ -17,12 +17,17 @@ from typing import Annotated, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
                       model_validator)
 
+from pruning import counting
 from pruning.checkpoint import json_bytes
+from pruning.constraints import MacsConstraint, ParamsConstraint, check_binding, check_feasible
 from pruning.registry import get_arch
 from pruning.search import SearchConfig
-from pruning.space import DEFAULT_LEVELS
+from pruning.space import DEFAULT_LEVELS, SearchSpace
 
 DATASETS = ("fashion-mnist", "imagefolder", "synthetic")
+# (classes, channels, image size) of the datasets whose shape needs no file read: what a
+# budget can be checked against before any data is loaded (an image folder's shape is its own)
+DATASET_SHAPES = {"fashion-mnist": (10, 1, 28), "synthetic": (10, 1, 16)}
 
 
 def list_datasets() -> list[str]:
@@ -164,6 +169,26 @@ class Budget(BaseModel):
                              f"latency_ms or latency_ratio (got {given or 'none'})")
         return self
 
+    @property
+    def is_latency(self) -> bool:
+        return self.latency_ms is not None or self.latency_ratio is not None
+
+    def count_constraint(self, space: SearchSpace) -> MacsConstraint | ParamsConstraint:
+        """The MACs or params constraint of this budget on ``space``; ratios are of the full
+        1.0× network (:meth:`SearchSpace.full_network`). Latency budgets need a device's
+        latency table: :func:`pruning.pipeline.resolve_budget`."""
+        if self.is_latency:
+            raise ValueError("a latency budget is not a count")
+        if self.macs is not None:
+            return MacsConstraint(self.macs)
+        if self.params is not None:
+            return ParamsConstraint(self.params)
+        full, top = space.full_network()
+        # at least 1, so a tiny ratio reads as an infeasible budget (with the smallest reachable)
+        if self.macs_ratio is not None:
+            return MacsConstraint(max(1, int(self.macs_ratio * counting.macs(full, top))))
+        return ParamsConstraint(max(1, int(self.params_ratio * counting.params(full, top))))
+
 
 class PipelineSpec(BaseModel):
     """Everything a pruning run needs; the preset fills what is not given."""
@@ -253,6 +278,28 @@ class PipelineSpec(BaseModel):
         p = PRESETS[self.preset]
         return tuple(_settings(name, p, getattr(self, name), self.seed)
                      for name in ("metanet", "search", "final"))
+
+    def search_space(self, num_classes: int, in_channels: int, input_size: int) -> SearchSpace:
+        """The run's search space for data of this shape."""
+        return SearchSpace.create(self.arch, num_classes=num_classes, in_channels=in_channels,
+                                  input_size=input_size, width_mult=self.width_mult,
+                                  max_width_mult=self.resolved().max_width_mult,
+                                  levels=tuple(self.levels or DEFAULT_LEVELS),
+                                  channel_divisor=self.channel_divisor,
+                                  min_channels=self.min_channels)
+
+    def check_budget(self) -> None:
+        """Raise :class:`~pruning.constraints.BudgetError` for a budget that is infeasible or
+        prunes nothing, where that is known before any data or device: a MACs or params budget
+        on a dataset of :data:`DATASET_SHAPES`. The service refuses such a job when it is
+        submitted; the pipeline checks every budget once its data is loaded."""
+        shape = DATASET_SHAPES.get(self.dataset)
+        if shape is None or self.budget.is_latency:
+            return
+        space = self.search_space(*shape)
+        constraints = [self.budget.count_constraint(space)]
+        check_feasible(space, constraints)
+        check_binding(space, constraints)
 
     def resolved(self) -> ResolvedSpec:
         p = PRESETS[self.preset]

@@ -108,12 +108,21 @@ def test_idempotency_key(api):
     ({**SPEC, "seed": -1}, ["body", "seed"], "greater than or equal"),
     ({**SPEC, "surprise": 1}, ["body", "surprise"], "extra"),
     ({**SPEC, "metanet_from": "/tmp/run"}, ["body", "metanet_from"], "not accepted"),
+    ({**SPEC, "budget": {"macs": 1}}, ["body", "budget"], "is infeasible"),
+    ({**SPEC, "budget": {"params_ratio": 1.2}}, ["body", "budget"], "does not prune"),
 ])
 def test_bad_spec_is_422_with_reason(api, body, where, words):
     r = api.post("/v1/jobs", json=body, headers=api.alice)
     assert r.status_code == 422, r.text
     errs = r.json()["detail"]
     assert any(e["loc"][:2] == where and words in e["msg"].lower() for e in errs), errs
+
+
+def test_budgets_known_only_to_a_worker_are_checked_there(api):
+    """A latency budget depends on the worker's device, an image folder's shape on its files:
+    the submission is accepted and the worker checks the budget (a failed job says why)."""
+    r = api.post("/v1/jobs", json={**SPEC, "budget": {"latency_ratio": 2}}, headers=api.alice)
+    assert r.status_code == 201, r.text
 
 
 def test_data_root_only_under_dataset_roots(api, tmp_path):

@@ -27,11 +27,11 @@ from metanet.bn import bn_statistics, recalibrate_bn
 from metanet.pruningnet import PruningNet
 from pruning import cli, counting
 from pruning.checkpoint import load_tensors, read_json
-from pruning.constraints import format_count
+from pruning.constraints import InfeasibleBudgetError, LooseBudgetError, format_count
 from pruning.data import load_dataset
 from pruning.export import load_pruned
 from pruning.modules import build
-from pruning.pipeline import Budget, PipelineSpec, RunFolderError, run
+from pruning.pipeline import Budget, PipelineSpec, RunFolderError, resolve_budget, run
 from pruning.space import Candidate, CandidateError, SearchSpace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -251,6 +251,22 @@ def test_a_budget_that_prunes_nothing_fails_before_training(tmp_path, capsys, mo
     largest = format_count(count(space, space.largest()))
     assert f"the budget does not prune {ARCH}" in line and largest in line, line
     assert not out.exists()
+
+
+def test_spec_checks_count_budgets_where_the_data_shape_is_known():
+    """fashion-mnist and synthetic have a fixed shape, so a MACs/params budget is checked from
+    the spec alone (the service's submission does this); an image folder's shape and a latency
+    table are known only to the run, which checks them once its data is loaded."""
+    with pytest.raises(InfeasibleBudgetError, match="smallest candidate needs"):
+        PipelineSpec(arch=ARCH, dataset="fashion-mnist", budget=Budget(macs=1)).check_budget()
+    with pytest.raises(LooseBudgetError, match="does not prune"):
+        PipelineSpec(arch=ARCH, dataset="synthetic", budget=Budget(params_ratio=1)).check_budget()
+    PipelineSpec(arch=ARCH, dataset="synthetic", budget=Budget(macs_ratio=0.5)).check_budget()
+    PipelineSpec(arch=ARCH, dataset="imagefolder", budget=Budget(macs=1)).check_budget()
+    PipelineSpec(arch=ARCH, dataset="synthetic", budget=Budget(latency_ratio=2)).check_budget()
+    space = synthetic_space()
+    (c,) = resolve_budget(space, Budget(macs_ratio=0.5))
+    assert c.limit == int(0.5 * counting.macs(*space.full_network()))
 
 
 @pytest.mark.timeout(120)

@@ -12,6 +12,7 @@ from app.deps import Database
 from app.models import TERMINAL, Job
 from app.services import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from app.settings import Settings
+from pruning.constraints import BudgetError
 from pruning.spec import PipelineSpec, metanet_fingerprint
 
 
@@ -52,6 +53,10 @@ def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
     ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock on the owner), so that
     concurrent submissions cannot overshoot the limit."""
     check_paths(spec, settings)
+    try:
+        spec.check_budget()
+    except BudgetError as e:
+        raise _invalid("budget", str(e)) from None
     spec_json = spec.model_dump(mode="json")
     with db.write() as session:
         if session.get_bind().dialect.name == "postgresql":
