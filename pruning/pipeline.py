@@ -53,6 +53,9 @@ from pruning.train import accuracy, train_network, train_pruningnet
 
 Progress = Callable[[dict], None]
 
+SHORT_TRAINING_STEPS = 100  # a final training this short is not expected to learn (smoke runs)
+
+
 class RunFolderError(ValueError):
     """The run folder holds another run, or a finished stage is missing its files."""
 
@@ -336,6 +339,7 @@ def stage_evaluate(ctx: RunContext) -> dict:
     ctx.notify({"stage": "evaluate", "message": "evaluating on the test split"})
     space, latency, meta = ctx.space, ctx.latency, ctx.data.meta
     best = Candidate(tuple(result.best.choices))
+    steps = ctx.r.final.total_steps(len(ctx.data.train))
     entries = {}
     for name, cand in (("metapruning", best), ("uniform", ctx.baseline)):
         net = trained.get(name)
@@ -350,8 +354,12 @@ def stage_evaluate(ctx: RunContext) -> dict:
             if entry["test_accuracy"] <= chance + 0.01:
                 entry["warning"] = (
                     f"test accuracy {100 * entry['test_accuracy']:.2f}% is at chance level "
-                    f"({100 * chance:.1f}%): its training collapsed; a larger budget, a higher "
-                    "min_channels or final_init 'generated' may help")
+                    f"({100 * chance:.1f}%): " + (
+                        f"the training was too short to learn ({steps} step{'s' * (steps != 1)} with the "
+                        f"{ctx.spec.preset} preset's final.epochs and data); train longer"
+                        if steps < SHORT_TRAINING_STEPS else
+                        "its training collapsed; a larger budget, a higher min_channels or "
+                        "final_init 'generated' may help"))
         if latency is not None:
             from pruning.latency import measure_latency
             from pruning.modules import build

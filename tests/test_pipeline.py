@@ -340,22 +340,30 @@ def test_width_mult_and_levels_reach_the_searched_space(tmp_path):
 
 def test_a_collapsed_training_is_reported(tmp_path, monkeypatch, capsys):
     """A trained network at chance accuracy (a dead ReLU made one constant once) is flagged in
-    the report and by the CLI, not passed off as a result."""
+    the report and by the CLI, not passed off as a result; after very few training steps the
+    warning says the training was too short rather than that it collapsed."""
     import pruning.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "accuracy", lambda net, split, device: 0.1)  # 10 classes
     argv = ["prune", "--arch", ARCH, "--dataset", "synthetic", "--preset", "smoke",
-            "--device", "cpu", "--macs-ratio", "0.5", "--out", str(tmp_path), "--quiet",
+            "--device", "cpu", "--macs-ratio", "0.5", "--quiet",
             "--set", json.dumps({"train_limit": 128, "test_limit": 32, "val_size": 32,
                                  "eval_images": 32, "metanet": {"max_steps": 2},
                                  "final": {"max_steps": 1},
                                  "search": {"population": 4, "keep_top": 4, "parents": 2,
                                             "mutants": 2, "crossovers": 2,
                                             "generations": 1}})]
-    assert cli.main(argv) == 0
-    report = read_json(tmp_path / "artifacts" / "report.json")
-    assert "at chance level (10.0%)" in report["metapruning"]["warning"]
+    assert cli.main([*argv, "--out", str(tmp_path / "short")]) == 0
+    warning = read_json(tmp_path / "short" / "artifacts" / "report.json")["metapruning"]["warning"]
+    assert "at chance level (10.0%): the training was too short to learn (1 step with the " \
+        "smoke preset" in warning, warning
     assert "warning: MetaPruning: test accuracy 10.00% is at chance" in capsys.readouterr().err
+    # a training long enough to have learnt (here: declared so) that ends at chance collapsed
+    monkeypatch.setattr(pipeline, "SHORT_TRAINING_STEPS", 1)
+    assert cli.main([*argv, "--out", str(tmp_path / "long"),
+                     "--metanet-from", str(tmp_path / "short")]) == 0
+    warning = read_json(tmp_path / "long" / "artifacts" / "report.json")["metapruning"]["warning"]
+    assert "at chance level (10.0%): its training collapsed" in warning, warning
 
 
 # --- regressions: engine defects ------------------------------------------------------------
