@@ -23,7 +23,8 @@ One job at a time, in the calling thread::
   first; an unusable one is passed over) and runs only search, training, evaluation and export.
 * **Errors.** A bad spec or a user error (validation, a budget that is infeasible or prunes
   nothing, missing data, unusable ``metanet_from``, diverged training) fails the job for good;
-  anything else is retried (the attempt fails with ``error_kind = "internal"`` and the job is re-queued while attempts are left).
+  anything else is retried (the attempt fails with ``error_kind = "internal"`` and the job is
+  re-queued while attempts are left).
 * **Reaper.** Every worker calls :func:`app.queue.reap` every ``lease_seconds / 2`` (idle or busy).
 * **Progress.** Pipeline events become :func:`app.queue.report_progress` writes (at most about two
   a second, and at every stage change): the stage, the fraction of the whole pipeline done

@@ -327,6 +327,16 @@ def stage_train(ctx: RunContext) -> dict:
     return dict(ctx.trained)
 
 
+def _chance_warning(test_accuracy: float, chance: float, steps: int, preset: str) -> str:
+    """Why a trained network is at chance level: too few steps to learn, or a collapse."""
+    why = (f"the training was too short to learn ({steps} steps with the {preset} preset's "
+           "final.epochs and data); train longer" if steps < SHORT_TRAINING_STEPS else
+           "its training collapsed; a larger budget, a higher min_channels or final_init "
+           "'generated' may help")
+    return (f"test accuracy {100 * test_accuracy:.2f}% is at chance level "
+            f"({100 * chance:.1f}%): {why}")
+
+
 def stage_evaluate(ctx: RunContext) -> dict:
     """4. Test accuracy (and latency) of the trained networks, with their MACs, params and
     estimated accuracy: ``{"metapruning": {...}, "uniform": {...}}`` (also
@@ -352,14 +362,8 @@ def stage_evaluate(ctx: RunContext) -> dict:
             entry["test_accuracy"] = accuracy(net, ctx.data.test, device=ctx.device)
             chance = 1 / meta.num_classes
             if entry["test_accuracy"] <= chance + 0.01:
-                entry["warning"] = (
-                    f"test accuracy {100 * entry['test_accuracy']:.2f}% is at chance level "
-                    f"({100 * chance:.1f}%): " + (
-                        f"the training was too short to learn ({steps} step{'s' * (steps != 1)} with the "
-                        f"{ctx.spec.preset} preset's final.epochs and data); train longer"
-                        if steps < SHORT_TRAINING_STEPS else
-                        "its training collapsed; a larger budget, a higher min_channels or "
-                        "final_init 'generated' may help"))
+                entry["warning"] = _chance_warning(entry["test_accuracy"], chance, steps,
+                                                   ctx.spec.preset)
         if latency is not None:
             from pruning.latency import measure_latency
             from pruning.modules import build
