@@ -284,6 +284,35 @@ def test_an_image_folder_smaller_than_one_batch_fails_before_training(tmp_path, 
     assert not out.exists()
 
 
+def test_a_streamed_image_folder_runs_as_an_in_memory_one(tmp_path, monkeypatch):
+    """An image folder too large for memory streams through a DataLoader (StreamSplit); the
+    whole pipeline on it (with worker processes) gives what it gives on the same folder held as
+    tensors: the same search, the same trained networks."""
+    from pruning import data, pipeline
+
+    write_tree(tmp_path / "tree", n=30, sizes=((12, 12), (16, 14)))
+    spec = PipelineSpec(arch="test_mobilenet_v1", dataset="imagefolder",
+                        data_root=str(tmp_path / "tree"), preset="smoke", device="cpu",
+                        budget=Budget(macs_ratio=0.5), train_baseline=True, val_size=16,
+                        metanet={"batch_size": 16}, final={"batch_size": 16, "epochs": 12})
+    reports, splits = {}, {}
+    for name, limit_mb in (("memory", 2048), ("stream", 0)):
+        def load(*args, limit_mb=limit_mb, name=name, **kwargs):
+            bundle = data.load_dataset(*args, in_memory_limit_mb=limit_mb, num_workers=2,
+                                       **kwargs)
+            splits[name] = type(bundle.train)
+            return bundle
+
+        monkeypatch.setattr(pipeline, "load_dataset", load)
+        reports[name] = run(spec, tmp_path / name)
+    assert splits == {"memory": data.TensorSplit, "stream": data.StreamSplit}
+    mem, stream = reports["memory"], reports["stream"]
+    for entry in ("metapruning", "uniform"):
+        for key in ("candidate", "estimated_val_accuracy", "test_accuracy"):
+            assert stream[entry][key] == mem[entry][key], (entry, key)
+    assert mem["uniform"]["test_accuracy"] > 0.5  # three classes: it learnt
+
+
 def test_generated_init_on_fashion_mnist(tmp_path):
     """``final_init="generated"`` fine-tunes the PruningNet's weights: after one step at a tiny
     learning rate the exported convs are still the generated ones. No baseline was asked for,
