@@ -33,7 +33,11 @@ monotone. Residual adds are timed as layers of their own (add + activation).
 the CPU model, core count and torch's intra-op thread count), the torch version, the space's
 settings, the batch size and the measuring settings. The same key loads the file instead of
 measuring; an unreadable or inconsistent file is ignored with a warning and measured again.
-Writes are atomic (:func:`pruning.checkpoint.atomic_write_json`).
+Writes are atomic (:func:`pruning.checkpoint.atomic_write_json`). A table measured while the
+machine was busy (a test run, another job's training) predicts too much, and the cache would
+keep it: so a cached table is checked on load against the smallest and the largest candidate
+timed end to end, and measured again when it predicts both more than ``STALE_FACTOR`` (1.5)
+times slower. A table that predicts *faster* than now is kept: the machine is the busy one then.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ from pruning.space import Candidate, Channels, ConvSpec, MaxPoolSpec, SearchSpac
 FORMAT = "metaprune.latency_table/1"
 DEFAULT_MAX_POINTS = 6
 DEFAULT_REPEATS = 5
+# a cached table predicting more than this many times what the smallest and the largest candidate
+# measure now was measured while the machine was busy: it is measured again
+STALE_FACTOR = 1.5
 
 
 # --- timing ---------------------------------------------------------------------------------
@@ -118,6 +125,21 @@ def device_name(device: torch.device | str) -> str:
 def default_cache_dir() -> Path:
     env = os.environ.get("METAPRUNE_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "metaprune" / "latency"
+
+
+def _extremes(space: SearchSpace) -> tuple[Candidate, Candidate]:
+    return space.smallest(), space.largest()
+
+
+def _extremes_ms(space: SearchSpace, device: torch.device, batch: int, repeats: int
+                 ) -> list[float]:
+    """End-to-end milliseconds of the smallest and the largest candidate, built as plain nets."""
+    from pruning.modules import build
+
+    stem = space.plan.blocks[0].body[0]
+    shape = (stem.cin, *stem.in_hw)
+    return [measure_latency(build(space, c), shape, device, batch, repeats)
+            for c in _extremes(space)]
 
 
 # --- the layers of a plan -------------------------------------------------------------------
@@ -407,14 +429,25 @@ class LatencyTable:
         key = cls.make_key(space, device, batch, max_points, repeats)
         path = cls.cache_path(key, cache_dir)
         if use_cache and path.exists():
+            cached = None
             try:
-                table = cls.load(path, space)
-                if table.key != key:
+                cached = cls.load(path, space)
+                if cached.key != key:
                     raise LatencyTableError(f"latency table {path} has another key")
-                return table
             except LatencyTableError as e:
                 warnings.warn(f"ignoring the latency table cache ({e}); measuring again",
                               RuntimeWarning, stacklevel=2)
+            else:
+                measured = _extremes_ms(space, device, batch, repeats)
+                predicted = [cached.predict(space, c) for c in _extremes(space)]
+                if not all(p > STALE_FACTOR * m for p, m in zip(predicted, measured)):
+                    return cached
+                warnings.warn(
+                    f"the cached latency table {path} predicts "
+                    f"{' and '.join(f'{p:.3g}' for p in predicted)} ms for the smallest and the "
+                    f"largest candidate, where they now run in "
+                    f"{' and '.join(f'{m:.3g}' for m in measured)} ms: it was measured under "
+                    "load (or on a slower machine); measuring again", RuntimeWarning, stacklevel=2)
         t0 = time.perf_counter()
         measurements: dict[str, list] = {}
         layers = _layers(space)
@@ -431,12 +464,9 @@ class LatencyTable:
             if progress is not None:
                 progress({"stage": "latency", "step": n + 1, "total": len(layers)})
         table = cls(space, key, measurements, path=path)
-        from pruning.modules import build  # the end-to-end overhead (see the module docstring)
-
-        stem = space.plan.blocks[0].body[0]
-        shape = (stem.cin, *stem.in_hw)
-        gaps = [measure_latency(build(space, c), shape, device, batch, repeats) -
-                table.predict(space, c) for c in (space.smallest(), space.largest())]
+        # the end-to-end overhead (see the module docstring)
+        gaps = [m - table.predict(space, c)
+                for c, m in zip(_extremes(space), _extremes_ms(space, device, batch, repeats))]
         table = cls(space, key, measurements, measured_s=time.perf_counter() - t0, path=path,
                     overhead_ms=round(max(0.0, sum(gaps) / len(gaps)), 6))
         if use_cache:

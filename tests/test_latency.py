@@ -38,14 +38,43 @@ def table(single_thread, space, cache):
     return LatencyTable.build(space, cache_dir=cache, max_points=4, repeats=3)
 
 
+def _end_to_end_as(table, factor):
+    """A stand-in for timing the smallest and the largest candidate: predictions × factor."""
+    return lambda space, *a: [factor * table.predict(space, c) for c in latency._extremes(space)]
+
+
 def test_second_build_loads_the_cache_without_measuring(table, space, cache, monkeypatch):
     assert not table.from_cache and table.path.exists() and table.path.parent == cache
-    calls = []
-    monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: calls.append(1) or 1.0)
+    layers = []
+    monkeypatch.setattr(latency, "_runner", lambda *a, **k: layers.append(1) or (lambda: None))
+    monkeypatch.setattr(latency, "_extremes_ms", _end_to_end_as(table, 1.0))
     again = LatencyTable.build(space, cache_dir=cache, max_points=4, repeats=3)
-    assert calls == [] and again.from_cache and again == table
+    assert layers == [] and again.from_cache and again == table
     assert again.predict(space, space.largest()) == table.predict(space, space.largest())
     json.loads(table.path.read_text())  # plain JSON
+
+
+def test_a_cached_table_measured_under_load_is_measured_again(table, space, tmp_path,
+                                                              monkeypatch):
+    """A table that predicts both the smallest and the largest candidate more than 1.5× slower
+    than they run now was measured on a busy machine: it is measured again, and replaced. One
+    that predicts faster than now is kept (the machine is the busy one then)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = LatencyTable.cache_path(table.key, cache)
+    path.write_bytes(table.path.read_bytes())
+    layers = []
+    monkeypatch.setattr(latency, "_runner", lambda *a, **k: layers.append(1) or (lambda: None))
+    monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: 0.01)
+    for factor in (0.7, 5.0):  # now a little faster than the table predicts, or slower: kept
+        monkeypatch.setattr(latency, "_extremes_ms", _end_to_end_as(table, factor))
+        assert LatencyTable.build(space, cache_dir=cache, max_points=4, repeats=3) == table
+    assert layers == []
+    monkeypatch.setattr(latency, "_extremes_ms", _end_to_end_as(table, 0.5))
+    with pytest.warns(RuntimeWarning, match="measured under load"):
+        fresh = LatencyTable.build(space, cache_dir=cache, max_points=4, repeats=3)
+    assert layers and not fresh.from_cache and fresh != table
+    assert LatencyTable.load(path).digest == fresh.digest  # the cache file was replaced
 
 
 def test_env_cache_dir(space, tmp_path, monkeypatch):
