@@ -498,7 +498,10 @@ class _WatchPrinter:
             if key != self.last:
                 self.last = key
                 extra = f"  {best}" if best else ""
-                print(f"[{stage}] {job['status']} {pct}%{extra}", file=sys.stderr, flush=True)
+                eta = _eta(job.get("detail") or {}) if job["status"] == "running" else ""
+                eta = f"  (stage{eta})" if eta else ""
+                print(f"[{stage}] {job['status']} {pct}%{extra}{eta}", file=sys.stderr,
+                      flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -603,6 +606,18 @@ def _print_summary(report: dict, out: str) -> None:
     print(f"artifacts in {Path(out) / 'artifacts'}  ({report['elapsed_s']:.0f} s)")
 
 
+def _eta(event: dict) -> str:
+    """`` eta 3m05s`` for an event's (or a job detail's) ``eta_s`` of its stage; '' without."""
+    eta = event.get("eta_s")
+    if not isinstance(eta, int | float) or isinstance(eta, bool) or not math.isfinite(eta) \
+            or eta < 0:
+        return ""
+    s = round(eta)
+    text = f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (
+        f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+    return f" eta {text}"
+
+
 def _done(event: dict) -> int | None:
     """Units of work finished: training steps, or search generations (numbered from 0)."""
     if "step" in event:
@@ -646,7 +661,8 @@ class ProgressPrinter:
                                                                 step % max(1, total // 10) == 0):
             extra = "".join(f" {k}={event[k]:.4g}" for k in ("loss", "best_score")
                             if event.get(k) is not None)
-            print(f"[{stage}] {step}/{total}{extra}", file=sys.stderr, flush=True)
+            eta = _eta(event) if step < total else ""
+            print(f"[{stage}] {step}/{total}{extra}{eta}", file=sys.stderr, flush=True)
         elif event.get("message"):
             print(f"[{stage}] {event['message']}", file=sys.stderr, flush=True)
 

@@ -183,3 +183,19 @@ def test_progress_lines_count_finished_work(capsys, monkeypatch):
     assert err[-2] == "[search] 3/3 best_score=0.7"
     assert err[-1] == "[metanet] 10/10 loss=1.25"
     assert not any(line.startswith("[search] 0/") for line in err)
+
+
+def test_progress_lines_give_the_stage_eta(capsys, monkeypatch):
+    """Plain lines (logs, CI, nohup) carry the stage's remaining time, as the bars do."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    printer = cli.ProgressPrinter()
+    for step, eta in ((1, 42.4), (2, 185.0), (3, 7322.0), (4, None), (5, 0.0)):
+        printer({"stage": "final", "step": step, "total": 5, "loss": 1.0, "eta_s": eta})
+    assert capsys.readouterr().err.splitlines() == [
+        "[final] 1/5 loss=1 eta 42s", "[final] 2/5 loss=1 eta 3m05s",
+        "[final] 3/5 loss=1 eta 2h02m", "[final] 4/5 loss=1", "[final] 5/5 loss=1"]
+    watch = cli._WatchPrinter()  # `metaprune watch`: the job's detail holds its stage's eta_s
+    watch({"status": "running", "stage": "metanet", "progress": 0.2, "detail": {"eta_s": 95.2}})
+    watch({"status": "succeeded", "stage": "done", "progress": 1.0, "detail": {"eta_s": 3}})
+    assert capsys.readouterr().err.splitlines() == [
+        "[metanet] running 20%  (stage eta 1m35s)", "[done] succeeded 100%"]
