@@ -260,7 +260,7 @@ def check_binding(space: SearchSpace, constraints: Constraint | Iterable[Constra
     """
     constraints = as_constraints(constraints)
     largest = space.largest()
-    if constraints and all(c.satisfied(space, largest) for c in constraints):
+    if constraints and satisfies(space, largest, constraints):
         uses = ", ".join(f"{c.format_value(c.value(space, largest))} within "
                          f"{c.format_limit()}" for c in constraints)
         raise LooseBudgetError(

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from metanet.pruningnet import PruningNet, fixed_shapes_default
-from pruning.search import OBJECTIVES
+from pruning.search import check_objective
 from pruning.space import Candidate
 
 
@@ -55,10 +55,7 @@ class CandidateEvaluator:
                  eval_batch_size: int | None = None, objective: str = "accuracy"):
         if calib_batches < 1:
             raise ValueError("calib_batches must be at least 1")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, "
-                             f"got {objective!r}")
-        self.objective = objective
+        self.objective = check_objective(objective)
         self.pnet = pnet
         self.device = torch.device(device)
         self.fixed_shapes = (fixed_shapes_default(self.device) if fixed_shapes is None
@@ -117,8 +114,12 @@ class CandidateEvaluator:
             self.pnet.train(was_training)
 
     def __call__(self, candidate: Candidate) -> float:
-        m = self.estimates(candidate)
-        return m["accuracy"] if self.objective == "accuracy" else -m["loss"]
+        return score_of(self.estimates(candidate), self.objective)
+
+
+def score_of(estimates: dict, objective: str) -> float:
+    """The search's score of ``{"accuracy", "loss"}`` estimates: higher is better."""
+    return estimates["accuracy"] if objective == "accuracy" else -estimates["loss"]
 
 
 def _take(iterator, n):

@@ -41,7 +41,7 @@ from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, json_byte
                                 read_json, remove_stale_temporaries, save_tensors)
 from pruning.constraints import MacsConstraint, check_binding, check_feasible
 from pruning.data import DataBundle, DatasetError, load_dataset
-from pruning.evaluate import CandidateEvaluator
+from pruning.evaluate import CandidateEvaluator, score_of
 from pruning.export import export_model
 from pruning.report import pareto_png
 from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
@@ -412,8 +412,8 @@ def stage_export(ctx: RunContext) -> dict:
     sample = next(iter(ctx.data.test.batches(8, device="cpu")))[0]
     best = Candidate(tuple(result.best.choices))
     mp, uniform = report["metapruning"], report["uniform"]
-    uniform_score = (uniform["estimated_val_accuracy"] if result.config.objective == "accuracy"
-                     else -uniform["estimated_val_loss"])
+    uniform_score = score_of({"accuracy": uniform["estimated_val_accuracy"],
+                              "loss": uniform["estimated_val_loss"]}, result.config.objective)
     report["elapsed_s"] = round(time.perf_counter() - ctx.t_start, 3)
     export_model(art, net, space, best, sample=sample,
                  extra={"dataset": {"name": spec.dataset, **asdict(meta)}, "seed": spec.seed,

@@ -93,6 +93,13 @@ OBJECTIVES = ("accuracy", "loss")
 accuracy of the generated weights (the paper), or minus their held-out cross-entropy."""
 
 
+def check_objective(objective: str) -> str:
+    """``objective`` if it is one of :data:`OBJECTIVES`, else a ValueError naming them."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    return objective
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -140,9 +147,7 @@ class SearchConfig:
             raise ValueError(f"mutation_prob must be a probability in [0, 1], got {p!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, "
-                             f"got {self.objective!r}")
+        check_objective(self.objective)
         u = self.min_budget_use
         if isinstance(u, bool) or not isinstance(u, int | float) or not 0 <= u <= 1:
             raise ValueError(f"min_budget_use must be a share of the budget in [0, 1], got {u!r}")
@@ -568,5 +573,5 @@ def uniform_baseline(space: SearchSpace, constraints: Constraint | Iterable[Cons
 
 
 __all__ = ["OBJECTIVES", "Crossover", "Mutation", "Record", "SearchConfig", "SearchResult",
-           "SearchStateError", "UniformCrossover", "UniformMutation", "evolve", "generation_rng",
-           "random_feasible", "uniform_baseline"]
+           "SearchStateError", "UniformCrossover", "UniformMutation", "check_objective", "evolve",
+           "generation_rng", "random_feasible", "uniform_baseline"]
