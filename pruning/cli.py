@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from pruning import counting
+from pruning.constraints import format_count, parse_count
 from pruning.registry import list_archs
 from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
 from pruning.spec import DATASETS
@@ -147,7 +148,6 @@ def cmd_build(a) -> dict:
 
 def _spec(a):
     """The :class:`PipelineSpec` that the options of ``prune`` / ``train-metanet`` describe."""
-    from pruning.constraints import parse_count
     from pruning.pipeline import Budget, PipelineSpec
 
     try:
@@ -589,15 +589,26 @@ _PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", 
                             "metanet_from", "metanet_sampling"})
 
 
+def _budget_text(limits: dict) -> str:
+    """A report's resolved budget, e.g. ``MACs ≤ 3.21M`` or ``latency ≤ 6.25 ms``."""
+    names = {"macs": "MACs", "params": "params"}
+    return ", ".join(f"latency ≤ {value:.2f} ms (batch 1)" if key == "latency"
+                     else f"{names.get(key, key)} ≤ {format_count(value)}"
+                     for key, value in limits.items())
+
+
 def _print_summary(report: dict, out: str) -> None:
     mp, un = report["metapruning"], report["uniform"]
 
     def line(name, e):
         acc = f"{100 * e['test_accuracy']:.2f}%" if "test_accuracy" in e else "not trained"
+        latency = e.get("latency_ms")
+        latency = (f"  latency {latency['predicted']:.2f} ms predicted, "
+                   f"{latency['measured']:.2f} ms measured" if latency else "")
         return (f"  {name:<12} MACs {e['macs'] / 1e6:8.2f}M  params {e['params'] / 1e3:8.1f}k  "
-                f"est. val {100 * e['estimated_val_accuracy']:.2f}%  test {acc}")
+                f"est. val {100 * e['estimated_val_accuracy']:.2f}%  test {acc}{latency}")
 
-    print(f"\n{report['arch']} on {report['dataset']}, budget {report['budget']}")
+    print(f"\n{report['arch']} on {report['dataset']}, budget {_budget_text(report['budget'])}")
     print(line("MetaPruning", mp))
     print(line("uniform", un))
     for name, e in (("MetaPruning", mp), ("uniform", un)):

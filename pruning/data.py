@@ -498,7 +498,8 @@ def _val_count(val_size: int | float, n: int) -> int:
         k = max(1, round(f * n)) if f > 0 else 0
     if k >= n:
         raise DatasetError(f"val_size={val_size!r} leaves no training data "
-                           f"({n} training samples)")
+                           f"({n} training samples): hold out fewer, e.g. the fraction "
+                           f"val_size=0.2")
     return k
 
 

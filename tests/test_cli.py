@@ -199,3 +199,12 @@ def test_progress_lines_give_the_stage_eta(capsys, monkeypatch):
     watch({"status": "succeeded", "stage": "done", "progress": 1.0, "detail": {"eta_s": 3}})
     assert capsys.readouterr().err.splitlines() == [
         "[metanet] running 20%  (stage eta 1m35s)", "[done] succeeded 100%"]
+
+
+@pytest.mark.parametrize("limits, text", [
+    ({"macs": 924_612}, "MACs ≤ 925k"),
+    ({"params": 1_500_000}, "params ≤ 1.5M"),
+    ({"latency": 6.2507}, "latency ≤ 6.25 ms (batch 1)"),
+])
+def test_summary_names_the_budget_in_words(limits, text):
+    assert cli._budget_text(limits) == text

@@ -135,6 +135,9 @@ def test_bad_split_settings_are_dataset_errors():
                {"train_limit": 0}, {"image_size": 0}, {"seed": -1}):
         with pytest.raises(DatasetError):
             load_dataset("synthetic", **kw)
+    with pytest.raises(DatasetError, match=r"leaves no training data \(\d+ training samples\): "
+                                           r"hold out fewer, e.g. the fraction val_size=0.2"):
+        load_dataset("synthetic", val_size=512)
 
 
 @needs_fmnist

@@ -160,7 +160,7 @@ def test_infeasible_latency_budget_fails_at_once(table, space):
         LatencyConstraint(0, table)
 
 
-def test_pipeline_reports_predicted_and_measured_latency(tmp_path, monkeypatch):
+def test_pipeline_reports_predicted_and_measured_latency(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("METAPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
                         budget=Budget(latency_ratio=0.9),  # tiny net: level 0 needs ~0.8x
@@ -176,6 +176,14 @@ def test_pipeline_reports_predicted_and_measured_latency(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "latency_table.json").exists()
     saved = json.loads((tmp_path / "run" / "artifacts" / "report.json").read_text())
     assert saved["metapruning"]["latency_ms"] == report["metapruning"]["latency_ms"]
+    # the CLI's summary names the budget in milliseconds and gives both latencies per network
+    cli._print_summary(report, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert f"budget latency ≤ {limit:.2f} ms (batch 1)" in out
+    for name, key in (("MetaPruning", "metapruning"), ("uniform", "uniform")):
+        lat = report[key]["latency_ms"]
+        assert (f"latency {lat['predicted']:.2f} ms predicted, {lat['measured']:.2f} ms measured"
+                in next(line for line in out.splitlines() if line.strip().startswith(name)))
 
 
 def test_budget_validation():
