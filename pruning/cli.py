@@ -377,24 +377,36 @@ def _percent(job: dict) -> str:
     return f"{100 * float(job.get('progress') or 0):3.0f}%"
 
 
-def _result(job: dict) -> dict | None:
-    """The MetaPruning entry of a succeeded job's stored result (``detail.result``), if any."""
-    result = ((job.get("detail") or {}).get("result") or {}).get("metapruning")
+def _result(job: dict, name: str = "metapruning") -> dict | None:
+    """An entry (``metapruning`` or ``uniform``) of a succeeded job's stored result
+    (``detail.result``), if any."""
+    result = ((job.get("detail") or {}).get("result") or {}).get(name)
     return result if isinstance(result, dict) else None
 
 
+def _entry_phrase(entry: dict) -> str:
+    """``test 90.00%, MACs 1.50M, 1.23 ms`` of one result entry (what it has of them)."""
+    parts = []
+    if entry.get("test_accuracy") is not None:
+        parts.append(f"test {100 * entry['test_accuracy']:.2f}%")
+    elif entry.get("estimated_val_accuracy") is not None:
+        parts.append(f"est. val {100 * entry['estimated_val_accuracy']:.2f}%")
+    if entry.get("macs") is not None:
+        parts.append(f"MACs {entry['macs'] / 1e6:.2f}M")
+    if isinstance(entry.get("latency_ms"), dict) and entry["latency_ms"].get("measured"):
+        parts.append(f"{entry['latency_ms']['measured']:.2f} ms")
+    return ", ".join(parts)
+
+
 def _best(job: dict) -> str:
-    """Best so far (search) or the result (succeeded), as a short phrase; '' when none."""
+    """Best so far (search) or the result (succeeded) beside the uniform baseline when it was
+    trained, as a short phrase; '' when none."""
     result = _result(job)
     if result is not None:
-        parts = []
-        if result.get("test_accuracy") is not None:
-            parts.append(f"test {100 * result['test_accuracy']:.2f}%")
-        elif result.get("estimated_val_accuracy") is not None:
-            parts.append(f"est. val {100 * result['estimated_val_accuracy']:.2f}%")
-        if result.get("macs") is not None:
-            parts.append(f"MACs {result['macs'] / 1e6:.2f}M")
-        return ", ".join(parts)
+        uniform = _result(job, "uniform")
+        if uniform is None or uniform.get("test_accuracy") is None:
+            return _entry_phrase(result)
+        return f"{_entry_phrase(result)} (uniform: {_entry_phrase(uniform)})"
     best = (job.get("detail") or {}).get("best")
     if isinstance(best, dict) and best.get("score") is not None:
         text = f"best est. val {100 * best['score']:.2f}%"

@@ -238,3 +238,16 @@ def test_summary_line_shows_a_collapse_warning():
     assert "test 10.00%" in line and "warning: test accuracy 10.00% is at chance" in line
     del job["detail"]["result"]["metapruning"]["warning"]
     assert "warning" not in _summary_line(job)
+
+
+def test_summary_line_puts_the_trained_baseline_beside_the_pick():
+    from pruning.cli import _summary_line
+
+    pick = {"test_accuracy": 0.9, "macs": 1.5e6, "latency_ms": {"predicted": 1.3, "measured": 1.2}}
+    job = {"id": "j1", "status": "succeeded", "stage": "done", "progress": 1.0, "attempt": 1,
+           "detail": {"result": {"metapruning": pick,
+                                 "uniform": {"test_accuracy": 0.885, "macs": 1.4e6}}}}
+    assert ("test 90.00%, MACs 1.50M, 1.20 ms (uniform: test 88.50%, MACs 1.40M)"
+            in _summary_line(job))
+    del job["detail"]["result"]["uniform"]["test_accuracy"]  # not trained: nothing to compare
+    assert "uniform" not in _summary_line(job)
