@@ -394,6 +394,8 @@ def stage_export(ctx: RunContext) -> dict:
         "device": str(ctx.device),
         "budget": {c.name: c.limit for c in constraints},
         "metanet": read_json(ctx.path("metanet/stats.json")),
+        "final": {"init": spec.final_init, "epochs": ctx.r.final.epochs,
+                  "steps": ctx.r.final.total_steps(len(ctx.data.train))},
         "search": {"evaluated": len(result.history), "generations": result.config.generations,
                    "objective": result.config.objective, "best_score": result.best.score},
         "elapsed_s": None,

@@ -122,7 +122,7 @@ def test_torchscript_matches_load_pruned(reference):
 
 
 def test_report_compares_winner_and_uniform_within_the_budget(reference):
-    folder, report, _ = reference
+    folder, report, events = reference
     space = synthetic_space()
     full = counting.macs(space, space.largest())
     budget = report["budget"]["macs"]
@@ -152,6 +152,9 @@ def test_report_compares_winner_and_uniform_within_the_budget(reference):
     assert estimate == pytest.approx(best["score"] if report["search"]["objective"] == "accuracy"
                                      else -best["score"], abs=1e-6)
     assert report["uniform"]["estimated_val_loss"] > 0
+    # how the two were trained: the preset's final recipe, from scratch (the paper)
+    assert report["final"]["init"] == "scratch" and report["final"]["epochs"] == 1
+    assert report["final"]["steps"] == max(e["step"] for e in events if e["stage"] == "final")
 
 
 # --- resuming, and the run folder -----------------------------------------------------------
@@ -327,6 +330,7 @@ def test_generated_init_on_fashion_mnist(tmp_path):
     report = run(spec, tmp_path)
     assert "test_accuracy" in report["metapruning"]
     assert "test_accuracy" not in report["uniform"]
+    assert report["final"] == {"init": "generated", "epochs": 1, "steps": 1}
     assert not (tmp_path / "baseline").exists()
     config = read_json(tmp_path / "artifacts" / "config.json")
     assert config["dataset"]["name"] == "fashion-mnist" and config["input_shape"] == [1, 28, 28]
