@@ -121,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--objective", choices=["accuracy", "loss"],
                     help="what the search maximises: the estimated held-out accuracy or minus "
                          "the estimated held-out cross-entropy (default: the preset's)")
+    ap.add_argument("--final-init", choices=["scratch", "generated"],
+                    help="final training of both networks from scratch (the paper) or from the "
+                         "PruningNet's generated weights (default: the pipeline's, scratch)")
     ap.add_argument("--tau-candidates", type=int, help="0 skips the Kendall tau part")
     ap.add_argument("--tau-epochs", type=float, help="short final-recipe schedule per candidate")
     ap.add_argument("--tau-max-steps", type=int)
@@ -290,6 +293,8 @@ class Bench:
                       search=search, final=self.recipe(a.epochs_final))
         if metanet_from is not None:
             fields["metanet_from"] = str(metanet_from)
+        if a.final_init:
+            fields["final_init"] = a.final_init
         return PipelineSpec(**fields)
 
     @staticmethod
@@ -625,7 +630,7 @@ class Bench:
                 "epochs_metanet", "epochs_final", "batch_size", "lr", "warmup_epochs",
                 "max_steps", "train_limit", "test_limit", "val_size", "eval_images",
                 "calib_batches", "calib_batch_size", "search_population", "search_generations",
-                "objective", "tau_candidates", "tau_epochs", "tau_max_steps", "time_budget_s",
+                "objective", "final_init", "tau_candidates", "tau_epochs", "tau_max_steps", "time_budget_s",
                 "tau_reserve_s", "jobs")},
             "summary": self.summary(),
             "kendall": self.tau,

@@ -76,9 +76,13 @@ def test_pipeline_speed_tiny(tmp_path):
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_quality_tiny(tmp_path, jobs):
-    """Seeds in turn, or each in its own process at once (merged into the same JSON)."""
+    """Seeds in turn, or each in its own process at once (merged into the same JSON; there
+    both networks are fine-tuned from generated weights, a setting the children must get)."""
     args = ["--tiny", "--out", str(tmp_path / "quality.json"), "--work-dir", str(tmp_path / "w"),
             "--jobs", str(jobs)]
+    final_init = "generated" if jobs > 1 else "scratch"
+    if jobs > 1:
+        args += ["--final-init", final_init]
     if not fashion_mnist_present():
         args += ["--dataset", "synthetic"]
     d = run_script("bench_quality.py", *args, timeout=170)
@@ -90,6 +94,11 @@ def test_quality_tiny(tmp_path, jobs):
         (seed, b) for seed in (0, 1) for b in (0.5, 0.25, 0.1)]
     assert d["metanet_reuse"] == "metanet_from"
     assert len(d["runs"]) == 6
+    for seed in (0, 1):
+        for budget in ("0.5", "0.1"):
+            spec = json.loads((tmp_path / "w" / f"seed{seed}" / f"macs{budget}" / "spec.json")
+                              .read_text())
+            assert spec.get("final_init", "scratch") == final_init
     assert [r["metanet_reused"] for r in d["runs"]] == [False, True, True] * 2
     for r in d["runs"]:
         for name in ("metapruning", "uniform"):
