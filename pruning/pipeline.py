@@ -414,6 +414,7 @@ def stage_export(ctx: RunContext) -> dict:
     sample = next(iter(ctx.data.test.batches(8, device="cpu")))[0]
     best = Candidate(tuple(result.best.choices))
     mp, uniform = report["metapruning"], report["uniform"]
+    budget_macs = next((c.limit for c in constraints if isinstance(c, MacsConstraint)), None)
     uniform_score = score_of({"accuracy": uniform["estimated_val_accuracy"],
                               "loss": uniform["estimated_val_loss"]}, result.config.objective)
     report["elapsed_s"] = round(time.perf_counter() - ctx.t_start, 3)
@@ -425,10 +426,10 @@ def stage_export(ctx: RunContext) -> dict:
                         "report.json": json_bytes(report),
                         "pareto.png": pareto_png(
                             result.history, result.best,
-                            (uniform["macs"], uniform_score),
-                            next((c.limit for c in constraints
-                                  if isinstance(c, MacsConstraint)), None),
-                            title=f"{spec.arch} on {spec.dataset}: score vs MACs",
+                            (uniform["macs"], uniform_score), budget_macs,
+                            title=f"{spec.arch} on {spec.dataset}: score vs MACs" + (
+                                "" if budget_macs else  # else the plot draws no budget line
+                                f" ({'; '.join(c.describe() for c in constraints)})"),
                             score_label=SCORE_LABELS[result.config.objective])})
     return report
 
