@@ -18,6 +18,7 @@ Errors in what the user typed are reported in one line with exit status 2, never
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -292,6 +293,9 @@ def cmd_export(a) -> dict:
         _print_summary(report, a.out)
         return {}
     return report
+
+
+_STAGE_COMMANDS = (cmd_search, cmd_train, cmd_evaluate, cmd_export)  # resume by default
 
 
 def cmd_db(a) -> dict:
@@ -978,11 +982,17 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         out = args.fn(args)
-    except (UserError, ValueError, KeyError, OSError) as e:
+    except OSError as e:
+        message = _one_line(e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            message = f"no space left on the device ({message}){_how_to_continue(args)}"
+        print(f"metaprune: error: {message}", file=sys.stderr)
+        return 2
+    except (UserError, ValueError, KeyError) as e:
         print(f"metaprune: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("metaprune: interrupted (resume with --resume)", file=sys.stderr)
+        print(f"metaprune: interrupted{_how_to_continue(args)}", file=sys.stderr)
         return 130
     if isinstance(out, int) and not isinstance(out, bool):  # an exit status (`watch`)
         return out
@@ -992,6 +1002,16 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `metaprune space … | head`: the reader left; not an error
             sys.stderr = open(os.devnull, "w")
     return 0
+
+
+def _how_to_continue(args) -> str:
+    """How a run stopped midway continues (its last checkpoint is intact): ``prune`` and
+    ``train-metanet`` with ``--resume``, the later stage commands by running them again."""
+    if getattr(args, "resume", None) is not None:
+        return "; continue from the last checkpoint: the same command with --resume"
+    if getattr(args, "fn", None) in _STAGE_COMMANDS:
+        return "; continue from the last checkpoint: run the same command again"
+    return ""
 
 
 def _one_line(e: Exception) -> str:

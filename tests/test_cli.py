@@ -208,3 +208,31 @@ def test_progress_lines_give_the_stage_eta(capsys, monkeypatch):
 ])
 def test_summary_names_the_budget_in_words(limits, text):
     assert cli._budget_text(limits) == text
+
+
+@pytest.mark.parametrize("raised, message", [
+    (KeyboardInterrupt(), "metaprune: interrupted; continue from the last checkpoint: the same "
+                          "command with --resume\n"),
+    (OSError(28, "No space left on device"),
+     "metaprune: error: no space left on the device ([Errno 28] No space left on device); "
+     "continue from the last checkpoint: the same command with --resume\n"),
+])
+def test_a_stopped_run_says_how_to_continue(capsys, monkeypatch, tmp_path, raised, message):
+    def stopped(a):
+        raise raised
+    monkeypatch.setattr(cli, "cmd_prune", stopped)
+    status = cli.main(["prune", "--arch", "test_resnet", "--out", str(tmp_path / "run")])
+    assert status == (130 if isinstance(raised, KeyboardInterrupt) else 2)
+    assert capsys.readouterr().err == message
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["train-metanet", "--out", "r"], "the same command with --resume"),
+    (["search", "--out", "r"], "run the same command again"),  # stages resume by themselves
+    (["export", "--out", "r"], "run the same command again"),
+    (["watch", "J1"], None),  # nothing to continue: no hint
+    (["measure", "test_resnet"], None),
+])
+def test_how_to_continue_fits_the_command(argv, hint):
+    text = cli._how_to_continue(cli.make_parser().parse_args(argv))
+    assert (hint in text) if hint else text == ""
