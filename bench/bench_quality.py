@@ -14,9 +14,9 @@ The defaults are meant to fit one H100-class GPU in under 10 minutes; measured o
 (2026-11-27) a seed took ~250 s, so three in turn need ~13 min: ``--jobs`` (3) runs the seeds
 at once, each in its own process on the same device, and the tau part in this process as soon
 as the first seed's PruningNet is trained. On CUDA the pipeline trains plain nets and the
-PruningNet from CUDA graphs; :func:`check_cuda_graphs` first verifies on small ones that a
-graphed training ends where an eager one does, and turns graphs off for the run otherwise
-(``cuda_graphs`` in the JSON). ``--time-budget-s`` skips whole seeds (and then tau candidates)
+PruningNet from CUDA graphs; :func:`check_cuda_graphs` first verifies on small ones, in a
+process of its own, that a graphed training ends where an eager one does, and turns graphs off
+for the run otherwise (``cuda_graphs`` in the JSON). ``--time-budget-s`` skips whole seeds (and then tau candidates)
 that would not fit, cancels a stage running past it, and says so in the JSON. ``--tiny`` runs a tiny test
 architecture on a few hundred images on a CPU in well under 3 minutes: it checks the script,
 its numbers are not a result.
@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--tiny", action="store_true",
                     help="CPU check of the script (test architecture, tiny data); not a result")
+    ap.add_argument("--check-cuda-graphs", action="store_true",
+                    help="only check CUDA-graph training (JSON verdict; the benchmark runs it in "
+                         "a process of its own before the seeds)")
     ap.add_argument("--out", help="also write the JSON to this file (rewritten after every run)")
     ap.add_argument("--arch")
     ap.add_argument("--width-mult", type=float, help="the architecture's width multiplier")
@@ -235,6 +238,27 @@ def check_cuda_graphs(arch: str, device: str = "cuda", steps: int = 12, **graphs
     pnet = compare(PruningNet(space).to(device),
                    lambda *args, **kw: train_pruningnet(*args, fixed_shapes=True, **kw))
     return {"ok": plain["ok"] and pnet["ok"], "steps": steps, "plain": plain, "pruningnet": pnet}
+
+
+def cuda_graphs_verdict(command: list[str], timeout_s: float = 180.0) -> dict:
+    """:func:`check_cuda_graphs` run by ``command`` (this script with ``--check-cuda-graphs``)
+    in a process of its own: a failed capture can leave a CUDA context unusable, or end its
+    process, and a GPU run is one shot — there it costs only the graphs, not the benchmark.
+    Any failure is a verdict against graphs, with the reason."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"the check took over {timeout_s:g} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"ok": False, "error": f"the check ended with status {done.returncode}: {last}"}
+    try:
+        verdict = json.loads(done.stdout)
+    except ValueError:
+        verdict = None
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("ok"), bool):
+        return {"ok": False, "error": "the check printed no verdict"}
+    return verdict
 
 
 # --- the benchmark ------------------------------------------------------------------------
@@ -425,7 +449,7 @@ class Bench:
     def child_args(self) -> list[str]:
         """This run's settings as command-line options (those a child sets itself left out)."""
         own = {"seeds", "out", "work_dir", "jobs", "threads", "time_budget_s", "tau_candidates",
-               "tiny", "keep_runs"}
+               "tiny", "keep_runs", "check_cuda_graphs"}
         args = ["--tiny"] if self.a.tiny else []
         for key, value in vars(self.a).items():
             if key not in own and value is not None:
@@ -649,6 +673,10 @@ class Bench:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.check_cuda_graphs:  # the child of cuda_graphs_verdict
+        verdict = check_cuda_graphs(a.arch)
+        print(json.dumps(verdict))
+        return verdict
     if a.threads:  # one thread on a shared 2-core machine: spinning OpenMP threads cost 10×
         torch.set_num_threads(a.threads)
     missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
@@ -662,10 +690,8 @@ def main(argv=None) -> dict:
         f"PruningNet reuse: {bench.reuse}, runs in {bench.work}")
     use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     if use_cuda and "METAPRUNE_CUDA_GRAPHS" not in os.environ:  # children inherit the verdict
-        try:
-            bench.cuda_graphs = check_cuda_graphs(a.arch)
-        except Exception as e:  # noqa: BLE001 — the benchmark goes on without graphs
-            bench.cuda_graphs = {"ok": False, "error": repr(e)}
+        bench.cuda_graphs = cuda_graphs_verdict(
+            [sys.executable, __file__, "--check-cuda-graphs", "--arch", a.arch])
         os.environ["METAPRUNE_CUDA_GRAPHS"] = "1" if bench.cuda_graphs["ok"] else "0"
         log(f"CUDA graphs for plain-net training: {bench.cuda_graphs}")
     try:

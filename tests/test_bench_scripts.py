@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pruning.data import FASHION_MNIST_DEFAULT_DIR, FASHION_MNIST_ENV
 
@@ -261,3 +262,29 @@ def test_pruningnet_fit_tiny(tmp_path):
         assert all(0 <= v <= 1 for v in r["estimates"]) and 0 <= r["largest_estimate"] <= 1
         assert r["loss_curve"] and all(v > 0 for v in r["loss_curve"])
     assert d["plain"]["epochs"] == 1.0 and len(d["plain"]["val_accuracy"]) == 1
+
+
+@pytest.mark.parametrize("code, timeout_s, expected", [
+    ("print('{\"ok\": true, \"steps\": 12}')", 30, {"ok": True, "steps": 12}),
+    ("import sys; sys.stderr.write('capture broke\\n'); sys.exit(3)", 30,
+     {"ok": False, "error": "the check ended with status 3: capture broke"}),
+    ("import os; os.abort()", 30, {"ok": False, "error": "the check ended with status -6: no output"}),
+    ("print('hello')", 30, {"ok": False, "error": "the check printed no verdict"}),
+    ("import time; time.sleep(30)", 0.5, {"ok": False, "error": "the check took over 0.5 s"}),
+])
+def test_cuda_graphs_verdict_survives_a_broken_check(code, timeout_s, expected):
+    """The check runs in its own process, so whatever happens there (a crash, a hang, no
+    answer) the benchmark gets a verdict against graphs and goes on."""
+    verdict = import_bench_quality().cuda_graphs_verdict([sys.executable, "-c", code], timeout_s)
+    assert verdict == expected
+
+
+def test_cuda_graphs_check_flag_runs_the_check():
+    """The real child command: on a machine without CUDA the check itself fails, and says so."""
+    bench = import_bench_quality()
+    verdict = bench.cuda_graphs_verdict([sys.executable, str(ROOT / "bench" / "bench_quality.py"),
+                                         "--check-cuda-graphs", "--arch", "test_mobilenet_v2"])
+    if torch.cuda.is_available():
+        assert isinstance(verdict["ok"], bool) and "plain" in verdict
+    else:
+        assert verdict["ok"] is False and verdict["error"].startswith("the check ended with status 1")
