@@ -16,10 +16,10 @@ at once, each in its own process on the same device, and the tau part in this pr
 as the first seed's PruningNet is trained. On CUDA the pipeline trains plain nets and the
 PruningNet from CUDA graphs; :func:`check_cuda_graphs` first verifies on small ones, in a
 process of its own, that a graphed training ends where an eager one does, and turns graphs off
-for the run otherwise (``cuda_graphs`` in the JSON). ``--time-budget-s`` skips whole seeds (and then tau candidates)
-that would not fit, cancels a stage running past it, and says so in the JSON. ``--tiny`` runs a tiny test
-architecture on a few hundred images on a CPU in well under 3 minutes: it checks the script,
-its numbers are not a result.
+for the run otherwise (``cuda_graphs`` in the JSON). ``--time-budget-s`` skips whole seeds
+(and then tau candidates) that would not fit, cancels a stage running past it, and says so in
+the JSON. ``--tiny`` runs a tiny test architecture on a few hundred images on a CPU in well
+under 3 minutes: it checks the script, its numbers are not a result.
 
     python bench/bench_quality.py [--out FILE] [--seeds 0,1,2] [--budgets 0.5,0.25,0.1] ...
     python bench/bench_quality.py --tiny
@@ -654,8 +654,8 @@ class Bench:
                 "epochs_metanet", "epochs_final", "batch_size", "lr", "warmup_epochs",
                 "max_steps", "train_limit", "test_limit", "val_size", "eval_images",
                 "calib_batches", "calib_batch_size", "search_population", "search_generations",
-                "objective", "final_init", "tau_candidates", "tau_epochs", "tau_max_steps", "time_budget_s",
-                "tau_reserve_s", "jobs")},
+                "objective", "final_init", "tau_candidates", "tau_epochs", "tau_max_steps",
+                "time_budget_s", "tau_reserve_s", "jobs")},
             "summary": self.summary(),
             "kendall": self.tau,
             "runs": self.runs,

@@ -268,7 +268,8 @@ def test_pruningnet_fit_tiny(tmp_path):
     ("print('{\"ok\": true, \"steps\": 12}')", 30, {"ok": True, "steps": 12}),
     ("import sys; sys.stderr.write('capture broke\\n'); sys.exit(3)", 30,
      {"ok": False, "error": "the check ended with status 3: capture broke"}),
-    ("import os; os.abort()", 30, {"ok": False, "error": "the check ended with status -6: no output"}),
+    ("import os; os.abort()", 30,
+     {"ok": False, "error": "the check ended with status -6: no output"}),
     ("print('hello')", 30, {"ok": False, "error": "the check printed no verdict"}),
     ("import time; time.sleep(30)", 0.5, {"ok": False, "error": "the check took over 0.5 s"}),
 ])
@@ -287,4 +288,5 @@ def test_cuda_graphs_check_flag_runs_the_check():
     if torch.cuda.is_available():
         assert isinstance(verdict["ok"], bool) and "plain" in verdict
     else:
-        assert verdict["ok"] is False and verdict["error"].startswith("the check ended with status 1")
+        assert verdict["ok"] is False
+        assert verdict["error"].startswith("the check ended with status 1")
