@@ -83,16 +83,9 @@ def classify(exc: BaseException) -> tuple[str, bool]:
 
 
 def one_line(exc: BaseException) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors) and type(exc).__name__ == "ValidationError":  # pydantic: one per field
-        parts = []
-        for err in errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            where = ".".join(str(x) for x in err["loc"])
-            parts.append(f"{where}: {msg}" if where else msg)
-        text = "; ".join(parts)
-    else:
-        text = " ".join(str(exc).split())
+    from pruning.spec import error_message
+
+    text = error_message(exc)
     if classify(exc)[0] == "internal":
         text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"

@@ -30,7 +30,7 @@ from pruning import counting
 from pruning.constraints import format_count, parse_count
 from pruning.registry import list_archs
 from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
-from pruning.spec import DATASETS
+from pruning.spec import DATASETS, error_message
 
 
 class UserError(Exception):
@@ -983,13 +983,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = args.fn(args)
     except OSError as e:
-        message = _one_line(e)
+        message = error_message(e)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             message = f"no space left on the device ({message}){_how_to_continue(args)}"
         print(f"metaprune: error: {message}", file=sys.stderr)
         return 2
     except (UserError, ValueError, KeyError) as e:
-        print(f"metaprune: error: {_one_line(e)}", file=sys.stderr)
+        print(f"metaprune: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"metaprune: interrupted{_how_to_continue(args)}", file=sys.stderr)
@@ -1012,19 +1012,6 @@ def _how_to_continue(args) -> str:
     if getattr(args, "fn", None) in _STAGE_COMMANDS:
         return "; continue from the last checkpoint: run the same command again"
     return ""
-
-
-def _one_line(e: Exception) -> str:
-    """The message of ``e`` on one line (pydantic's multi-line reports included)."""
-    errors = getattr(e, "errors", None)
-    if callable(errors) and type(e).__name__ == "ValidationError":
-        parts = []
-        for err in errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            where = ".".join(str(x) for x in err["loc"])
-            parts.append(f"{where}: {msg}" if where else msg)
-        return "; ".join(parts)
-    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

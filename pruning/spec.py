@@ -30,6 +30,20 @@ DATASETS = ("fashion-mnist", "imagefolder", "synthetic")
 DATASET_SHAPES = {"fashion-mnist": (10, 1, 28), "synthetic": (10, 1, 16)}
 
 
+def error_message(e: BaseException) -> str:
+    """``e``'s message on one line; a pydantic ``ValidationError`` (a bad spec) as
+    ``field: reason; field: reason`` instead of its multi-line report."""
+    errors = getattr(e, "errors", None)
+    if callable(errors) and type(e).__name__ == "ValidationError":
+        parts = []
+        for err in errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            where = ".".join(str(x) for x in err["loc"])
+            parts.append(f"{where}: {msg}" if where else msg)
+        return "; ".join(parts)
+    return " ".join(str(e).split())
+
+
 def list_datasets() -> list[str]:
     """The dataset names a spec may give (loaded by :func:`pruning.data.load_dataset`)."""
     return list(DATASETS)
