@@ -237,6 +237,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
                if cuda_graphs else None)
     module.train()
     t0, images = time.perf_counter(), 0
+    steady = None  # (time, images) at the first report: the ETA leaves out the first step's set-up
     while step < total:
         epoch = step // per_epoch
         skip = step - epoch * per_epoch
@@ -271,10 +272,15 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
                                     {"step": step, "total": total, "loss": loss_ema})
             if progress:
                 rate = images / elapsed if elapsed > 0 else 0.0
+                eta = None
+                if steady is None:
+                    steady = (t0 + elapsed, images)
+                elif t0 + elapsed > steady[0]:
+                    eta = ((total - step) * config.batch_size
+                           * (t0 + elapsed - steady[0]) / (images - steady[1]))
                 progress({"stage": stage, "step": step, "total": total,
                           "epoch": step / per_epoch, "loss": loss_ema,
-                          "lr": opt.param_groups[0]["lr"], "images_per_s": rate,
-                          "eta_s": (total - step) * config.batch_size / rate if rate else None})
+                          "lr": opt.param_groups[0]["lr"], "images_per_s": rate, "eta_s": eta})
             if step >= total:
                 break
     elapsed = time.perf_counter() - t0

@@ -141,6 +141,35 @@ def test_fit_follows_the_schedule(data):
     assert all(e["stage"] == "train" and e["total"] == total for e in events)
 
 
+def test_eta_leaves_out_the_first_steps_set_up(data, monkeypatch):
+    """The first step pays for set-up (allocation, the first batches); an ETA from the average
+    rate would overstate the rest. A fake clock: the first step takes 100 s, every later one 1 s,
+    so after step k the remaining ``total - k`` steps take ``total - k`` seconds."""
+    import pruning.train
+
+    class Clock:
+        now = 0.0
+        reads = 0
+
+        @classmethod
+        def perf_counter(cls):
+            cls.reads += 1
+            if cls.reads > 1:  # the first read is the start; each later one ends a step
+                cls.now += 100.0 if cls.reads == 2 else 1.0
+            return cls.now
+
+    monkeypatch.setattr(pruning.train, "time", Clock)
+    space = space_for("test_mobilenet_v1")
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.1, augment=False)
+    events = []
+    train_network(build(space, space.smallest()), data.train, config, progress=events.append)
+    total = events[0]["total"]
+    assert total > 3 and events[0]["eta_s"] is None  # no steady rate after one step
+    assert [e["eta_s"] for e in events[1:]] == pytest.approx(
+        [float(total - e["step"]) for e in events[1:]])
+
+
 # --- learning -------------------------------------------------------------------------------
 
 
