@@ -497,8 +497,8 @@ class _WatchPrinter:
         self.last: tuple | None = None
 
     def __call__(self, job: dict) -> None:
-        stage, pct, best = job.get("stage") or "-", int(100 * float(
-            job.get("progress") or 0)), _best(job)
+        stage = job.get("stage") or ("starting" if job["status"] == "running" else "-")
+        pct, best = int(100 * float(job.get("progress") or 0)), _best(job)
         if self.mode == "bars":
             from tqdm import tqdm
 

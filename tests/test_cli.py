@@ -195,10 +195,13 @@ def test_progress_lines_give_the_stage_eta(capsys, monkeypatch):
         "[final] 1/5 loss=1 eta 42s", "[final] 2/5 loss=1 eta 3m05s",
         "[final] 3/5 loss=1 eta 2h02m", "[final] 4/5 loss=1", "[final] 5/5 loss=1"]
     watch = cli._WatchPrinter()  # `metaprune watch`: the job's detail holds its stage's eta_s
+    watch({"status": "queued", "stage": None, "progress": 0.0, "detail": {}})
+    watch({"status": "running", "stage": None, "progress": 0.0, "detail": {}})  # just claimed
     watch({"status": "running", "stage": "metanet", "progress": 0.2, "detail": {"eta_s": 95.2}})
     watch({"status": "succeeded", "stage": "done", "progress": 1.0, "detail": {"eta_s": 3}})
     assert capsys.readouterr().err.splitlines() == [
-        "[metanet] running 20%  (stage eta 1m35s)", "[done] succeeded 100%"]
+        "[-] queued 0%", "[starting] running 0%", "[metanet] running 20%  (stage eta 1m35s)",
+        "[done] succeeded 100%"]
 
 
 @pytest.mark.parametrize("limits, text", [
