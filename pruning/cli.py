@@ -659,6 +659,7 @@ class ProgressPrinter:
         self.mode = "off" if quiet else ("bars" if sys.stderr.isatty() else "lines")
         self.bar = None
         self.stage = None
+        self.eta_shown: set[str] = set()  # stages whose first ETA has been printed
 
     def __call__(self, event: dict) -> None:
         stage = event.get("stage")
@@ -684,11 +685,14 @@ class ProgressPrinter:
     def _plain(self, event: dict) -> None:
         stage = event.get("stage")
         step, total = _done(event), event.get("total", event.get("generations"))
-        if step is not None and total and stage != "done" and (step == total or step == 1 or
-                                                                step % max(1, total // 10) == 0):
+        eta = _eta(event) if step is not None and total and step < total else ""
+        first_eta = bool(eta) and stage not in self.eta_shown  # soon, not at the first tenth
+        if step is not None and total and stage != "done" and (
+                step == total or step == 1 or step % max(1, total // 10) == 0 or first_eta):
             extra = "".join(f" {k}={event[k]:.4g}" for k in ("loss", "best_score")
                             if event.get(k) is not None)
-            eta = _eta(event) if step < total else ""
+            if eta:
+                self.eta_shown.add(stage)
             print(f"[{stage}] {step}/{total}{extra}{eta}", file=sys.stderr, flush=True)
         elif event.get("message"):
             print(f"[{stage}] {event['message']}", file=sys.stderr, flush=True)

@@ -194,6 +194,13 @@ def test_progress_lines_give_the_stage_eta(capsys, monkeypatch):
     assert capsys.readouterr().err.splitlines() == [
         "[final] 1/5 loss=1 eta 42s", "[final] 2/5 loss=1 eta 3m05s",
         "[final] 3/5 loss=1 eta 2h02m", "[final] 4/5 loss=1", "[final] 5/5 loss=1"]
+    # a long stage: the first ETA (known after step 1) is printed at once, not at the first tenth
+    for step in range(1, 101):
+        printer({"stage": "metanet", "step": step, "total": 100, "loss": 2.0,
+                 "eta_s": None if step == 1 else 100.0 - step})
+    assert capsys.readouterr().err.splitlines()[:4] == [
+        "[metanet] 1/100 loss=2", "[metanet] 2/100 loss=2 eta 1m38s",
+        "[metanet] 10/100 loss=2 eta 1m30s", "[metanet] 20/100 loss=2 eta 1m20s"]
     watch = cli._WatchPrinter()  # `metaprune watch`: the job's detail holds its stage's eta_s
     watch({"status": "queued", "stage": None, "progress": 0.0, "detail": {}})
     watch({"status": "running", "stage": None, "progress": 0.0, "detail": {}})  # just claimed
