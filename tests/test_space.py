@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from fractions import Fraction
 
 import pytest
@@ -435,3 +436,37 @@ def test_min_channels_floors_every_group_below_its_maximum(floor):
     assert SearchSpace.from_dict(old).width_table == plain.width_table
     with pytest.raises(ValueError, match="min_channels"):
         SearchSpace.create("mobilenet_v1", min_channels=0)
+
+
+PLUGIN = '''
+from pruning.archs import mobilenet_v1_plan
+from pruning.registry import register_arch
+
+
+@register_arch("test_plugin_short_v1")
+def short_v1(num_classes=1000, in_channels=3, input_size=224, width_mult=1.0):
+    return mobilenet_v1_plan(num_classes, in_channels, input_size, width_mult,
+                             settings=((16, 1), (32, 2)))
+'''
+
+
+def test_plugins_register_architectures(tmp_path, monkeypatch, capsys):
+    """$METAPRUNE_PLUGINS names modules that register architectures; the CLI sees them."""
+    from pruning import cli
+
+    (tmp_path / "my_archs_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_ARCHS", dict(registry._ARCHS))  # leave the real one alone
+    monkeypatch.delitem(sys.modules, "my_archs_plugin", raising=False)
+    monkeypatch.setenv("METAPRUNE_PLUGINS", " my_archs_plugin , ")
+    assert "test_plugin_short_v1" in list_archs(include_test=True)
+    assert cli.main(["space", "test_plugin_short_v1"]) == 0
+    space = json.loads(capsys.readouterr().out)
+    assert [g["name"] for g in space["groups"]] == ["stem", "l1", "l2"]
+
+    monkeypatch.setenv("METAPRUNE_PLUGINS", "my_archs_plugin,no_such_plugin_module")
+    assert cli.main(["space", "mobilenet_v1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "metaprune: error: METAPRUNE_PLUGINS: cannot import 'no_such_plugin_module' "
+        "(ModuleNotFoundError: ") and err.endswith("; is its folder on PYTHONPATH?)\n")
