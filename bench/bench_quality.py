@@ -246,7 +246,8 @@ def cuda_graphs_verdict(command: list[str], timeout_s: float = 180.0) -> dict:
     process, and a GPU run is one shot — there it costs only the graphs, not the benchmark.
     Any failure is a verdict against graphs, with the reason."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"the check took over {timeout_s:g} s"}
     if done.returncode != 0:

@@ -221,11 +221,11 @@ def test_summary_names_the_budget_in_words(limits, text):
 
 
 @pytest.mark.parametrize("raised, message", [
-    (KeyboardInterrupt(), "metaprune: interrupted; continue from the last checkpoint: the same "
-                          "command with --resume\n"),
+    (KeyboardInterrupt(), ("metaprune: interrupted; continue from the last checkpoint: the "
+                           "same command with --resume\n")),
     (OSError(28, "No space left on device"),
-     "metaprune: error: no space left on the device ([Errno 28] No space left on device); "
-     "continue from the last checkpoint: the same command with --resume\n"),
+     ("metaprune: error: no space left on the device ([Errno 28] No space left on device); "
+      "continue from the last checkpoint: the same command with --resume\n")),
 ])
 def test_a_stopped_run_says_how_to_continue(capsys, monkeypatch, tmp_path, raised, message):
     def stopped(a):
