@@ -290,3 +290,23 @@ def test_cuda_graphs_check_flag_runs_the_check():
     else:
         assert verdict["ok"] is False
         assert verdict["error"].startswith("the check ended with status 1")
+
+
+def test_gpu_benchmarks_driver_runs_the_quality_benchmark(tmp_path):
+    """The one-shot device call's driver script, its quality mode, with the tiny settings on
+    this machine's Python (as `python3`, which the GPU machines provide): it writes the JSON
+    and the summary lines the call returns."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "out"
+    args = ["--tiny", "--seeds", "0", "--budgets", "0.5", "--tau-candidates", "0"]
+    if not fashion_mnist_present():
+        args += ["--dataset", "synthetic"]
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu_benchmarks.sh"), str(out), "150",
+                           "quality", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=170, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "quality: exit 0 after" in proc.stdout, proc.stdout
+    d = json.loads((out / "quality.json").read_text())
+    assert d["status"] == "complete" and d["seeds_done"] == [0] and d["tiny"] is True
+    assert d["settings"]["time_budget_s"] < 150  # the driver leaves time to write the JSON
+    assert (out / "nvidia-smi.txt").is_file() and (out / "quality.log").is_file()
