@@ -707,7 +707,8 @@ def _pipeline_args(p: argparse.ArgumentParser, local: bool = True) -> None:
     """The options of ``prune`` and ``train-metanet`` (what a run's spec.json holds); without
     ``local`` (``submit``) no run folder options: the server decides where a job runs."""
     p.add_argument("--arch", default="mobilenet_v2",
-                   help="architecture (`metaprune archs` lists them; default: %(default)s)")
+                   help="architecture (`metaprune archs` lists them, $METAPRUNE_PLUGINS adds "
+                        "more; default: %(default)s)")
     p.add_argument("--dataset", default="fashion-mnist",
                    help=f"one of {', '.join(DATASETS)}; imagefolder reads a class-per-folder "
                         "tree from --data-root (default: %(default)s)")
