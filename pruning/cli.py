@@ -329,6 +329,7 @@ def cmd_worker(a) -> dict:
     settings = Settings(**overrides)
     if a.poll_seconds <= 0:
         raise UserError(f"--poll-seconds must be positive, got {a.poll_seconds}")
+    list_archs()  # a broken $METAPRUNE_PLUGINS fails the start, not every job
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     worker = Worker(settings, worker_id=a.worker_id, device=a.device)
@@ -782,6 +783,7 @@ def cmd_serve(a) -> dict:
 
     if a.workers < 0:
         raise UserError("--workers must be 0 or more")
+    list_archs()  # a broken $METAPRUNE_PLUGINS fails the start, not every job
     settings = get_settings()
     url = a.database_url or settings.database_url
     artifact_dir = str(Path(a.artifact_dir or settings.artifact_dir).resolve())

@@ -470,3 +470,9 @@ def test_plugins_register_architectures(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and err.startswith(
         "metaprune: error: METAPRUNE_PLUGINS: cannot import 'no_such_plugin_module' "
         "(ModuleNotFoundError: ") and err.endswith("; is its folder on PYTHONPATH?)\n")
+    # the service's processes fail at their start, before any job or database work
+    db = f"sqlite:///{tmp_path / 'jobs.db'}"
+    for argv in (["worker", "--database-url", db], ["serve", "--database-url", db]):
+        assert cli.main(argv) == 2
+        assert "cannot import 'no_such_plugin_module'" in capsys.readouterr().err
+    assert not (tmp_path / "jobs.db").exists()
