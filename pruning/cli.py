@@ -989,14 +989,11 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         out = args.fn(args)
-    except OSError as e:
+    except (UserError, ValueError, KeyError, OSError) as e:
         message = error_message(e)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             message = f"no space left on the device ({message}){_how_to_continue(args)}"
         print(f"metaprune: error: {message}", file=sys.stderr)
-        return 2
-    except (UserError, ValueError, KeyError) as e:
-        print(f"metaprune: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"metaprune: interrupted{_how_to_continue(args)}", file=sys.stderr)

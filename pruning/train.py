@@ -237,7 +237,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
                if cuda_graphs else None)
     module.train()
     t0, images = time.perf_counter(), 0
-    steady = None  # (time, images) at the first report: the ETA leaves out the first step's set-up
+    steady = None  # (elapsed, images) at the first report: the ETA leaves out the set-up
     while step < total:
         epoch = step // per_epoch
         skip = step - epoch * per_epoch
@@ -274,10 +274,10 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
                 rate = images / elapsed if elapsed > 0 else 0.0
                 eta = None
                 if steady is None:
-                    steady = (t0 + elapsed, images)
-                elif t0 + elapsed > steady[0]:
+                    steady = (elapsed, images)
+                elif elapsed > steady[0]:
                     eta = ((total - step) * config.batch_size
-                           * (t0 + elapsed - steady[0]) / (images - steady[1]))
+                           * (elapsed - steady[0]) / (images - steady[1]))
                 progress({"stage": stage, "step": step, "total": total,
                           "epoch": step / per_epoch, "loss": loss_ema,
                           "lr": opt.param_groups[0]["lr"], "images_per_s": rate, "eta_s": eta})
