@@ -265,9 +265,8 @@ def cmd_train(a) -> dict:
     ctx, printer = _stage(a)
     trained = stage_train(ctx)
     printer.close()
-    folders = {"metapruning": "final", "uniform": "baseline"}
-    out = {"run": a.out, "trained": {k: str(Path(a.out) / folders[k] / "model.safetensors")
-                                     for k in trained}}
+    out = {"run": a.out, "trained": {k: str(Path(a.out) / folder / "model.safetensors")
+                                     for k, folder, _ in ctx.final_trainings()}}
     if not a.json:
         print(f"trained {', '.join(trained)}; next: metaprune evaluate --out {a.out}")
         return {}
@@ -628,6 +627,8 @@ def _print_summary(report: dict, out: str) -> None:
     print(f"\n{report['arch']} on {report['dataset']}, budget {_budget_text(report['budget'])}")
     print(line("MetaPruning", mp))
     print(line("uniform", un))
+    if mp["candidate"] == un["candidate"]:
+        print("  (the search picked the uniform network: no better one found)")
     for name, e in (("MetaPruning", mp), ("uniform", un)):
         if "warning" in e:
             print(f"  warning: {name}: {e['warning']}", file=sys.stderr)

@@ -14,7 +14,8 @@ be run one at a time (``metaprune train-metanet / search / train / evaluate / ex
     run/search/state.json               search state, one write per generation
     run/final/state.safetensors         final training state of the winner
     run/final/model.safetensors         the trained winner
-    run/baseline/…                      the same for the uniform baseline (when asked)
+    run/baseline/…                      the same for the uniform baseline (when asked, unless
+                                        the search picked it: then it is the winner)
     run/evaluation.json                 test accuracy (and latency) of the trained networks
     run/artifacts/…                     config.json, model.safetensors, model.ts, search.json,
                                         report.json, model.onnx, pareto.png
@@ -181,14 +182,21 @@ class RunContext:
                     pass  # evolve reports the unreadable file
         return self.search_config_
 
-    def trained_nets(self) -> dict:
-        """``{"metapruning": net, "uniform": net}`` (the latter when the baseline is trained),
-        as trained in this process or loaded from the run folder."""
+    def final_trainings(self) -> list[tuple[str, str, Candidate]]:
+        """``(key, folder, candidate)`` of each network the final stage trains: MetaPruning's
+        pick in ``final/`` and, when asked, the uniform baseline in ``baseline/`` — or in
+        ``final/`` too when the search picked the uniform network itself (trained once)."""
         best = Candidate(tuple(self.search_result().best.choices))
         todo = [("metapruning", "final", best)]
         if self.spec.train_baseline:
-            todo.append(("uniform", "baseline", self.baseline))
-        for key, folder, cand in todo:
+            todo.append(("uniform", "final" if self.baseline == best else "baseline",
+                         self.baseline))
+        return todo
+
+    def trained_nets(self) -> dict:
+        """``{"metapruning": net, "uniform": net}`` (the latter when the baseline is trained),
+        as trained in this process or loaded from the run folder."""
+        for key, folder, cand in self.final_trainings():
             if key not in self.trained:
                 from pruning.modules import build
 
@@ -317,13 +325,9 @@ def stage_search(ctx: RunContext) -> SearchResult:
 def stage_train(ctx: RunContext) -> dict:
     """3. Final training of the winner (and of the uniform baseline, when asked); returns
     ``{"metapruning": net, "uniform": net}``."""
-    best = Candidate(tuple(ctx.search_result().best.choices))
-    todo = [("metapruning", best, "final")]
-    if ctx.spec.train_baseline:
-        todo.append(("uniform", ctx.baseline, "baseline"))
-    for key, cand, name in todo:
+    for key, folder, cand in ctx.final_trainings():
         if key not in ctx.trained:
-            ctx.trained[key] = _train_final(cand, name, ctx)
+            ctx.trained[key] = _train_final(cand, folder, ctx)
     return dict(ctx.trained)
 
 

@@ -33,6 +33,13 @@ level of a random gene at a time, while every budget still holds (a candidate no
 can widen is kept). It did not raise the trained accuracy of the picks in our measurements
 (``docs/benchmarks.md``), so it is off by default.
 
+**Starting from the baseline** (``include_uniform``, not in the paper; off by default).
+Generation 0 holds the uniform baseline (:func:`uniform_baseline`) beside ``population − 1``
+random candidates, so the search's best scores at least as well as the network it is compared
+with, and the next generations mutate and cross it with the best random ones. At tight budgets
+the repaired random candidates sit far from uniform (many groups at level 0), and a short search
+may otherwise end below the baseline's own score.
+
 **Small spaces.** Every loop is bounded: when too few unseen feasible candidates exist, a
 generation goes on with fewer, and a generation that cannot produce a single new candidate
 ends the search early (``SearchResult.stopped_early``).
@@ -110,7 +117,8 @@ class SearchConfig:
 
     ``max_attempts`` bounds the draws per kind (mutation, crossover, random fill) in one
     generation; ``None`` allows ten times the number wanted, as the official code does.
-    ``min_budget_use``: see "Using the budget" above. ``objective`` names what the scores
+    ``min_budget_use`` and ``include_uniform``: see "Using the budget" and "Starting from the
+    baseline" above. ``objective`` names what the scores
     measure (:data:`OBJECTIVES`); the search itself only maximises them, and records it so a
     resumed search never mixes two kinds of score.
     """
@@ -126,6 +134,7 @@ class SearchConfig:
     max_attempts: int | None = None
     min_budget_use: float = 0.0
     objective: str = "accuracy"
+    include_uniform: bool = False
 
     def __post_init__(self):
         for name in ("population", "keep_top", "parents", "generations"):
@@ -148,6 +157,8 @@ class SearchConfig:
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         check_objective(self.objective)
+        if not isinstance(self.include_uniform, bool):
+            raise ValueError(f"include_uniform must be true or false, got {self.include_uniform!r}")
         u = self.min_budget_use
         if isinstance(u, bool) or not isinstance(u, int | float) or not 0 <= u <= 1:
             raise ValueError(f"min_budget_use must be a share of the budget in [0, 1], got {u!r}")
@@ -457,6 +468,8 @@ class _Search:
 
             produce(cfg.mutants, lambda: self.mutation.mutate(rng.choice(parents), space, rng))
             produce(cfg.crossovers, lambda: self.crossover.cross(*pair(), space, rng))
+        elif generation == 0 and cfg.include_uniform:
+            offer(uniform_baseline(space, cons), widened=True)  # whatever share it uses
         produce(cfg.population - len(new),
                 lambda: random_feasible(space, cons, rng, self.min_use), widened=True)
         return new

@@ -429,12 +429,30 @@ def test_budget_floor_is_capped_by_the_largest_network(resnet):
     assert [r.key for r in result.history] == [resnet.largest().key()]
 
 
+def test_search_can_start_from_the_uniform_baseline(mbv2):
+    """include_uniform: generation 0 scores the uniform baseline first, so the best is never
+    below it; a score that peaks at uniform keeps it as the best; off, a tight budget's random
+    candidates miss it."""
+    budget = MacsConstraint(counting.macs(mbv2, mbv2.largest()) * 0.1)
+    uniform = uniform_baseline(mbv2, budget)
+    score = peak_score(uniform)
+    cfg = SearchConfig(**{**SMALL.to_dict(), "include_uniform": True})
+    result = evolve(mbv2, score, budget, cfg)
+    first = [r for r in result.history if r.generation == 0]
+    assert first[0].key == uniform.key() and len(first) == cfg.population
+    assert result.best.key == uniform.key()
+    paper = evolve(mbv2, score, budget, SMALL)
+    assert uniform.key() not in {r.key for r in paper.history}
+    assert paper.best.score < result.best.score
+
+
 def test_resume_a_state_file_written_before_the_new_settings(resnet, tmp_path):
     target, budget = target_budget(resnet)
     state = tmp_path / "state.json"
     reference = evolve(resnet, peak_score(target), budget, SMALL, state_path=state)
     old = json.loads(state.read_text())
-    del old["config"]["min_budget_use"], old["config"]["objective"]
+    for name in ("min_budget_use", "objective", "include_uniform"):
+        del old["config"][name]
     state.write_text(json.dumps(old))
     ev = Counting(peak_score(target))
     assert evolve(resnet, ev, budget, SMALL, state_path=state) == reference and ev.keys == []
@@ -470,6 +488,7 @@ def test_strategies(resnet):
     ({"min_budget_use": 1.5}, "min_budget_use"),
     ({"min_budget_use": True}, "min_budget_use"),
     ({"objective": "top5"}, "objective must be one of accuracy, loss"),
+    ({"include_uniform": 1}, "include_uniform must be true or false"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

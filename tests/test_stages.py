@@ -233,3 +233,26 @@ def test_search_by_loss_reuses_the_pruningnet_and_reports_both_estimates(referen
     assert status == 0
     assert json.loads(printed)["objective"] == "loss"
     assert json.loads(printed)["score"] == best["score"]
+
+
+def test_a_search_that_picks_the_uniform_network_trains_it_once(reference, tmp_path, capsys):
+    """``include_uniform`` with a one-candidate search: the pick is the uniform baseline, so
+    ``--baseline`` trains it once (no ``baseline/`` folder), both entries report the same
+    network and the summary says so."""
+    ref, _ = reference
+    out = tmp_path / "uniform-pick"
+    only_uniform = {"population": 1, "keep_top": 1, "parents": 1, "mutants": 0,
+                    "crossovers": 0, "generations": 1, "include_uniform": True}
+    status, printed, errors = call(
+        capsys, "prune", "--arch", ARCH, "--dataset", "synthetic", "--preset", "smoke",
+        "--device", "cpu", "--macs-ratio", "0.5", "--baseline", "--metanet-from", str(ref),
+        "--set", json.dumps({**SETTINGS, "search": only_uniform}), "--out", str(out))
+    assert status == 0 and not errors
+    assert "the search picked the uniform network" in printed
+    report = read_json(out / "artifacts" / "report.json")
+    assert report["metapruning"] == report["uniform"]
+    assert report["search"]["evaluated"] == 1
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "baseline").exists()
+    status, printed, _ = call(capsys, "train", "--out", str(out), "--json")
+    trained = json.loads(printed)["trained"]
+    assert status == 0 and trained["metapruning"] == trained["uniform"]
