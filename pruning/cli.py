@@ -613,6 +613,14 @@ def _budget_text(limits: dict) -> str:
                      for key, value in limits.items())
 
 
+def _scores_below(pick: dict, uniform: dict, objective: str) -> bool:
+    """Whether the pick's PruningNet estimate is worse than the uniform network's by the
+    search's own objective (held-out accuracy, or cross-entropy for ``loss``)."""
+    if objective == "loss":
+        return pick["estimated_val_loss"] > uniform["estimated_val_loss"]
+    return pick["estimated_val_accuracy"] < uniform["estimated_val_accuracy"]
+
+
 def _print_summary(report: dict, out: str) -> None:
     mp, un = report["metapruning"], report["uniform"]
 
@@ -629,6 +637,10 @@ def _print_summary(report: dict, out: str) -> None:
     print(line("uniform", un))
     if mp["candidate"] == un["candidate"]:
         print("  (the search picked the uniform network: no better one found)")
+    elif _scores_below(mp, un, report["search"]["objective"]):
+        print("  note: the search's pick scores below the uniform network on the held-out "
+              "images; a longer search (search.generations) or search.include_uniform finds "
+              "one at least as good")
     for name, e in (("MetaPruning", mp), ("uniform", un)):
         if "warning" in e:
             print(f"  warning: {name}: {e['warning']}", file=sys.stderr)

@@ -220,6 +220,25 @@ def test_summary_names_the_budget_in_words(limits, text):
     assert cli._budget_text(limits) == text
 
 
+@pytest.mark.parametrize("objective, pick, note", [
+    ("accuracy", {"estimated_val_accuracy": 0.476, "estimated_val_loss": 1.2}, True),
+    ("accuracy", {"estimated_val_accuracy": 0.53, "estimated_val_loss": 1.9}, False),
+    ("loss", {"estimated_val_accuracy": 0.53, "estimated_val_loss": 1.9}, True),
+    ("loss", {"estimated_val_accuracy": 0.476, "estimated_val_loss": 1.2}, False),
+])
+def test_summary_notes_a_pick_its_search_scores_below_uniform(capsys, objective, pick, note):
+    """By the search's own objective: lower accuracy, or higher cross-entropy, than uniform."""
+    entry = {"macs": 286_816, "params": 20_000, "test_accuracy": 0.7}
+    report = {"arch": "mobilenet_v1", "dataset": "fashion-mnist", "budget": {"macs": 289_513},
+              "search": {"objective": objective}, "elapsed_s": 60.0,
+              "metapruning": {**entry, **pick, "candidate": "0-9-13"},
+              "uniform": {**entry, "candidate": "5-5-5", "estimated_val_accuracy": 0.526,
+                          "estimated_val_loss": 1.5}}
+    cli._print_summary(report, "runs/x")
+    assert ("note: the search's pick scores below the uniform network"
+            in capsys.readouterr().out) is note
+
+
 @pytest.mark.parametrize("raised, message", [
     (KeyboardInterrupt(), ("metaprune: interrupted; continue from the last checkpoint: the "
                            "same command with --resume\n")),

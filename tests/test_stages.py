@@ -182,8 +182,8 @@ def test_stage_functions_refuse_to_run_out_of_order(tmp_path):
 
 def test_a_run_keeps_the_search_settings_it_started_with(reference, tmp_path, capsys,
                                                          monkeypatch):
-    """A newer version's preset may set the search otherwise (here: another objective and a
-    budget floor); a run whose search is recorded still reads back and finishes with the
+    """A newer version's preset may set the search otherwise (here: another objective, a
+    budget floor and a start from the uniform network); a run whose search is recorded still reads back and finishes with the
     settings it started with. A state file written before a setting existed holds its
     default."""
     ref, ref_report = reference
@@ -193,10 +193,11 @@ def test_a_run_keeps_the_search_settings_it_started_with(reference, tmp_path, ca
     state = read_json(state_path)
     assert state["config"].pop("min_budget_use") == 0
     assert state["config"].pop("objective") == "accuracy"
+    assert state["config"].pop("include_uniform") is False
     state_path.write_text(json.dumps(state))
     shutil.rmtree(old / "artifacts")  # export again from the old search
     newer = {**PRESETS["smoke"], "search": {**PRESETS["smoke"]["search"], "objective": "loss",
-                                            "min_budget_use": 0.9}}
+                                            "min_budget_use": 0.9, "include_uniform": True}}
     monkeypatch.setitem(PRESETS, "smoke", newer)
 
     assert prepare(spec(), old, resume=True).search_result().best.key == \
