@@ -157,8 +157,9 @@ class SearchConfig:
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         check_objective(self.objective)
-        if not isinstance(self.include_uniform, bool):
-            raise ValueError(f"include_uniform must be true or false, got {self.include_uniform!r}")
+        if not isinstance(self.include_uniform, bool):  # ValueError: a bad setting (422)
+            raise ValueError("include_uniform must be true or false, got "  # noqa: TRY004
+                             f"{self.include_uniform!r}")
         u = self.min_budget_use
         if isinstance(u, bool) or not isinstance(u, int | float) or not 0 <= u <= 1:
             raise ValueError(f"min_budget_use must be a share of the budget in [0, 1], got {u!r}")

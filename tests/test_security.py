@@ -499,6 +499,7 @@ ABSURD = [
     ("search.mutation_prob", 1.5, "search"), ("search.max_attempts", 10**12, "search"),
     ("search.population", "50", "search"), ("search.bogus", 1, "search"),
     ("search.seed", 7, "search"),  # was silently ignored (the spec's seed wins)
+    ("search.include_uniform", "yes", "search"), ("search.include_uniform", 1, "search"),
 ]
 
 
