@@ -613,16 +613,11 @@ def _budget_text(limits: dict) -> str:
                      for key, value in limits.items())
 
 
-def _scores_below(pick: dict, uniform: dict, objective: str) -> bool:
-    """Whether the pick's PruningNet estimate is worse than the uniform network's by the
-    search's own objective (held-out accuracy, or cross-entropy for ``loss``)."""
-    if objective == "loss":
-        return pick["estimated_val_loss"] > uniform["estimated_val_loss"]
-    return pick["estimated_val_accuracy"] < uniform["estimated_val_accuracy"]
-
-
 def _print_summary(report: dict, out: str) -> None:
+    from pruning.evaluate import entry_score
+
     mp, un = report["metapruning"], report["uniform"]
+    objective = report["search"]["objective"]
 
     def line(name, e):
         acc = f"{100 * e['test_accuracy']:.2f}%" if "test_accuracy" in e else "not trained"
@@ -637,7 +632,7 @@ def _print_summary(report: dict, out: str) -> None:
     print(line("uniform", un))
     if mp["candidate"] == un["candidate"]:
         print("  (the search picked the uniform network: no better one found)")
-    elif _scores_below(mp, un, report["search"]["objective"]):
+    elif entry_score(mp, objective) < entry_score(un, objective):
         print("  note: the search's pick scores below the uniform network on the held-out "
               "images; a longer search (search.generations) or search.include_uniform finds "
               "one at least as good")

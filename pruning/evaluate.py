@@ -122,6 +122,13 @@ def score_of(estimates: dict, objective: str) -> float:
     return estimates["accuracy"] if objective == "accuracy" else -estimates["loss"]
 
 
+def entry_score(entry: dict, objective: str) -> float:
+    """:func:`score_of` a report entry's estimates (``estimated_val_accuracy`` and
+    ``estimated_val_loss``)."""
+    return score_of({"accuracy": entry["estimated_val_accuracy"],
+                     "loss": entry["estimated_val_loss"]}, objective)
+
+
 def _take(iterator, n):
     for i, item in enumerate(iterator):
         if i >= n:

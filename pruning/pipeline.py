@@ -42,7 +42,7 @@ from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, json_byte
                                 read_json, remove_stale_temporaries, save_tensors)
 from pruning.constraints import MacsConstraint, check_binding, check_feasible
 from pruning.data import DataBundle, DatasetError, load_dataset
-from pruning.evaluate import CandidateEvaluator, score_of
+from pruning.evaluate import CandidateEvaluator, entry_score
 from pruning.export import export_model
 from pruning.report import pareto_png
 from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
@@ -357,6 +357,9 @@ def stage_evaluate(ctx: RunContext) -> dict:
     entries = {}
     for name, cand in (("metapruning", best), ("uniform", ctx.baseline)):
         net = trained.get(name)
+        if name == "uniform" and cand == best and net is not None:
+            entries[name] = entries["metapruning"]  # the search picked it: one network
+            continue
         estimates = ctx.evaluator.estimates(cand)
         entry = {"candidate": cand.key(), "widths": space.widths_by_group(cand),
                  "macs": counting.macs(space, cand), "params": counting.params(space, cand),
@@ -419,8 +422,7 @@ def stage_export(ctx: RunContext) -> dict:
     best = Candidate(tuple(result.best.choices))
     mp, uniform = report["metapruning"], report["uniform"]
     budget_macs = next((c.limit for c in constraints if isinstance(c, MacsConstraint)), None)
-    uniform_score = score_of({"accuracy": uniform["estimated_val_accuracy"],
-                              "loss": uniform["estimated_val_loss"]}, result.config.objective)
+    uniform_score = entry_score(uniform, result.config.objective)
     report["elapsed_s"] = round(time.perf_counter() - ctx.t_start, 3)
     export_model(art, net, space, best, sample=sample,
                  extra={"dataset": {"name": spec.dataset, **asdict(meta)}, "seed": spec.seed,

@@ -183,9 +183,9 @@ def test_stage_functions_refuse_to_run_out_of_order(tmp_path):
 def test_a_run_keeps_the_search_settings_it_started_with(reference, tmp_path, capsys,
                                                          monkeypatch):
     """A newer version's preset may set the search otherwise (here: another objective, a
-    budget floor and a start from the uniform network); a run whose search is recorded still reads back and finishes with the
-    settings it started with. A state file written before a setting existed holds its
-    default."""
+    budget floor and a start from the uniform network); a run whose search is recorded still
+    reads back and finishes with the settings it started with. A state file written before a
+    setting existed holds its default."""
     ref, ref_report = reference
     old = tmp_path / "old"
     shutil.copytree(ref, old)
