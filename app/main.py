@@ -23,6 +23,7 @@ from app.metrics import HttpMetrics, Registry
 from app.middleware import RequestBodyGuard
 from app.services import ServiceError
 from app.settings import Settings, get_settings
+from pruning import __version__
 
 DESCRIPTION = """Submit MetaPruning jobs, follow their progress, cancel them, download the
 pruned models.
@@ -67,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             engine.dispose()
 
-    app = FastAPI(title="metaprune", version="0.1.0", description=DESCRIPTION,
+    app = FastAPI(title="metaprune", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan,
                   openapi_tags=[{"name": "jobs", "description": "pruning jobs and their queue"},
                                 {"name": "artifacts", "description": "a job's artifacts, "

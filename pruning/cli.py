@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pruning import counting
+from pruning import __version__, counting
 from pruning.constraints import format_count, parse_count
 from pruning.registry import list_archs
 from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
@@ -866,6 +866,7 @@ def cmd_token(a) -> dict:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaprune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("archs", help="list architectures")

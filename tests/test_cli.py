@@ -45,6 +45,14 @@ def test_archs(capsys):
     assert "test_resnet" in out["archs"]
 
 
+def test_version(capsys):
+    from pruning import __version__
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"metaprune {__version__}"
+
+
 def test_console_script_entry_point():
     script = Path(sys.executable).with_name("metaprune")
     done = subprocess.run([str(script), "archs"], capture_output=True, text=True, timeout=120)
