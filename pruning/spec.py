@@ -232,7 +232,10 @@ class PipelineSpec(BaseModel):
                                           "when trained from scratch")
     train_limit: int | None = Field(None, ge=16, le=MAX_IMAGES)
     test_limit: int | None = Field(None, ge=16, le=MAX_IMAGES)
-    val_size: int | None = Field(None, ge=16, le=MAX_IMAGES)
+    val_size: Annotated[int, Field(ge=16, le=MAX_IMAGES)] | Annotated[
+        float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = Field(
+        None, description="held-out images that score the search: a count, or a fraction in "
+                          "(0, 1) of the training data")
     calib_batches: int | None = Field(None, ge=1, le=1000)
     calib_batch_size: int | None = Field(None, ge=1, le=4096)
     eval_images: int | None = Field(None, ge=16, le=MAX_IMAGES)
@@ -267,6 +270,19 @@ class PipelineSpec(BaseModel):
         if path is not None and "\0" in path:
             raise ValueError("a path cannot contain a NUL character")
         return path
+
+    @field_validator("val_size", mode="before")
+    @classmethod
+    def _count_or_fraction(cls, v):
+        """One message for both forms (the union's branches would each report their own)."""
+        ok = (v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)
+                            and math.isfinite(v)
+                            and (0 < v < 1 or (v == int(v) and 16 <= v <= MAX_IMAGES))))
+        if not ok:
+            raise ValueError(f"val_size must be a count of held-out images (16 to "
+                             f"{MAX_IMAGES:,}) or a fraction in (0, 1) of the training data, "
+                             f"got {v!r}")
+        return v
 
     @field_validator("levels")
     @classmethod
@@ -343,7 +359,7 @@ class ResolvedSpec(BaseModel):
     max_width_mult: float
     train_limit: int | None
     test_limit: int | None
-    val_size: int
+    val_size: int | float
     calib_batches: int
     calib_batch_size: int
     eval_images: int

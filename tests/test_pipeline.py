@@ -287,6 +287,30 @@ def test_an_image_folder_smaller_than_one_batch_fails_before_training(tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.timeout(120)
+def test_val_size_may_be_a_fraction_of_the_training_data(tmp_path, monkeypatch):
+    """A small image folder, where a count of held-out images (16 at least) is a large share:
+    ``val_size`` 0.25 holds out a quarter of the training images, and the run completes."""
+    from pruning import data, pipeline
+
+    write_tree(tmp_path / "tree", n=30)
+    sizes = {}
+
+    def load(*args, **kwargs):
+        bundle = data.load_dataset(*args, **kwargs)
+        sizes.update(train=len(bundle.train), val=len(bundle.val))
+        return bundle
+
+    monkeypatch.setattr(pipeline, "load_dataset", load)
+    overrides = {"val_size": 0.25, "metanet": {"batch_size": 16}, "final": {"batch_size": 16}}
+    assert cli.main(["prune", "--arch", "test_mobilenet_v1", "--dataset", "imagefolder",
+                     "--data-root", str(tmp_path / "tree"), "--macs-ratio", "0.5", "--preset",
+                     "smoke", "--quiet", "--set", json.dumps(overrides),
+                     "--out", str(tmp_path / "run")]) == 0
+    assert sizes["val"] == round(0.25 * (sizes["train"] + sizes["val"])) > 0, sizes
+    assert (tmp_path / "run" / "artifacts" / "model.ts").is_file()
+
+
 def test_a_streamed_image_folder_runs_as_an_in_memory_one(tmp_path, monkeypatch):
     """An image folder too large for memory streams through a DataLoader (StreamSplit); the
     whole pipeline on it (with worker processes) gives what it gives on the same folder held as
