@@ -19,10 +19,13 @@ process of its own, that a graphed training ends where an eager one does, and tu
 for the run otherwise (``cuda_graphs`` in the JSON). ``--time-budget-s`` skips whole seeds
 (and then tau candidates) that would not fit, cancels a stage running past it, and says so in
 the JSON. ``--tiny`` runs a tiny test architecture on a few hundred images on a CPU in well
-under 3 minutes: it checks the script, its numbers are not a result.
+under 3 minutes: it checks the script, its numbers are not a result. ``--cpu-quick`` runs the
+same design at the ``quick`` preset's scale on a CPU (MobileNetV2 0.35×, 5,000 images; ~10 min
+per seed on 2 cores): a CPU result, not the GPU benchmark.
 
     python bench/bench_quality.py [--out FILE] [--seeds 0,1,2] [--budgets 0.5,0.25,0.1] ...
     python bench/bench_quality.py --tiny
+    python bench/bench_quality.py --cpu-quick [--final-init generated]
 """
 
 from __future__ import annotations
@@ -77,6 +80,16 @@ TINY_DEFAULTS = dict(
     tau_candidates=10, tau_epochs=1.0, tau_max_steps=2, time_budget_s=170.0, tau_reserve_s=20.0)
 
 
+# The same design on a CPU (`--cpu-quick`): MobileNetV2 0.35× and the `quick` preset's data,
+# recipe (batch 64, lr 0.05) and search (16 × 6), seeds in turn on all cores, no tau.
+CPU_QUICK_DEFAULTS = dict(
+    arch="mobilenet_v2", width_mult=0.35, preset="quick", device="cpu", jobs=1,
+    epochs_metanet=6.0, epochs_final=5.0, batch_size=64, lr=0.05, warmup_epochs=0.3,
+    train_limit=5000, test_limit=2000, val_size=500, eval_images=500, calib_batches=2,
+    calib_batch_size=128, search_population=16, search_generations=6, tau_candidates=0,
+    time_budget_s=4 * 3600.0, tau_reserve_s=0.0)
+
+
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
@@ -92,8 +105,13 @@ def ints(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--tiny", action="store_true",
-                    help="CPU check of the script (test architecture, tiny data); not a result")
+    profile = ap.add_mutually_exclusive_group()
+    profile.add_argument("--tiny", action="store_true",
+                         help="CPU check of the script (test architecture, tiny data); not a "
+                              "result")
+    profile.add_argument("--cpu-quick", action="store_true",
+                         help="the benchmark's design at the quick preset's scale on a 2-core "
+                              "CPU: MobileNetV2 0.35×, 5,000 images, ~10 min per seed")
     ap.add_argument("--check-cuda-graphs", action="store_true",
                     help="only check CUDA-graph training (JSON verdict; the benchmark runs it in "
                          "a process of its own before the seeds)")
@@ -150,7 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int,
                     help="seeds run at once, each in its own process on the same device (a "
                          "launch-bound GPU has room for several)")
-    return common.parse_args(ap, argv, GPU_DEFAULTS, TINY_DEFAULTS)
+    return common.parse_args(ap, argv, GPU_DEFAULTS, TINY_DEFAULTS,
+                             cpu_quick=CPU_QUICK_DEFAULTS)
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -455,7 +474,7 @@ class Bench:
     def child_args(self) -> list[str]:
         """This run's settings as command-line options (those a child sets itself left out)."""
         own = {"seeds", "out", "work_dir", "jobs", "threads", "time_budget_s", "tau_candidates",
-               "tiny", "keep_runs", "check_cuda_graphs"}
+               "tiny", "cpu_quick", "keep_runs", "check_cuda_graphs"}
         args = ["--tiny"] if self.a.tiny else []
         for key, value in vars(self.a).items():
             if key not in own and value is not None:
@@ -638,7 +657,7 @@ class Bench:
                 and not self.failures and not any("error" in r for r in self.runs)
                 and not (self.tau or {}).get("skipped_candidates")
                 and "error" not in (self.tau or {}) else "incomplete"),
-            "tiny": a.tiny,
+            "tiny": a.tiny, "cpu_quick": a.cpu_quick,
             "note": ("--tiny: a check of the script on a test architecture and a few hundred "
                      "images; NOT a result") if a.tiny else None,
             "device": str(device),

@@ -8,14 +8,16 @@ import json
 from pathlib import Path
 
 
-def parse_args(ap: argparse.ArgumentParser, argv, defaults: dict, tiny: dict
-               ) -> argparse.Namespace:
-    """``ap``'s arguments over ``defaults``, or over ``tiny`` where ``--tiny`` is given
-    (options given on the command line win in both cases)."""
+def parse_args(ap: argparse.ArgumentParser, argv, defaults: dict, tiny: dict,
+               **profiles: dict) -> argparse.Namespace:
+    """``ap``'s arguments over ``defaults``, or over ``tiny`` where ``--tiny`` is given, or
+    over a named profile where its flag is (``cpu_quick``: ``--cpu-quick``); options given on
+    the command line win in every case."""
     ap.set_defaults(**defaults)
     first, _ = ap.parse_known_args(argv)
-    if first.tiny:
-        ap.set_defaults(**tiny)
+    for name, values in {"tiny": tiny, **profiles}.items():
+        if getattr(first, name):
+            ap.set_defaults(**values)
     return ap.parse_args(argv)
 
 

@@ -164,6 +164,25 @@ def test_quality_tau_at_one_budget(tmp_path):
     assert all(0.19 <= row["macs_vs_full"] <= 0.2 for row in k["rows"])
 
 
+def test_quality_cpu_quick_profile_sets_the_cpu_design(tmp_path, capsys):
+    """``--cpu-quick``: MobileNetV2 0.35× at the quick preset's scale on the CPU; an option given
+    beside it wins; it excludes ``--tiny``; seeds run in other processes get the settings."""
+    bench_quality = import_bench_quality()
+    a = bench_quality.parse_args(["--cpu-quick", "--seeds", "3", "--lr", "0.1",
+                                  "--work-dir", str(tmp_path)])
+    assert (a.arch, a.width_mult, a.preset, a.device) == ("mobilenet_v2", 0.35, "quick", "cpu")
+    assert (a.budgets, a.batch_size, a.train_limit, a.tau_candidates) == (
+        "0.5,0.25,0.1", 64, 5000, 0)
+    assert (a.seeds, a.lr) == ("3", 0.1)
+    child = bench_quality.Bench(a).child_args()
+    assert "--cpu-quick" not in child
+    assert child[child.index("--width-mult") + 1] == "0.35"
+    assert bench_quality.parse_args([]).width_mult is None  # the GPU defaults: 1.0×
+    with pytest.raises(SystemExit):
+        bench_quality.parse_args(["--cpu-quick", "--tiny"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
 def test_kendall_tau_own_implementation(monkeypatch):
     bench_quality = import_bench_quality()
     monkeypatch.setitem(sys.modules, "scipy", None)  # force the fallback
