@@ -55,6 +55,8 @@ if str(ROOT) not in sys.path:  # `python bench/bench_quality.py` from a bare che
 import common  # noqa: E402  (bench/common.py, beside this script)
 import torch  # noqa: E402
 
+from pruning.machine import cpu_description  # noqa: E402  (no PyTorch, no pipeline)
+
 T0 = time.perf_counter()
 
 # The pipeline's own requirements (export writes TorchScript and ONNX and verifies them).
@@ -662,7 +664,7 @@ class Bench:
                      "images; NOT a result") if a.tiny else None,
             "device": str(device),
             "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                            else platform.processor() or platform.machine()),
+                            else cpu_description()),
             "torch": torch.__version__, "python": platform.python_version(),
             "arch": a.arch, "width_mult": a.width_mult or 1.0, "dataset": a.dataset,
             "preset": a.preset,

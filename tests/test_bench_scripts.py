@@ -91,6 +91,7 @@ def test_quality_tiny(tmp_path, jobs):
     d = run_script("bench_quality.py", *args, timeout=170)
     assert json.loads((tmp_path / "quality.json").read_text()) == d
     assert d["bench"] == "quality" and d["tiny"] is True and d["status"] == "complete"
+    assert d["device"] == "cpu" and d["device_name"].endswith(f"{os.cpu_count()} cores")
     assert sorted(d["seeds_done"]) == [0, 1] and not d["seeds_skipped"]
     assert d["cancelled"] == [] and d["failures"] == [] and d["settings"]["jobs"] == jobs
     assert [(r["seed"], r["macs_ratio"]) for r in d["runs"]] == [
