@@ -147,6 +147,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--include-uniform", choices=["yes", "no"],
                     help="the search's first generation holds the uniform baseline (default: "
                          "the preset's)")
+    ap.add_argument("--min-budget-use", type=float,
+                    help="every candidate the search scores uses at least this share of the "
+                         "budget (default: the preset's, 0: the paper's search)")
     ap.add_argument("--final-init", choices=["scratch", "generated"],
                     help="final training of both networks from scratch (the paper) or from the "
                          "PruningNet's generated weights (default: the pipeline's, scratch)")
@@ -334,6 +337,8 @@ class Bench:
             search["objective"] = a.objective
         if a.include_uniform:
             search["include_uniform"] = a.include_uniform == "yes"
+        if a.min_budget_use is not None:
+            search["min_budget_use"] = a.min_budget_use
         fields = dict(arch=a.arch, width_mult=a.width_mult or 1.0, dataset=a.dataset,
                       data_root=self.data_root,
                       budget=Budget(macs_ratio=budget), preset=a.preset, seed=seed,
@@ -681,7 +686,8 @@ class Bench:
                 "epochs_metanet", "epochs_final", "batch_size", "lr", "warmup_epochs",
                 "max_steps", "train_limit", "test_limit", "val_size", "eval_images",
                 "calib_batches", "calib_batch_size", "search_population", "search_generations",
-                "objective", "include_uniform", "final_init", "tau_candidates", "tau_epochs",
+                "objective", "include_uniform", "min_budget_use", "final_init",
+                "tau_candidates", "tau_epochs",
                 "tau_max_steps", "time_budget_s", "tau_reserve_s", "jobs")},
             "summary": self.summary(),
             "kendall": self.tau,

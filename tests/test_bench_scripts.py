@@ -78,14 +78,15 @@ def test_pipeline_speed_tiny(tmp_path):
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_quality_tiny(tmp_path, jobs):
     """Seeds in turn, or each in its own process at once (merged into the same JSON; there
-    both networks are fine-tuned from generated weights and the search starts from the uniform
-    network: settings the children must get)."""
+    both networks are fine-tuned from generated weights, the search starts from the uniform
+    network and has a budget-use floor: settings the children must get)."""
     include_uniform = jobs > 1
     args = ["--tiny", "--out", str(tmp_path / "quality.json"), "--work-dir", str(tmp_path / "w"),
             "--jobs", str(jobs), "--include-uniform", "yes" if include_uniform else "no"]
     final_init = "generated" if jobs > 1 else "scratch"
+    min_budget_use = 0.5 if jobs > 1 else None
     if jobs > 1:
-        args += ["--final-init", final_init]
+        args += ["--final-init", final_init, "--min-budget-use", str(min_budget_use)]
     if not fashion_mnist_present():
         args += ["--dataset", "synthetic"]
     d = run_script("bench_quality.py", *args, timeout=170)
@@ -104,6 +105,7 @@ def test_quality_tiny(tmp_path, jobs):
                               .read_text())
             assert spec.get("final_init", "scratch") == final_init
             assert spec["search"]["include_uniform"] is include_uniform
+            assert spec["search"].get("min_budget_use") == min_budget_use
     assert [r["metanet_reused"] for r in d["runs"]] == [False, True, True] * 2
     for r in d["runs"]:
         for name in ("metapruning", "uniform"):
