@@ -7,14 +7,24 @@ import platform
 from pathlib import Path
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+def _cpuinfo() -> dict[str, str]:
+    """The first value of every key of ``/proc/cpuinfo`` (the first processor's), or ``{}``."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if sep:
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    info = _cpuinfo()
+    if "model name" in info:
+        return info["model name"]
     return platform.processor() or platform.machine()
 
 
@@ -22,14 +32,7 @@ def cpu_description() -> str:
     """:func:`cpu_model` with the family and model numbers and the core count, e.g. ``AMD EPYC
     (family 25, model 17), 2 cores``: one model name covers processors that compute (and round)
     differently, so CPU results name both."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("cpu family", "model") and key.strip() not in fields:
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    ids = (f" (family {fields['cpu family']}, model {fields['model']})"
-           if len(fields) == 2 else "")
+    info = _cpuinfo()
+    ids = (f" (family {info['cpu family']}, model {info['model']})"
+           if "cpu family" in info and "model" in info else "")
     return f"{cpu_model()}{ids}, {os.cpu_count()} cores"
