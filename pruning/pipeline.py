@@ -358,7 +358,8 @@ def stage_evaluate(ctx: RunContext) -> dict:
     for name, cand in (("metapruning", best), ("uniform", ctx.baseline)):
         net = trained.get(name)
         if name == "uniform" and cand == best and net is not None:
-            entries[name] = entries["metapruning"]  # the search picked it: one network
+            # the search picked it: one network, measured once; its own entry, as when read back
+            entries[name] = dict(entries["metapruning"])
             continue
         estimates = ctx.evaluator.estimates(cand)
         entry = {"candidate": cand.key(), "widths": space.widths_by_group(cand),
