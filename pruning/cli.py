@@ -613,6 +613,22 @@ def _budget_text(limits: dict) -> str:
                      for key, value in limits.items())
 
 
+NOTED_BUDGET_SHARE = 0.9
+"""A pick that uses less of its budget than this (and less than the uniform network) gets a
+note: at 50 % of MobileNetV2's MACs such picks (73–90 % of the budget) trained better in six
+seeds of six with ``search.min_budget_use`` 0.9 (``docs/benchmarks.md``)."""
+
+
+def _budget_share(entry: dict, limits: dict) -> float | None:
+    """The largest ``value / limit`` of a report entry over the run's budgets (the share that
+    ``search.min_budget_use`` bounds); None when the entry lacks every value."""
+    values = {"macs": entry.get("macs"), "params": entry.get("params"),
+              "latency": (entry.get("latency_ms") or {}).get("predicted")}
+    shares = [values[key] / limit for key, limit in limits.items()
+              if values.get(key) is not None and limit > 0]
+    return max(shares, default=None)
+
+
 def _print_summary(report: dict, out: str) -> None:
     from pruning.evaluate import entry_score
 
@@ -636,6 +652,12 @@ def _print_summary(report: dict, out: str) -> None:
         print("  note: the search's pick scores below the uniform network on the held-out "
               "images; a longer search (search.generations) or search.include_uniform finds "
               "one at least as good")
+    mp_share, un_share = (_budget_share(e, report["budget"]) for e in (mp, un))
+    if mp_share is not None and un_share is not None and \
+            mp_share < min(NOTED_BUDGET_SHARE, un_share):
+        print(f"  note: the pick uses {100 * mp_share:.0f}% of the budget, the uniform network "
+              f"{100 * un_share:.0f}%; search.min_budget_use (e.g. 0.9) holds the search to "
+              "more of it (see docs/benchmarks.md)")
     for name, e in (("MetaPruning", mp), ("uniform", un)):
         if "warning" in e:
             print(f"  warning: {name}: {e['warning']}", file=sys.stderr)
