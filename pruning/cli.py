@@ -615,8 +615,8 @@ def _budget_text(limits: dict) -> str:
 
 NOTED_BUDGET_SHARE = 0.9
 """A pick that uses less of its budget than this (and less than the uniform network) gets a
-note: at 50 % of MobileNetV2's MACs such picks (73–90 % of the budget) trained better in six
-seeds of six with ``search.min_budget_use`` 0.9 (``docs/benchmarks.md``)."""
+note: such picks trained better in 9 of 11 seed-runs when the search was held to it
+(``search.min_budget_use`` 0.9; MobileNetV1 and V2 on the CPU, ``docs/benchmarks.md``)."""
 
 
 def _budget_share(entry: dict, limits: dict) -> float | None:
