@@ -655,9 +655,11 @@ def _print_summary(report: dict, out: str) -> None:
     mp_share, un_share = (_budget_share(e, report["budget"]) for e in (mp, un))
     if mp_share is not None and un_share is not None and \
             mp_share < min(NOTED_BUDGET_SHARE, un_share):
+        floor = json.dumps({"search": {"min_budget_use": NOTED_BUDGET_SHARE}})
         print(f"  note: the pick uses {100 * mp_share:.0f}% of the budget, the uniform network "
-              f"{100 * un_share:.0f}%; search.min_budget_use (e.g. 0.9) holds the search to "
-              "more of it (see docs/benchmarks.md)")
+              f"{100 * un_share:.0f}%; to hold the search to {100 * NOTED_BUDGET_SHARE:.0f}% "
+              f"of it, run again with --set '{floor}' (and --metanet-from {out} to reuse this "
+              "PruningNet)")
     for name, e in (("MetaPruning", mp), ("uniform", un)):
         if "warning" in e:
             print(f"  warning: {name}: {e['warning']}", file=sys.stderr)

@@ -271,8 +271,9 @@ def test_summary_notes_a_pick_that_leaves_its_budget_unused(capsys, limits, pick
         assert notes == []
     else:
         expected = (f"  note: the pick uses {note[0]}% of the budget, the uniform network "
-                    f"{note[1]}%; search.min_budget_use (e.g. 0.9) holds the search to more "
-                    "of it (see docs/benchmarks.md)")
+                    f"{note[1]}%; to hold the search to 90% of it, run again with --set "
+                    """'{"search": {"min_budget_use": 0.9}}' (and --metanet-from runs/x to """
+                    "reuse this PruningNet)")
         assert notes == [expected]
 
 
