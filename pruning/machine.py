@@ -20,12 +20,15 @@ def _cpuinfo() -> dict[str, str]:
     return info
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
-    info = _cpuinfo()
+def _model_name(info: dict[str, str]) -> str:
     if "model name" in info:
         return info["model name"]
     return platform.processor() or platform.machine()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    return _model_name(_cpuinfo())
 
 
 def cpu_description() -> str:
@@ -35,4 +38,4 @@ def cpu_description() -> str:
     info = _cpuinfo()
     ids = (f" (family {info['cpu family']}, model {info['model']})"
            if "cpu family" in info and "model" in info else "")
-    return f"{cpu_model()}{ids}, {os.cpu_count()} cores"
+    return f"{_model_name(info)}{ids}, {os.cpu_count()} cores"
