@@ -387,8 +387,8 @@ def summary(report: dict, attempt: int) -> dict:
     """The small result stored on a succeeded job (``detail``): the report's metapruning and
     uniform entries (the MetaPruning one with its widths, for ``/v1/configurations``), the
     budget and the time taken."""
-    keep = ("candidate", "macs", "params", "estimated_val_accuracy", "estimated_val_loss",
-            "test_accuracy", "latency_ms", "warning")
+    keep = ("candidate", "macs", "params", "budget_use", "estimated_val_accuracy",
+            "estimated_val_loss", "test_accuracy", "latency_ms", "warning")
     result = {name: {k: report[name][k]
                      for k in keep + (("widths",) if name == "metapruning" else ())
                      if k in report[name]}

@@ -619,16 +619,6 @@ note: such picks trained better in 9 of 11 seed-runs when the search was held to
 (``search.min_budget_use`` 0.9; MobileNetV1 and V2 on the CPU, ``docs/benchmarks.md``)."""
 
 
-def _budget_share(entry: dict, limits: dict) -> float | None:
-    """The largest ``value / limit`` of a report entry over the run's budgets (the share that
-    ``search.min_budget_use`` bounds); None when the entry lacks every value."""
-    values = {"macs": entry.get("macs"), "params": entry.get("params"),
-              "latency": (entry.get("latency_ms") or {}).get("predicted")}
-    shares = [values[key] / limit for key, limit in limits.items()
-              if values.get(key) is not None and limit > 0]
-    return max(shares, default=None)
-
-
 def _print_summary(report: dict, out: str) -> None:
     from pruning.evaluate import entry_score
 
@@ -652,7 +642,7 @@ def _print_summary(report: dict, out: str) -> None:
         print("  note: the search's pick scores below the uniform network on the held-out "
               "images; a longer search (search.generations) or search.include_uniform finds "
               "one at least as good")
-    mp_share, un_share = (_budget_share(e, report["budget"]) for e in (mp, un))
+    mp_share, un_share = mp.get("budget_use"), un.get("budget_use")  # older reports lack it
     if mp_share is not None and un_share is not None and \
             mp_share < min(NOTED_BUDGET_SHARE, un_share):
         floor = json.dumps({"search": {"min_budget_use": NOTED_BUDGET_SHARE}})

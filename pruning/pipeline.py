@@ -40,7 +40,7 @@ from metanet.pruningnet import PruningNet
 from pruning import counting
 from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, json_bytes, load_tensors,
                                 read_json, remove_stale_temporaries, save_tensors)
-from pruning.constraints import MacsConstraint, check_binding, check_feasible
+from pruning.constraints import MacsConstraint, budget_use, check_binding, check_feasible
 from pruning.data import DataBundle, DatasetError, load_dataset
 from pruning.evaluate import CandidateEvaluator, entry_score
 from pruning.export import export_model
@@ -342,9 +342,9 @@ def _chance_warning(test_accuracy: float, chance: float, steps: int, preset: str
 
 
 def stage_evaluate(ctx: RunContext) -> dict:
-    """4. Test accuracy (and latency) of the trained networks, with their MACs, params and
-    estimated accuracy: ``{"metapruning": {...}, "uniform": {...}}`` (also
-    ``evaluation.json``)."""
+    """4. Test accuracy (and latency) of the trained networks, with their MACs, params, share of
+    the budget (``budget_use``: the largest value / limit over the budgets) and estimated
+    accuracy: ``{"metapruning": {...}, "uniform": {...}}`` (also ``evaluation.json``)."""
     path = ctx.path(EVALUATION_FILE)
     if path.exists():
         return read_json(path)
@@ -364,6 +364,7 @@ def stage_evaluate(ctx: RunContext) -> dict:
         estimates = ctx.evaluator.estimates(cand)
         entry = {"candidate": cand.key(), "widths": space.widths_by_group(cand),
                  "macs": counting.macs(space, cand), "params": counting.params(space, cand),
+                 "budget_use": round(budget_use(space, cand, ctx.constraints), 4),
                  "estimated_val_accuracy": estimates["accuracy"],
                  "estimated_val_loss": round(estimates["loss"], 6)}
         if net is not None:

@@ -247,24 +247,22 @@ def test_summary_notes_a_pick_its_search_scores_below_uniform(capsys, objective,
             in capsys.readouterr().out) is note
 
 
-@pytest.mark.parametrize("limits, pick, uniform, note", [  # note: the shares in %, or None
-    ({"macs": 289_513}, {"macs": 200_000}, {"macs": 286_816}, (69, 99)),
-    ({"macs": 289_513}, {"macs": 270_000}, {"macs": 286_816}, None),  # 93 %: enough
-    ({"macs": 289_513}, {"macs": 200_000}, {"macs": 190_000}, None),  # uniform uses less
-    ({"params": 40_000}, {"params": 20_000}, {"params": 39_000}, (50, 98)),
-    ({"latency": 2.0}, {"latency_ms": {"predicted": 1.5, "measured": 1.6}},
-     {"latency_ms": {"predicted": 1.9, "measured": 2.1}}, (75, 95)),
+@pytest.mark.parametrize("pick, uniform, note", [  # note: the shares in %, or None
+    (0.69, 0.99, (69, 99)),
+    (0.93, 0.99, None),  # enough
+    (0.69, 0.66, None),  # uniform uses less
+    (0.69, None, None),  # a report from before budget_use
 ])
-def test_summary_notes_a_pick_that_leaves_its_budget_unused(capsys, limits, pick, uniform,
-                                                            note):
-    """Below 90 % of the budget, and below the uniform network's share, by the run's own
-    budget (MACs, params, or predicted latency): the note names both shares and the setting."""
+def test_summary_notes_a_pick_that_leaves_its_budget_unused(capsys, pick, uniform, note):
+    """Below 90 % of the budget, and below the uniform network's share (the entries'
+    ``budget_use``): the note names both shares and the setting."""
     entry = {"macs": 1, "params": 1, "test_accuracy": 0.7, "estimated_val_accuracy": 0.5,
              "estimated_val_loss": 1.5}
-    report = {"arch": "mobilenet_v1", "dataset": "fashion-mnist", "budget": limits,
+    report = {"arch": "mobilenet_v1", "dataset": "fashion-mnist", "budget": {"macs": 289_513},
               "search": {"objective": "accuracy"}, "elapsed_s": 60.0,
-              "metapruning": {**entry, **pick, "candidate": "0-9-13"},
-              "uniform": {**entry, **uniform, "candidate": "5-5-5"}}
+              "metapruning": {**entry, "budget_use": pick, "candidate": "0-9-13"},
+              "uniform": {**entry, "candidate": "5-5-5",
+                          **({} if uniform is None else {"budget_use": uniform})}}
     cli._print_summary(report, "runs/x")
     notes = [line for line in capsys.readouterr().out.splitlines() if "of the budget" in line]
     if note is None:

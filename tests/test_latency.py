@@ -173,6 +173,7 @@ def test_pipeline_reports_predicted_and_measured_latency(tmp_path, monkeypatch, 
     for name in ("metapruning", "uniform"):
         lat = report[name]["latency_ms"]
         assert lat["predicted"] <= limit + 1e-4 and lat["measured"] > 0
+        assert report[name]["budget_use"] == pytest.approx(lat["predicted"] / limit, abs=1e-3)
     assert (tmp_path / "run" / "latency_table.json").exists()
     saved = json.loads((tmp_path / "run" / "artifacts" / "report.json").read_text())
     assert saved["metapruning"]["latency_ms"] == report["metapruning"]["latency_ms"]

@@ -135,6 +135,7 @@ def test_report_compares_winner_and_uniform_within_the_budget(reference):
         assert entry["macs"] == counting.macs(space, cand) <= budget
         assert entry["params"] == counting.params(space, cand)
         assert entry["widths"] == space.widths_by_group(cand)
+        assert entry["budget_use"] == round(entry["macs"] / budget, 4) <= 1
         assert 0 <= entry["estimated_val_accuracy"] <= 1
         assert 0 <= entry["test_accuracy"] <= 1  # the baseline was trained too
     # the winner is the search's best; the uniform baseline the widest uniform candidate

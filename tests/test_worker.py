@@ -97,6 +97,7 @@ def test_a_job_runs_to_success_with_artifacts_and_progress(reference, settings):
     result = job.detail["result"]
     assert result["metapruning"]["macs"] == report["metapruning"]["macs"]
     assert result["metapruning"]["test_accuracy"] == report["metapruning"]["test_accuracy"]
+    assert result["metapruning"]["budget_use"] == report["metapruning"]["budget_use"] <= 1
     assert result["uniform"]["candidate"] == report["uniform"]["candidate"]
     # progress: every stage, never backwards, within [0, 1], throttled (~2 writes a second)
     fractions = [w["progress"] for w in writes]
