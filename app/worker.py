@@ -22,7 +22,8 @@ One job at a time, in the calling thread::
   the same owner's succeeded jobs adopts that job's trained PruningNet (``metanet_from``, checked
   first; an unusable one is passed over) and runs only search, training, evaluation and export.
 * **Errors.** A bad spec or a user error (validation, a budget that is infeasible or prunes
-  nothing, missing data, unusable ``metanet_from``, diverged training) fails the job for good;
+  nothing, missing data, unusable ``metanet_from``, diverged training) or a corrupt file in the
+  job's folder (``corrupt_file``: a retry would read it again) fails the job for good;
   anything else is retried (the attempt fails with ``error_kind = "internal"`` and the job is
   re-queued while attempts are left).
 * **Reaper.** Every worker calls :func:`app.queue.reap` every ``lease_seconds / 2`` (idle or busy).
@@ -71,6 +72,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def classify(exc: BaseException) -> tuple[str, bool]:
     """``(error_kind, retry)`` of an exception raised by a job."""
+    from pruning.checkpoint import UnreadableFileError
     from pruning.data import DatasetError
 
     if isinstance(exc, DatasetError):
@@ -79,6 +81,8 @@ def classify(exc: BaseException) -> tuple[str, bool]:
         return "invalid_spec", False
     if isinstance(exc, FloatingPointError):  # training diverged: the same settings diverge again
         return "diverged", False
+    if isinstance(exc, UnreadableFileError):  # a retry would read the same file
+        return "corrupt_file", False
     return "internal", True
 
 

@@ -74,8 +74,21 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 
 
+class UnreadableFileError(ValueError):
+    """A run's file is there but cannot be read back: corrupt or truncated (a disk error, a copy
+    cut short; the atomic writes above never leave one)."""
+
+    def __init__(self, path: str | os.PathLike, reason: object):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path} is unreadable, corrupt or truncated ({reason}); restore it, "
+                         "or delete it and run again to redo the step that wrote it")
+
+
 def read_json(path: str | os.PathLike):
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnreadableFileError(path, e) from None
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -88,14 +101,30 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     atomic_write_bytes(path, save(cpu, metadata=meta))
 
 
+def read_tensors_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a :func:`save_tensors` file, from its header alone (the header check
+    covers a truncated file too); raises :class:`UnreadableFileError` for a corrupt one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("json", "{}"))
+    except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnreadableFileError(path, e) from None
+
+
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
                  ) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
+    """The tensors and metadata of a :func:`save_tensors` file (:class:`UnreadableFileError`
+    for a corrupt or truncated one)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("json", "{}"))
-    return load_file(str(path), device=str(device)), meta
+    meta = read_tensors_metadata(path)
+    try:
+        return load_file(str(path), device=str(device)), meta
+    except SafetensorError as e:
+        raise UnreadableFileError(path, e) from None
 
 
 def save_training_state(path: str | os.PathLike, module: nn.Module,

@@ -181,10 +181,19 @@ def _spec(a):
         metanet_from=a.metanet_from, metanet_sampling=a.metanet_sampling, **overrides)
 
 
+def _note_nothing_to_resume(a) -> None:
+    """``--resume`` on a folder with no run starts one (the service's workers rely on it);
+    say so, or a typo in ``--out`` would quietly train everything again."""
+    if a.resume and not (Path(a.out) / "spec.json").exists():
+        print(f"metaprune: note: {a.out} holds no run to resume; starting a new one",
+              file=sys.stderr)
+
+
 def cmd_prune(a) -> dict:
     from pruning.pipeline import run
 
     spec = _spec(a)
+    _note_nothing_to_resume(a)
     printer = ProgressPrinter(quiet=a.quiet)
     report = run(spec, a.out, resume=a.resume, progress=printer)
     printer.close()
@@ -222,7 +231,9 @@ def _stage(a, spec=None):
 def cmd_train_metanet(a) -> dict:
     from pruning.pipeline import stage_metanet
 
-    ctx, printer = _stage(a, _spec(a))
+    spec = _spec(a)
+    _note_nothing_to_resume(a)
+    ctx, printer = _stage(a, spec)
     stats = stage_metanet(ctx)
     printer.close()
     out = {"run": a.out, "metanet": stats}
@@ -768,7 +779,7 @@ def _pipeline_args(p: argparse.ArgumentParser, local: bool = True) -> None:
                         "data, split, seed and metanet settings): only search and final training")
     p.add_argument("--set", help='JSON overrides, e.g. \'{"metanet": {"epochs": 2}}\'')
     if local:
-        p.add_argument("--out", default="runs/prune",
+        p.add_argument("--out", default="runs/prune", type=_path,
                        help="run folder (checkpoints and artifacts; default: %(default)s)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out")
         p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -878,8 +889,32 @@ def cmd_token(a) -> dict:
     return {}
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistake on the command line in one line, like every other error (not the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"metaprune: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [1, 65535], got {text!r}")
+    return port
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metaprune", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="metaprune", description="MetaPruning channel pruning: the command "
+                                                   "line and the job service's client")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -902,7 +937,7 @@ def make_parser() -> argparse.ArgumentParser:
                            help="add predicted (per-layer table) and measured latency on the "
                                 "CPU, batch 1 (the table is built once and cached)")
         if name == "build":
-            p.add_argument("--out", required=True, help="TorchScript file to write")
+            p.add_argument("--out", required=True, type=_path, help="TorchScript file to write")
             p.add_argument("--seed", type=int, default=0)
         p.set_defaults(fn=fn)
 
@@ -920,12 +955,13 @@ def make_parser() -> argparse.ArgumentParser:
                                        "networks (JSON)"),
             ("export", cmd_export, "stage 5: export the winner and write the artifacts")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--out", required=True, help="the run folder (its spec.json is used)")
+        p.add_argument("--out", required=True, type=_path,
+                       help="the run folder (its spec.json is used)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                        help="run this stage on another device than the run's")
         p.add_argument("--quiet", action="store_true", help="no progress output")
-        if name != "evaluate":
-            p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.add_argument("--json", action="store_true", help="print the result as JSON"
+                       + (" (evaluate always does)" if name == "evaluate" else ""))
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("db", help="the service database")
@@ -937,7 +973,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the REST API (and worker processes) on this machine")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (beyond loopback, API tokens are required)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes to start beside the API (0: API only)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL, "

@@ -38,8 +38,9 @@ import torch
 
 from metanet.pruningnet import PruningNet
 from pruning import counting
-from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, json_bytes, load_tensors,
-                                read_json, remove_stale_temporaries, save_tensors)
+from pruning.checkpoint import (UnreadableFileError, atomic_write_bytes, atomic_write_json,
+                                json_bytes, load_tensors, read_json, read_tensors_metadata,
+                                remove_stale_temporaries, save_tensors)
 from pruning.constraints import MacsConstraint, budget_use, check_binding, check_feasible
 from pruning.data import DataBundle, DatasetError, load_dataset
 from pruning.evaluate import CandidateEvaluator, entry_score
@@ -497,7 +498,15 @@ def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
                              "this version can read") from None
     if not (src / METANET_FILE).is_file() or not (src / "metanet" / "stats.json").is_file():
         raise RunFolderError(f"metanet_from: the run in {src} has no trained PruningNet yet; "
-                             f"finish it with `metaprune train-metanet --out {src} --resume`")
+                             "finish it first (the command that started it, with --resume)")
+    try:
+        read_tensors_metadata(src / METANET_FILE)
+        read_json(src / "metanet" / "stats.json")
+    except UnreadableFileError as e:
+        raise RunFolderError(
+            f"metanet_from: {e.path} is unreadable, corrupt or truncated ({e.reason}); reuse "
+            f"another run, or delete {src / METANET_FILE} and train it again (the command that "
+            "started that run, with --resume)") from None
     theirs, ours = metanet_identity(other), metanet_identity(spec)
     for key in ours:
         if theirs[key] != ours[key]:
@@ -512,7 +521,7 @@ def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
     """Copy the checked PruningNet of ``src`` (and its stats) into this run's folder, so the run
     stays complete if ``src`` changes or goes; ``metanet/source.json`` records the origin."""
     check_metanet_source(ctx.spec, ctx.run_dir)
-    _, meta = load_tensors(src / METANET_FILE)  # the space it was built for must be ours
+    meta = read_tensors_metadata(src / METANET_FILE)  # the space it was built for must be ours
     if json.loads(json.dumps(meta.get("space"))) != json.loads(json.dumps(ctx.space.to_dict())):
         raise RunFolderError(f"metanet_from: the PruningNet of {src} was built for another "
                              "search space")
@@ -523,6 +532,17 @@ def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
                       {"run": str(src.resolve()), "sha256": hashlib.sha256(data).hexdigest()})
     atomic_write_bytes(ctx.path(METANET_FILE), data)  # last: it marks the stage as done
     return stats
+
+
+def _differences(old: dict, new: dict, prefix: str = ""):
+    """``(dotted key, old value, new value)`` of every setting that differs, nested ones by
+    their own key (``budget.macs_ratio``) rather than as whole dictionaries."""
+    for k in sorted(old.keys() | new.keys()):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            yield f"{prefix}{k}", a, b
 
 
 def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
@@ -540,7 +560,6 @@ def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
                              "choose another folder") from None
     old, new = previous.model_dump(exclude={"device"}), spec.model_dump(exclude={"device"})
     if old != new:
-        diff = ", ".join(f"{k}: {old[k]!r} there, {new[k]!r} now"
-                         for k in sorted(old) if old[k] != new[k])
+        diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in _differences(old, new))
         raise RunFolderError(f"{run_dir} holds a run with a different specification ({diff}); "
                              "resume it with the same settings or choose another folder")

@@ -275,15 +275,15 @@ class SearchSpace:
         unknown = set(widths) - set(self.group_index)
         missing = set(self.group_index) - set(widths)
         if unknown or missing:
-            raise CandidateError(
-                f"{self.arch}: width groups do not match (unknown: {sorted(unknown)}, "
-                f"missing: {sorted(missing)})")
+            raise CandidateError(f"{self.arch}: width groups do not match (" + ", ".join(
+                f"{what}: {sorted(names)}" for what, names in
+                (("unknown", unknown), ("missing", missing)) if names) + ")")
         choices = []
         for g, table in zip(self.groups, self.width_table):
             w = widths[g.name]
-            if w not in table:
+            if type(w) is not int or w not in table:  # not 8.0, "8" or True
                 raise CandidateError(
-                    f"{self.arch}: width {w} of group {g.name!r} is not a level; choose from "
+                    f"{self.arch}: width {w!r} of group {g.name!r} is not a level; choose from "
                     f"{sorted(set(table))}")
             choices.append(table.index(w))
         return Candidate(tuple(choices))

@@ -167,6 +167,23 @@ def test_bad_input_is_a_one_line_error(capsys, tmp_path, argv, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--preset", "fast"], "argument --preset: invalid choice: 'fast' (choose from "
+                                    "'smoke', 'quick', 'standard', 'paper')"),
+    (["prune", "--out", " "], "argument --out: must not be empty"),
+    (["serve", "--port", "99999"], "argument --port: must be a port number in [1, 65535], got "
+                                   "'99999'"),
+    (["search"], "the following arguments are required: --out"),
+])
+def test_command_line_mistakes_are_one_line_too(capsys, argv, message):
+    """What argparse itself refuses: one line naming the --help to read, not the usage."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"metaprune: error: {message} (see `metaprune "
+                                       f"{argv[0]} --help`)\n")
+
+
 def test_missing_dataset_folder_is_a_one_line_error(capsys, tmp_path):
     out = tmp_path / "run"
     status, _, err = call(capsys, "prune", "--arch", "test_resnet", "--preset", "smoke",

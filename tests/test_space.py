@@ -210,12 +210,18 @@ def test_from_widths_round_trips(data, arch):
 def test_from_widths_errors():
     space = space_of("test_resnet")
     widths = space.widths_by_group(space.largest())
-    with pytest.raises(CandidateError, match="missing"):
+    first = next(iter(widths))
+    with pytest.raises(CandidateError, match=rf"do not match \(missing: \['{first}'\]\)$"):
         space.from_widths({k: v for k, v in list(widths.items())[1:]})
-    with pytest.raises(CandidateError, match="unknown"):
+    with pytest.raises(CandidateError, match=r"do not match \(unknown: \['nope'\]\)$"):
         space.from_widths({**widths, "nope": 3})
-    with pytest.raises(CandidateError, match="not a level"):
+    with pytest.raises(CandidateError, match="width 17 of group 'stage2' is not a level"):
         space.from_widths({**widths, "stage2": 17})
+    # only integers: JSON's "4", 4.0 or true are not widths, though 4 == 4.0 == True * 4
+    ok = space.widths_by_group(space.smallest())
+    for bad in (str(ok[first]), float(ok[first]), True):
+        with pytest.raises(CandidateError, match=f"width {bad!r} of group '{first}' is not a"):
+            space.from_widths({**ok, first: bad})
 
 
 @settings(max_examples=25)

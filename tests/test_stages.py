@@ -90,6 +90,9 @@ def test_stage_by_stage_equals_prune(reference, tmp_path, capsys):
     evaluation = json.loads(printed)
     assert evaluation["metapruning"]["test_accuracy"] == ref_report["metapruning"][
         "test_accuracy"]
+    # it always prints JSON; --json, which every stage command takes, changes nothing
+    assert json.loads(call(capsys, "evaluate", "--out", out, "--quiet", "--json")[1]) == \
+        evaluation
     status, printed, _ = call(capsys, "export", "--out", out, "--quiet", "--json")
     assert status == 0
     report = json.loads(printed)
@@ -169,7 +172,63 @@ def test_metanet_from_refuses_another_pruningnet(reference, tmp_path, capsys):
     shutil.copy(ref / "spec.json", unfinished / "spec.json")
     with pytest.raises(RunFolderError, match="has no trained PruningNet yet"):
         prepare(spec(metanet_from=str(unfinished)), out)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ref, corrupt)
+    truncated = corrupt / "metanet" / "pruningnet.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])  # a copy cut short
+    status, _, errors = call(capsys, "prune", *OPTIONS, "--metanet-from", str(corrupt),
+                             "--out", str(out))
+    assert status == 2 and errors == [
+        f"metaprune: error: metanet_from: {truncated} is unreadable, corrupt or truncated "
+        "(Error while deserializing header: incomplete metadata, file not fully covered); "
+        f"reuse another run, or delete {truncated} and train it again (the command that "
+        "started that run, with --resume)"]
     assert not out.exists()  # nothing claimed
+
+
+@pytest.mark.parametrize("damaged, command, redone", [
+    ("final/model.safetensors", "export", "train"),
+    ("evaluation.json", "export", "evaluate"),
+    ("metanet/pruningnet.safetensors", "search", "train-metanet"),
+])
+def test_a_corrupt_file_in_a_run_is_named_and_deleting_it_redoes_its_step(
+        reference, tmp_path, capsys, damaged, command, redone):
+    """A file damaged after it was written (a disk error) gives one line naming it, not a
+    traceback; deleted, the step that wrote it runs again, as it did before."""
+    ref, ref_report = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref, run_dir)
+    shutil.rmtree(run_dir / "artifacts")  # as before the export
+    if command == "search":
+        (run_dir / "search" / "state.json").unlink()
+    path = run_dir / damaged
+    path.write_bytes(b"garbage")
+    status, _, errors = call(capsys, command, "--out", str(run_dir), "--quiet")
+    assert status == 2 and len(errors) == 1
+    assert errors[0].startswith(f"metaprune: error: {path} is unreadable, corrupt or truncated")
+    assert errors[0].endswith("restore it, or delete it and run again to redo the step that "
+                              "wrote it")
+    path.unlink()
+    # the first stage takes the run's options again (its command, with --resume)
+    extra = [*OPTIONS, "--macs-ratio", "0.5", "--resume"] if redone == "train-metanet" else []
+    assert call(capsys, redone, "--out", str(run_dir), "--quiet", *extra)[0] == 0
+    assert path.is_file()
+    assert cli.main(["prune", *OPTIONS, "--macs-ratio", "0.5", "--resume", "--out",
+                     str(run_dir)]) == 0
+    report = read_json(run_dir / "artifacts" / "report.json")
+    assert report["metapruning"]["test_accuracy"] == ref_report["metapruning"]["test_accuracy"]
+
+
+def test_resume_of_a_folder_with_no_run_says_it_starts_one(tmp_path, capsys):
+    """A typo in --out must not retrain quietly."""
+    out = tmp_path / "typo"
+    assert cli.main(["train-metanet", *OPTIONS, "--macs-ratio", "0.5", "--resume",
+                     "--out", str(out)]) == 0
+    assert capsys.readouterr().err == (f"metaprune: note: {out} holds no run to resume; "
+                                       "starting a new one\n")
+    assert cli.main(["train-metanet", *OPTIONS, "--macs-ratio", "0.5", "--resume",
+                     "--out", str(out)]) == 0
+    assert "note" not in capsys.readouterr().err  # a run to resume: no note
 
 
 def test_stage_functions_refuse_to_run_out_of_order(tmp_path):

@@ -159,6 +159,24 @@ def test_an_unexpected_error_is_retried_up_to_max_attempts(clean, settings, monk
     assert (job.status, job.attempt, job.error_kind) == ("failed", 2, "internal")
 
 
+def test_a_corrupt_file_in_the_job_s_folder_fails_it_without_retry(clean, settings, monkeypatch):
+    """A retry would read the same damaged file: the job fails at once, naming it."""
+    from pruning.checkpoint import read_json
+
+    def damaged(spec, run_dir, **kwargs):
+        path = Path(run_dir) / "evaluation.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"metapruning": ')
+        read_json(path)
+
+    monkeypatch.setattr("pruning.pipeline.run", damaged)
+    job_id = submit(clean, SPEC, max_attempts=3)
+    assert Worker(settings, "w1", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.error_kind, job.attempt) == ("failed", "corrupt_file", 1)
+    assert "evaluation.json is unreadable, corrupt or truncated" in job.error_message
+
+
 # --- cancel, shutdown -----------------------------------------------------------------------
 
 
