@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from pruning import __version__, counting
@@ -141,6 +142,9 @@ def cmd_build(a) -> dict:
     cand = _candidate(space, a)
     if not Path(a.out).parent.is_dir():
         raise UserError(f"--out: folder {Path(a.out).parent} does not exist")
+    if Path(a.out).is_dir():
+        raise UserError(f"--out: {a.out} is a folder; name the file to write, e.g. "
+                        f"{Path(a.out) / 'model.ts'}")
     torch.manual_seed(a.seed)
     atomic_write_bytes(a.out, _script(build(space, cand).eval()))
     return {"out": a.out, "candidate": cand.key(), "macs": counting.macs(space, cand),
@@ -149,6 +153,8 @@ def cmd_build(a) -> dict:
 
 def _spec(a):
     """The :class:`PipelineSpec` that the options of ``prune`` / ``train-metanet`` describe."""
+    from pydantic import ValidationError
+
     from pruning.pipeline import Budget, PipelineSpec
 
     try:
@@ -160,6 +166,11 @@ def _spec(a):
     clash = sorted(set(overrides) & _PRUNE_OPTIONS)
     if clash:
         raise UserError(f"--set may not give {', '.join(clash)}: use the command-line options")
+    known = set(PipelineSpec.model_fields) - _PRUNE_OPTIONS
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"--set: unknown settings: {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(known))})")
     budget = {}
     if a.max_macs:
         budget["macs"] = parse_count(a.max_macs)
@@ -173,9 +184,14 @@ def _spec(a):
         budget["latency_ms"] = _milliseconds("--max-latency-ms", a.max_latency_ms)
     if a.latency_ratio is not None:
         budget["latency_ratio"] = _milliseconds("--latency-ratio", a.latency_ratio)
+    try:
+        budget = Budget(**budget) if budget else Budget(macs_ratio=0.25)
+    except ValidationError as e:  # named by the option, not the field
+        raise UserError("; ".join(
+            f"{_BUDGET_OPTIONS[err['loc'][0]]}: {err['msg']}" if err["loc"]
+            else err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
     return PipelineSpec(
-        arch=a.arch, dataset=a.dataset, data_root=a.data_root,
-        budget=Budget(**budget) if budget else Budget(macs_ratio=0.25),
+        arch=a.arch, dataset=a.dataset, data_root=a.data_root, budget=budget,
         preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
         train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
         metanet_from=a.metanet_from, metanet_sampling=a.metanet_sampling, **overrides)
@@ -609,6 +625,10 @@ def _client_args(p: argparse.ArgumentParser) -> None:
                                     "http://127.0.0.1:8000)")
     p.add_argument("--token", help="API token (default: $METAPRUNE_TOKEN)")
 
+
+_BUDGET_OPTIONS = {"macs": "--max-macs", "params": "--max-params", "macs_ratio": "--macs-ratio",
+                   "params_ratio": "--params-ratio", "latency_ms": "--max-latency-ms",
+                   "latency_ratio": "--latency-ratio"}
 
 # PipelineSpec fields that cmd_prune sets from its own options
 _PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", "seed", "device",
@@ -1044,8 +1064,26 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OUR_PACKAGES = tuple(Path(__file__).resolve().parents[1] / name
+                      for name in ("pruning", "metanet", "app"))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The project's own warnings as one line, like its errors; others as Python shows them."""
+    if any(Path(filename).resolve().is_relative_to(p) for p in _OUR_PACKAGES):
+        print(f"metaprune: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         out = args.fn(args)
     except (UserError, ValueError, KeyError, OSError) as e:

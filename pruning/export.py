@@ -204,8 +204,14 @@ def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candida
 
 def load_pruned(folder: str | Path, *, space: SearchSpace | None = None,
                 candidate: Candidate | None = None) -> PrunedNet:
-    """Rebuild a :class:`PrunedNet` from an exported folder (safetensors weights; no pickle)."""
+    """Rebuild a :class:`PrunedNet` from an exported folder (safetensors weights; no pickle):
+    a run's ``artifacts/``, or the run folder itself."""
     folder = Path(folder)
+    if not (folder / "model.safetensors").is_file() and (folder / "artifacts").is_dir():
+        folder = folder / "artifacts"
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} holds no exported model (no model.safetensors): give "
+                                "a run's artifacts folder, e.g. runs/NAME/artifacts")
     if space is None or candidate is None:
         config = read_json(folder / "config.json")
         space = SearchSpace.from_dict(config["space"])

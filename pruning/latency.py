@@ -470,7 +470,12 @@ class LatencyTable:
         table = cls(space, key, measurements, measured_s=time.perf_counter() - t0, path=path,
                     overhead_ms=round(max(0.0, sum(gaps) / len(gaps)), 6))
         if use_cache:
-            table.save(path)
+            try:
+                table.save(path)
+            except OSError as e:  # the measured table serves this run all the same
+                warnings.warn(f"could not cache the latency table in {path.parent} ({e}); set "
+                              "METAPRUNE_CACHE_DIR to a writable folder", RuntimeWarning,
+                              stacklevel=2)
         return table
 
 

@@ -178,9 +178,11 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown search settings: {sorted(unknown)}")
+            raise ValueError(f"unknown search settings: {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
         return cls(**d)
 
 

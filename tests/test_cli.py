@@ -145,6 +145,8 @@ def test_build_writes_loadable_torchscript(capsys, tmp_path):
      "give either --widths or --levels, not both"),
     (["space", "test_resnet", "--input-size", "2"], "input_size"),
     (["build", "test_resnet", "--out", "/nonexistent/dir/x.ts"], "does not exist"),
+    (["build", "test_resnet", "--out", "/tmp"], "--out: /tmp is a folder; name the file to "
+                                                "write, e.g. /tmp/model.ts"),
     (["prune", "--arch", "test_resnet", "--max-macs", "12Q"], "not a count: '12Q'"),
     (["prune", "--arch", "nope"], "arch: unknown architecture 'nope'"),
     (["prune", "--arch", "test_resnet", "--seed", "-1"], "seed: Input should be greater"),
@@ -155,6 +157,14 @@ def test_build_writes_loadable_torchscript(capsys, tmp_path):
     (["prune", "--arch", "test_resnet", "--set", "[1]"], "--set must be a JSON object"),
     (["prune", "--arch", "test_resnet", "--set", "{x"], "--set is not valid JSON"),
     (["prune", "--arch", "test_resnet", "--set", '{"seed": 4}'], "--set may not give seed"),
+    (["prune", "--arch", "test_resnet", "--set", '{"eval_image": 4}'],
+     "--set: unknown settings: eval_image (known: calib_batch_size, calib_batches, "),
+    (["prune", "--arch", "test_resnet", "--set", '{"search": {"generation": 4}}'],
+     "search: unknown search settings: generation (known: crossovers, generations, "),
+    (["prune", "--arch", "test_resnet", "--max-macs", "0"],
+     "--max-macs: Input should be greater than 0"),
+    (["prune", "--arch", "test_resnet", "--params-ratio", "-1"],
+     "--params-ratio: Input should be greater than 0"),
 ])
 def test_bad_input_is_a_one_line_error(capsys, tmp_path, argv, message):
     if argv[0] == "prune":

@@ -96,6 +96,18 @@ def test_corrupted_cache_is_rebuilt(table, space, tmp_path, monkeypatch):
     assert LatencyTable.load(path).digest == rebuilt.digest  # the file was rewritten
 
 
+def test_an_unwritable_cache_costs_only_the_cache(space, tmp_path, monkeypatch):
+    """The table just measured is used all the same; the warning names the setting to fix."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # the cache folder would have to be made under a file
+    monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: 0.5)
+    monkeypatch.setattr(latency, "measure_latency", lambda *a, **k: 0.0)
+    with pytest.warns(RuntimeWarning, match="could not cache the latency table in .*a-file.*; "
+                                            "set METAPRUNE_CACHE_DIR to a writable folder"):
+        table = LatencyTable.build(space, cache_dir=blocked, max_points=4, repeats=3)
+    assert table.predict(space, space.largest()) > 0 and not table.from_cache
+
+
 def test_predict_is_monotone_in_every_group(table, space):
     rng = random.Random(0)
     for _ in range(30):
@@ -210,3 +222,14 @@ def test_cli_measure_latency(capsys, tmp_path, monkeypatch):
     assert cli.main(["measure", ARCH, "--input-size", "16", "--latency"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["latency_ms"]["predicted"] > 0 and out["latency_ms"]["measured"] > 0
+
+
+def test_cli_shows_its_own_warnings_in_one_line(capsys, tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("METAPRUNE_CACHE_DIR", str(blocked))
+    monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: 0.5)
+    assert cli.main(["measure", ARCH, "--input-size", "16", "--latency"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"metaprune: warning: could not cache the latency table in {blocked} ")
+    assert err.endswith("set METAPRUNE_CACHE_DIR to a writable folder\n") and err.count("\n") == 1

@@ -112,6 +112,10 @@ def test_torchscript_matches_load_pruned(reference):
         expected, got = net(x), ts(x)
     assert expected.shape == (32, 10)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the run folder itself will do too
+        torch.testing.assert_close(load_pruned(reference[0])(x), expected)
+    with pytest.raises(FileNotFoundError, match="holds no exported model .* runs/NAME/artifacts"):
+        load_pruned(folder / "search")
     config = read_json(folder / "config.json")
     space = SearchSpace.from_dict(config["space"])
     cand = Candidate.from_key(config["candidate"])
