@@ -75,8 +75,9 @@ class TrainConfig:
             return (isinstance(v, kind) and not isinstance(v, bool)
                     and (isinstance(v, numbers.Integral) or math.isfinite(v)))
 
+        epochs_ok = number(self.epochs) and 0 < self.epochs <= 10_000
         checks = {
-            "epochs": (number(self.epochs) and 0 < self.epochs <= 10_000, "a number in (0, 10000]"),
+            "epochs": (epochs_ok, "a number in (0, 10000]"),
             "batch_size": (number(self.batch_size, True) and 1 <= self.batch_size <= 65_536,
                            "an integer in [1, 65536]"),
             "lr": (number(self.lr) and 0 < self.lr <= 100, "a number in (0, 100]"),
@@ -85,7 +86,7 @@ class TrainConfig:
             "weight_decay": (number(self.weight_decay) and 0 <= self.weight_decay <= 1,
                              "a number in [0, 1]"),
             "warmup_epochs": (number(self.warmup_epochs) and 0 <= self.warmup_epochs
-                              and (not number(self.epochs) or self.warmup_epochs <= self.epochs),
+                              and (not epochs_ok or self.warmup_epochs <= self.epochs),
                               "a number in [0, epochs]"),
             "label_smoothing": (number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
                                 "a number in [0, 1)"),

@@ -83,6 +83,14 @@ def test_train_config_rejects_bad_settings(bad):
     assert "\n" not in str(e.value)
 
 
+def test_an_invalid_epochs_is_the_only_error_named():
+    """warmup_epochs is checked against epochs only when epochs itself is valid."""
+    with pytest.raises(ValueError) as e:
+        TrainConfig(epochs=-1, warmup_epochs=0.3)
+    assert str(e.value) == ("invalid training settings: epochs=-1 (must be a number in "
+                            "(0, 10000])")
+
+
 def test_train_config_from_dict_names_unknown_settings():
     with pytest.raises(ValueError, match="unknown training settings: bogus, epoch "):
         TrainConfig.from_dict({"epoch": 3, "bogus": 1})
