@@ -95,7 +95,8 @@ def cmd_space(a) -> dict:
     return {"arch": space.arch, "settings": space.to_dict(), "levels": list(space.levels),
             "groups": [{"name": g.name, "base": g.base, "choices": list(widths)}
                        for g, widths in zip(space.groups, space.width_table)],
-            "size": space.size,
+            "size": space.size,  # encodings; levels that round to one width are one network:
+            "networks": math.prod(len(set(widths)) for widths in space.width_table),
             "full_macs": counting.macs(space, space.largest()),
             "full_params": counting.params(space, space.largest()),
             "min_macs": counting.macs(space, space.smallest()),

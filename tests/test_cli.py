@@ -7,6 +7,7 @@ console script to prove the entry point.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,8 @@ def test_space(capsys, arch, extra):
     space = space_of(arch, **kw)
     assert out["arch"] == arch and out["settings"] == space.to_dict()
     assert out["levels"] == list(space.levels) and out["size"] == space.size
+    distinct = [len(set(t)) for t in space.width_table]
+    assert out["networks"] == math.prod(distinct) < out["size"]  # small groups repeat widths
     assert [g["name"] for g in out["groups"]] == [g.name for g in space.groups]
     assert [g["base"] for g in out["groups"]] == [g.base for g in space.groups]
     assert [g["choices"] for g in out["groups"]] == [list(t) for t in space.width_table]
