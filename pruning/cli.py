@@ -198,10 +198,14 @@ def _spec(a):
         metanet_from=a.metanet_from, metanet_sampling=a.metanet_sampling, **overrides)
 
 
-def _note_nothing_to_resume(a) -> None:
-    """``--resume`` on a folder with no run starts one (the service's workers rely on it);
-    say so, or a typo in ``--out`` would quietly train everything again."""
-    if a.resume and not (Path(a.out) / "spec.json").exists():
+def _check_out(a) -> None:
+    """``--out`` must be (or be made) a folder. ``--resume`` on a folder with no run starts one
+    (the service's workers rely on it): say so, or a typo would quietly train everything again."""
+    out = Path(a.out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"--out: {existing} is a file, not a folder")
+    if a.resume and not (out / "spec.json").exists():
         print(f"metaprune: note: {a.out} holds no run to resume; starting a new one",
               file=sys.stderr)
 
@@ -210,7 +214,7 @@ def cmd_prune(a) -> dict:
     from pruning.pipeline import run
 
     spec = _spec(a)
-    _note_nothing_to_resume(a)
+    _check_out(a)
     printer = ProgressPrinter(quiet=a.quiet)
     report = run(spec, a.out, resume=a.resume, progress=printer)
     printer.close()
@@ -249,7 +253,7 @@ def cmd_train_metanet(a) -> dict:
     from pruning.pipeline import stage_metanet
 
     spec = _spec(a)
-    _note_nothing_to_resume(a)
+    _check_out(a)
     ctx, printer = _stage(a, spec)
     stats = stage_metanet(ctx)
     printer.close()

@@ -168,9 +168,13 @@ def test_build_writes_loadable_torchscript(capsys, tmp_path):
      "--max-macs: Input should be greater than 0"),
     (["prune", "--arch", "test_resnet", "--params-ratio", "-1"],
      "--params-ratio: Input should be greater than 0"),
+    (["prune", "--arch", "test_resnet", "--out", __file__], f"--out: {__file__} is a file, "
+                                                           "not a folder"),
+    (["prune", "--arch", "test_resnet", "--out", f"{__file__}/run", "--resume"],
+     f"--out: {__file__} is a file, not a folder"),
 ])
 def test_bad_input_is_a_one_line_error(capsys, tmp_path, argv, message):
-    if argv[0] == "prune":
+    if argv[0] == "prune" and "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "run"), "--quiet"]
     status, out, err = call(capsys, *argv)
     assert status == 2 and out is None
