@@ -321,7 +321,7 @@ def cmd_export(a) -> dict:
     report = stage_export(ctx)
     printer.close()
     if not a.json:
-        _print_summary(report, a.out)
+        _print_summary(report, a.out, timed=False)
         return {}
     return report
 
@@ -655,7 +655,9 @@ note: such picks trained better in 9 of 11 seed-runs when the search was held to
 (``search.min_budget_use`` 0.9; MobileNetV1 and V2 on the CPU, ``docs/benchmarks.md``)."""
 
 
-def _print_summary(report: dict, out: str) -> None:
+def _print_summary(report: dict, out: str, timed: bool = True) -> None:
+    """The end of ``prune`` (and ``export``, ``timed=False``: its ``elapsed_s`` is the export's
+    own seconds, not the run's)."""
     from pruning.evaluate import entry_score
 
     mp, un = report["metapruning"], report["uniform"]
@@ -689,7 +691,8 @@ def _print_summary(report: dict, out: str) -> None:
     for name, e in (("MetaPruning", mp), ("uniform", un)):
         if "warning" in e:
             print(f"  warning: {name}: {e['warning']}", file=sys.stderr)
-    print(f"artifacts in {Path(out) / 'artifacts'}  ({report['elapsed_s']:.0f} s)")
+    print(f"artifacts in {Path(out) / 'artifacts'}"
+          + (f"  ({report['elapsed_s']:.0f} s)" if timed else ""))
 
 
 def _eta(event: dict) -> str:
