@@ -996,6 +996,9 @@ def load_dataset(name: str, *, root: str | os.PathLike | None = None,
         return _load_fashion_mnist(root, device, val_size, train_limit, test_limit, seed,
                                    image_size)
     if key == "synthetic":
+        if root is not None:
+            raise DatasetError(f"the synthetic dataset is generated and reads no folder; drop "
+                               f"the data root ({root})")
         return _load_synthetic(device, val_size, train_limit, test_limit, seed, image_size,
                                num_classes)
     if not isinstance(num_workers, numbers.Integral) or num_workers < 0:

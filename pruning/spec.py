@@ -272,6 +272,13 @@ class PipelineSpec(BaseModel):
             raise ValueError("a path cannot contain a NUL character")
         return path
 
+    @field_validator("data_root")
+    @classmethod
+    def _read_by_the_dataset(cls, root: str | None, info: ValidationInfo) -> str | None:
+        if root is not None and info.data.get("dataset") == "synthetic":
+            raise ValueError("the synthetic dataset is generated and reads no folder")
+        return root
+
     @field_validator("val_size", mode="before")
     @classmethod
     def _count_or_fraction(cls, v):

@@ -319,6 +319,7 @@ def killed_worker_is_resumed(engine, settings, spec, reference, monkeypatch) -> 
 
 API_SPEC = {"arch": "test_mobilenet_v1", "dataset": "synthetic", "budget": {"macs_ratio": 0.5},
             "preset": "smoke"}
+API_SPEC_READING_A_FOLDER = {**API_SPEC, "dataset": "fashion-mnist"}  # synthetic reads none
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from tests.conftest import API_SPEC as SPEC, bearer, client_for, emptied_engine, token_for
+from tests.conftest import API_SPEC as SPEC
+from tests.conftest import API_SPEC_READING_A_FOLDER as READS_A_FOLDER
+from tests.conftest import bearer, client_for, emptied_engine, token_for
 from app.main import create_app
 from app.models import ApiToken, Job
 from app.settings import Settings
@@ -131,16 +133,18 @@ def test_data_root_only_under_dataset_roots(api, tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (root / "escape").symlink_to(tmp_path / "elsewhere")
     for bad in ("/etc", str(root / ".." / "elsewhere"), str(root / "escape"), "datasets/fmnist"):
-        r = api.post("/v1/jobs", json={**SPEC, "data_root": bad}, headers=api.alice)
+        r = api.post("/v1/jobs", json={**READS_A_FOLDER, "data_root": bad},
+                     headers=api.alice)
         assert r.status_code == 422, bad
         assert r.json()["detail"][0]["loc"] == ["body", "data_root"]
-    r = api.post("/v1/jobs", json={**SPEC, "data_root": str(root / "fmnist")}, headers=api.alice)
+    r = api.post("/v1/jobs", json={**READS_A_FOLDER, "data_root": str(root / "fmnist")},
+                 headers=api.alice)
     assert r.status_code == 201
 
 
 def test_data_root_refused_without_roots(engine, sqlite_url):
     with client_for(sqlite_url, require_auth=False) as client:
-        r = client.post("/v1/jobs", json={**SPEC, "data_root": "/tmp"})
+        r = client.post("/v1/jobs", json={**READS_A_FOLDER, "data_root": "/tmp"})
         assert r.status_code == 422 and "no dataset roots" in r.json()["detail"][0]["msg"]
 
 

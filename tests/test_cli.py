@@ -168,6 +168,8 @@ def test_build_writes_loadable_torchscript(capsys, tmp_path):
      "--max-macs: Input should be greater than 0"),
     (["prune", "--arch", "test_resnet", "--params-ratio", "-1"],
      "--params-ratio: Input should be greater than 0"),
+    (["prune", "--arch", "test_resnet", "--dataset", "synthetic", "--data-root", "/data"],
+     "data_root: the synthetic dataset is generated and reads no folder"),
     (["prune", "--arch", "test_resnet", "--out", __file__], f"--out: {__file__} is a file, "
                                                            "not a folder"),
     (["prune", "--arch", "test_resnet", "--out", f"{__file__}/run", "--resume"],

@@ -74,6 +74,8 @@ def test_list_and_unknown_dataset():
     with pytest.raises(DatasetError, match="available: fashion-mnist, imagefolder, synthetic"):
         load_dataset("cifar-1000")
     assert issubclass(DatasetError, ValueError)
+    with pytest.raises(DatasetError, match="synthetic dataset is generated and reads no folder"):
+        load_dataset("synthetic", root="/data/typo")  # not silently ignored
 
 
 # ---- Fashion-MNIST

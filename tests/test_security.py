@@ -79,7 +79,9 @@ import app.auth
 from app.main import create_app
 from app.models import Job
 from app.settings import Settings, get_settings
-from tests.conftest import API_SPEC as SPEC, bearer, token_for
+from tests.conftest import API_SPEC as SPEC
+from tests.conftest import API_SPEC_READING_A_FOLDER as READS_A_FOLDER
+from tests.conftest import bearer, token_for
 from tests.test_artifacts_api import FILES, _set, _sha, _succeeded
 
 pytestmark = pytest.mark.timeout(120)
@@ -347,12 +349,14 @@ def test_data_root_escapes_are_refused(api, engine, tmp_path):
         "empty": "",
     }
     for what, data_root in bad.items():
-        r = api.post("/v1/jobs", json={**SPEC, "data_root": data_root}, headers=api.alice)
+        r = api.post("/v1/jobs", json={**READS_A_FOLDER, "data_root": data_root},
+                     headers=api.alice)
         assert r.status_code == 422, (what, r.status_code, r.text)
         assert r.json()["detail"][0]["loc"] == ["body", "data_root"], what
     assert jobs_in_db(engine) == 0
     # `..` that stays inside a root is fine (the check is on the resolved path)
-    r = api.post("/v1/jobs", json={**SPEC, "data_root": str(root / "sub" / ".." / "fmnist")},
+    r = api.post("/v1/jobs",
+                 json={**READS_A_FOLDER, "data_root": str(root / "sub" / ".." / "fmnist")},
                  headers=api.alice)
     assert r.status_code == 201, r.text
 
