@@ -148,8 +148,8 @@ def test_build_writes_loadable_torchscript(capsys, tmp_path):
      "give either --widths or --levels, not both"),
     (["space", "test_resnet", "--input-size", "2"], "input_size"),
     (["build", "test_resnet", "--out", "/nonexistent/dir/x.ts"], "does not exist"),
-    (["build", "test_resnet", "--out", "/tmp"], "--out: /tmp is a folder; name the file to "
-                                                "write, e.g. /tmp/model.ts"),
+    (["build", "test_resnet", "--out", "/tmp"],
+     "--out: /tmp is a folder; name the file to write, e.g. /tmp/model.ts"),
     (["prune", "--arch", "test_resnet", "--max-macs", "12Q"], "not a count: '12Q'"),
     (["prune", "--arch", "nope"], "arch: unknown architecture 'nope'"),
     (["prune", "--arch", "test_resnet", "--seed", "-1"], "seed: Input should be greater"),
@@ -170,8 +170,8 @@ def test_build_writes_loadable_torchscript(capsys, tmp_path):
      "--params-ratio: Input should be greater than 0"),
     (["prune", "--arch", "test_resnet", "--dataset", "synthetic", "--data-root", "/data"],
      "data_root: the synthetic dataset is generated and reads no folder"),
-    (["prune", "--arch", "test_resnet", "--out", __file__], f"--out: {__file__} is a file, "
-                                                           "not a folder"),
+    (["prune", "--arch", "test_resnet", "--out", __file__],
+     f"--out: {__file__} is a file, not a folder"),
     (["prune", "--arch", "test_resnet", "--out", f"{__file__}/run", "--resume"],
      f"--out: {__file__} is a file, not a folder"),
 ])
@@ -187,11 +187,11 @@ def test_bad_input_is_a_one_line_error(capsys, tmp_path, argv, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["prune", "--preset", "fast"], "argument --preset: invalid choice: 'fast' (choose from "
-                                    "'smoke', 'quick', 'standard', 'paper')"),
+    (["prune", "--preset", "fast"], ("argument --preset: invalid choice: 'fast' (choose from "
+                                     "'smoke', 'quick', 'standard', 'paper')")),
     (["prune", "--out", " "], "argument --out: must not be empty"),
-    (["serve", "--port", "99999"], "argument --port: must be a port number in [1, 65535], got "
-                                   "'99999'"),
+    (["serve", "--port", "99999"],
+     "argument --port: must be a port number in [1, 65535], got '99999'"),
     (["search"], "the following arguments are required: --out"),
 ])
 def test_command_line_mistakes_are_one_line_too(capsys, argv, message):

@@ -181,11 +181,11 @@ def test_metanet_from_refuses_another_pruningnet(reference, tmp_path, capsys):
     truncated.write_bytes(truncated.read_bytes()[:-100])  # a copy cut short
     status, _, errors = call(capsys, "prune", *OPTIONS, "--metanet-from", str(corrupt),
                              "--out", str(out))
-    assert status == 2 and errors == [
+    assert status == 2 and errors == [(
         f"metaprune: error: metanet_from: {truncated} is unreadable, corrupt or truncated "
         "(Error while deserializing header: incomplete metadata, file not fully covered); "
         f"reuse another run, or delete {truncated} and train it again (the command that "
-        "started that run, with --resume)"]
+        "started that run, with --resume)")]
     assert not out.exists()  # nothing claimed
 
 
