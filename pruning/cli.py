@@ -188,9 +188,7 @@ def _spec(a):
     try:
         budget = Budget(**budget) if budget else Budget(macs_ratio=0.25)
     except ValidationError as e:  # named by the option, not the field
-        raise UserError("; ".join(
-            f"{_BUDGET_OPTIONS.get(err['loc'][0], err['loc'][0])}: {err['msg']}" if err["loc"]
-            else err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+        raise UserError(error_message(e, _BUDGET_OPTIONS)) from None
     return PipelineSpec(
         arch=a.arch, dataset=a.dataset, data_root=a.data_root, budget=budget,
         preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,

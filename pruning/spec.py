@@ -30,15 +30,17 @@ DATASETS = ("fashion-mnist", "imagefolder", "synthetic")
 DATASET_SHAPES = {"fashion-mnist": (10, 1, 28), "synthetic": (10, 1, 16)}
 
 
-def error_message(e: BaseException) -> str:
+def error_message(e: BaseException, names: dict[str, str] | None = None) -> str:
     """``e``'s message on one line; a pydantic ``ValidationError`` (a bad spec) as
-    ``field: reason; field: reason`` instead of its multi-line report."""
+    ``field: reason; field: reason`` instead of its multi-line report, a field named as
+    ``names`` says where given (the CLI's option for it, e.g. ``--max-macs``)."""
     errors = getattr(e, "errors", None)
     if callable(errors) and type(e).__name__ == "ValidationError":
         parts = []
         for err in errors():
             msg = err["msg"].removeprefix("Value error, ")
             where = ".".join(str(x) for x in err["loc"])
+            where = (names or {}).get(where, where)
             parts.append(f"{where}: {msg}" if where else msg)
         return "; ".join(parts)
     return " ".join(str(e).split())
