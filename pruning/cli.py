@@ -1112,12 +1112,13 @@ def _run(args) -> int:
 
 
 def _how_to_continue(args) -> str:
-    """How a run stopped midway continues (its last checkpoint is intact): ``prune`` and
-    ``train-metanet`` with ``--resume``, the later stage commands by running them again."""
+    """How a run stopped midway continues from its last checkpoint, if it wrote one:
+    ``prune`` and ``train-metanet`` with ``--resume``, the later stage commands by running
+    them again."""
     if getattr(args, "resume", None) is not None:
-        return "; continue from the last checkpoint: the same command with --resume"
+        return "; to continue where it stopped, run the same command with --resume"
     if getattr(args, "fn", None) in _STAGE_COMMANDS:
-        return "; continue from the last checkpoint: run the same command again"
+        return "; to continue where it stopped, run the same command again"
     return ""
 
 

@@ -334,7 +334,8 @@ def stage_train(ctx: RunContext) -> dict:
 
 def _chance_warning(test_accuracy: float, chance: float, steps: int, preset: str) -> str:
     """Why a trained network is at chance level: too few steps to learn, or a collapse."""
-    why = (f"the training was too short to learn ({steps} steps with the {preset} preset's "
+    step_count = f"{steps} step" if steps == 1 else f"{steps} steps"
+    why = (f"the training was too short to learn ({step_count} with the {preset} preset's "
            "final.epochs and data); train longer" if steps < SHORT_TRAINING_STEPS else
            "its training collapsed; a larger budget, a higher min_channels or final_init "
            "'generated' may help")

@@ -312,11 +312,11 @@ def test_summary_notes_a_pick_that_leaves_its_budget_unused(capsys, pick, unifor
 
 
 @pytest.mark.parametrize("raised, message", [
-    (KeyboardInterrupt(), ("metaprune: interrupted; continue from the last checkpoint: the "
+    (KeyboardInterrupt(), ("metaprune: interrupted; to continue where it stopped, run the "
                            "same command with --resume\n")),
     (OSError(28, "No space left on device"),
      ("metaprune: error: no space left on the device ([Errno 28] No space left on device); "
-      "continue from the last checkpoint: the same command with --resume\n")),
+      "to continue where it stopped, run the same command with --resume\n")),
 ])
 def test_a_stopped_run_says_how_to_continue(capsys, monkeypatch, tmp_path, raised, message):
     def stopped(a):

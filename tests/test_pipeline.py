@@ -417,7 +417,7 @@ def test_a_collapsed_training_is_reported(tmp_path, monkeypatch, capsys):
                                             "generations": 1}})]
     assert cli.main([*argv, "--out", str(tmp_path / "short")]) == 0
     warning = read_json(tmp_path / "short" / "artifacts" / "report.json")["metapruning"]["warning"]
-    assert "at chance level (10.0%): the training was too short to learn (1 steps with the " \
+    assert "at chance level (10.0%): the training was too short to learn (1 step with the " \
         "smoke preset" in warning, warning
     assert "warning: MetaPruning: test accuracy 10.00% is at chance" in capsys.readouterr().err
     # a training long enough to have learnt (here: declared so) that ends at chance collapsed
