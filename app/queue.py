@@ -173,12 +173,16 @@ def _fence(job_id: str, worker_id: str, attempt: int):
                 Job.status == RUNNING)
 
 
-def claim(engine: Engine, worker_id: str, *, lease_seconds: float = 60.0,
+def claim(engine: Engine, worker_id: str, *, lease_seconds: float = 60.0, cuda: bool = True,
           now: datetime | None = None) -> Claimed | None:
-    """Atomically take the oldest queued job (``None`` when there is none)."""
+    """Atomically take the oldest queued job (``None`` when there is none); ``cuda=False``:
+    the oldest whose spec does not ask for ``cuda`` (a worker without a GPU leaves those)."""
     now = now or utcnow()
     expires = now + timedelta(seconds=lease_seconds)
-    oldest = (select(Job.id).where(Job.status == QUEUED)
+    claimable = Job.status == QUEUED
+    if not cuda:
+        claimable = and_(claimable, Job.spec["device"].as_string().is_distinct_from("cuda"))
+    oldest = (select(Job.id).where(claimable)
               .order_by(Job.created_at, Job.id).limit(1)
               .with_for_update(skip_locked=True)  # PostgreSQL; SQLite: BEGIN IMMEDIATE
               .scalar_subquery())

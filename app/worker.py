@@ -27,6 +27,12 @@ One job at a time, in the calling thread::
   anything else is retried (the attempt fails with ``error_kind = "internal"`` and the job is
   re-queued while attempts are left).
 * **Reaper.** Every worker calls :func:`app.queue.reap` every ``lease_seconds / 2`` (idle or busy).
+* **Devices.** A worker without CUDA does not claim the jobs whose spec asks for ``cuda``: they
+  wait in the queue for one that has it (``--device cpu``/``cuda`` workers claim every job).
+* **Database outages.** A worker waits for an unreachable database, retrying with backoff (up
+  to :data:`MAX_BACKOFF_S`), at its start and whenever a claim fails, so restarting the database
+  stops no worker; a database without this version's schema stops it at the start
+  (``metaprune db upgrade``).
 * **Progress.** Pipeline events become :func:`app.queue.report_progress` writes (at most about two
   a second, and at every stage change): the stage, the fraction of the whole pipeline done
   (stages weighted by :data:`STAGE_WEIGHTS`) and the stage detail.
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import queue
 from app.db import make_engine
@@ -59,6 +66,7 @@ STAGE_WEIGHTS = {"metanet": 0.45, "search": 0.20, "train": 0.30, "evaluate": 0.0
 PROGRESS_INTERVAL_S = 0.5   # at most ~2 progress writes a second (plus one per stage change)
 CANCEL_POLL_S = 1.0         # how often should_stop reads the job between heartbeats
 MAX_MESSAGE = 500           # error messages stored, in characters
+MAX_BACKOFF_S = 30.0        # the longest wait between tries of an unreachable database
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -84,6 +92,12 @@ def classify(exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, UnreadableFileError):  # a retry would read the same file
         return "corrupt_file", False
     return "internal", True
+
+
+def database_error(exc: SQLAlchemyError) -> str:
+    """The driver's first line (SQLAlchemy's own text adds the statement and a web link)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""]
+    return f"{type(exc).__name__}: {text[0]}"
 
 
 def one_line(exc: BaseException) -> str:
@@ -261,16 +275,67 @@ class Worker:
             log.info("reaped job %s: %s", job_id, status)
         return reaped
 
+    @property
+    def accepts_cuda_jobs(self) -> bool:
+        """Whether this worker claims jobs whose spec asks for CUDA: it has a CUDA device, or
+        it runs every job on its own ``--device``."""
+        if self.device != "auto":
+            return True
+        import torch
+
+        return torch.cuda.is_available()
+
+    def check_database(self, *, wait: bool, stop: threading.Event | None = None) -> None:
+        """The database must be reachable and at this version's schema (``ValueError``
+        otherwise: run ``metaprune db upgrade``). Unreachable: wait for it, retrying with
+        backoff, when ``wait`` (until ``stop`` is set), else raise the error."""
+        from alembic.runtime.migration import MigrationContext
+
+        from app.db import head_revision
+
+        stop = stop or threading.Event()
+        delay = 1.0
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    revision = MigrationContext.configure(conn).get_current_revision()
+                break
+            except SQLAlchemyError as e:
+                if not wait:
+                    raise
+                log.warning("database unreachable (%s); trying again in %.0f s",
+                            database_error(e), delay)
+                if stop.wait(delay):
+                    return
+                delay = min(2 * delay, MAX_BACKOFF_S)
+        head = head_revision()
+        if revision != head:
+            found = "has no metaprune schema" if revision is None else f"is at revision {revision}"
+            raise ValueError(f"the database {found}; this version needs {head}: run "
+                             "`metaprune db upgrade` first")
+
     def run_forever(self, stop_event: threading.Event | None = None,
                     poll_seconds: float = 1.0, once: bool = False) -> int:
         """Claim and run jobs until ``stop_event`` is set (the job running then is stopped at its
         next checkpoint and given back to the queue). ``once``: return after the first job
-        (or at once when none is queued). Returns how many jobs were processed."""
+        (or at once when none is queued; a database error is raised). Returns how many jobs
+        were processed."""
         if stop_event is not None:
             self.stopping = stop_event
-        n = 0
+        n, delay = 0, poll_seconds
         while not self.stopping.is_set():
-            if self.run_once():
+            try:
+                claimed = self.run_once()
+            except SQLAlchemyError as e:
+                if once:
+                    raise
+                delay = min(2 * delay, MAX_BACKOFF_S)
+                log.warning("cannot reach the queue (%s); trying again in %.0f s",
+                            database_error(e), delay)
+                self.stopping.wait(delay)
+                continue
+            delay = poll_seconds
+            if claimed:
                 n += 1
                 if once:
                     break
@@ -285,7 +350,8 @@ class Worker:
         self.maybe_reap()
         if self.stopping.is_set():
             return False
-        job = queue.claim(self.engine, self.worker_id, lease_seconds=self.settings.lease_seconds)
+        job = queue.claim(self.engine, self.worker_id, lease_seconds=self.settings.lease_seconds,
+                          cuda=self.accepts_cuda_jobs)
         if job is None:
             return False
         log.info("job %s: claimed (attempt %d of %d)", job.id, job.attempt, job.max_attempts)
@@ -301,6 +367,13 @@ class Worker:
         beat.start()
         try:
             outcome = self._run(job, state)
+        except (SystemExit, KeyboardInterrupt):  # told to leave now: give the job back first
+            state.done.set()
+            try:
+                log.info("job %s: %s", job.id, self._fenced(queue.release, job, "released"))
+            except Exception:  # noqa: BLE001 — leaving anyway: the reaper re-queues it
+                log.warning("job %s: could not give it back", job.id, exc_info=True)
+            raise
         finally:
             state.done.set()
             beat.join(timeout=30)

@@ -345,36 +345,57 @@ def cmd_db(a) -> dict:
 
 def cmd_worker(a) -> dict:
     """``worker``: claim and run queued jobs until SIGTERM/SIGINT (the job running then stops at
-    its next checkpoint and goes back to the queue; a second signal exits at once)."""
+    its next checkpoint and goes back to the queue; a second signal gives it back at once and
+    exits). Started by ``serve`` (``--parent-pid``), it stops the same way when ``serve`` is
+    gone. It waits for a database that is unreachable (``--once``: one line, exit 2)."""
     import logging
     import signal
     import threading
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     from app.settings import Settings
-    from app.worker import Worker
+    from app.worker import Worker, database_error
 
     overrides = {k: v for k, v in (("database_url", a.database_url),
                                    ("artifact_dir", a.artifact_dir)) if v is not None}
     settings = Settings(**overrides)
     if a.poll_seconds <= 0:
         raise UserError(f"--poll-seconds must be positive, got {a.poll_seconds}")
+    if not 0 <= a.nice <= 19:
+        raise UserError(f"--nice must be in [0, 19], got {a.nice}")
     list_archs()  # a broken $METAPRUNE_PLUGINS fails the start, not every job
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("metaprune.worker")
+    if a.nice:
+        os.nice(a.nice)
     worker = Worker(settings, worker_id=a.worker_id, device=a.device)
     stop = threading.Event()
 
     def on_signal(signum, _frame):
-        if stop.is_set():  # the second signal: leave now
+        if stop.is_set():  # the second signal: leave now (Worker.process gives the job back)
             raise SystemExit(128 + signum)
-        logging.getLogger("metaprune.worker").info(
-            "signal %d: stopping after the current job's next checkpoint", signum)
+        log.info("signal %d: stopping after the current job's next checkpoint", signum)
         stop.set()
 
+    def watch_parent():
+        while not stop.wait(1.0):
+            if os.getppid() != a.parent_pid:
+                log.warning("serve (pid %d) is gone: stopping after the current job's next "
+                            "checkpoint", a.parent_pid)
+                stop.set()
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    if a.parent_pid is not None:
+        threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     try:
+        worker.check_database(wait=not a.once, stop=stop)
         n = worker.run_forever(stop, poll_seconds=a.poll_seconds, once=a.once)
+    except SQLAlchemyError as e:  # --once: the claim failed (run_forever waits out the rest)
+        raise UserError(f"database: {database_error(e)}") from None
     finally:
+        stop.set()  # ends the parent watch
         for s, handler in previous.items():
             signal.signal(s, handler)
         worker.engine.dispose()
@@ -823,6 +844,9 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve beyond loopback
 
 
+SHUTDOWN_GRACE_S = 5  # serve's wait for open requests (an event stream never ends by itself)
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(0)
 
@@ -831,7 +855,7 @@ def cmd_serve(a) -> dict:
     """``serve``: migrate the database, start N worker processes, run the API (uvicorn) until
     interrupted, then stop the workers. Binding beyond loopback forces API tokens on; on
     loopback they are off unless ``METAPRUNE_REQUIRE_AUTH`` says otherwise."""
-    import subprocess
+    import logging
 
     import uvicorn
     from sqlalchemy.exc import SQLAlchemyError
@@ -839,6 +863,7 @@ def cmd_serve(a) -> dict:
     from app.db import upgrade
     from app.main import create_app
     from app.settings import get_settings
+    from app.supervisor import WorkerProcesses
 
     if a.workers < 0:
         raise UserError("--workers must be 0 or more")
@@ -857,27 +882,19 @@ def cmd_serve(a) -> dict:
     except SQLAlchemyError as e:
         raise UserError(f"database upgrade failed: {e.__class__.__name__}: {e}") from None
 
-    # the workers at a lower CPU priority (nice 10): training yields to the API's requests
-    env = {**os.environ, "METAPRUNE_DATABASE_URL": url, "METAPRUNE_ARTIFACT_DIR": artifact_dir}
-    workers = [subprocess.Popen([sys.executable, "-m", "pruning.cli", "worker",
-                                 "--database-url", url, "--artifact-dir", artifact_dir], env=env,
-                                preexec_fn=lambda: os.nice(10))
-               for _ in range(a.workers)]
+    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    workers = WorkerProcesses(a.workers, url, artifact_dir).start()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that an exit that runs
     # the `finally` below, so the workers are stopped too (`docker stop`, systemd, kill)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        # an open progress stream would hold the shutdown until its client leaves
         uvicorn.run(create_app(settings), host=a.host, port=a.port,
-                    log_level="warning" if a.quiet else "info")
+                    log_level="warning" if a.quiet else "info",
+                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
-        for p in workers:
-            p.terminate()  # SIGTERM: the running job stops at its next check and is re-queued
-        for p in workers:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        workers.stop()  # each running job stops at its next check and is re-queued
     return {}
 
 
@@ -1029,6 +1046,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-seconds", type=float, default=1.0,
                    help="wait between looks at an empty queue")
     p.add_argument("--worker-id", help="this worker's name in leases (default: host:pid:random)")
+    p.add_argument("--nice", type=int, default=0,
+                   help="lower this process's CPU priority by N (serve's workers: 10)")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # serve's: stop without it
     p.add_argument("--quiet", action="store_true", help="warnings only")
     p.add_argument("--json", action="store_true", help="print the number of jobs run as JSON")
     p.set_defaults(fn=cmd_worker)
@@ -1036,7 +1056,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="queue a pruning job on the service (the options of "
                                       "`prune`); prints its id")
     _pipeline_args(p, local=False)
-    p.add_argument("--idempotency-key", help="the same key gives back the same job (safe retry)")
+    p.add_argument("--idempotency-key", type=_path,
+                   help="the same key gives back the same job (safe retry)")
     _client_args(p)
     p.set_defaults(fn=cmd_submit)
     for name, fn, help_ in (("status", cmd_status, "a job's status on one line (or --json)"),

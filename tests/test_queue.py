@@ -139,6 +139,19 @@ def test_claim_oldest_first(engine):
                                                              T0 + timedelta(minutes=1))
 
 
+def test_a_worker_without_cuda_leaves_the_jobs_that_ask_for_it(engine):
+    """``claim(cuda=False)`` passes over a spec with ``device: cuda`` (and takes one without a
+    device, or another device); ``cuda=True`` takes it."""
+    wants_cuda = submit(engine, spec={"arch": "a", "device": "cuda"}, now=T0).id
+    no_device = submit(engine, spec={"arch": "a"}, now=T0 + timedelta(seconds=1)).id
+    on_cpu = submit(engine, spec={"arch": "a", "device": "cpu"}, now=T0 + timedelta(seconds=2)).id
+    later = T0 + timedelta(minutes=1)
+    got = [queue.claim(engine, "cpu-only", cuda=False, now=later) for _ in range(3)]
+    assert [g and g.id for g in got] == [no_device, on_cpu, None]
+    assert job_row(engine, wants_cuda).status == "queued"
+    assert queue.claim(engine, "gpu", now=later).id == wants_cuda
+
+
 def test_many_workers_claim_each_job_once(engine, db_url):
     n_jobs, n_workers = 50, 8
     ids = {submit(engine).id for _ in range(n_jobs)}

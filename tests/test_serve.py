@@ -1,4 +1,6 @@
-"""`metaprune serve` as a real process: it migrates, serves, and stops its workers on SIGTERM."""
+"""`metaprune serve` as a real process: it migrates, serves, and stops its workers on SIGTERM
+and on a terminal's Ctrl-C (their jobs go back to the queue), restarts a worker that died, and
+leaves no orphan worker when it is killed itself."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import SMOKE_JOB
+from tests.conftest import LONG_JOB, SMOKE_JOB
 
 
 def _free_port() -> int:
@@ -29,19 +31,21 @@ def _processes_with(marker: str) -> list[int]:
                 cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if marker in cmd and "worker" in cmd:
+            if marker in cmd and "pruning.cli worker " in cmd:
                 pids.append(int(d.name))
     return pids
 
 
 def _start_serve(tmp_path: Path, *extra: str, env: dict | None = None
                  ) -> tuple[subprocess.Popen, int]:
-    """``metaprune serve`` on a free loopback port, once ``/readyz`` answers."""
+    """``metaprune serve`` on a free loopback port, once ``/readyz`` answers; in a process
+    group of its own, as in a terminal (Ctrl-C signals the whole group)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pruning.cli", "serve", "--port", str(port),
                              "--workers", "1", "--quiet", *extra],
-                            env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     deadline = time.time() + 60
     while True:
         try:
@@ -113,3 +117,107 @@ def test_serve_artifact_dir_reaches_the_api_and_its_workers(tmp_path):
         assert not (tmp_path / "not-this").exists()
     finally:
         _stop(proc, str(db))
+
+
+def _submit(port: int, spec: dict) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/jobs",
+                                     data=json.dumps(spec).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.load(r)["id"]
+
+
+def _job(port: int, job_id: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/jobs/{job_id}", timeout=10) as r:
+        return json.load(r)
+
+
+def _wait(predicate, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_ctrl_c_on_serve_gives_the_running_job_back_despite_an_open_event_stream(tmp_path):
+    """Ctrl-C in a terminal signals serve's whole process group. The workers are not in it:
+    serve asks each once to stop, so the job goes back to the queue without using up an
+    attempt; an open progress stream does not hold the shutdown until its client leaves."""
+    db = tmp_path / "service.db"
+    proc, port = _start_serve(tmp_path, "--database-url", f"sqlite:///{db}",
+                              "--artifact-dir", str(tmp_path / "artifacts"))
+    try:
+        job_id = _submit(port, LONG_JOB)
+        _wait(lambda: _job(port, job_id)["stage"] == "metanet", "training")
+        stream = urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/jobs/{job_id}/events",
+                                        timeout=120)
+        while not stream.readline().startswith(b"event: progress"):
+            pass
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+        stream.close()
+        _wait(lambda: not _processes_with(str(db)), "the worker to stop", timeout=30)
+    finally:
+        _stop(proc, str(db))
+        proc.stderr.close()
+    proc, port = _start_serve(tmp_path, "--database-url", f"sqlite:///{db}",
+                              "--artifact-dir", str(tmp_path / "artifacts"), "--workers", "0")
+    try:
+        job = _job(port, job_id)
+        assert (job["status"], job["attempt"]) == ("queued", 0), job
+    finally:
+        _stop(proc, str(db))
+        proc.stderr.close()
+
+
+def test_serve_restarts_a_dead_worker_and_its_workers_leave_with_it(tmp_path):
+    """A worker killed (the OOM killer, kill -9) is started again; when serve itself is
+    killed, its worker stops by itself instead of living on beside the next serve's."""
+    db = tmp_path / "service.db"
+    proc, _ = _start_serve(tmp_path, "--database-url", f"sqlite:///{db}",
+                           "--artifact-dir", str(tmp_path / "artifacts"))
+    try:
+        _wait(lambda: len(_processes_with(str(db))) == 1, "a worker")
+        [first] = _processes_with(str(db))
+        os.kill(first, signal.SIGKILL)
+        _wait(lambda: _processes_with(str(db)) not in ([], [first]), "a new worker")
+        [second] = _processes_with(str(db))
+        os.killpg(proc.pid, signal.SIGKILL)  # serve only: its worker is in another session
+        proc.wait(timeout=10)
+        assert _processes_with(str(db)) == [second]
+        _wait(lambda: not _processes_with(str(db)), "the orphaned worker to stop", timeout=30)
+        assert b"exited (status -9)" in proc.stderr.read()
+    finally:
+        _stop(proc, str(db))
+        proc.stderr.close()
+
+
+def test_a_worker_that_keeps_dying_young_is_restarted_after_growing_pauses(monkeypatch):
+    from app import supervisor
+
+    class Process:
+        def __init__(self, status):
+            self.status, self.pid = status, 1000 + len(spawned)
+
+        def poll(self):
+            return self.status
+
+    clock, spawned = [0.0], []
+    monkeypatch.setattr(supervisor.time, "monotonic", lambda: clock[0])
+    workers = supervisor.WorkerProcesses(1, "sqlite://", "/nowhere", check_seconds=3600)
+    monkeypatch.setattr(workers, "_spawn", lambda: spawned.append(Process(1)) or spawned[-1])
+    workers.start()
+
+    def spawns_at(t: float) -> int:
+        clock[0] = t
+        workers._check(0, workers.processes[0])
+        return len(spawned)
+
+    # dies at once each time: pauses of 1, 2, 4 s
+    assert [spawns_at(t) for t in (0, 0.9, 1, 1, 2.9, 3, 3, 6.9, 7)] == [1, 1, 2, 2, 2, 3, 3, 3, 4]
+    # one that lived a minute or more before dying starts the pauses anew
+    spawned[-1].status = None
+    assert spawns_at(100) == 4
+    spawned[-1].status = -9
+    assert [spawns_at(t) for t in (100, 101)] == [4, 5]
+    workers._stopping.set()

@@ -282,3 +282,89 @@ def test_the_worker_command_stops_gracefully_on_sigterm(clean, settings):
         proc.stderr.close()
     job = job_row(clean, job_id)
     assert (job.status, job.attempt, job.lease_owner) == ("queued", 0, None)
+
+
+def test_told_to_leave_at_once_the_worker_still_gives_the_job_back(clean, settings, monkeypatch):
+    """The worker command's second signal raises ``SystemExit`` wherever the job is (no wait
+    for a checkpoint): the job goes back to the queue without using up an attempt, not left
+    running until its lease expires."""
+    import pruning.pipeline
+
+    def leave_now(*args, **kwargs):
+        raise SystemExit(128 + signal.SIGTERM)
+
+    monkeypatch.setattr(pruning.pipeline, "run", leave_now)
+    job_id = submit(clean, SPEC)
+    with pytest.raises(SystemExit):
+        Worker(settings, "w-leaving", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.lease_owner) == ("queued", 0, None)
+
+
+def test_a_worker_without_cuda_runs_the_other_jobs_and_leaves_the_cuda_one(clean, settings,
+                                                                          monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    wants_cuda = submit(clean, {**SPEC, "device": "cuda"})
+    on_cpu = submit(clean, SPEC)
+    worker = Worker(settings, "w-cpu")  # device auto: each job's own device
+    assert worker.run_once() and not worker.run_once()
+    assert job_row(clean, on_cpu).status == "succeeded"
+    assert (job_row(clean, wants_cuda).status, job_row(clean, wants_cuda).attempt) == ("queued", 0)
+
+
+def test_the_worker_waits_out_a_database_outage(clean, settings, monkeypatch, caplog):
+    """A claim that fails on the database is logged in one line and tried again (with
+    backoff), not a traceback that ends the worker; ``--once`` raises it."""
+    from sqlalchemy.exc import OperationalError
+
+    job_id = submit(clean, SPEC)
+    real_claim, calls = queue.claim, []
+
+    def flaky_claim(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OperationalError("SELECT …", {}, Exception("connection refused\nmore"))
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "claim", flaky_claim)
+    stop = threading.Event()
+    worker = Worker(settings, "w-outage", device="cpu")
+    thread = threading.Thread(target=worker.run_forever, args=(stop, 0.01))
+    thread.start()
+    try:
+        wait_for(lambda: job_row(clean, job_id).status == "succeeded", what="the job")
+    finally:
+        stop.set()
+        thread.join(60)
+    outages = [r.getMessage() for r in caplog.records if "cannot reach the queue" in r.getMessage()]
+    assert outages == [("cannot reach the queue (OperationalError: connection refused); "
+                        "trying again in 0 s")] * 2
+    assert all(r.exc_info is None for r in caplog.records if r.name == "metaprune.worker")
+    calls.clear()
+    with pytest.raises(OperationalError):
+        Worker(settings, "w-once", device="cpu").run_forever(poll_seconds=0.01, once=True)
+
+
+def test_the_worker_command_refuses_a_database_without_the_schema(tmp_path, capsys):
+    from pruning import cli
+
+    url = f"sqlite:///{tmp_path / 'never-upgraded.db'}"
+    assert cli.main(["worker", "--once", "--database-url", url,
+                     "--artifact-dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metaprune: error: the database has no metaprune schema; this "
+                          "version needs "), err
+    assert err.endswith("run `metaprune db upgrade` first\n") and err.count("\n") == 1
+
+
+def test_the_worker_command_once_on_an_unreachable_database_is_one_line(tmp_path, capsys):
+    from pruning import cli
+
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # nothing listens on port 1
+    assert cli.main(["worker", "--once", "--database-url", url,
+                     "--artifact-dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metaprune: error: database: OperationalError: ") and \
+        err.count("\n") == 1, err
