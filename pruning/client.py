@@ -57,7 +57,11 @@ class ApiClient:
                  client: httpx.Client | None = None, timeout: float = 30.0):
         self.base_url = (base_url or os.environ.get("METAPRUNE_SERVER")
                          or DEFAULT_SERVER).rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ClientError(f"the server's URL must start with http:// or https:// "
+                              f"(e.g. http://{self.base_url}), got {self.base_url!r}")
         self.token = token if token is not None else os.environ.get("METAPRUNE_TOKEN")
+        _check_header("the token", self.token or "")
         self._own = client is None
         self.http = client if client is not None else httpx.Client(base_url=self.base_url,
                                                                     timeout=timeout)
@@ -82,8 +86,8 @@ class ApiClient:
 
     def _unreachable(self, e: Exception) -> ClientError:
         if isinstance(e, httpx.ConnectError):
-            return ClientError(f"cannot reach the server at {self.base_url} "
-                               f"(is `metaprune serve` running?)")
+            return ClientError(f"cannot reach the server at {self.base_url} ({e}; is "
+                               "`metaprune serve` running there?)")
         if isinstance(e, httpx.TimeoutException):
             return ClientError(f"the server at {self.base_url} did not answer in time")
         return ClientError(f"request to {self.base_url} failed: {type(e).__name__}: {e}")
@@ -111,6 +115,8 @@ class ApiClient:
     # --- jobs ----------------------------------------------------------------------------------
 
     def submit(self, spec: dict, idempotency_key: str | None = None) -> dict:
+        if idempotency_key is not None:
+            _check_header("the idempotency key", idempotency_key)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self.request("POST", "/v1/jobs", json=spec, headers=headers)
 
@@ -181,6 +187,7 @@ class ApiClient:
             got = digest.hexdigest()
             if not listed or not header or not (got == listed == header):
                 raise ClientError(f"sha256 mismatch for {name}")
+            os.chmod(tmp, _new_file_mode())  # mkstemp's 0600 would hide it from other users
             os.replace(tmp, target)
             tmp = None
             return target
@@ -192,6 +199,20 @@ class ApiClient:
                     os.unlink(tmp)
                 except FileNotFoundError:
                     pass
+
+
+def _check_header(what: str, value: str) -> None:
+    """A header value must be visible ASCII (HTTP headers carry no other text)."""
+    bad = next((c for c in value if not " " < c < "\x7f"), None)
+    if bad is not None:
+        raise ClientError(f"{what} may hold only visible ASCII characters, not {bad!r}")
+
+
+def _new_file_mode() -> int:
+    """The mode a plain ``open(…, "w")`` gives a new file: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _segment(job_id: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -188,6 +189,8 @@ def test_download_all_and_only(fake, tmp_path, capsys):
     assert all((dest / n).read_bytes() == b for n, b in FILES.items())
     assert out.splitlines() == [str(dest / n) for n in FILES]
     assert "model.onnx: 20000 bytes, sha256 ok" in err
+    # the mode of any new file (umask 022: 0644), not the 0600 of the temporary file
+    assert {(dest / n).stat().st_mode & 0o777 for n in FILES} == {0o666 & ~_umask()}
 
     only = tmp_path / "only"
     rc, out, _ = run(capsys, "download", "J1", "--dest", str(only), "--only",
@@ -211,6 +214,31 @@ def test_download_sha256_mismatch_leaves_nothing(fake, tmp_path, capsys, how):
     assert list(dest.iterdir()) == []  # no partial or temporary file
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["status", "J1", "--server", "localhost:8000"],
+     ("the server's URL must start with http:// or https:// (e.g. http://localhost:8000), "
+      "got 'localhost:8000'")),
+    (["status", "J1", "--token", "tök"],
+     "the token may hold only visible ASCII characters, not 'ö'"),
+    ([*SUBMIT, "--idempotency-key", "café-1"],
+     "the idempotency key may hold only visible ASCII characters, not 'é'"),
+    ([*SUBMIT, "--idempotency-key", ""],
+     "argument --idempotency-key: must not be empty (see `metaprune submit --help`)"),
+])
+def test_client_input_mistakes_are_one_line(capsys, argv, message):
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own checks exit
+        rc = e.code
+    assert (rc, capsys.readouterr().err) == (2, f"metaprune: error: {message}\n")
+
+
 def test_connection_refused(capsys, monkeypatch):
     monkeypatch.delenv("METAPRUNE_TOKEN", raising=False)
     with socket.socket() as s:
@@ -221,7 +249,8 @@ def test_connection_refused(capsys, monkeypatch):
         rc, _, err = run(capsys, *argv, "--server", url)
         assert rc == 2
         assert err.strip() == (f"metaprune: error: cannot reach the server at {url} "
-                               f"(is `metaprune serve` running?)")
+                               "([Errno 111] Connection refused; is `metaprune serve` running "
+                               "there?)")
     monkeypatch.setenv("METAPRUNE_SERVER", url)
     rc, _, err = run(capsys, "cancel", "J1")
     assert rc == 2 and f"cannot reach the server at {url}" in err
