@@ -6,11 +6,14 @@ caches the result (tests call ``get_settings.cache_clear()`` after changing the 
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -37,9 +40,10 @@ class Settings(BaseSettings):
                                            "`metaprune serve` turns it off when it binds only to "
                                            "loopback (unless this is set) and forces it on "
                                            "otherwise; without auth the owner is 'local'")
-    dataset_roots: list[Path] = Field(default_factory=list,
-                                      description="folders a job's data_root may lie under "
-                                                  "(env: a JSON list); none: data_root refused")
+    dataset_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="folders a job's data_root may lie under (env: a JSON list, or folders "
+                    "separated by ':' as in PATH); none: data_root refused")
     max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30,
                                 description="largest request body, counted while streaming "
                                             "(413 beyond)")
@@ -53,6 +57,16 @@ class Settings(BaseSettings):
     events_heartbeat_seconds: float = Field(15.0, gt=0, le=3600,
                                             description="a comment line keeps an idle event "
                                                         "stream open this often")
+
+    @field_validator("dataset_roots", mode="before")
+    @classmethod
+    def _dataset_roots_from_text(cls, value):
+        """``["/a", "/b"]`` or ``/a:/b`` (the environment gives text)."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [
+                p for p in text.split(os.pathsep) if p]
+        return value
 
 
 @lru_cache(maxsize=1)

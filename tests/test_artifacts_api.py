@@ -91,6 +91,23 @@ def test_download_with_sha256_and_types(api, engine):
         assert name in r.headers["content-disposition"]
 
 
+def test_head_gives_the_download_s_headers_without_the_file(api, engine):
+    """``curl -I``: size and sha256 before downloading; the same checks as a download."""
+    job_id, folder = _succeeded(api, engine)
+    url = f"/v1/jobs/{job_id}/artifacts/model.onnx"
+    data = FILES["model.onnx"]
+    r = api.head(url, headers=api.alice)
+    assert (r.status_code, r.content) == (200, b"")
+    assert r.headers["content-length"] == str(len(data))
+    assert r.headers["x-content-sha256"] == _sha(data)
+    r = api.head(url, headers={**api.alice, "Range": "bytes=-7"})
+    assert r.status_code == 206 and r.headers["content-range"] == f"bytes 4993-4999/{len(data)}"
+    assert api.head(url, headers=api.bob).status_code == 404
+    assert api.head(f"/v1/jobs/{job_id}/artifacts/nope.bin", headers=api.alice).status_code == 404
+    (folder / "model.onnx").write_bytes(b"not the model")
+    assert api.head(url, headers=api.alice).status_code == 409  # corrupted: not even its headers
+
+
 def test_digest_is_cached(api, engine):
     job_id, _ = _succeeded(api, engine)
     url = f"/v1/jobs/{job_id}/artifacts/model.safetensors"

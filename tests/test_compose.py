@@ -167,3 +167,14 @@ def test_docker_compose_config():
     r = subprocess.run([*cmd, "-f", str(COMPOSE), "config", "-q"], capture_output=True,
                        text=True, timeout=30, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("value, roots", [
+    ('["/datasets", "/more"]', ["/datasets", "/more"]),
+    ("/usr/share/datasets", ["/usr/share/datasets"]),
+    ("/a:/b:", ["/a", "/b"]),
+    ("", []),
+])
+def test_dataset_roots_from_the_environment_as_json_or_as_a_path_list(monkeypatch, value, roots):
+    monkeypatch.setenv("METAPRUNE_DATASET_ROOTS", value)
+    assert [str(p) for p in Settings().dataset_roots] == roots

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request, status
+from fastapi import APIRouter, Header, Path, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import JobId, Owner
@@ -43,28 +43,29 @@ def list_artifacts(job_id: JobId, owner: Owner, db: Db, settings: SettingsDep) -
     return ArtifactList(items=artifacts.list_artifacts(db, settings, owner, job_id))
 
 
-@router.get(
-    "/{job_id}/artifacts/{name}", summary="Download an artifact",
-    response_class=StreamingResponse,
-    responses={
-        200: {"description": "the whole file", "headers": _FILE_HEADERS,
-              "content": _FILE_CONTENT},
-        206: {"description": "the requested byte range (`Content-Range: bytes a-b/size`)",
-              "headers": {**_FILE_HEADERS, "Content-Range": {
-                  "description": "bytes first-last/size", "schema": {"type": "string"}}},
-              "content": _FILE_CONTENT},
-        404: {"model": ErrorOut, "description": "no such job among the caller's, or no "
-                                                "artifact of that name (names come from "
-                                                "config.json's files map; paths are refused)"},
-        409: {"model": ErrorOut,
-              "description": "the job has not succeeded, or the artifact is corrupted: its "
-                             "sha256 does not match config.json (it is never served)",
-              "content": {"application/json": {"examples": {
-                  "not succeeded": {"value": {"detail": "job is queued: artifacts are "
-                                                        "available once it has succeeded"}},
-                  "corrupted": {"value": {"detail": "artifact model.onnx is corrupted "
-                                                    "(sha256 mismatch)"}}}}}},
-        **errors(416)})
+_DOWNLOAD_RESPONSES = {
+    200: {"description": "the whole file", "headers": _FILE_HEADERS,
+          "content": _FILE_CONTENT},
+    206: {"description": "the requested byte range (`Content-Range: bytes a-b/size`)",
+          "headers": {**_FILE_HEADERS, "Content-Range": {
+              "description": "bytes first-last/size", "schema": {"type": "string"}}},
+          "content": _FILE_CONTENT},
+    404: {"model": ErrorOut, "description": "no such job among the caller's, or no artifact of "
+                                            "that name (names come from config.json's files "
+                                            "map; paths are refused)"},
+    409: {"model": ErrorOut,
+          "description": "the job has not succeeded, or the artifact is corrupted: its "
+                         "sha256 does not match config.json (it is never served)",
+          "content": {"application/json": {"examples": {
+              "not succeeded": {"value": {"detail": "job is queued: artifacts are "
+                                                    "available once it has succeeded"}},
+              "corrupted": {"value": {"detail": "artifact model.onnx is corrupted "
+                                                "(sha256 mismatch)"}}}}}},
+    **errors(416)}
+
+
+@router.get("/{job_id}/artifacts/{name}", summary="Download an artifact",
+            response_class=StreamingResponse, responses=_DOWNLOAD_RESPONSES)
 def download_artifact(job_id: JobId, name: Annotated[str, Path(max_length=255)], owner: Owner,
                       db: Db, settings: SettingsDep,
                       range_: Annotated[str | None, Header(
@@ -73,6 +74,20 @@ def download_artifact(job_id: JobId, name: Annotated[str, Path(max_length=255)],
     """Stream one artifact. Its sha256 is checked against `config.json` before it is served and
     sent in `X-Content-SHA256`; single HTTP byte ranges are honoured (206), a range beyond the
     file is 416."""
+    return _artifact_response(db, settings, owner, job_id, name, range_)
+
+
+@router.head("/{job_id}/artifacts/{name}", summary="An artifact's headers (size, sha256)",
+             responses=_DOWNLOAD_RESPONSES)
+def artifact_headers(job_id: JobId, name: Annotated[str, Path(max_length=255)], owner: Owner,
+                     db: Db, settings: SettingsDep,
+                     range_: Annotated[str | None, Header(alias="Range")] = None):
+    """The headers a download of the artifact would send (`curl -I`), without the file."""
+    return _artifact_response(db, settings, owner, job_id, name, range_, body=False)
+
+
+def _artifact_response(db, settings, owner: str, job_id: str, name: str, range_: str | None,
+                       body: bool = True) -> Response:
     f = artifacts.open_artifact(db, settings, owner, job_id, name)
     try:
         span = artifacts.parse_range(range_, f.size)
@@ -89,6 +104,9 @@ def download_artifact(job_id: JobId, name: Annotated[str, Path(max_length=255)],
         (start, end), code = span, status.HTTP_206_PARTIAL_CONTENT
         headers["Content-Range"] = f"bytes {start}-{end}/{f.size}"
     headers["Content-Length"] = str(end - start + 1)
+    if not body:
+        f.close()
+        return Response(status_code=code, headers=headers, media_type=f.media_type)
     return StreamingResponse(f.chunks(start, end), status_code=code, headers=headers,
                              media_type=f.media_type)
 
