@@ -19,7 +19,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.deps import SettingsDep
@@ -41,6 +41,23 @@ def create_token(session: Session, owner: str, name: str) -> str:
     session.add(ApiToken(owner=owner, name=name, token_sha256=hash_token(token)))
     session.flush()
     return token
+
+
+def list_tokens(session: Session, owner: str | None = None) -> list[dict]:
+    """``{owner, name, created_at}`` of every token (of ``owner``), oldest first; never a token
+    or its hash."""
+    stmt = select(ApiToken.owner, ApiToken.name, ApiToken.created_at).order_by(
+        ApiToken.created_at, ApiToken.id)
+    if owner is not None:
+        stmt = stmt.where(ApiToken.owner == owner)
+    return [row._asdict() for row in session.execute(stmt)]
+
+
+def revoke_token(session: Session, owner: str, name: str) -> bool:
+    """Delete ``owner``'s token ``name`` (its next request gets 401); whether there was one
+    (caller commits)."""
+    return session.execute(delete(ApiToken).where(ApiToken.owner == owner,
+                                                  ApiToken.name == name)).rowcount == 1
 
 
 def owner_of_token(session: Session, token: str) -> str | None:

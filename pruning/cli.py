@@ -519,13 +519,18 @@ def cmd_jobs(a, api) -> dict:
         rows.append((j["id"], j["status"], j.get("stage") or "-", _percent(j).strip(),
                      str(spec.get("arch", "-")), str(spec.get("dataset", "-")),
                      str(j.get("created_at", ""))[:19]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    _print_table(rows)
     more = (f"; next page: --offset {page['next_offset']}"
             if page.get("next_offset") is not None else "")
     print(f"{len(page['items'])} of {page['total']} jobs{more}", file=sys.stderr)
     return {}
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows (the first: the headings) in left-aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @_client_command
@@ -899,33 +904,59 @@ def cmd_serve(a) -> dict:
 
 
 def cmd_token(a) -> dict:
-    """``token create``: make an API token, print it once (only its sha256 is stored)."""
+    """``token create | list | revoke``: API tokens of the service. ``create`` prints the token
+    once (only its sha256 is stored); ``list`` shows owners, names and dates, never a token;
+    ``revoke`` deletes one (its next request gets 401)."""
     import secrets
     from datetime import datetime, timezone
 
     from sqlalchemy.exc import IntegrityError, SQLAlchemyError
     from sqlalchemy.orm import Session
 
-    from app.auth import create_token
+    from app.auth import create_token, list_tokens, revoke_token
     from app.db import make_engine
     from app.settings import get_settings
 
-    owner, name = a.owner.strip(), (a.name or "").strip()
-    name = name or f"cli-{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
-    if not 1 <= len(owner) <= 64 or not 1 <= len(name) <= 100:
+    owner = (a.owner or "").strip() or None
+    name = (getattr(a, "name", None) or "").strip()
+    if a.token_command == "create":
+        name = name or f"cli-{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+    if a.token_command != "list" and not owner:
+        raise UserError("--owner must not be empty")
+    if a.token_command != "list" and not name:
+        raise UserError("--name must not be empty")
+    if len(owner or "") > 64 or len(name) > 100:
         raise UserError("--owner takes 1–64 characters, --name 1–100")
     engine = make_engine(a.database_url or get_settings().database_url)
     try:
         with Session(engine) as session:
-            token = create_token(session, owner, name)
+            if a.token_command == "list":
+                rows = list_tokens(session, owner)
+            elif a.token_command == "revoke":
+                revoked = revoke_token(session, owner, name)
+            else:
+                token = create_token(session, owner, name)
             session.commit()
     except IntegrityError:
         raise UserError(f"owner {owner!r} already has a token named {name!r}") from None
     except SQLAlchemyError as e:
-        raise UserError(f"cannot store the token ({e.__class__.__name__}); "
+        raise UserError(f"the tokens' table is unreachable ({e.__class__.__name__}); "
                         "run `metaprune db upgrade` first?") from None
     finally:
         engine.dispose()
+    if a.token_command == "list":
+        if a.json:
+            return {"tokens": [{**r, "created_at": r["created_at"].isoformat()} for r in rows]}
+        _print_table([("OWNER", "NAME", "CREATED")] + [
+            (r["owner"], r["name"], f"{r['created_at']:%Y-%m-%d %H:%M:%S}") for r in rows])
+        print(f"{len(rows)} tokens", file=sys.stderr)
+        return {}
+    if a.token_command == "revoke":
+        if not revoked:
+            raise UserError(f"owner {owner!r} has no token named {name!r} (see `metaprune "
+                            "token list`)")
+        print(f"revoked token {name!r} of {owner!r}", file=sys.stderr)
+        return {}
     print(f"token {name!r} of {owner!r} (shown once; only its hash is stored):",
           file=sys.stderr)
     print(token)
@@ -1028,12 +1059,23 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("token", help="API tokens of the service")
     tsub = p.add_subparsers(dest="token_command", required=True)
-    t = tsub.add_parser("create", help="make a token and print it once")
-    t.add_argument("--owner", required=True, help="whose jobs the token acts on")
-    t.add_argument("--name", help="a label, unique per owner (default: cli-<time>-<random>)")
-    t.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL, "
-                                          "else sqlite:///./metaprune.db)")
-    t.set_defaults(fn=cmd_token)
+    for command, help_ in (("create", "make a token and print it once"),
+                           ("list", "owners, names and dates of the tokens (never a token)"),
+                           ("revoke", "delete a token: its next request gets 401")):
+        t = tsub.add_parser(command, help=help_)
+        t.add_argument("--owner", required=command != "list",
+                       help="whose jobs the token acts on" if command != "list"
+                       else "only this owner's tokens")
+        if command != "list":
+            t.add_argument("--name", required=command == "revoke",
+                           help="a label, unique per owner" + (
+                               " (default: cli-<time>-<random>)" if command == "create" else ""))
+        else:
+            t.add_argument("--json", action="store_true", help="print the list as JSON")
+        t.add_argument("--database-url", help="SQLAlchemy URL (default: "
+                                              "$METAPRUNE_DATABASE_URL, else "
+                                              "sqlite:///./metaprune.db)")
+        t.set_defaults(fn=cmd_token)
 
     p = sub.add_parser("worker", help="run queued service jobs (until SIGTERM/SIGINT)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL)")

@@ -7,6 +7,8 @@ the API tests did not; the map names every test that proves a rule, here or else
     - test_token_is_looked_up_by_hash_and_compared_with_compare_digest
     - test_serve_decides_auth_by_the_bound_address (the decision in `metaprune serve`)
     - test_serve_on_all_interfaces_refuses_requests_without_a_token (a real `serve` process)
+    - test_token_commands_create_list_and_revoke: `token list` never shows a token or its hash;
+      a revoked token gets 401 at once
 (b) each owner's jobs and artifacts invisible to others (404), lists show only one's own
     - tests/test_api.py::test_other_owners_job_is_404 (get, cancel, bob's empty list)
     - tests/test_artifacts_api.py::test_other_owner_and_unknown_job_404 (artifacts, download,
@@ -81,7 +83,7 @@ from app.models import Job
 from app.settings import Settings, get_settings
 from tests.conftest import API_SPEC as SPEC
 from tests.conftest import API_SPEC_READING_A_FOLDER as READS_A_FOLDER
-from tests.conftest import bearer, token_for
+from tests.conftest import bearer, client_for, token_for
 from tests.test_artifacts_api import FILES, _set, _sha, _succeeded
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,6 +119,34 @@ def post_raw(api, text: str, headers=None):
 
 
 # --- (a) tokens ---------------------------------------------------------------------------------
+
+
+def test_token_commands_create_list_and_revoke(engine, sqlite_url, capsys):
+    from pruning import cli
+
+    def run(*argv):
+        rc = cli.main(["token", *argv, "--database-url", sqlite_url])
+        return rc, *capsys.readouterr()
+
+    rc, token, _ = run("create", "--owner", "dora", "--name", "ci")
+    token = token.strip()
+    assert rc == 0 and len(token) >= 40
+    assert run("create", "--owner", "dora", "--name", "ci")[::2] == (
+        2, "metaprune: error: owner 'dora' already has a token named 'ci'\n")
+    with client_for(sqlite_url) as client:
+        assert client.get("/v1/jobs", headers=bearer(token)).status_code == 200
+        rc, out, _ = run("list", "--owner", "dora", "--json")
+        assert rc == 0 and [{k: t[k] for k in ("owner", "name")}
+                            for t in json.loads(out)["tokens"]] == [{"owner": "dora", "name": "ci"}]
+        rc, out, _ = run("list")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        assert rc == 0 and out.split()[3:5] == ["dora", "ci"] and token not in out and digest not in out
+        assert run("revoke", "--owner", "dora", "--name", "ci")[::2] == (
+            0, "revoked token 'ci' of 'dora'\n")
+        assert client.get("/v1/jobs", headers=bearer(token)).status_code == 401
+    assert run("revoke", "--owner", "dora", "--name", "ci")[::2] == (
+        2, "metaprune: error: owner 'dora' has no token named 'ci' (see `metaprune token list`)\n")
+    assert run("list", "--owner", "dora", "--json")[:2] == (0, '{\n  "tokens": []\n}\n')
 
 
 def test_token_is_looked_up_by_hash_and_compared_with_compare_digest(api, engine,
