@@ -3,8 +3,8 @@ dies, stopped with it.
 
 * Each worker runs in a session of its own, so a terminal's Ctrl-C reaches only ``serve``, which
   then asks every worker once (SIGTERM) to stop its job at the next checkpoint and give it back
-  to the queue. (Ctrl-C used to reach the workers too, and the SIGTERM that followed was their
-  second signal: "leave now", without giving the job back.)
+  to the queue. Were the workers in the terminal's process group, that SIGTERM would be their
+  second signal, which means "leave now".
 * A worker that dies (the OOM killer, a crash, ``kill -9``) is started again, after a pause that
   doubles while it keeps dying young (:data:`RESTART_DELAYS_S`); the job it held is re-queued by
   the reaper of the new one when its lease expires (``lease_expired`` after ``max_attempts``).

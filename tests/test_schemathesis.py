@@ -64,6 +64,7 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conform
           "negative_data_rejection", "missing_required_header", "unsupported_method",
           "ignored_auth", "use_after_free")
 MAX_EXAMPLES = 25  # per operation, in the fuzzing phase; the other phases add their own cases
+ARTIFACT = "/v1/jobs/{job_id}/artifacts/{name}"
 EVENTS = "GET /v1/jobs/{job_id}/events"
 
 
@@ -163,7 +164,11 @@ def load_schema(service: Service):
         "max-stream-events": 3,
         "request-timeout": 10,
         # an unfinished job's stream never ends: cut it early (a finished job's ends by itself)
-        "operations": [{"include-name": EVENTS, "request-timeout": 0.5}],
+        "operations": [{"include-name": EVENTS, "request-timeout": 0.5},
+                       # their cases spread over every seeded job and every artifact name
+                       *({"include-name": f"{method} {ARTIFACT}",
+                          "generation": {"max-examples": 3 * MAX_EXAMPLES}}
+                         for method in ("GET", "HEAD"))],
     })
     schema = schemathesis.openapi.from_asgi("/openapi.json", service.app, config=config)
     seeded = list(service.ids.values())
@@ -179,7 +184,8 @@ def load_schema(service: Service):
                 path_parameters):
             return st.just(path_parameters)
         choices = [path_parameters] + [{**path_parameters, "job_id": i} for i in seeded]
-        if "name" in path_parameters:
+        if "name" in path_parameters:  # every seeded job with a real name too
+            choices += [{**path_parameters, "job_id": i, "name": "model.onnx"} for i in seeded]
             choices += [{**path_parameters, "job_id": service.ids["succeeded"], "name": name}
                         for name in ("config.json", *FILES)]
         return st.sampled_from(choices)
@@ -247,7 +253,8 @@ def test_every_operation_was_called_and_answered_2xx(run, service):
     ("GET /v1/jobs/{job_id}", {200, 404}),
     ("POST /v1/jobs/{job_id}/cancel", {200, 202, 404, 409}),
     ("GET /v1/jobs/{job_id}/artifacts", {200, 404, 409}),
-    ("GET /v1/jobs/{job_id}/artifacts/{name}", {200, 404, 409}),
+    (f"GET {ARTIFACT}", {200, 404, 409}),
+    (f"HEAD {ARTIFACT}", {200, 404, 409}),
     ("GET /v1/jobs/{job_id}/search", {200, 404}),
     (EVENTS, {200, 404}),
 ])
