@@ -202,10 +202,10 @@ class ApiClient:
 
 
 def _check_header(what: str, value: str) -> None:
-    """A header value must be visible ASCII (HTTP headers carry no other text)."""
-    bad = next((c for c in value if not " " < c < "\x7f"), None)
+    """A header value must be printable ASCII (HTTP headers carry no other text)."""
+    bad = next((c for c in value if not " " <= c < "\x7f"), None)
     if bad is not None:
-        raise ClientError(f"{what} may hold only visible ASCII characters, not {bad!r}")
+        raise ClientError(f"{what} may hold only printable ASCII characters, not {bad!r}")
 
 
 def _new_file_mode() -> int:

@@ -225,9 +225,9 @@ def _umask() -> int:
      ("the server's URL must start with http:// or https:// (e.g. http://localhost:8000), "
       "got 'localhost:8000'")),
     (["status", "J1", "--token", "tök"],
-     "the token may hold only visible ASCII characters, not 'ö'"),
+     "the token may hold only printable ASCII characters, not 'ö'"),
     ([*SUBMIT, "--idempotency-key", "café-1"],
-     "the idempotency key may hold only visible ASCII characters, not 'é'"),
+     "the idempotency key may hold only printable ASCII characters, not 'é'"),
     ([*SUBMIT, "--idempotency-key", ""],
      "argument --idempotency-key: must not be empty (see `metaprune submit --help`)"),
 ])
