@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 {"name": "catalog", "description": "what a spec may name"},
                                 {"name": "health", "description": "probes"}])
     app.state.settings = settings  # app.deps.get_app_settings
+    app.state.shutting_down = threading.Event()  # set by `metaprune serve`: event streams end
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -849,7 +849,7 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve beyond loopback
 
 
-SHUTDOWN_GRACE_S = 5  # serve's wait for open requests (an event stream never ends by itself)
+SHUTDOWN_GRACE_S = 5  # the longest serve waits for open requests when it stops
 
 
 def _exit_on_sigterm(signum, frame):
@@ -893,11 +893,19 @@ def cmd_serve(a) -> dict:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that an exit that runs
     # the `finally` below, so the workers are stopped too (`docker stop`, systemd, kill)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.shutting_down.set()  # open event streams end (they never end by themselves)
+            super().handle_exit(sig, frame)
+
     try:
-        # an open progress stream would hold the shutdown until its client leaves
-        uvicorn.run(create_app(settings), host=a.host, port=a.port,
-                    log_level="warning" if a.quiet else "info",
-                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        Server(uvicorn.Config(app, host=a.host, port=a.port,
+                              log_level="warning" if a.quiet else "info",
+                              timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: a normal stop
+        pass
     finally:
         workers.stop()  # each running job stops at its next check and is re-queued
     return {}

@@ -240,6 +240,18 @@ def test_events_stream_until_the_job_ends(api, engine):
     assert ": heartbeat" in text  # 0.4 s between changes, heartbeat every 0.2 s
 
 
+def test_events_stream_ends_when_the_server_stops(api, engine):
+    """An unfinished job's stream never ends by itself; ``serve`` sets ``shutting_down`` when it
+    is told to stop, and the stream ends at its next poll, without a ``done`` event."""
+    job_id = _submit(api)
+    _set(engine, job_id, status="running", attempt=1, lease_owner="w", stage="metanet")
+    threading.Timer(0.5, api.app.state.shutting_down.set).start()
+    with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=api.alice) as r:
+        text = "".join(r.iter_text())
+    assert [kind for kind, _ in _events(text)] == ["progress"]
+    assert ": heartbeat" in text  # it was still open 0.2 s in
+
+
 def test_events_of_a_finished_job(api, engine):
     job_id = _submit(api)
     api.post(f"/v1/jobs/{job_id}/cancel", headers=api.alice)

@@ -201,7 +201,7 @@ def serve_settings(monkeypatch, sqlite_url, tmp_path):
     real_create_app = app.main.create_app
     monkeypatch.setattr(app.main, "create_app",
                         lambda settings=None: made.append(settings) or real_create_app(settings))
-    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: made.append(app_))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: made.append(self.config.app))
     monkeypatch.setattr(signal, "signal", lambda *a: None)
     monkeypatch.setenv("METAPRUNE_ARTIFACT_DIR", str(tmp_path / "art"))
 

@@ -146,7 +146,12 @@ async def job_events(job_id: JobId, request: Request, owner: Owner, db: Db,
     def render(job):
         return JobOut.of(job).model_dump_json()
 
-    stream = artifacts.job_events(db, settings, owner, job_id, request.is_disconnected, render)
+    shutting_down = request.app.state.shutting_down
+
+    async def stop() -> bool:  # the client left, or the server is stopping
+        return shutting_down.is_set() or await request.is_disconnected()
+
+    stream = artifacts.job_events(db, settings, owner, job_id, stop, render)
     return StreamingResponse(stream, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

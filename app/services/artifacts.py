@@ -340,18 +340,19 @@ def _sse(event: str | None, data: str) -> bytes:
 
 
 async def job_events(db: Database, settings: Settings, owner: str, job_id: str,
-                     is_disconnected, render) -> AsyncIterator[bytes]:
+                     should_end, render) -> AsyncIterator[bytes]:
     """Server-sent events of a job: ``progress`` (the job as JSON, ``render(job)``) whenever
     its status, stage, progress or detail changes, then ``done`` (the job) once it is
     succeeded, failed or cancelled, and the stream ends. A comment line every
-    ``events_heartbeat_seconds`` keeps idle connections open; the stream stops when the client
-    disconnects. The caller has checked that the job exists (404 before the stream starts)."""
+    ``events_heartbeat_seconds`` keeps idle connections open; the stream stops when
+    ``await should_end()`` (the client left, or the server is stopping). The caller has checked
+    that the job exists (404 before the stream starts)."""
     poll, beat = settings.events_poll_seconds, settings.events_heartbeat_seconds
     last = None
     quiet = 0.0
     yield b": stream of job " + job_id.encode() + b"\n\n"
     while True:
-        if await is_disconnected():
+        if await should_end():
             return
         try:
             job = await run_in_threadpool(get_job, db, owner, job_id)
