@@ -18,6 +18,7 @@ Errors in what the user typed are reported in one line with exit status 2, never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -343,6 +344,14 @@ def cmd_db(a) -> dict:
     return {"database": make_url(url).render_as_string(hide_password=True), "revision": revision}
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """The service's log lines (``serve``, ``worker``): time, logger, level, message."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 def cmd_worker(a) -> dict:
     """``worker``: claim and run queued jobs until SIGTERM/SIGINT (the job running then stops at
     its next checkpoint and goes back to the queue; a second signal gives it back at once and
@@ -365,8 +374,7 @@ def cmd_worker(a) -> dict:
     if not 0 <= a.nice <= 19:
         raise UserError(f"--nice must be in [0, 19], got {a.nice}")
     list_archs()  # a broken $METAPRUNE_PLUGINS fails the start, not every job
-    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _log_to_stderr(a.quiet)
     log = logging.getLogger("metaprune.worker")
     if a.nice:
         os.nice(a.nice)
@@ -860,8 +868,6 @@ def cmd_serve(a) -> dict:
     """``serve``: migrate the database, start N worker processes, run the API (uvicorn) until
     interrupted, then stop the workers. Binding beyond loopback forces API tokens on; on
     loopback they are off unless ``METAPRUNE_REQUIRE_AUTH`` says otherwise."""
-    import logging
-
     import uvicorn
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -887,13 +893,12 @@ def cmd_serve(a) -> dict:
     except SQLAlchemyError as e:
         raise UserError(f"database upgrade failed: {e.__class__.__name__}: {e}") from None
 
-    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _log_to_stderr(a.quiet)
+    app = create_app(settings)
     workers = WorkerProcesses(a.workers, url, artifact_dir).start()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that an exit that runs
     # the `finally` below, so the workers are stopped too (`docker stop`, systemd, kill)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    app = create_app(settings)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -911,63 +916,91 @@ def cmd_serve(a) -> dict:
     return {}
 
 
-def cmd_token(a) -> dict:
-    """``token create | list | revoke``: API tokens of the service. ``create`` prints the token
-    once (only its sha256 is stored); ``list`` shows owners, names and dates, never a token;
-    ``revoke`` deletes one (its next request gets 401)."""
-    import secrets
-    from datetime import datetime, timezone
-
+@contextlib.contextmanager
+def _token_session(a):
+    """A session on the tokens' database, committed at the end; a database error (other than a
+    duplicate name, which ``token create`` reports) becomes one line."""
     from sqlalchemy.exc import IntegrityError, SQLAlchemyError
     from sqlalchemy.orm import Session
 
-    from app.auth import create_token, list_tokens, revoke_token
     from app.db import make_engine
     from app.settings import get_settings
 
-    owner = (a.owner or "").strip() or None
-    name = (getattr(a, "name", None) or "").strip()
-    if a.token_command == "create":
-        name = name or f"cli-{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
-    if a.token_command != "list" and not owner:
-        raise UserError("--owner must not be empty")
-    if a.token_command != "list" and not name:
-        raise UserError("--name must not be empty")
-    if len(owner or "") > 64 or len(name) > 100:
-        raise UserError("--owner takes 1–64 characters, --name 1–100")
     engine = make_engine(a.database_url or get_settings().database_url)
     try:
         with Session(engine) as session:
-            if a.token_command == "list":
-                rows = list_tokens(session, owner)
-            elif a.token_command == "revoke":
-                revoked = revoke_token(session, owner, name)
-            else:
-                token = create_token(session, owner, name)
+            yield session
             session.commit()
     except IntegrityError:
-        raise UserError(f"owner {owner!r} already has a token named {name!r}") from None
+        raise
     except SQLAlchemyError as e:
         raise UserError(f"the tokens' table is unreachable ({e.__class__.__name__}); "
                         "run `metaprune db upgrade` first?") from None
     finally:
         engine.dispose()
-    if a.token_command == "list":
-        if a.json:
-            return {"tokens": [{**r, "created_at": r["created_at"].isoformat()} for r in rows]}
-        _print_table([("OWNER", "NAME", "CREATED")] + [
-            (r["owner"], r["name"], f"{r['created_at']:%Y-%m-%d %H:%M:%S}") for r in rows])
-        print(f"{len(rows)} tokens", file=sys.stderr)
-        return {}
-    if a.token_command == "revoke":
-        if not revoked:
-            raise UserError(f"owner {owner!r} has no token named {name!r} (see `metaprune "
-                            "token list`)")
-        print(f"revoked token {name!r} of {owner!r}", file=sys.stderr)
-        return {}
+
+
+def _owner_and_name(a, default_name: str | None = None) -> tuple[str, str]:
+    owner, name = a.owner.strip(), (a.name or "").strip() or (default_name or "")
+    if not owner:
+        raise UserError("--owner must not be empty")
+    if not name:
+        raise UserError("--name must not be empty")
+    if len(owner) > 64 or len(name) > 100:
+        raise UserError("--owner takes 1–64 characters, --name 1–100")
+    return owner, name
+
+
+def cmd_token_create(a) -> dict:
+    """``token create``: make an API token, print it once (only its sha256 is stored)."""
+    import secrets
+    from datetime import datetime, timezone
+
+    from sqlalchemy.exc import IntegrityError
+
+    from app.auth import create_token
+
+    owner, name = _owner_and_name(
+        a, f"cli-{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}")
+    try:
+        with _token_session(a) as session:
+            token = create_token(session, owner, name)
+    except IntegrityError:
+        raise UserError(f"owner {owner!r} already has a token named {name!r}") from None
     print(f"token {name!r} of {owner!r} (shown once; only its hash is stored):",
           file=sys.stderr)
     print(token)
+    return {}
+
+
+def cmd_token_list(a) -> dict:
+    """``token list``: owners, names and creation times of the tokens, never a token."""
+    from app.auth import list_tokens
+
+    owner = (a.owner or "").strip() or None
+    if len(owner or "") > 64:
+        raise UserError("--owner takes 1–64 characters")
+    with _token_session(a) as session:
+        rows = list_tokens(session, owner)
+    if a.json:
+        return {"tokens": [{**r, "created_at": r["created_at"].isoformat()} for r in rows]}
+    _print_table([("OWNER", "NAME", "CREATED")] + [
+        (r["owner"], r["name"], f"{r['created_at']:%Y-%m-%d %H:%M:%S}") for r in rows])
+    print(f"{len(rows)} tokens", file=sys.stderr)
+    return {}
+
+
+def cmd_token_revoke(a) -> dict:
+    """``token revoke``: delete a token; its next request gets 401."""
+    from app.auth import revoke_token
+
+    owner, name = _owner_and_name(a)
+    with _token_session(a) as session:
+        revoked = revoke_token(session, owner, name)
+    if not revoked:
+        raise UserError(f"owner {owner!r} has no token named {name!r} (see `metaprune "
+                        "token list`)")
+    print(f"revoked token {name!r} of {owner!r}", file=sys.stderr)
     return {}
 
 
@@ -1067,23 +1100,23 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("token", help="API tokens of the service")
     tsub = p.add_subparsers(dest="token_command", required=True)
-    for command, help_ in (("create", "make a token and print it once"),
-                           ("list", "owners, names and dates of the tokens (never a token)"),
-                           ("revoke", "delete a token: its next request gets 401")):
-        t = tsub.add_parser(command, help=help_)
-        t.add_argument("--owner", required=command != "list",
-                       help="whose jobs the token acts on" if command != "list"
-                       else "only this owner's tokens")
-        if command != "list":
-            t.add_argument("--name", required=command == "revoke",
-                           help="a label, unique per owner" + (
-                               " (default: cli-<time>-<random>)" if command == "create" else ""))
-        else:
-            t.add_argument("--json", action="store_true", help="print the list as JSON")
-        t.add_argument("--database-url", help="SQLAlchemy URL (default: "
-                                              "$METAPRUNE_DATABASE_URL, else "
-                                              "sqlite:///./metaprune.db)")
-        t.set_defaults(fn=cmd_token)
+    database = {"help": "SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL, else "
+                        "sqlite:///./metaprune.db)"}
+    t = tsub.add_parser("create", help="make a token and print it once")
+    t.add_argument("--owner", required=True, help="whose jobs the token acts on")
+    t.add_argument("--name", help="a label, unique per owner (default: cli-<time>-<random>)")
+    t.add_argument("--database-url", **database)
+    t.set_defaults(fn=cmd_token_create)
+    t = tsub.add_parser("list", help="owners, names and dates of the tokens (never a token)")
+    t.add_argument("--owner", help="only this owner's tokens")
+    t.add_argument("--json", action="store_true", help="print the list as JSON")
+    t.add_argument("--database-url", **database)
+    t.set_defaults(fn=cmd_token_list)
+    t = tsub.add_parser("revoke", help="delete a token: its next request gets 401")
+    t.add_argument("--owner", required=True, help="whose token it is")
+    t.add_argument("--name", required=True, help="the token's name (see `token list`)")
+    t.add_argument("--database-url", **database)
+    t.set_defaults(fn=cmd_token_revoke)
 
     p = sub.add_parser("worker", help="run queued service jobs (until SIGTERM/SIGINT)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: $METAPRUNE_DATABASE_URL)")
