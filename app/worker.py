@@ -368,7 +368,6 @@ class Worker:
         try:
             outcome = self._run(job, state)
         except (SystemExit, KeyboardInterrupt):  # told to leave now: give the job back first
-            state.done.set()
             try:
                 log.info("job %s: %s", job.id, self._fenced(queue.release, job, "released"))
             except Exception:  # noqa: BLE001 — leaving anyway: the reaper re-queues it

@@ -7,6 +7,7 @@ The jobs are the ``smoke`` preset on the tiny ``test_mobilenet_v2`` (seconds on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -80,6 +81,21 @@ def reference(settings, engine, single_thread):
         assert Worker(settings, "w-ref", device="cpu").run_once()
         elapsed = time.monotonic() - t0
     return job_id, job_row(engine, job_id), writes, elapsed
+
+
+@contextlib.contextmanager
+def worker_thread(settings, name: str, poll_seconds: float):
+    """A CPU worker's ``run_forever`` in a thread: yields ``(stop, thread)``; on the way out it
+    is told to stop and joined."""
+    stop = threading.Event()
+    worker = Worker(settings, name, device="cpu")
+    thread = threading.Thread(target=worker.run_forever, args=(stop, poll_seconds))
+    thread.start()
+    try:
+        yield stop, thread
+    finally:
+        stop.set()
+        thread.join(60)
 
 
 # --- success, errors, retries ---------------------------------------------------------------
@@ -183,11 +199,7 @@ def test_a_corrupt_file_in_the_job_s_folder_fails_it_without_retry(clean, settin
 def test_cancel_while_running_is_prompt_and_the_worker_takes_the_next_job(clean, settings):
     first = submit(clean, LONG)
     second = submit(clean, {"arch": "no_such_arch"})
-    stop = threading.Event()
-    worker = Worker(settings, "w1", device="cpu")
-    thread = threading.Thread(target=worker.run_forever, args=(stop, 0.05))
-    thread.start()
-    try:
+    with worker_thread(settings, "w1", 0.05) as (_, thread):
         wait_for(lambda: job_row(clean, first).stage == "metanet", what="the first job to train")
         t0 = time.monotonic()
         with Session(clean) as s:
@@ -198,9 +210,6 @@ def test_cancel_while_running_is_prompt_and_the_worker_takes_the_next_job(clean,
         assert time.monotonic() - t0 < 5
         wait_for(lambda: job_row(clean, second).status == "failed", timeout=30,
                  what="the next job")
-    finally:
-        stop.set()
-        thread.join(60)
     assert not thread.is_alive()
     job = job_row(clean, first)
     assert job.lease_owner is None and job.finished_at is not None and job.attempt == 1
@@ -208,18 +217,11 @@ def test_cancel_while_running_is_prompt_and_the_worker_takes_the_next_job(clean,
 
 def test_shutdown_gives_the_job_back_at_a_checkpoint(clean, settings):
     job_id = submit(clean, LONG)
-    stop = threading.Event()
-    worker = Worker(settings, "w1", device="cpu")
-    thread = threading.Thread(target=worker.run_forever, args=(stop, 0.05))
-    thread.start()
-    try:
+    with worker_thread(settings, "w1", 0.05) as (stop, thread):
         wait_for(lambda: job_row(clean, job_id).stage == "metanet", what="training")
         stop.set()
         thread.join(10)
         assert not thread.is_alive()
-    finally:
-        stop.set()
-        thread.join(60)
     job = job_row(clean, job_id)
     # queued again without using up an attempt; no error recorded
     assert (job.status, job.attempt, job.error_kind, job.lease_owner) == ("queued", 0, None, None)
@@ -329,15 +331,8 @@ def test_the_worker_waits_out_a_database_outage(clean, settings, monkeypatch, ca
         return real_claim(*args, **kwargs)
 
     monkeypatch.setattr(queue, "claim", flaky_claim)
-    stop = threading.Event()
-    worker = Worker(settings, "w-outage", device="cpu")
-    thread = threading.Thread(target=worker.run_forever, args=(stop, 0.01))
-    thread.start()
-    try:
+    with worker_thread(settings, "w-outage", 0.01):
         wait_for(lambda: job_row(clean, job_id).status == "succeeded", what="the job")
-    finally:
-        stop.set()
-        thread.join(60)
     outages = [r.getMessage() for r in caplog.records if "cannot reach the queue" in r.getMessage()]
     assert outages == [("cannot reach the queue (OperationalError: connection refused); "
                         "trying again in 0 s")] * 2
