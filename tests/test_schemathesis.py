@@ -177,9 +177,12 @@ def load_schema(service: Service):
         return all(isinstance(params.get(k, ""), str) and len(params.get(k, "")) <= limit
                    for k, limit in (("job_id", 64), ("name", 255)))
 
+    turns: Counter = Counter()  # per operation
+
     @schema.hook
-    def flatmap_path_parameters(_context, path_parameters):
-        """A generated job id, or one of the seeded jobs' (artifact names of a succeeded one)."""
+    def flatmap_path_parameters(context, path_parameters):
+        """The generated job id, or one of the seeded jobs' (artifact names of a succeeded
+        one), in turn: ``sampled_from`` would leave some out, depending on what ran before."""
         if not path_parameters or "job_id" not in path_parameters or not schema_valid(
                 path_parameters):
             return st.just(path_parameters)
@@ -188,7 +191,9 @@ def load_schema(service: Service):
             choices += [{**path_parameters, "job_id": i, "name": "model.onnx"} for i in seeded]
             choices += [{**path_parameters, "job_id": service.ids["succeeded"], "name": name}
                         for name in ("config.json", *FILES)]
-        return st.sampled_from(choices)
+        label = context.operation.label if context.operation is not None else ""
+        turns[label] += 1
+        return st.just(choices[turns[label] % len(choices)])
 
     return schema
 
