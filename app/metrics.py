@@ -1,7 +1,7 @@
 """Prometheus metrics, written by hand in the text exposition format (version 0.0.4): no
 client library. ``GET /metrics`` (no auth, like ``/healthz``) exposes only counts: jobs per
-status, HTTP requests per (method, route template, status), request durations and the build
-version; never owners, job ids, specs or paths.
+status, live workers, HTTP requests per (method, route template, status), request durations and
+the build version; never owners, job ids, specs or paths.
 
 Request metrics come from :class:`HttpMetrics`, a pure ASGI middleware; a request is labelled by
 its route template (``/v1/jobs/{job_id}``), never its raw path (bounded cardinality); requests
@@ -82,6 +82,13 @@ def render_jobs(counts: dict[str, int], statuses: Iterable[str]) -> list[str]:
     out = ["# HELP metaprune_jobs Jobs by status (all owners).", "# TYPE metaprune_jobs gauge"]
     out += [f"metaprune_jobs{labels(status=s)} {counts.get(s, 0)}" for s in statuses]
     return out
+
+
+def render_workers(n: int, n_cuda: int) -> list[str]:
+    return ["# HELP metaprune_workers Workers that reported within a lease (all machines).",
+            "# TYPE metaprune_workers gauge", f"metaprune_workers {n}",
+            "# HELP metaprune_workers_cuda Of those, the workers that claim jobs asking for "
+            "CUDA.", "# TYPE metaprune_workers_cuda gauge", f"metaprune_workers_cuda {n_cuda}"]
 
 
 def render_build_info(version: str) -> list[str]:

@@ -133,3 +133,16 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("owner", "name"),)
+
+
+class WorkerPresence(Base):
+    """A running worker, as it last reported itself: written at its start and every heartbeat
+    interval, deleted when it stops. A row not renewed for a lease is a worker that is gone
+    (``kill -9``, a lost machine); the API reads these to tell why a queued job waits."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid:random
+    cuda: Mapped[bool] = mapped_column(Boolean)  # claims the jobs that ask for CUDA
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -24,6 +24,9 @@ interleave badly:
 Functions for the API take a :class:`~sqlalchemy.orm.Session` (the caller commits); functions
 for workers and the reaper take the :class:`~sqlalchemy.Engine` and commit their one statement.
 Every time is an aware UTC datetime; ``now`` defaults to the current time and exists for tests.
+
+Workers also record their presence (:func:`worker_seen`, :func:`worker_gone`) so that the API can
+say why a queued job waits (:func:`live_workers`): no worker at all, or none that takes CUDA jobs.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Engine, and_, case, cast, func, literal, select, true, update
+from sqlalchemy import (BigInteger, Engine, and_, case, cast, delete, func, literal, select, true,
+                        update)
 from sqlalchemy.orm import Session
 
 from app.db import write_transaction
-from app.models import Job, JobStatus, UTCDateTime, new_id, utcnow
+from app.models import Job, JobStatus, UTCDateTime, WorkerPresence, new_id, utcnow
 
 QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
 SUCCEEDED, FAILED, CANCELLED = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value,
@@ -68,6 +72,13 @@ class Beat:
         return self.renewed
 
 
+def _insert(dialect: str):
+    """The ``INSERT`` construct with ``ON CONFLICT`` of this database."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+
+
 def _ts(value: datetime):
     """A typed time literal (inside CASE the column type cannot be inferred)."""
     return literal(value, UTCDateTime())
@@ -81,16 +92,12 @@ def submit(session: Session, owner: str, spec: dict[str, Any], idempotency_key: 
            now: datetime | None = None) -> Job:
     """Queue a job for ``owner``. With an ``idempotency_key`` the same key of the same owner gives
     the same job (the first one's; a concurrent duplicate waits for it and gets it too)."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
     now = now or utcnow()
     values = dict(id=new_id(), owner=owner, status=QUEUED, stage=None, progress=0.0, detail={},
                   spec=spec, attempt=0, max_attempts=max_attempts, cancel_requested=False,
                   idempotency_key=idempotency_key, metanet_key=metanet_key, created_at=now,
                   updated_at=now)
-    dialect = session.get_bind().dialect.name
-    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
-    stmt = insert(Job).values(**values)
+    stmt = _insert(session.get_bind().dialect.name)(Job).values(**values)
     if idempotency_key is not None:
         # a no-op update on conflict makes RETURNING give the existing row (one statement)
         stmt = stmt.on_conflict_do_update(index_elements=[Job.owner, Job.idempotency_key],
@@ -315,6 +322,47 @@ def reap(engine: Engine, now: datetime | None = None) -> dict[str, str]:
             .returning(Job.id, Job.status))
     with write_transaction(engine) as conn:
         return {job_id: status for job_id, status in conn.execute(stmt)}
+
+
+# --- workers' presence ------------------------------------------------------------------------
+
+
+def worker_seen(engine: Engine, worker_id: str, *, cuda: bool,
+                now: datetime | None = None) -> None:
+    """Record that ``worker_id`` is running (``cuda``: it claims the jobs that ask for CUDA):
+    its row is made or renewed, in one upsert."""
+    now = now or utcnow()
+    stmt = _insert(engine.dialect.name)(WorkerPresence).values(
+        id=worker_id, cuda=cuda, started_at=now, seen_at=now)
+    stmt = stmt.on_conflict_do_update(index_elements=[WorkerPresence.id],
+                                      set_={"seen_at": now, "cuda": cuda})
+    with write_transaction(engine) as conn:
+        conn.execute(stmt)
+
+
+def worker_gone(engine: Engine, worker_id: str) -> None:
+    """The worker stopped: forget it."""
+    with write_transaction(engine) as conn:
+        conn.execute(delete(WorkerPresence).where(WorkerPresence.id == worker_id))
+
+
+def forget_workers(engine: Engine, *, unseen_s: float, now: datetime | None = None) -> int:
+    """Delete the rows of workers not seen for ``unseen_s`` seconds (killed, machine lost);
+    how many."""
+    since = (now or utcnow()) - timedelta(seconds=unseen_s)
+    with write_transaction(engine) as conn:
+        return conn.execute(delete(WorkerPresence).where(WorkerPresence.seen_at < since)).rowcount
+
+
+def live_workers(session: Session, *, within_s: float,
+                 now: datetime | None = None) -> tuple[int, int]:
+    """How many workers reported within the last ``within_s`` seconds: ``(all, those that
+    claim CUDA jobs)``."""
+    since = (now or utcnow()) - timedelta(seconds=within_s)
+    cuda = func.count().filter(WorkerPresence.cuda)
+    row = session.execute(select(func.count(), cuda)
+                          .where(WorkerPresence.seen_at >= since)).one()
+    return int(row[0]), int(row[1])
 
 
 # --- reads for /metrics and /v1/configurations ------------------------------------------------

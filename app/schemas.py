@@ -23,6 +23,7 @@ _JOB_EXAMPLE = {
     "cancel_requested": False,
     "error_kind": None,
     "error_message": None,
+    "waiting_reason": None,
     "created_at": "2030-01-01T12:00:00Z",
     "started_at": "2030-01-01T12:00:02Z",
     "finished_at": None,
@@ -48,14 +49,19 @@ class JobOut(BaseModel):
                                                "at its next checkpoint of progress")
     error_kind: str | None = Field(description="why the job failed (a short code), else null")
     error_message: str | None = Field(description="the failure's message, else null")
+    waiting_reason: str | None = Field(
+        None, description="why a queued job cannot start now: no worker is running, or none "
+                          "that takes jobs asking for CUDA; null otherwise")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
-        return cls.model_validate({name: getattr(job, name) for name in cls.model_fields})
+    def of(cls, job: Job, waiting_reason: str | None = None) -> JobOut:
+        return cls.model_validate({**{name: getattr(job, name) for name in cls.model_fields
+                                      if name != "waiting_reason"},
+                                   "waiting_reason": waiting_reason})
 
 
 class JobPage(BaseModel):

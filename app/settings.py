@@ -29,8 +29,8 @@ class Settings(BaseSettings):
                                description="folder of job run folders and artifacts")
     lease_seconds: float = Field(60.0, gt=0, le=3600,
                                  description="a claimed job's lease; a worker renews it by heartbeat")
-    heartbeat_seconds: float = Field(15.0, gt=0, le=600,
-                                     description="how often a worker renews its lease")
+    heartbeat_seconds: float = Field(
+        15.0, gt=0, le=600, description="how often a worker renews its lease and its presence")
     max_attempts: int = Field(3, ge=1, le=100,
                               description="claims of a job before a lost lease fails it")
     max_queued_per_owner: int = Field(20, ge=1, le=10_000,

@@ -26,7 +26,11 @@ One job at a time, in the calling thread::
   job's folder (``corrupt_file``: a retry would read it again) fails the job for good;
   anything else is retried (the attempt fails with ``error_kind = "internal"`` and the job is
   re-queued while attempts are left).
-* **Reaper.** Every worker calls :func:`app.queue.reap` every ``lease_seconds / 2`` (idle or busy).
+* **Reaper.** Every worker calls :func:`app.queue.reap` every ``lease_seconds / 2`` (idle or busy),
+  and forgets the presence of workers not seen for two leases.
+* **Presence.** While :meth:`Worker.run_forever` runs, a thread records the worker in the
+  ``workers`` table every heartbeat interval (:func:`app.queue.worker_seen`) and deletes it at the
+  end, so the API can tell a queued job's owner that no worker (or none with CUDA) is running.
 * **Devices.** A worker without CUDA does not claim the jobs whose spec asks for ``cuda``: they
   wait in the queue for one that has it (``--device cpu``/``cuda`` workers claim every job).
 * **Database outages.** A worker waits for an unreachable database, retrying with backoff (up
@@ -268,6 +272,7 @@ class Worker:
             self._last_reap = now
         try:
             reaped = queue.reap(self.engine)
+            queue.forget_workers(self.engine, unseen_s=2 * self.settings.lease_seconds)
         except Exception:  # noqa: BLE001 — the next round tries again
             log.warning("reap failed", exc_info=True)
             return {}
@@ -322,6 +327,32 @@ class Worker:
         were processed."""
         if stop_event is not None:
             self.stopping = stop_event
+        over = threading.Event()
+        presence = threading.Thread(target=self._presence_loop, args=(over,), name="presence",
+                                    daemon=True)
+        presence.start()
+        try:
+            return self._claim_loop(poll_seconds, once)
+        finally:
+            over.set()
+            presence.join(timeout=30)
+            try:
+                queue.worker_gone(self.engine, self.worker_id)
+            except SQLAlchemyError:  # forgotten by another worker's reaper two leases from now
+                log.debug("could not remove this worker's presence", exc_info=True)
+
+    def _presence_loop(self, over: threading.Event) -> None:
+        """Record this worker as running now, and again every heartbeat interval."""
+        cuda = self.accepts_cuda_jobs
+        while True:
+            try:
+                queue.worker_seen(self.engine, self.worker_id, cuda=cuda)
+            except SQLAlchemyError:  # the claim loop reports an unreachable database
+                log.debug("presence write failed", exc_info=True)
+            if over.wait(self.heartbeat_interval):
+                return
+
+    def _claim_loop(self, poll_seconds: float, once: bool) -> int:
         n, delay = 0, poll_seconds
         while not self.stopping.is_set():
             try:

@@ -491,6 +491,8 @@ def _summary_line(job: dict) -> str:
         parts.append(f"warning: {warning}")
     if job.get("error_kind") or job.get("error_message"):
         parts.append(f"error {job.get('error_kind') or '?'}: {job.get('error_message') or ''}")
+    if job.get("waiting_reason"):
+        parts.append(f"waiting: {job['waiting_reason']}")
     return "  ".join(p.strip() for p in parts)
 
 
@@ -499,6 +501,9 @@ def cmd_submit(a, api) -> dict:
     """``submit``: queue a job with the options of ``prune``; prints its id."""
     spec = _spec(a).model_dump(mode="json", exclude_defaults=True)
     job = api.submit(spec, idempotency_key=a.idempotency_key)
+    if job.get("waiting_reason"):
+        print(f"metaprune: note: the job is queued, but {job['waiting_reason']}",
+              file=sys.stderr)
     if a.json:
         return job
     print(job["id"])
@@ -559,8 +564,13 @@ class _WatchPrinter:
         self.mode = "off" if quiet else ("bars" if sys.stderr.isatty() else "lines")
         self.bar = None
         self.last: tuple | None = None
+        self.waiting_reason: str | None = None
 
     def __call__(self, job: dict) -> None:
+        reason = job.get("waiting_reason")
+        if reason and reason != self.waiting_reason and self.mode != "off":
+            self._note(f"metaprune: waiting: {reason}")
+        self.waiting_reason = reason
         stage = job.get("stage") or ("starting" if job["status"] == "running" else "-")
         pct, best = int(100 * float(job.get("progress") or 0)), _best(job)
         if self.mode == "bars":
@@ -582,6 +592,12 @@ class _WatchPrinter:
                 eta = f"  (stage{eta})" if eta else ""
                 print(f"[{stage}] {job['status']} {pct}%{extra}{eta}", file=sys.stderr,
                       flush=True)
+
+    def _note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -790,6 +806,12 @@ class ProgressPrinter:
             print(f"[{stage}] {step}/{total}{extra}{eta}", file=sys.stderr, flush=True)
         elif event.get("message"):
             print(f"[{stage}] {event['message']}", file=sys.stderr, flush=True)
+
+    def _note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

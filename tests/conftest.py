@@ -150,16 +150,16 @@ def sqlite_url(tmp_path_factory):
 
 
 def emptied_engine(url: str):
-    """An engine on the migrated database ``url`` with every job and token deleted."""
+    """An engine on the migrated database ``url`` with every job, token and worker deleted."""
     from sqlalchemy import delete
 
     from app.db import make_engine
-    from app.models import ApiToken, Job
+    from app.models import ApiToken, Job, WorkerPresence
 
     engine = make_engine(url)
     with engine.begin() as conn:
-        conn.execute(delete(Job))
-        conn.execute(delete(ApiToken))
+        for table in (Job, ApiToken, WorkerPresence):
+            conn.execute(delete(table))
     return engine
 
 

@@ -209,6 +209,45 @@ def test_oversized_body_413(engine, sqlite_url):
         assert client.post("/v1/jobs", json=SPEC).status_code == 201  # small bodies pass
 
 
+def test_a_queued_job_says_why_it_waits(api, engine):
+    """``waiting_reason``: no worker reported within a lease, or (a job asking for CUDA) none
+    that claims such jobs; null once one runs, and for jobs that are not queued. The reason is
+    in submit's answer, a job's, the list's and the event stream's."""
+    from app import queue
+
+    r = api.post("/v1/jobs", json=SPEC, headers=api.alice)
+    job = r.json()
+    assert "no worker is running" in job["waiting_reason"], job
+    assert "`metaprune worker`" in job["waiting_reason"]
+    on_gpu = api.post("/v1/jobs", json={**SPEC, "device": "cuda"}, headers=api.alice).json()
+
+    def reasons():
+        page = api.get("/v1/jobs", headers=api.alice).json()
+        assert page["items"][0]["waiting_reason"] == api.get(
+            f"/v1/jobs/{on_gpu['id']}", headers=api.alice).json()["waiting_reason"]
+        return {j["id"]: j["waiting_reason"] for j in page["items"]}
+
+    queue.worker_seen(engine, "cpu-only", cuda=False)
+    got = reasons()
+    assert got[job["id"]] is None
+    assert "asks for CUDA" in got[on_gpu["id"]] and "GPU" in got[on_gpu["id"]]
+    with api.stream("GET", f"/v1/jobs/{on_gpu['id']}/events", headers=api.alice) as events:
+        for line in events.iter_lines():
+            if line.startswith("data: "):
+                assert "asks for CUDA" in line
+                break
+
+    queue.worker_seen(engine, "gpu", cuda=True)
+    assert reasons() == {job["id"]: None, on_gpu["id"]: None}
+    queue.worker_gone(engine, "cpu-only")
+    queue.worker_gone(engine, "gpu")
+    with engine.begin() as conn:  # a job that is not queued never waits for a worker
+        conn.execute(update(Job).where(Job.id == job["id"])
+                     .values(status="running", attempt=1, lease_owner="w"))
+    got = reasons()
+    assert got[job["id"]] is None and "no worker is running" in got[on_gpu["id"]]
+
+
 def test_health_and_ready(api, tmp_path):
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").status_code == 200

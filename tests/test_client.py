@@ -89,6 +89,19 @@ def test_submit_status_jobs_cancel(server, capsys):
     assert rc == 2 and "HTTP 404" in err and "Traceback" not in err
 
 
+def test_submit_and_status_say_why_a_queued_job_waits(server, engine, capsys):
+    rc, out, err = run(capsys, *SUBMIT)
+    job_id = out.strip()
+    assert rc == 0 and len(job_id) == 36
+    assert err.startswith("metaprune: note: the job is queued, but no worker is running")
+    rc, out, _ = run(capsys, "status", job_id)
+    assert "queued" in out and "waiting: no worker is running" in out and out.count("\n") == 1
+    queue.worker_seen(engine, "w1", cuda=False)
+    rc, out, err = run(capsys, *SUBMIT, "--seed", "1")
+    assert rc == 0 and err == ""
+    assert "waiting" not in run(capsys, "status", job_id)[1]
+
+
 def test_submit_rejects_bad_options(server, capsys):
     rc, _, err = run(capsys, *SUBMIT, "--set", '{"search": {"generations": -3}}')
     assert rc == 2 and err.count("\n") == 1 and "generations" in err
@@ -132,6 +145,7 @@ def test_watch(server, engine, capsys, end):
     rc, out, err = run(capsys, "watch", job_id, "--interval", "0.05")
     thread.join(5)
     assert "[search] running 50%  best est. val 80.00% at 1.50M MACs" in err
+    assert err.count("metaprune: waiting: no worker is running") == 1  # while queued, once
     if end == "succeeded":
         assert rc == 0 and "succeeded" in out and "test 90.00%" in out
     else:

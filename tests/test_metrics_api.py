@@ -107,6 +107,12 @@ def test_metrics_format_and_job_gauges(api, engine):
         assert sample(samples, "metaprune_jobs", status=status) == truth.get(status, 0), status
     assert truth == {"queued": 1, "running": 1, "succeeded": 1, "failed": 1, "cancelled": 1}
     assert sample(samples, "metaprune_build_info", version=api.app.version) == 1
+    assert sample(samples, "metaprune_workers") == sample(samples, "metaprune_workers_cuda") == 0
+    queue.worker_seen(engine, "w1", cuda=False)
+    queue.worker_seen(engine, "w2", cuda=True)
+    samples = parse(api.get("/metrics").text)
+    assert (sample(samples, "metaprune_workers"), sample(samples, "metaprune_workers_cuda")) \
+        == (2, 1)
     assert "alice" not in r.text and "bob" not in r.text  # counts only
 
 

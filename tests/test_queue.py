@@ -7,13 +7,13 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, text
+from sqlalchemy import Column, Integer, MetaData, Table, inspect, text
 from sqlalchemy.orm import Session
 
 from tests.conftest import emptied_engine
 from app import queue
 from app.db import make_engine
-from app.models import Base, Job
+from app.models import Base, Job, WorkerPresence
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,11 +79,12 @@ def test_downgrade_and_upgrade_keep_the_jobs(engine, db_url):
     from app.db import alembic_config, head_revision, upgrade
 
     job = submit(engine, key="k")
-    command.downgrade(alembic_config(db_url), "0001")  # 0002 → 0001: metanet_key dropped
+    command.downgrade(alembic_config(db_url), "0001")  # 0003 → 0001: workers, metanet_key dropped
     try:
         with engine.connect() as conn:
             cols = conn.execute(text("SELECT * FROM jobs")).keys()
-        assert "metanet_key" not in cols
+            tables = set(inspect(conn).get_table_names())
+        assert "metanet_key" not in cols and "workers" not in tables
     finally:
         assert upgrade(db_url) == head_revision()
     row = job_row(engine, job.id)
@@ -150,6 +151,30 @@ def test_a_worker_without_cuda_leaves_the_jobs_that_ask_for_it(engine):
     assert [g and g.id for g in got] == [no_device, on_cpu, None]
     assert job_row(engine, wants_cuda).status == "queued"
     assert queue.claim(engine, "gpu", now=later).id == wants_cuda
+
+
+def test_worker_presence(engine):
+    """``worker_seen`` makes or renews a worker's row (one upsert); ``live_workers`` counts the
+    rows seen within the window, and those of workers that claim CUDA jobs; ``forget_workers``
+    deletes stale rows and ``worker_gone`` a worker's own."""
+    def live(at):
+        with Session(engine) as s:
+            return queue.live_workers(s, within_s=60, now=at)
+
+    queue.worker_seen(engine, "cpu", cuda=False, now=T0)
+    queue.worker_seen(engine, "gpu", cuda=True, now=T0)
+    assert live(T0 + timedelta(seconds=30)) == (2, 1)
+    assert live(T0 + timedelta(seconds=61)) == (0, 0)  # neither renewed within a minute
+    queue.worker_seen(engine, "cpu", cuda=False, now=T0 + timedelta(seconds=60))
+    assert live(T0 + timedelta(seconds=90)) == (1, 0)
+    with Session(engine) as s:
+        row = s.get(WorkerPresence, "cpu")
+        assert (row.started_at, row.seen_at) == (T0, T0 + timedelta(seconds=60))
+    assert queue.forget_workers(engine, unseen_s=60, now=T0 + timedelta(seconds=90)) == 1  # gpu
+    assert live(T0) == (1, 0)
+    queue.worker_gone(engine, "cpu")
+    queue.worker_gone(engine, "cpu")  # already gone: nothing to do
+    assert live(T0) == (0, 0)
 
 
 def test_many_workers_claim_each_job_once(engine, db_url):

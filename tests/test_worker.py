@@ -26,7 +26,7 @@ from tests.conftest import (LONG_JOB as LONG, SMOKE_JOB as SPEC, job_row,
                             wait_for)
 from app import queue
 from app.db import make_engine, upgrade
-from app.models import Job, utcnow
+from app.models import Job, WorkerPresence, utcnow
 from app.settings import Settings
 from app.worker import Progress, Worker
 from pruning.checkpoint import read_json
@@ -216,15 +216,24 @@ def test_cancel_while_running_is_prompt_and_the_worker_takes_the_next_job(clean,
 
 
 def test_shutdown_gives_the_job_back_at_a_checkpoint(clean, settings):
+    """...and the worker's presence, renewed every heartbeat while it trains, is removed."""
+    def presence():
+        with Session(clean) as s:
+            return s.get(WorkerPresence, "w1", populate_existing=True)
+
     job_id = submit(clean, LONG)
     with worker_thread(settings, "w1", 0.05) as (stop, thread):
         wait_for(lambda: job_row(clean, job_id).stage == "metanet", what="training")
+        assert presence().cuda  # --device cpu runs every job, those asking for CUDA too
+        wait_for(lambda: presence().seen_at > presence().started_at, timeout=10,
+                 what="a renewal of the worker's presence")
         stop.set()
         thread.join(10)
         assert not thread.is_alive()
     job = job_row(clean, job_id)
     # queued again without using up an attempt; no error recorded
     assert (job.status, job.attempt, job.error_kind, job.lease_owner) == ("queued", 0, None, None)
+    assert presence() is None
 
 
 # --- a killed worker, a fenced-out worker -----------------------------------------------------

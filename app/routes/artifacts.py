@@ -11,7 +11,7 @@ from app.auth import JobId, Owner
 from app.deps import Db, SettingsDep
 from app.schemas import ArtifactList, ErrorOut, JobOut, SearchOut, errors
 from app.services import artifacts
-from app.services.jobs import get_job
+from app.services.jobs import get_job, waiting_reasons
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], responses=errors(401))
 
@@ -144,7 +144,7 @@ async def job_events(job_id: JobId, request: Request, owner: Owner, db: Db,
     await run_in_threadpool(get_job, db, owner, job_id)  # 404 before the stream starts
 
     def render(job):
-        return JobOut.of(job).model_dump_json()
+        return JobOut.of(job, waiting_reasons(db, settings, [job]).get(job.id)).model_dump_json()
 
     shutting_down = request.app.state.shutting_down
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Header, Query, Response, status
 
 from app.auth import JobId, Owner
 from app.deps import Db, SettingsDep
-from app.models import JobStatus
+from app.models import Job, JobStatus
 from app.schemas import JobOut, JobPage, errors
 from app.services import jobs
 from pruning.spec import PipelineSpec
@@ -24,6 +24,11 @@ SPEC_EXAMPLES = {
                           "budget": {"latency_ms": 4.0}, "preset": "standard",
                           "search": {"generations": 30}}},
 }
+
+
+def _out(items: list[Job], db: Db, settings: SettingsDep) -> list[JobOut]:
+    reasons = jobs.waiting_reasons(db, settings, items)
+    return [JobOut.of(job, reasons.get(job.id)) for job in items]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut,
@@ -44,11 +49,11 @@ def submit_job(spec: Annotated[PipelineSpec, Body(openapi_examples=SPEC_EXAMPLES
     if not created:
         response.status_code = status.HTTP_200_OK
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.of(job)
+    return _out([job], db, settings)[0]
 
 
 @router.get("", response_model=JobPage, summary="List jobs", responses=errors(422))
-def list_jobs(owner: Owner, db: Db,
+def list_jobs(owner: Owner, db: Db, settings: SettingsDep,
               status_: Annotated[list[JobStatus] | None, Query(
                   alias="status", description="only these statuses (repeatable)")] = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -57,15 +62,16 @@ def list_jobs(owner: Owner, db: Db,
     statuses = tuple(s.value for s in status_ or ())
     items, total = jobs.list_jobs(db, owner, statuses, limit, offset)
     more = offset + len(items) < total
-    return JobPage(items=[JobOut.of(j) for j in items], total=total, limit=limit, offset=offset,
+    return JobPage(items=_out(items, db, settings), total=total, limit=limit, offset=offset,
                    next_offset=offset + len(items) if more else None)
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job",
             responses=errors(404, 422))
-def get_job(job_id: JobId, owner: Owner, db: Db) -> JobOut:
-    """Status, stage, progress, stage detail, attempts, timestamps and any error."""
-    return JobOut.of(jobs.get_job(db, owner, job_id))
+def get_job(job_id: JobId, owner: Owner, db: Db, settings: SettingsDep) -> JobOut:
+    """Status, stage, progress, stage detail, attempts, timestamps and any error; for a queued
+    job that cannot start now, why (``waiting_reason``)."""
+    return _out([jobs.get_job(db, owner, job_id)], db, settings)[0]
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job",

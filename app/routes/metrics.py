@@ -7,13 +7,15 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
-from app.deps import Db
+from app.deps import Db, SettingsDep
 from app.models import STATUSES
 from app.services.configurations import job_counts
+from app.services.jobs import live_workers
 
 router = APIRouter(tags=["health"])
 
 _EXAMPLE = ('# TYPE metaprune_jobs gauge\nmetaprune_jobs{status="queued"} 2\n'
+            '# TYPE metaprune_workers gauge\nmetaprune_workers 2\n'
             '# TYPE metaprune_http_requests_total counter\n'
             'metaprune_http_requests_total{method="GET",route="/v1/jobs/{job_id}",'
             'status="200"} 17\n')
@@ -21,13 +23,15 @@ _EXAMPLE = ('# TYPE metaprune_jobs gauge\nmetaprune_jobs{status="queued"} 2\n'
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format 0.0.4: jobs per "
-                                            "status, HTTP requests and durations per route "
-                                            "template, build info. Counts only: no owners, "
-                                            "job ids or specs.",
+                                            "status, live workers, HTTP requests and "
+                                            "durations per route template, build info. Counts "
+                                            "only: no owners, job ids or specs.",
                              "content": {"text/plain": {"schema": {"type": "string"},
                                                         "example": _EXAMPLE}}}})
-async def prometheus(request: Request, db: Db) -> PlainTextResponse:
+async def prometheus(request: Request, db: Db, settings: SettingsDep) -> PlainTextResponse:
     counts = await run_in_threadpool(job_counts, db)
-    lines = (metrics.render_jobs(counts, STATUSES) + request.app.state.metrics.render()
+    workers = await run_in_threadpool(live_workers, db, settings)
+    lines = (metrics.render_jobs(counts, STATUSES) + metrics.render_workers(*workers)
+             + request.app.state.metrics.render()
              + metrics.render_build_info(request.app.version))
     return PlainTextResponse("\n".join(lines) + "\n", media_type=metrics.CONTENT_TYPE)

@@ -341,12 +341,12 @@ def _sse(event: str | None, data: str) -> bytes:
 
 async def job_events(db: Database, settings: Settings, owner: str, job_id: str,
                      should_end, render) -> AsyncIterator[bytes]:
-    """Server-sent events of a job: ``progress`` (the job as JSON, ``render(job)``) whenever
-    its status, stage, progress or detail changes, then ``done`` (the job) once it is
-    succeeded, failed or cancelled, and the stream ends. A comment line every
-    ``events_heartbeat_seconds`` keeps idle connections open; the stream stops when
-    ``await should_end()`` (the client left, or the server is stopping). The caller has checked
-    that the job exists (404 before the stream starts)."""
+    """Server-sent events of a job: ``progress`` (the job as JSON, ``render(job)``, run in a
+    thread: it may read the database) whenever its status, stage, progress or detail changes,
+    then ``done`` (the job) once it is succeeded, failed or cancelled, and the stream ends. A
+    comment line every ``events_heartbeat_seconds`` keeps idle connections open; the stream
+    stops when ``await should_end()`` (the client left, or the server is stopping). The caller
+    has checked that the job exists (404 before the stream starts)."""
     poll, beat = settings.events_poll_seconds, settings.events_heartbeat_seconds
     last = None
     quiet = 0.0
@@ -361,7 +361,7 @@ async def job_events(db: Database, settings: Settings, owner: str, job_id: str,
         snapshot = (job.status, job.stage, job.progress, json.dumps(job.detail, sort_keys=True))
         if snapshot != last:
             last, quiet = snapshot, 0.0
-            body = render(job)
+            body = await run_in_threadpool(render, job)
             yield _sse("progress", body)
             if job.status in TERMINAL:
                 yield _sse("done", body)

@@ -78,6 +78,30 @@ def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
         return job, True
 
 
+def live_workers(db: Database, settings: Settings) -> tuple[int, int]:
+    """Workers that reported within a lease: ``(all, those that claim CUDA jobs)``."""
+    with db.read() as session:
+        return queue.live_workers(session, within_s=settings.lease_seconds)
+
+
+def waiting_reasons(db: Database, settings: Settings, jobs: list[Job]) -> dict[str, str]:
+    """Why each queued job of ``jobs`` cannot start now (job id → reason; absent: it can):
+    no worker reported within a lease, or none of them claims the jobs that ask for CUDA."""
+    queued = [job for job in jobs if job.status == queue.QUEUED]
+    if not queued:
+        return {}
+    n, n_cuda = live_workers(db, settings)
+    if n == 0:
+        reason = ("no worker is running: start one with `metaprune worker` (or `metaprune "
+                  "serve`, which starts its own)")
+        return {job.id: reason for job in queued}
+    if n_cuda == 0:
+        reason = ("the job asks for CUDA and no running worker has a CUDA device: start "
+                  "`metaprune worker` on a machine with a GPU")
+        return {job.id: reason for job in queued if job.spec.get("device") == "cuda"}
+    return {}
+
+
 def get_job(db: Database, owner: str, job_id: str) -> Job:
     with db.read() as session:
         job = queue.get_job(session, job_id, owner)
