@@ -38,6 +38,8 @@ machine was busy (a test run, another job's training) predicts too much, and the
 keep it: so a cached table is checked on load against the smallest and the largest candidate
 timed end to end, and measured again when it predicts both more than ``STALE_FACTOR`` (1.5)
 times slower. A table that predicts *faster* than now is kept: the machine is the busy one then.
+A table just measured gets the same check: its layers are timed once more if it fails, and it
+is kept with a warning if it fails again.
 """
 
 from __future__ import annotations
@@ -440,33 +442,27 @@ class LatencyTable:
             else:
                 measured = _extremes_ms(space, device, batch, repeats)
                 predicted = [cached.predict(space, c) for c in _extremes(space)]
-                if not all(p > STALE_FACTOR * m for p, m in zip(predicted, measured)):
+                if not _overpredicts(predicted, measured):
                     return cached
-                warnings.warn(
-                    f"the cached latency table {path} predicts "
-                    f"{' and '.join(f'{p:.3g}' for p in predicted)} ms for the smallest and the "
-                    f"largest candidate, where they now run in "
-                    f"{' and '.join(f'{m:.3g}' for m in measured)} ms: it was measured under "
-                    "load (or on a slower machine); measuring again", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"the cached latency table {path} {_mismatch(predicted, measured)}"
+                              ": it was measured under load (or on a slower machine); measuring "
+                              "again", RuntimeWarning, stacklevel=2)
         t0 = time.perf_counter()
-        measurements: dict[str, list] = {}
-        layers = _layers(space)
-        for n, layer in enumerate(layers):
-            grids = [_axis(space, r, max_points) for r in layer.refs]
-            k = _sig_key(layer.sig, grids)
-            if k in measurements:
-                continue
-            ms = np.zeros(tuple(len(g) for g in grids))
-            for idx in np.ndindex(*ms.shape):
-                widths = tuple(g[i] for g, i in zip(grids, idx))
-                ms[idx] = _time_ms(_runner(layer.sig, widths, batch, device), device, repeats)
-            measurements[k] = ms.round(6).tolist()
-            if progress is not None:
-                progress({"stage": "latency", "step": n + 1, "total": len(layers)})
-        table = cls(space, key, measurements, path=path)
+        for attempt in (1, 2):  # layers timed while the machine was busy: once more
+            measurements = _measure_layers(space, device, batch, max_points, repeats, progress)
+            table = cls(space, key, measurements, path=path)
+            measured = _extremes_ms(space, device, batch, repeats)
+            predicted = [table.predict(space, c) for c in _extremes(space)]
+            if not _overpredicts(predicted, measured):
+                break
+            warnings.warn(
+                f"the latency table just measured {_mismatch(predicted, measured)}: the machine "
+                "was busy while its layers were timed; " + (
+                    "measuring again" if attempt == 1 else
+                    "keeping it, but its predictions are too high (measure on an idle machine)"),
+                RuntimeWarning, stacklevel=2)
         # the end-to-end overhead (see the module docstring)
-        gaps = [m - table.predict(space, c)
-                for c, m in zip(_extremes(space), _extremes_ms(space, device, batch, repeats))]
+        gaps = [m - p for p, m in zip(predicted, measured)]
         table = cls(space, key, measurements, measured_s=time.perf_counter() - t0, path=path,
                     overhead_ms=round(max(0.0, sum(gaps) / len(gaps)), 6))
         if use_cache:
@@ -477,6 +473,38 @@ class LatencyTable:
                               "METAPRUNE_CACHE_DIR to a writable folder", RuntimeWarning,
                               stacklevel=2)
         return table
+
+
+def _measure_layers(space: SearchSpace, device: torch.device, batch: int, max_points: int,
+                    repeats: int, progress: Callable[[dict], None] | None) -> dict[str, list]:
+    """Milliseconds of each distinct layer signature on its width grid (the table's data)."""
+    measurements: dict[str, list] = {}
+    layers = _layers(space)
+    for n, layer in enumerate(layers):
+        grids = [_axis(space, r, max_points) for r in layer.refs]
+        k = _sig_key(layer.sig, grids)
+        if k in measurements:
+            continue
+        ms = np.zeros(tuple(len(g) for g in grids))
+        for idx in np.ndindex(*ms.shape):
+            widths = tuple(g[i] for g, i in zip(grids, idx))
+            ms[idx] = _time_ms(_runner(layer.sig, widths, batch, device), device, repeats)
+        measurements[k] = ms.round(6).tolist()
+        if progress is not None:
+            progress({"stage": "latency", "step": n + 1, "total": len(layers)})
+    return measurements
+
+
+def _overpredicts(predicted: list[float], measured: list[float]) -> bool:
+    """Whether a table predicts both extremes over :data:`STALE_FACTOR` times what they run in:
+    its layers were timed on a busy machine."""
+    return all(p > STALE_FACTOR * m for p, m in zip(predicted, measured))
+
+
+def _mismatch(predicted: list[float], measured: list[float]) -> str:
+    return (f"predicts {' and '.join(f'{p:.3g}' for p in predicted)} ms for the smallest and "
+            f"the largest candidate, where they now run in "
+            f"{' and '.join(f'{m:.3g}' for m in measured)} ms")
 
 
 # --- the budget -----------------------------------------------------------------------------
