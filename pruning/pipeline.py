@@ -5,7 +5,9 @@ stages :func:`stage_metanet`, :func:`stage_search`, :func:`stage_train`, :func:`
 and :func:`stage_export`. Each stage skips the work whose output the run folder already holds,
 and fails with a :class:`StageError` when the stage it needs has not run, so the stages can also
 be run one at a time (``metaprune train-metanet / search / train / evaluate / export``) and
-``run(..., resume=True)`` continues a killed run where it stopped:
+``run(..., resume=True)`` continues a killed run where it stopped. A stage that has work to do
+first deletes what the later stages wrote (:data:`LATER_OUTPUTS`): a deleted output is made
+again, and so is everything made from it, as ``make`` would:
 
     run/spec.json                       the resolved specification
     run/metanet/state.safetensors       PruningNet training state (every checkpoint interval)
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -126,10 +129,14 @@ class RunContext:
 
     def require(self, rel: str, command: str) -> Path:
         path = self.run_dir / rel
-        if not path.exists():
-            raise StageError(f"{self.run_dir} has no {rel} yet: run `metaprune {command} --out "
-                             f"{self.run_dir}` first")
-        return path
+        if path.exists():
+            return path
+        if command == "train-metanet":  # the first stage takes the run's options again
+            raise StageError(f"{self.run_dir} has no {rel} yet: run the command that started "
+                             f"this run again with --resume first (`metaprune train-metanet "
+                             f"... --out {self.run_dir} --resume`, or `metaprune prune ...`)")
+        raise StageError(f"{self.run_dir} has no {rel} yet: run `metaprune {command} --out "
+                         f"{self.run_dir}` first")
 
     @property
     def pnet(self) -> PruningNet:
@@ -218,6 +225,28 @@ SEARCH_FILE = "search/state.json"
 SCORE_LABELS = {"accuracy": "score (estimated held-out accuracy)",
                 "loss": "score (minus the estimated held-out cross-entropy)"}
 EVALUATION_FILE = "evaluation.json"
+# what the stages after each one wrote, deleted when that stage has work to do again
+LATER_OUTPUTS = {"metanet": ("search", "final", "baseline", EVALUATION_FILE, "artifacts"),
+                 "search": ("final", "baseline", EVALUATION_FILE, "artifacts"),
+                 "train": (EVALUATION_FILE, "artifacts"),
+                 "evaluate": ("artifacts",)}
+
+
+def _discard_later_outputs(ctx: RunContext, stage: str) -> None:
+    """Before ``stage`` does work: delete the outputs of the stages after it, made from what
+    ``stage`` is about to replace."""
+    for rel in LATER_OUTPUTS[stage]:
+        path = ctx.path(rel)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def holds_other_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything but the temporaries of killed writers."""
+    return run_dir.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp"))
+                                    for p in run_dir.iterdir())
 
 
 def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
@@ -279,6 +308,7 @@ def stage_metanet(ctx: RunContext) -> dict:
     stats_path = ctx.path("metanet/stats.json")
     if final_path.exists():
         return read_json(stats_path)
+    _discard_later_outputs(ctx, "metanet")
     spec = ctx.spec
     if spec.metanet_from is not None:
         ctx.notify({"stage": "metanet", "message": f"reusing the PruningNet of "
@@ -302,6 +332,8 @@ def stage_search(ctx: RunContext) -> SearchResult:
     """2. Evolutionary search, scored on the held-out sub-validation split (resumes an
     interrupted search; a finished one is read back)."""
     ctx.require(METANET_FILE, "train-metanet")
+    if not _search_finished(ctx):
+        _discard_later_outputs(ctx, "search")
 
     start = time.perf_counter()
     first_done: list[int] = []  # the first generation finished by this process
@@ -323,10 +355,23 @@ def stage_search(ctx: RunContext) -> SearchResult:
     return ctx.result_
 
 
+def _search_finished(ctx: RunContext) -> bool:
+    """Whether the search state says the search finished (an unreadable one: as if it did, so
+    that :func:`~pruning.search.evolve` reports it and nothing is deleted)."""
+    path = ctx.path(SEARCH_FILE)
+    try:
+        return path.exists() and bool(read_json(path).get("finished"))
+    except (UnreadableFileError, AttributeError):
+        return True
+
+
 def stage_train(ctx: RunContext) -> dict:
     """3. Final training of the winner (and of the uniform baseline, when asked); returns
     ``{"metapruning": net, "uniform": net}``."""
-    for key, folder, cand in ctx.final_trainings():
+    todo = ctx.final_trainings()
+    if not all(ctx.path(f"{folder}/model.safetensors").exists() for _, folder, _ in todo):
+        _discard_later_outputs(ctx, "train")
+    for key, folder, cand in todo:
         if key not in ctx.trained:
             ctx.trained[key] = _train_final(cand, folder, ctx)
     return dict(ctx.trained)
@@ -350,6 +395,7 @@ def stage_evaluate(ctx: RunContext) -> dict:
     path = ctx.path(EVALUATION_FILE)
     if path.exists():
         return read_json(path)
+    _discard_later_outputs(ctx, "evaluate")
     result = ctx.search_result()
     trained = ctx.trained_nets()
     ctx.notify({"stage": "evaluate", "message": "evaluating on the test split"})
@@ -391,9 +437,11 @@ def stage_evaluate(ctx: RunContext) -> dict:
 
 def stage_export(ctx: RunContext) -> dict:
     """5. Export the winner and write the artifacts; returns the report (also
-    ``artifacts/report.json``). An export already written is read back."""
+    ``artifacts/report.json``). An export already written, whole (every file ``config.json``
+    lists, with its sha256), is read back; one with a file missing or changed is written
+    again."""
     art = ctx.path("artifacts")
-    if (art / "config.json").exists() and (art / "report.json").exists():
+    if _export_intact(art):
         return read_json(art / "report.json")
     spec, space, constraints, latency = ctx.spec, ctx.space, ctx.constraints, ctx.latency
     entries = read_json(ctx.require(EVALUATION_FILE, "evaluate"))
@@ -442,6 +490,18 @@ def stage_export(ctx: RunContext) -> dict:
                                 f" ({'; '.join(c.describe() for c in constraints)})"),
                             score_label=SCORE_LABELS[result.config.objective])})
     return report
+
+
+def _export_intact(art: Path) -> bool:
+    from pruning.export import sha256_file
+
+    try:
+        files = read_json(art / "config.json")["files"]
+        return "report.json" in files and all(
+            (art / name).is_file() and sha256_file(art / name) == digest
+            for name, digest in files.items())
+    except (OSError, UnreadableFileError, KeyError, TypeError):
+        return False
 
 
 STAGES = (stage_metanet, stage_search, stage_train, stage_evaluate, stage_export)
@@ -547,9 +607,14 @@ def _differences(old: dict, new: dict, prefix: str = ""):
 
 
 def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
-    """Refuse a folder that holds a run, unless resuming that same run (nothing is written)."""
+    """Refuse a folder that holds a run, unless resuming that same run, or that holds other files
+    (nothing is written)."""
     saved = run_dir / "spec.json"
     if not saved.exists():
+        if holds_other_files(run_dir):
+            raise RunFolderError(f"{run_dir} is not empty and holds no run (no spec.json); "
+                                 "choose a new or empty folder (a run folder that lost its "
+                                 "spec.json cannot be resumed: delete it and start again)")
         return
     if not resume:
         raise RunFolderError(f"{run_dir} already holds a run; pass --resume to continue it "

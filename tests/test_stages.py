@@ -222,6 +222,52 @@ def test_a_corrupt_file_in_a_run_is_named_and_deleting_it_redoes_its_step(
     assert report["metapruning"]["test_accuracy"] == ref_report["metapruning"]["test_accuracy"]
 
 
+def test_redoing_a_step_redoes_the_steps_after_it(reference, tmp_path, capsys):
+    """A deleted output is made again and so is everything made from it (the evaluation and
+    the artifacts of a retrained winner); an export with a file missing or damaged is written
+    again whole, each file matching config.json."""
+    from pruning.export import sha256_file
+
+    ref, ref_report = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref, run_dir)
+    shutil.rmtree(run_dir / "final")
+    assert call(capsys, "train", "--out", str(run_dir), "--quiet")[0] == 0
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert not (run_dir / "evaluation.json").exists() and not (run_dir / "artifacts").exists()
+    assert cli.main(["prune", *OPTIONS, "--macs-ratio", "0.5", "--resume", "--out",
+                     str(run_dir)]) == 0
+    report = read_json(run_dir / "artifacts" / "report.json")
+    assert report["metapruning"] == ref_report["metapruning"]
+
+    art = run_dir / "artifacts"
+    (art / "model.onnx").unlink()
+    (art / "model.ts").write_bytes((art / "model.ts").read_bytes()[:100])
+    assert call(capsys, "export", "--out", str(run_dir), "--quiet")[0] == 0
+    files = read_json(art / "config.json")["files"]
+    assert {"model.onnx", "model.ts"} <= set(files)
+    for name, digest in files.items():
+        assert sha256_file(art / name) == digest, name
+
+
+def test_a_folder_with_other_files_and_no_run_is_refused(tmp_path, capsys):
+    """A run folder that lost its spec.json, or any folder of other files: one line, nothing
+    written; the temporary file of a writer killed before spec.json existed is no obstacle."""
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for resume in ([], ["--resume"]):
+        status, _, errors = call(capsys, "prune", *OPTIONS, "--macs-ratio", "0.5",
+                                 "--out", str(out), *resume)
+        assert status == 2 and len(errors) == 1
+        assert "is not empty and holds no run (no spec.json)" in errors[0]
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    (out / ".spec.json.x1.tmp").write_text("{")
+    assert call(capsys, "train-metanet", *OPTIONS, "--macs-ratio", "0.5", "--out",
+                str(out))[0] == 0
+
+
 def test_resume_of_a_folder_with_no_run_says_it_starts_one(tmp_path, capsys):
     """A typo in --out must not retrain quietly."""
     out = tmp_path / "typo"
@@ -236,7 +282,8 @@ def test_resume_of_a_folder_with_no_run_says_it_starts_one(tmp_path, capsys):
 
 def test_stage_functions_refuse_to_run_out_of_order(tmp_path):
     ctx = prepare(spec(), tmp_path)
-    with pytest.raises(StageError, match="run `metaprune train-metanet --out"):
+    with pytest.raises(StageError, match="run the command that started this run again with "
+                                         "--resume first .`metaprune train-metanet ... --out"):
         stage_search(ctx)
     with pytest.raises(StageError, match="run `metaprune search --out"):
         stage_train(ctx)
