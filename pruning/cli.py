@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def _space(a) -> SearchSpace:
 
 
 def _scales(text: str | None) -> tuple[float, ...]:
-    if not text:
+    if text is None:
         return DEFAULT_LEVELS
     try:
         return tuple(float(x) for x in text.split(","))
@@ -72,9 +73,9 @@ def _scales(text: str | None) -> tuple[float, ...]:
 
 
 def _candidate(space: SearchSpace, a) -> Candidate:
-    if a.widths and a.levels:
+    if a.widths is not None and a.levels is not None:
         raise UserError("give either --widths or --levels, not both")
-    if a.widths:
+    if a.widths is not None:
         try:
             widths = json.loads(a.widths)
         except json.JSONDecodeError as e:
@@ -82,7 +83,7 @@ def _candidate(space: SearchSpace, a) -> Candidate:
         if not isinstance(widths, dict):
             raise UserError('--widths must be a JSON object like {"stem": 16, ...}')
         return space.from_widths(widths)
-    if a.levels:
+    if a.levels is not None:
         return space.check(Candidate.from_key(a.levels))
     return space.largest()
 
@@ -92,16 +93,21 @@ def cmd_archs(a) -> dict:
 
 
 def cmd_space(a) -> dict:
+    """The space's groups and width choices, the MACs and params of its largest and smallest
+    networks, and of the full (1.0×) network that ratio budgets are relative to."""
     space = _space(a)
+    full, top = space.full_network()
     return {"arch": space.arch, "settings": space.to_dict(), "levels": list(space.levels),
             "groups": [{"name": g.name, "base": g.base, "choices": list(widths)}
                        for g, widths in zip(space.groups, space.width_table)],
             "size": space.size,  # encodings; levels that round to one width are one network:
             "networks": math.prod(len(set(widths)) for widths in space.width_table),
-            "full_macs": counting.macs(space, space.largest()),
-            "full_params": counting.params(space, space.largest()),
+            "max_macs": counting.macs(space, space.largest()),
+            "max_params": counting.params(space, space.largest()),
             "min_macs": counting.macs(space, space.smallest()),
-            "min_params": counting.params(space, space.smallest())}
+            "min_params": counting.params(space, space.smallest()),
+            "full_network": {"macs": counting.macs(full, top),
+                             "params": counting.params(full, top)}}
 
 
 def cmd_measure(a) -> dict:
@@ -137,7 +143,7 @@ def cmd_build(a) -> dict:
     import torch
 
     from pruning.checkpoint import atomic_write_bytes
-    from pruning.export import _script
+    from pruning.export import _onnx, _script
     from pruning.modules import build
 
     space = _space(a)
@@ -148,9 +154,23 @@ def cmd_build(a) -> dict:
         raise UserError(f"--out: {a.out} is a folder; name the file to write, e.g. "
                         f"{Path(a.out) / 'model.ts'}")
     torch.manual_seed(a.seed)
-    atomic_write_bytes(a.out, _script(build(space, cand).eval()))
+    net = build(space, cand).eval()
+    if Path(a.out).suffix.lower() == ".onnx":
+        stem = space.plan.blocks[0].body[0]
+        atomic_write_bytes(a.out, _onnx(net, torch.zeros(1, stem.cin, *stem.in_hw)))
+    else:
+        atomic_write_bytes(a.out, _script(net))
     return {"out": a.out, "candidate": cand.key(), "macs": counting.macs(space, cand),
             "params": counting.params(space, cand)}
+
+
+def _local_spec(a):
+    """:func:`_spec` for a run on this machine: a relative ``--data-root`` made absolute, so
+    that the stage commands and ``--resume`` find the same folder from anywhere."""
+    spec = _spec(a)
+    if spec.data_root is not None and not os.path.isabs(spec.data_root):
+        spec = spec.model_copy(update={"data_root": os.path.abspath(spec.data_root)})
+    return spec
 
 
 def _spec(a):
@@ -205,17 +225,20 @@ def _check_out(a) -> None:
     if existing is not None and not existing.is_dir():
         raise UserError(f"--out: {existing} is a file, not a folder")
     if a.resume and not (out / "spec.json").exists():
-        print(f"metaprune: note: {a.out} holds no run to resume; starting a new one",
-              file=sys.stderr)
+        from pruning.pipeline import holds_other_files
+
+        if not holds_other_files(out):  # else prepare refuses the folder
+            print(f"metaprune: note: {a.out} holds no run to resume; starting a new one",
+                  file=sys.stderr)
 
 
 def cmd_prune(a) -> dict:
     from pruning.pipeline import run
 
-    spec = _spec(a)
+    spec = _local_spec(a)
     _check_out(a)
     printer = ProgressPrinter(quiet=a.quiet)
-    report = run(spec, a.out, resume=a.resume, progress=printer)
+    report = run(spec, a.out, resume=a.resume, progress=printer, should_stop=a.should_stop)
     printer.close()
     if not a.json:
         _print_summary(report, a.out)
@@ -244,14 +267,17 @@ def _stage(a, spec=None):
             raise UserError(f"{saved} is not a run specification this version can read") from None
         if a.device is not None:
             spec = spec.model_copy(update={"device": a.device})
-        return prepare(spec, a.out, resume=True, progress=printer), printer
-    return prepare(spec, a.out, resume=a.resume, progress=printer), printer
+        resume = True
+    else:
+        resume = a.resume
+    return prepare(spec, a.out, resume=resume, progress=printer,
+                   should_stop=a.should_stop), printer
 
 
 def cmd_train_metanet(a) -> dict:
     from pruning.pipeline import stage_metanet
 
-    spec = _spec(a)
+    spec = _local_spec(a)
     _check_out(a)
     ctx, printer = _stage(a, spec)
     stats = stage_metanet(ctx)
@@ -326,6 +352,49 @@ def cmd_export(a) -> dict:
 
 
 _STAGE_COMMANDS = (cmd_search, cmd_train, cmd_evaluate, cmd_export)  # resume by default
+_PIPELINE_COMMANDS = (cmd_prune, cmd_train_metanet, *_STAGE_COMMANDS)
+
+
+def _run_pipeline(args) -> dict | int:
+    """A pipeline command, stopped gracefully by Ctrl-C (:class:`_StopOnCtrlC`): exit 130."""
+    from pruning.train import Cancelled
+
+    try:
+        with _StopOnCtrlC() as args.should_stop:
+            return args.fn(args)
+    except Cancelled:
+        print(f"metaprune: stopped; checkpoint saved{_how_to_continue(args)}", file=sys.stderr)
+        return 130
+
+
+class _StopOnCtrlC:
+    """For the pipeline commands: the first Ctrl-C asks the pipeline to stop at its next
+    training step or search generation, after saving a checkpoint there (called as
+    ``should_stop``); a second one stops at once (``KeyboardInterrupt``: the last periodic
+    checkpoint remains)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _on_sigint(self, _signum, _frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nmetaprune: stopping at the next training step or search generation, after "
+              "saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def cmd_db(a) -> dict:
@@ -1064,7 +1133,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_space)
 
     for name, fn, help_ in (("measure", cmd_measure, "MACs and params of a width assignment"),
-                            ("build", cmd_build, "a randomly initialised pruned model as TorchScript")):
+                            ("build", cmd_build, "a randomly initialised pruned model as TorchScript "
+                                                 "(ONNX for an --out ending in .onnx)")):
         p = sub.add_parser(name, help=help_)
         _space_args(p)
         p.add_argument("--widths", help='JSON object of group widths, e.g. \'{"stem": 8, ...}\'')
@@ -1074,7 +1144,8 @@ def make_parser() -> argparse.ArgumentParser:
                            help="add predicted (per-layer table) and measured latency on the "
                                 "CPU, batch 1 (the table is built once and cached)")
         if name == "build":
-            p.add_argument("--out", required=True, type=_path, help="TorchScript file to write")
+            p.add_argument("--out", required=True, type=_path,
+                           help="file to write: TorchScript, or ONNX if it ends in .onnx")
             p.add_argument("--seed", type=int, default=0)
         p.set_defaults(fn=fn)
 
@@ -1217,7 +1288,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     try:
-        out = args.fn(args)
+        out = _run_pipeline(args) if args.fn in _PIPELINE_COMMANDS else args.fn(args)
     except (UserError, ValueError, KeyError, OSError) as e:
         message = error_message(e)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):

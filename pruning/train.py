@@ -158,7 +158,8 @@ class GraphedStep:
 
 
 class Cancelled(Exception):
-    """Raised inside a loop when the caller's ``should_stop`` says so."""
+    """Raised inside a loop when the caller's ``should_stop`` says so (a training loop with a
+    checkpoint saves its state first, so nothing done is lost)."""
 
 
 def candidate_for_step(space: SearchSpace, seed: int, step: int,
@@ -187,8 +188,9 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
     of fixed shape, so the step may be replayed from a CUDA graph (:class:`GraphedStep`;
     ``graphs`` is for tests).
 
-    With ``checkpoint``, state is saved every ``config.checkpoint_every`` steps and at the end,
-    and an existing checkpoint is resumed. Returns ``{"steps", "loss", "images_per_s"}``.
+    With ``checkpoint``, state is saved every ``config.checkpoint_every`` steps, at the end and
+    when ``should_stop`` stops the loop, and an existing checkpoint is resumed. Returns
+    ``{"steps", "loss", "images_per_s"}``.
     """
     device = torch.device(device)
     graphs = graphs or CudaGraphs
@@ -217,6 +219,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
     use_amp = device.type == "cuda"
     sync_every = _sync_every(device)
     ema = None if loss_ema is None else torch.tensor(loss_ema, device=device)
+    saved_step = step
 
     def loss_of(x, y, extra, cache=True):
         with torch.autocast(device.type, torch.bfloat16, enabled=use_amp, cache_enabled=cache):
@@ -247,6 +250,10 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
             if i < skip:
                 continue
             if should_stop is not None and should_stop():
+                if ckpt and step > saved_step:
+                    loss_ema = loss_ema if ema is None else ema.item()
+                    save_training_state(ckpt, module, opt,
+                                        {"step": step, "total": total, "loss": loss_ema})
                 raise Cancelled(stage)
             lr = config.lr_at(step, total, per_epoch)
             for group in opt.param_groups:
@@ -270,6 +277,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
             if save:
                 save_training_state(ckpt, module, opt,
                                     {"step": step, "total": total, "loss": loss_ema})
+                saved_step = step
             if progress:
                 rate = images / elapsed if elapsed > 0 else 0.0
                 eta = None

@@ -76,11 +76,16 @@ def test_space(capsys, arch, extra):
     assert [g["name"] for g in out["groups"]] == [g.name for g in space.groups]
     assert [g["base"] for g in out["groups"]] == [g.base for g in space.groups]
     assert [g["choices"] for g in out["groups"]] == [list(t) for t in space.width_table]
-    assert out["full_macs"] == counting.macs(space, space.largest())
+    assert out["max_macs"] == counting.macs(space, space.largest())
     assert out["min_macs"] == counting.macs(space, space.smallest())
-    assert out["full_params"] == counting.params(space, space.largest())
+    assert out["max_params"] == counting.params(space, space.largest())
     assert out["min_params"] == counting.params(space, space.smallest())
-    assert out["min_macs"] < out["full_macs"]
+    assert out["min_macs"] < out["max_macs"]
+    # ratio budgets' reference: the 1.0× network, smaller than the 1.4× space's largest
+    full = space_of(arch, **{k: v for k, v in kw.items() if k != "max_width_mult"})
+    assert out["full_network"] == {"macs": counting.macs(full, full.largest()),
+                                   "params": counting.params(full, full.largest())}
+    assert (out["full_network"]["macs"] < out["max_macs"]) == bool(extra)
 
 
 def test_space_with_custom_scales(capsys):
@@ -131,10 +136,29 @@ def test_build_writes_loadable_torchscript(capsys, tmp_path):
         torch.testing.assert_close(ts(x), net(x))
 
 
+def test_build_writes_onnx_for_an_onnx_file(capsys, tmp_path):
+    from pruning.export import onnx_session
+
+    space = space_of("test_mobilenet_v2")
+    cand = space.uniform(11)
+    out = tmp_path / "x.onnx"
+    assert call(capsys, "build", "test_mobilenet_v2", "--levels", cand.key(), "--out", str(out),
+                "--seed", "3")[0] == 0
+    torch.manual_seed(3)
+    net = build(space, cand).eval()
+    x = torch.randn(2, 1, 28, 28)
+    (got,) = onnx_session(out).run(["logits"], {"images": x.numpy()})
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.from_numpy(got), net(x), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["space", "nope"], "unknown architecture 'nope'; available:"),
     (["measure", "nope", "--levels", "1"], "unknown architecture 'nope'"),
     (["measure", "test_resnet", "--widths", "{bad"], "--widths is not valid JSON"),
+    (["measure", "test_resnet", "--widths", ""], "--widths is not valid JSON"),  # not ignored
+    (["measure", "test_resnet", "--levels", ""], "not a candidate key: ''"),
+    (["space", "test_resnet", "--scales", ""], "--scales must be comma-separated numbers"),
     (["measure", "test_resnet", "--widths", "[1, 2]"], "--widths must be a JSON object"),
     (["measure", "test_resnet", "--widths",
       '{"stage1": 8, "s1b0.mid": 8, "s1b1.mid": 8, "stage2": 16, "s2b0.mid": 999}'],

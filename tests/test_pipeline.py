@@ -33,6 +33,7 @@ from pruning.export import load_pruned
 from pruning.modules import build
 from pruning.pipeline import Budget, PipelineSpec, RunFolderError, resolve_budget, run
 from pruning.space import Candidate, CandidateError, SearchSpace
+from pruning.train import Cancelled
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -199,6 +200,50 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(reference, tmp_path
     assert report["metanet"]["loss"] == ref_report["metanet"]["loss"]
 
 
+def test_ctrl_c_saves_a_checkpoint_where_it_stopped(tmp_path):
+    """The first SIGINT stops ``prune`` at its next training step, with that step's state
+    saved (no periodic checkpoint is due: ``checkpoint_every`` is beyond the run) and a one-line
+    note; a resumed run continues from that step."""
+    import signal
+
+    out = tmp_path / "run"
+    overrides = {**OVERRIDES, "metanet": {"epochs": 200, "checkpoint_every": 100_000}}
+    args = [a if a != json.dumps(OVERRIDES) else json.dumps(overrides) for a in CLI_ARGS]
+    args.remove("--quiet")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pruning.cli", *args, "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for line in proc.stderr:  # progress lines: wait until the PruningNet trains
+            if line.startswith("[metanet] "):
+                break
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(60) == 130, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert "Traceback" not in err
+    assert ("metaprune: stopped; checkpoint saved; to continue where it stopped, run the same "
+            "command with --resume") in err
+    saved = load_tensors(out / "metanet" / "state.safetensors")[1]
+    assert 0 < saved["step"] < saved["total"]
+    assert not (out / "metanet" / "pruningnet.safetensors").exists()
+
+    events = []
+
+    def first_step_only():  # resumed: stop again after one step
+        return any(e.get("stage") == "metanet" and "step" in e for e in events)
+
+    spec = PipelineSpec.model_validate(read_json(out / "spec.json"))
+    with pytest.raises(Cancelled):
+        run(spec, out, resume=True, progress=events.append, should_stop=first_step_only)
+    assert next(e["step"] for e in events if "step" in e) == saved["step"] + 1
+
+
 def test_resume_with_another_spec_is_refused(reference, capsys):
     folder = reference[0]
     spec_before = (folder / "spec.json").read_bytes()
@@ -314,6 +359,22 @@ def test_val_size_may_be_a_fraction_of_the_training_data(tmp_path, monkeypatch):
                      "--out", str(tmp_path / "run")]) == 0
     assert sizes["val"] == round(0.25 * (sizes["train"] + sizes["val"])) > 0, sizes
     assert (tmp_path / "run" / "artifacts" / "model.ts").is_file()
+
+
+def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch, capsys):
+    """``--data-root tree`` from one folder; the next stage, run from another, reads the same
+    images (the run records the absolute path)."""
+    write_tree(tmp_path / "tree", n=30)
+    monkeypatch.chdir(tmp_path)
+    overrides = {"val_size": 0.25, "metanet": {"batch_size": 16, "max_steps": 2},
+                 "final": {"batch_size": 16}}
+    assert cli.main(["train-metanet", "--arch", "test_mobilenet_v1", "--dataset", "imagefolder",
+                     "--data-root", "tree", "--macs-ratio", "0.5", "--preset", "smoke",
+                     "--quiet", "--set", json.dumps(overrides), "--out", "run"]) == 0
+    assert read_json(tmp_path / "run" / "spec.json")["data_root"] == str(tmp_path / "tree")
+    monkeypatch.chdir("/")
+    assert cli.main(["search", "--out", str(tmp_path / "run"), "--quiet"]) == 0, \
+        capsys.readouterr().err
 
 
 def test_a_streamed_image_folder_runs_as_an_in_memory_one(tmp_path, monkeypatch):

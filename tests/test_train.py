@@ -224,8 +224,10 @@ def _plain_net() -> torch.nn.Module:
 
 
 def test_resume_after_should_stop_is_exact(data, tmp_path):
-    """PruningNet training stopped after 7 steps (between checkpoints 4 and 8, and across an
-    epoch boundary on resume) and resumed ends bit-for-bit where an uninterrupted run ends."""
+    """PruningNet training stopped by ``should_stop`` (Ctrl-C in the CLI, a worker's shutdown)
+    after 7 steps, between the checkpoints of steps 4 and 8: the state of step 7 is saved, not
+    lost, and the resumed training (across an epoch boundary) ends bit-for-bit where an
+    uninterrupted run ends."""
     ref = _pruningnet()
     ref_stats = train_pruningnet(ref, data.train, RESUME_CONFIG, seed=3,
                                  checkpoint=tmp_path / "ref.safetensors")
@@ -235,12 +237,12 @@ def test_resume_after_should_stop_is_exact(data, tmp_path):
     with pytest.raises(Cancelled):
         train_pruningnet(net, data.train, RESUME_CONFIG, seed=3, checkpoint=ckpt,
                          should_stop=lambda: calls.append(1) or len(calls) > 7)
-    assert load_tensors(ckpt)[1]["step"] == 4  # the last checkpoint before the stop
+    assert load_tensors(ckpt)[1]["step"] == 7  # saved at the stop
     resumed = _pruningnet()  # a fresh process: new module, weights only from the file
     events = []
     stats = train_pruningnet(resumed, data.train, RESUME_CONFIG, seed=3, checkpoint=ckpt,
                              progress=events.append)
-    assert events[0]["step"] == 5 and events[-1]["step"] == ref_stats["steps"] == 20
+    assert events[0]["step"] == 8 and events[-1]["step"] == ref_stats["steps"] == 20
     assert same_state(resumed, ref)
     assert stats["steps"] == ref_stats["steps"]
     assert stats["loss"] == ref_stats["loss"]  # the loss EMA is restored too
@@ -321,7 +323,7 @@ def test_train_pruningnet_samples_candidate_for_step(data, tmp_path):
     pnet.forward = recording
     train_pruningnet(pnet, data.train, config, seed=11, checkpoint=ckpt)
     expected = [candidate_for_step(space, 11, s) for s in range(6)]
-    assert seen == expected[:4] + expected[3:]  # steps 0-3, then resumed from step 3
+    assert seen == expected  # steps 0-3, stopped (state saved after 4 steps), then steps 4-5
     assert len({c.key() for c in expected}) == 6  # a different candidate every step
     for c in expected:
         space.check(c)
