@@ -20,7 +20,8 @@ One job at a time, in the calling thread::
 * **PruningNet reuse.** A job whose :func:`~pruning.spec.metanet_fingerprint` (architecture,
   widths, data and split, seed, PruningNet recipe; stored on the row at submission) equals one of
   the same owner's succeeded jobs adopts that job's trained PruningNet (``metanet_from``, checked
-  first; an unusable one is passed over) and runs only search, training, evaluation and export.
+  first; an unusable one, or one trained on data that has changed since, is passed over) and
+  runs only search, training, evaluation and export.
 * **Errors.** A bad spec or a user error (validation, a budget that is infeasible or prunes
   nothing, missing data, unusable ``metanet_from``, diverged training) or a corrupt file in the
   job's folder (``corrupt_file``: a retry would read it again) fails the job for good;
@@ -416,7 +417,7 @@ class Worker:
         return "lost"
 
     def _run(self, job: queue.Claimed, state: _JobRun) -> str:
-        from pruning.pipeline import PipelineSpec, run
+        from pruning.pipeline import MetanetDataError, PipelineSpec, run
         from pruning.train import Cancelled
 
         try:
@@ -432,8 +433,14 @@ class Worker:
             spec = spec.model_copy(update={"device": device,
                                            "metanet_from": self._metanet_source(job, spec)})
             state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))
-            report = run(spec, self.run_dir(job.id), resume=True, progress=state.on_event,
-                         should_stop=state.should_stop)
+            try:
+                report = run(spec, self.run_dir(job.id), resume=True, progress=state.on_event,
+                             should_stop=state.should_stop)
+            except MetanetDataError as e:  # found only once the data is loaded: train one
+                log.info("job %s: %s; training its own", job.id, e)
+                spec = spec.model_copy(update={"metanet_from": None})
+                report = run(spec, self.run_dir(job.id), resume=True, progress=state.on_event,
+                             should_stop=state.should_stop)
         except Cancelled:
             return self._stopped(job, state)
         except Exception as e:  # noqa: BLE001 — every failure is recorded on the job

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import json
 import math
 import numbers
 import os
@@ -214,6 +215,12 @@ class Split(abc.ABC):
         """uint8 (B, C, H, W) images and int64 labels on ``target``, one per ``bounds`` range of
         epoch positions (position p is sample ``order[p]``, or p without an order)."""
 
+    def fingerprint(self) -> str:
+        """sha256 of the split's sample positions and labels (device-independent)."""
+        h = hashlib.sha256(self.indices.cpu().numpy().tobytes())
+        h.update(self.labels.cpu().numpy().tobytes())
+        return h.hexdigest()
+
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         n = len(self)
         return n // batch_size if drop_last else -(-n // batch_size)
@@ -355,6 +362,12 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def fingerprint(self) -> str:
+        """:meth:`Split.fingerprint` with the file names."""
+        h = hashlib.sha256(super().fingerprint().encode())
+        h.update("\0".join(self.files).encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
         try:
             return _decode_image(self.files[i], self.size, self.mode), self.labels[i], True
@@ -405,6 +418,12 @@ class StreamSplit(Split):
     def __len__(self) -> int:
         return len(self.files)
 
+    def fingerprint(self) -> str:
+        """:meth:`Split.fingerprint` with the file names."""
+        h = hashlib.sha256(super().fingerprint().encode())
+        h.update("\0".join(self.files).encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
     def __repr__(self) -> str:
         return (f"StreamSplit({self.meta.name}, n={len(self)}, size={self.meta.input_size}, "
                 f"device={self.device}, num_workers={self.num_workers})")
@@ -447,6 +466,18 @@ class DataBundle:
     train: Split
     val: Split
     test: Split
+
+    def fingerprint(self) -> dict:
+        """What identifies the data a run trains on, is scored on and tested on, whatever the
+        device: the classes, the image shape and each split's samples (positions in their
+        source, labels, file names when streamed); images added, removed or moved between
+        classes change it. ``{"sha256", "images": {"train", "val", "test"}}``."""
+        meta = {k: v for k, v in self.meta.to_dict().items() if k not in ("mean", "std")}
+        h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        for split in splits.values():
+            h.update(split.fingerprint().encode())
+        return {"sha256": h.hexdigest(), "images": {k: len(v) for k, v in splits.items()}}
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ first deletes what the later stages wrote (:data:`LATER_OUTPUTS`): a deleted out
 again, and so is everything made from it, as ``make`` would:
 
     run/spec.json                       the resolved specification
+    run/data.json                       what identifies its data (a resumed run needs the same)
     run/metanet/state.safetensors       PruningNet training state (every checkpoint interval)
     run/metanet/pruningnet.safetensors  the trained PruningNet ("train once, search many")
     run/metanet/source.json             where it came from, when reused (``metanet_from``)
@@ -114,6 +115,7 @@ class RunContext:
     notify: Progress
     should_stop: Callable[[], bool] | None
     t_start: float
+    data_fingerprint: dict  # DataBundle.fingerprint(): the run's data.json
     pnet_: PruningNet | None = None
     evaluator_: CandidateEvaluator | None = None
     result_: SearchResult | None = None
@@ -225,6 +227,7 @@ SEARCH_FILE = "search/state.json"
 SCORE_LABELS = {"accuracy": "score (estimated held-out accuracy)",
                 "loss": "score (minus the estimated held-out cross-entropy)"}
 EVALUATION_FILE = "evaluation.json"
+DATA_FILE = "data.json"  # DataBundle.fingerprint() of the data the run started with
 # what the stages after each one wrote, deleted when that stage has work to do again
 LATER_OUTPUTS = {"metanet": ("search", "final", "baseline", EVALUATION_FILE, "artifacts"),
                  "search": ("final", "baseline", EVALUATION_FILE, "artifacts"),
@@ -268,6 +271,10 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     data = load_dataset(spec.dataset, root=spec.data_root, device=device, val_size=r.val_size,
                         train_limit=r.train_limit, test_limit=r.test_limit, seed=spec.seed)
     _check_batches(data, r)
+    data_fingerprint = data.fingerprint()
+    _check_data(run_dir, data_fingerprint)
+    if spec.metanet_from is not None and not (run_dir / METANET_FILE).exists():
+        _check_data(Path(spec.metanet_from), data_fingerprint, lender=True)
     meta = data.meta
     space = spec.search_space(meta.num_classes, meta.in_channels, meta.input_size)
     table_path = run_dir / "latency_table.json"
@@ -283,11 +290,47 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     remove_stale_temporaries(run_dir)  # left by a run killed mid-write (resumed runs only)
     if not (run_dir / "spec.json").exists():
         atomic_write_json(run_dir / "spec.json", spec.model_dump())
+    if not (run_dir / DATA_FILE).exists():  # (also for a run started by an older version)
+        atomic_write_json(run_dir / DATA_FILE, data_fingerprint)
     if latency is not None and not table_path.exists():
         latency.table.save(table_path)  # a resumed search must see the very same table
     return RunContext(spec=spec, r=r, run_dir=run_dir, device=device, data=data, space=space,
                       constraints=constraints, baseline=baseline, notify=notify,
-                      should_stop=should_stop, t_start=t_start)
+                      should_stop=should_stop, t_start=t_start,
+                      data_fingerprint=data_fingerprint)
+
+
+def _data_change(saved: dict, now: dict) -> str | None:
+    """How the data of two :meth:`DataBundle.fingerprint` records differ (``None``: it does
+    not)."""
+    if saved.get("sha256") == now["sha256"]:
+        return None
+    counts = "/".join(str(n) for n in now["images"].values())
+    then = "/".join(str(n) for n in (saved.get("images") or {}).values()) or "?"
+    if then == counts:
+        return f"the same numbers of train/val/test images ({counts}), but other images or labels"
+    return f"train/val/test images: {then} then, {counts} now"
+
+
+class MetanetDataError(RunFolderError):
+    """``metanet_from`` names a run whose PruningNet was trained on other data."""
+
+
+def _check_data(run_dir: Path, fingerprint: dict, *, lender: bool = False) -> None:
+    """A run continues only on the data it started with (``data.json``; runs of older versions
+    have none): the PruningNet, the search scores and the trained networks all came from it.
+    ``lender``: ``run_dir`` is ``metanet_from``, whose PruningNet must come from our data."""
+    path = run_dir / DATA_FILE
+    if not path.exists():
+        return
+    change = _data_change(read_json(path), fingerprint)
+    if change is None:
+        return
+    if lender:
+        raise MetanetDataError(f"metanet_from: the PruningNet of {run_dir} was trained on other "
+                               f"data ({change})")
+    raise RunFolderError(f"the data differs from the data the run in {run_dir} started with "
+                         f"({change}); restore it, or start a new run in another folder")
 
 
 def _check_batches(data: DataBundle, r: ResolvedSpec) -> None:

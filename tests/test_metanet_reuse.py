@@ -92,6 +92,18 @@ def test_an_unusable_lender_is_skipped_not_fatal(setup):
     assert trained_here(run_dir) and "metanet_reused_from" not in job.detail["result"]
 
 
+def test_a_lender_trained_on_other_data_is_passed_over(setup):
+    """The lender's data.json differs from the data the job loads (an image folder changed
+    between the jobs): the job trains its own PruningNet instead of failing."""
+    spec = BASE.model_copy(update={"seed": 8})
+    lender, lender_dir = run_job(setup, spec)
+    record = json.loads((lender_dir / "data.json").read_text())
+    (lender_dir / "data.json").write_text(json.dumps({**record, "sha256": "0" * 64}))
+    job, run_dir = run_job(setup, spec.model_copy(update={"budget": Budget(macs_ratio=0.7)}))
+    assert trained_here(run_dir) and "metanet_reused_from" not in job.detail["result"]
+    assert json.loads((run_dir / "spec.json").read_text())["metanet_from"] is None
+
+
 def test_a_resumed_attempt_keeps_its_first_decision(setup):
     """An attempt that began training before a lender finished resumes its own training (its run
     folder's spec.json says so) instead of switching PruningNets halfway."""

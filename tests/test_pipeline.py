@@ -377,6 +377,42 @@ def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch, capsys):
         capsys.readouterr().err
 
 
+def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, capsys):
+    """Images deleted from the folder after the PruningNet was trained: the next stage refuses
+    the run (the split it would score on is another), in one line, and so does a run that would
+    reuse that PruningNet; with the images back, the run goes on."""
+    tree = tmp_path / "tree"
+    write_tree(tree, n=30)
+    overrides = json.dumps({"val_size": 0.25, "metanet": {"batch_size": 16, "max_steps": 2},
+                            "final": {"batch_size": 16, "max_steps": 2},
+                            "search": {"population": 4, "keep_top": 4, "parents": 2,
+                                       "mutants": 2, "crossovers": 2, "generations": 1}})
+    options = ["--arch", "test_mobilenet_v1", "--dataset", "imagefolder", "--data-root",
+               str(tree), "--preset", "smoke", "--quiet", "--set", overrides]
+    run_dir = tmp_path / "run"
+    assert cli.main(["train-metanet", *options, "--macs-ratio", "0.5", "--out",
+                     str(run_dir)]) == 0
+    assert read_json(run_dir / "data.json")["images"]["train"] > 0
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in sorted((tree / "dog").iterdir())[:3]:
+        f.rename(moved / f.name)
+    capsys.readouterr()
+    assert cli.main(["search", "--out", str(run_dir)]) == 2
+    (line,) = error_lines(capsys)
+    assert f"the data differs from the data the run in {run_dir} started with (train/val/test " \
+           "images: " in line and "restore it, or start a new run" in line
+    assert not (run_dir / "search").exists()
+    assert cli.main(["prune", *options, "--macs-ratio", "0.4", "--metanet-from", str(run_dir),
+                     "--out", str(tmp_path / "reuse")]) == 2
+    (line,) = error_lines(capsys)
+    assert f"metanet_from: the PruningNet of {run_dir} was trained on other data" in line
+    assert not (tmp_path / "reuse").exists()
+    for f in moved.iterdir():
+        f.rename(tree / "dog" / f.name)
+    assert cli.main(["search", "--out", str(run_dir)]) == 0
+
+
 def test_a_streamed_image_folder_runs_as_an_in_memory_one(tmp_path, monkeypatch):
     """An image folder too large for memory streams through a DataLoader (StreamSplit); the
     whole pipeline on it (with worker processes) gives what it gives on the same folder held as
