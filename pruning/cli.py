@@ -1101,6 +1101,22 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"metaprune: error: {message} (see `{self.prog} --help`)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option is reported by the subcommand it was given to
+        (its ``--help`` is the one to read)."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            parser = self
+            while True:  # down to the (sub)subcommand that was given
+                sub = next((a for a in parser._actions
+                            if isinstance(a, argparse._SubParsersAction)), None)
+                chosen = sub and sub.choices.get(getattr(ns, sub.dest, None))
+                if chosen is None:
+                    break
+                parser = chosen
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
 
 def _path(text: str) -> str:
     if not text.strip():

@@ -217,14 +217,18 @@ def test_bad_input_is_a_one_line_error(capsys, tmp_path, argv, message):
     (["serve", "--port", "99999"],
      "argument --port: must be a port number in [1, 65535], got '99999'"),
     (["search"], "the following arguments are required: --out"),
+    (["search", "--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    (["token", "create", "--owner", "a", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
 ])
 def test_command_line_mistakes_are_one_line_too(capsys, argv, message):
-    """What argparse itself refuses: one line naming the --help to read, not the usage."""
+    """What argparse itself refuses: one line naming the --help to read (of the subcommand
+    given), not the usage."""
     with pytest.raises(SystemExit) as exited:
         cli.main(argv)
     assert exited.value.code == 2
+    command = " ".join(argv[:2] if argv[0] == "token" else argv[:1])
     assert capsys.readouterr().err == (f"metaprune: error: {message} (see `metaprune "
-                                       f"{argv[0]} --help`)\n")
+                                       f"{command} --help`)\n")
 
 
 def test_missing_dataset_folder_is_a_one_line_error(capsys, tmp_path):
