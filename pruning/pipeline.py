@@ -115,7 +115,6 @@ class RunContext:
     notify: Progress
     should_stop: Callable[[], bool] | None
     t_start: float
-    data_fingerprint: dict  # DataBundle.fingerprint(): the run's data.json
     pnet_: PruningNet | None = None
     evaluator_: CandidateEvaluator | None = None
     result_: SearchResult | None = None
@@ -296,8 +295,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
         latency.table.save(table_path)  # a resumed search must see the very same table
     return RunContext(spec=spec, r=r, run_dir=run_dir, device=device, data=data, space=space,
                       constraints=constraints, baseline=baseline, notify=notify,
-                      should_stop=should_stop, t_start=t_start,
-                      data_fingerprint=data_fingerprint)
+                      should_stop=should_stop, t_start=t_start)
 
 
 def _data_change(saved: dict, now: dict) -> str | None:
