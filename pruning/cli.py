@@ -626,12 +626,31 @@ def cmd_cancel(a, api) -> dict:
     return {}
 
 
-class _WatchPrinter:
-    """Job progress on stderr: a tqdm bar (0–100 %) on a TTY, plain lines otherwise."""
+class _StderrPrinter:
+    """Progress on stderr: tqdm bars on a terminal, plain lines otherwise, nothing if quiet."""
 
     def __init__(self, quiet: bool = False):
         self.mode = "off" if quiet else ("bars" if sys.stderr.isatty() else "lines")
         self.bar = None
+
+    def _note(self, text: str) -> None:
+        """A line of its own, above the bar if one is shown."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _WatchPrinter(_StderrPrinter):
+    """Job progress on stderr: a tqdm bar (0–100 %) on a TTY, plain lines otherwise."""
+
+    def __init__(self, quiet: bool = False):
+        super().__init__(quiet)
         self.last: tuple | None = None
         self.waiting_reason: str | None = None
 
@@ -662,16 +681,6 @@ class _WatchPrinter:
                 print(f"[{stage}] {job['status']} {pct}%{extra}{eta}", file=sys.stderr,
                       flush=True)
 
-    def _note(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 @_client_command
@@ -831,12 +840,11 @@ def _done(event: dict) -> int | None:
     return event["generation"] + 1 if "generation" in event else None
 
 
-class ProgressPrinter:
+class ProgressPrinter(_StderrPrinter):
     """Progress bars on stderr for pipeline events (one bar per stage)."""
 
     def __init__(self, quiet: bool = False):
-        self.mode = "off" if quiet else ("bars" if sys.stderr.isatty() else "lines")
-        self.bar = None
+        super().__init__(quiet)
         self.stage = None
         self.eta_shown: set[str] = set()  # stages whose first ETA has been printed
 
@@ -876,16 +884,6 @@ class ProgressPrinter:
         elif event.get("message"):
             print(f"[{stage}] {event['message']}", file=sys.stderr, flush=True)
 
-    def _note(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def _pipeline_args(p: argparse.ArgumentParser, local: bool = True) -> None:
