@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Header, Query, Response, status
 
 from app.auth import JobId, Owner
-from app.deps import Db, SettingsDep
+from app.deps import Database, Db, SettingsDep
 from app.models import Job, JobStatus
 from app.schemas import JobOut, JobPage, errors
 from app.services import jobs
+from app.settings import Settings
 from pruning.spec import PipelineSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=errors(401))
@@ -26,7 +27,8 @@ SPEC_EXAMPLES = {
 }
 
 
-def _out(items: list[Job], db: Db, settings: SettingsDep) -> list[JobOut]:
+def _out(items: list[Job], db: Database, settings: Settings) -> list[JobOut]:
+    """The jobs as answered, with the reason each queued one waits (if it does)."""
     reasons = jobs.waiting_reasons(db, settings, items)
     return [JobOut.of(job, reasons.get(job.id)) for job in items]
 
