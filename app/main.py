@@ -1,13 +1,15 @@
 """The FastAPI application (DESIGN.md §5): ``create_app(settings)``.
 
-Resources are opened in the ``lifespan`` (the database engine), never at import time. The API
-only queues jobs; training runs in worker processes (``metaprune worker``, or the one that
-``metaprune serve`` starts), never in the API process.
+Resources are opened in the ``lifespan`` (the database engine, a housekeeping thread that
+reaps expired leases), never at import time. The API only queues jobs; training runs in worker
+processes (``metaprune worker``, or the ones that ``metaprune serve`` starts), never in the API
+process.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import threading
 from contextlib import asynccontextmanager
@@ -25,6 +27,8 @@ from app.middleware import RequestBodyGuard
 from app.services import ServiceError
 from app.settings import Settings, get_settings
 from pruning import __version__
+
+log = logging.getLogger("metaprune.api")
 
 DESCRIPTION = """Submit MetaPruning jobs, follow their progress, cancel them, download the
 pruned models.
@@ -46,6 +50,21 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _housekeeping(engine, settings: Settings, stop: threading.Event) -> None:
+    """Every half lease, :func:`app.queue.housekeeping`, as workers do: the job of a worker
+    that died is re-queued (or cancelled, or failed) even when no worker is left to do it, and
+    then says why it waits instead of showing ``running`` for ever."""
+    from app import queue
+
+    while not stop.wait(settings.lease_seconds / 2):
+        try:
+            for job_id, status in queue.housekeeping(
+                    engine, lease_seconds=settings.lease_seconds).items():
+                log.info("job %s: lease expired; now %s", job_id, status)
+        except Exception:  # noqa: BLE001 — the next round tries again
+            log.warning("housekeeping failed", exc_info=True)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app, configured by ``settings`` (default: :func:`get_settings`, the environment)."""
     settings = settings or get_settings()
@@ -64,9 +83,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the API still imported PyTorch)
         gc.collect()
         gc.freeze()
+        stop = threading.Event()
+        reaper = threading.Thread(target=_housekeeping, args=(engine, settings, stop),
+                                  name="housekeeping", daemon=True)
+        reaper.start()
         try:
             yield
         finally:
+            stop.set()
+            reaper.join(timeout=10)
             engine.dispose()
 
     app = FastAPI(title="metaprune", version=__version__, description=DESCRIPTION,

@@ -324,6 +324,15 @@ def reap(engine: Engine, now: datetime | None = None) -> dict[str, str]:
         return {job_id: status for job_id, status in conn.execute(stmt)}
 
 
+def housekeeping(engine: Engine, *, lease_seconds: float) -> dict[str, str]:
+    """What every worker, and the API, does every half lease: :func:`reap` (so that the job of
+    a worker that died goes back to the queue even while no worker runs) and
+    :func:`forget_workers` not seen for two leases. Returns what :func:`reap` did."""
+    reaped = reap(engine)
+    forget_workers(engine, unseen_s=2 * lease_seconds)
+    return reaped
+
+
 # --- workers' presence ------------------------------------------------------------------------
 
 

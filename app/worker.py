@@ -27,8 +27,9 @@ One job at a time, in the calling thread::
   job's folder (``corrupt_file``: a retry would read it again) fails the job for good;
   anything else is retried (the attempt fails with ``error_kind = "internal"`` and the job is
   re-queued while attempts are left).
-* **Reaper.** Every worker calls :func:`app.queue.reap` every ``lease_seconds / 2`` (idle or busy),
-  and forgets the presence of workers not seen for two leases.
+* **Reaper.** Every worker (and the API) calls :func:`app.queue.housekeeping` every
+  ``lease_seconds / 2`` (idle or busy): expired leases are reaped, workers not seen for two
+  leases forgotten.
 * **Presence.** While :meth:`Worker.run_forever` runs, a thread records the worker in the
   ``workers`` table every heartbeat interval (:func:`app.queue.worker_seen`) and deletes it at the
   end, so the API can tell a queued job's owner that no worker (or none with CUDA) is running.
@@ -272,8 +273,7 @@ class Worker:
                 return {}
             self._last_reap = now
         try:
-            reaped = queue.reap(self.engine)
-            queue.forget_workers(self.engine, unseen_s=2 * self.settings.lease_seconds)
+            reaped = queue.housekeeping(self.engine, lease_seconds=self.settings.lease_seconds)
         except Exception:  # noqa: BLE001 — the next round tries again
             log.warning("reap failed", exc_info=True)
             return {}

@@ -419,6 +419,7 @@ def _log_to_stderr(quiet: bool) -> None:
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines: migration plumbing
 
 
 def cmd_worker(a) -> dict:

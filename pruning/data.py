@@ -293,6 +293,13 @@ class TensorSplit(Split):
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def fingerprint(self) -> str:
+        """:meth:`Split.fingerprint` with the pixels (decoded and resized on the CPU, so the same
+        on every device)."""
+        h = hashlib.sha256(super().fingerprint().encode())
+        h.update(memoryview(self.images.cpu().contiguous().numpy()).cast("B"))
+        return h.hexdigest()
+
     def __repr__(self) -> str:
         return (f"TensorSplit({self.meta.name}, n={len(self)}, "
                 f"shape={tuple(self.images.shape[1:])}, device={self.device})")
@@ -470,8 +477,8 @@ class DataBundle:
     def fingerprint(self) -> dict:
         """What identifies the data a run trains on, is scored on and tested on, whatever the
         device: the classes, the image shape and each split's samples (positions in their
-        source, labels, file names when streamed); images added, removed or moved between
-        classes change it. ``{"sha256", "images": {"train", "val", "test"}}``."""
+        source, labels, and the pixels of data held in memory or the file names of streamed
+        data). ``{"sha256", "images": {"train", "val", "test"}}``."""
         meta = {k: v for k, v in self.meta.to_dict().items() if k not in ("mean", "std")}
         h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
         splits = {"train": self.train, "val": self.val, "test": self.test}

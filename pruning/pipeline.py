@@ -246,9 +246,9 @@ def _discard_later_outputs(ctx: RunContext, stage: str) -> None:
 
 
 def holds_other_files(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds anything but the temporaries of killed writers."""
-    return run_dir.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp"))
-                                    for p in run_dir.iterdir())
+    """Whether ``run_dir`` holds anything but hidden files (``.DS_Store``, ``.gitkeep``, the
+    ``.<name>.*.tmp`` of a writer killed before ``spec.json`` existed)."""
+    return run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir())
 
 
 def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
@@ -303,8 +303,12 @@ def _data_change(saved: dict, now: dict) -> str | None:
     not)."""
     if saved.get("sha256") == now["sha256"]:
         return None
-    counts = "/".join(str(n) for n in now["images"].values())
-    then = "/".join(str(n) for n in (saved.get("images") or {}).values()) or "?"
+
+    def images(record: dict) -> str:  # in this order: data.json has its keys sorted
+        counts = record.get("images") or {}
+        return "/".join(str(counts.get(k, "?")) for k in ("train", "val", "test"))
+
+    then, counts = images(saved), images(now)
     if then == counts:
         return f"the same numbers of train/val/test images ({counts}), but other images or labels"
     return f"train/val/test images: {then} then, {counts} now"

@@ -248,6 +248,34 @@ def test_a_queued_job_says_why_it_waits(api, engine):
     assert got[job["id"]] is None and "no worker is running" in got[on_gpu["id"]]
 
 
+def test_the_api_reaps_a_dead_worker_s_job(engine, sqlite_url):
+    """With no worker left to reap it, the job of a worker that died (its lease expired) goes
+    back to the queue through the API's own housekeeping, and then says why it waits; a
+    cancel asked of it completes the same way."""
+    import time
+    from datetime import timedelta
+
+    from app import queue
+    from app.models import utcnow
+
+    with client_for(sqlite_url, lease_seconds=0.2) as client:
+        headers = bearer(token_for(engine, "alice"))
+        ids = [client.post("/v1/jobs", json={**SPEC, "seed": i}, headers=headers).json()["id"]
+               for i in range(2)]
+        long_ago = utcnow() - timedelta(hours=1)
+        for _ in ids:  # claimed by a worker that died at once: its leases expired an hour ago
+            assert queue.claim(engine, "dead", lease_seconds=1, now=long_ago)
+        assert client.post(f"/v1/jobs/{ids[1]}/cancel", headers=headers).status_code == 202
+        deadline = time.monotonic() + 10
+        while client.get(f"/v1/jobs/{ids[0]}", headers=headers).json()["status"] == "running":
+            assert time.monotonic() < deadline, "not reaped"
+            time.sleep(0.05)
+        first = client.get(f"/v1/jobs/{ids[0]}", headers=headers).json()
+        assert first["status"] == "queued" and first["attempt"] == 1
+        assert "no worker is running" in first["waiting_reason"]
+        assert client.get(f"/v1/jobs/{ids[1]}", headers=headers).json()["status"] == "cancelled"
+
+
 def test_health_and_ready(api, tmp_path):
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").status_code == 200

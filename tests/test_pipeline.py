@@ -400,16 +400,28 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["search", "--out", str(run_dir)]) == 2
     (line,) = error_lines(capsys)
+    before = read_json(run_dir / "data.json")["images"]
     assert f"the data differs from the data the run in {run_dir} started with (train/val/test " \
-           "images: " in line and "restore it, or start a new run" in line
+           f"images: {before['train']}/{before['val']}/{before['test']} then, " in line
+    assert "restore it, or start a new run" in line
     assert not (run_dir / "search").exists()
     assert cli.main(["prune", *options, "--macs-ratio", "0.4", "--metanet-from", str(run_dir),
                      "--out", str(tmp_path / "reuse")]) == 2
     (line,) = error_lines(capsys)
     assert f"metanet_from: the PruningNet of {run_dir} was trained on other data" in line
     assert not (tmp_path / "reuse").exists()
+    # as many images in every class, two swapped between classes
     for f in moved.iterdir():
         f.rename(tree / "dog" / f.name)
+    owl, cat = sorted((tree / "owl").iterdir())[0], sorted((tree / "cat").iterdir())[0]
+    owl.rename(tree / "cat" / "x-owl.png")
+    cat.rename(tree / "owl" / "x-cat.png")
+    assert cli.main(["search", "--out", str(run_dir)]) == 2
+    (line,) = error_lines(capsys)
+    assert "(the same numbers of train/val/test images (" in line
+    assert "but other images or labels)" in line
+    (tree / "cat" / "x-owl.png").rename(owl)
+    (tree / "owl" / "x-cat.png").rename(cat)
     assert cli.main(["search", "--out", str(run_dir)]) == 0
 
 

@@ -252,7 +252,7 @@ def test_redoing_a_step_redoes_the_steps_after_it(reference, tmp_path, capsys):
 
 def test_a_folder_with_other_files_and_no_run_is_refused(tmp_path, capsys):
     """A run folder that lost its spec.json, or any folder of other files: one line, nothing
-    written; the temporary file of a writer killed before spec.json existed is no obstacle."""
+    written; hidden files (a writer's temporary, .DS_Store) are no obstacle."""
     out = tmp_path / "thesis"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -264,6 +264,7 @@ def test_a_folder_with_other_files_and_no_run_is_refused(tmp_path, capsys):
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     (out / "notes.txt").unlink()
     (out / ".spec.json.x1.tmp").write_text("{")
+    (out / ".DS_Store").write_text("")
     assert call(capsys, "train-metanet", *OPTIONS, "--macs-ratio", "0.5", "--out",
                 str(out))[0] == 0
 
