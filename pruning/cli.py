@@ -1,14 +1,15 @@
 """The ``metaprune`` command line.
 
     metaprune archs                       list architectures
-    metaprune space ARCH [...]            groups, levels, full and minimum MACs (JSON)
+    metaprune space ARCH [...]            groups, levels, largest/smallest/full MACs (JSON)
     metaprune measure ARCH --widths JSON  MACs and params (and --latency) of a width assignment
-    metaprune build ARCH --out model.ts   a randomly initialised pruned model as TorchScript
+    metaprune build ARCH --out model.ts   a randomly initialised pruned model (TorchScript/ONNX)
     metaprune prune [...]                 the whole MetaPruning pipeline
     metaprune train-metanet [...]         the pipeline stage by stage on a run folder --out:
     metaprune search|train|evaluate|export --out RUN
+    metaprune resume --out RUN            every stage still to do, with the run's spec.json
     metaprune db upgrade [--database-url URL]   create or migrate the service's database
-    metaprune serve | worker | token create        run the job service
+    metaprune serve | worker | token create|list|revoke   run the job service
     metaprune submit [prune options] | status JOB | jobs | cancel JOB | watch JOB |
               download JOB [--dest DIR]    the service's client (--server, --token)
 
@@ -249,29 +250,49 @@ def cmd_prune(a) -> dict:
 # --- stage commands: the pipeline one stage at a time, on a run folder ------------------------
 
 
+def _saved_spec(a):
+    """The specification of the run in ``--out`` (its ``spec.json``), on ``--device`` if
+    given."""
+    from pruning.checkpoint import read_json
+    from pruning.pipeline import PipelineSpec
+
+    saved = Path(a.out) / "spec.json"
+    if not saved.is_file():
+        raise UserError(f"{a.out} holds no run (no spec.json): start one with `metaprune "
+                        f"train-metanet ... --out {a.out}` (or `metaprune prune`)")
+    try:
+        spec = PipelineSpec.model_validate(read_json(saved))
+    except ValueError:
+        raise UserError(f"{saved} is not a run specification this version can read") from None
+    if a.device is not None:
+        spec = spec.model_copy(update={"device": a.device})
+    return spec
+
+
 def _stage(a, spec=None):
     """The run context of ``--out``: its ``spec.json`` (or ``spec``, for ``train-metanet``)."""
-    from pruning.pipeline import PipelineSpec, prepare
+    from pruning.pipeline import prepare
 
     printer = ProgressPrinter(quiet=a.quiet)
-    if spec is None:
-        saved = Path(a.out) / "spec.json"
-        if not saved.is_file():
-            raise UserError(f"{a.out} holds no run (no spec.json): start one with `metaprune "
-                            f"train-metanet ... --out {a.out}` (or `metaprune prune`)")
-        from pruning.checkpoint import read_json
-
-        try:
-            spec = PipelineSpec.model_validate(read_json(saved))
-        except ValueError:
-            raise UserError(f"{saved} is not a run specification this version can read") from None
-        if a.device is not None:
-            spec = spec.model_copy(update={"device": a.device})
-        resume = True
-    else:
-        resume = a.resume
+    resume = a.resume if spec is not None else True
+    spec = spec if spec is not None else _saved_spec(a)
     return prepare(spec, a.out, resume=resume, progress=printer,
                    should_stop=a.should_stop), printer
+
+
+def cmd_resume(a) -> dict:
+    """``resume``: continue the whole run in ``--out`` where it stopped, with the settings of
+    its ``spec.json`` (no need to repeat the options that started it)."""
+    from pruning.pipeline import run
+
+    spec = _saved_spec(a)
+    printer = ProgressPrinter(quiet=a.quiet)
+    report = run(spec, a.out, resume=True, progress=printer, should_stop=a.should_stop)
+    printer.close()
+    if not a.json:
+        _print_summary(report, a.out)
+        return {}
+    return report
 
 
 def cmd_train_metanet(a) -> dict:
@@ -351,7 +372,7 @@ def cmd_export(a) -> dict:
     return report
 
 
-_STAGE_COMMANDS = (cmd_search, cmd_train, cmd_evaluate, cmd_export)  # resume by default
+_STAGE_COMMANDS = (cmd_search, cmd_train, cmd_evaluate, cmd_export, cmd_resume)  # they resume
 _PIPELINE_COMMANDS = (cmd_prune, cmd_train_metanet, *_STAGE_COMMANDS)
 
 
@@ -1176,12 +1197,14 @@ def make_parser() -> argparse.ArgumentParser:
             ("train", cmd_train, "stage 3: train the winner (and the baseline) of a run folder"),
             ("evaluate", cmd_evaluate, "stage 4: test accuracy of a run folder's trained "
                                        "networks (JSON)"),
-            ("export", cmd_export, "stage 5: export the winner and write the artifacts")):
+            ("export", cmd_export, "stage 5: export the winner and write the artifacts"),
+            ("resume", cmd_resume, "continue a run folder's whole run where it stopped (its "
+                                   "spec.json gives the settings)")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--out", required=True, type=_path,
                        help="the run folder (its spec.json is used)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                       help="run this stage on another device than the run's")
+                       help="run on another device than the run's")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--json", action="store_true", help="print the result as JSON"
                        + (" (evaluate always does)" if name == "evaluate" else ""))
@@ -1325,10 +1348,11 @@ def _run(args) -> int:
 
 def _how_to_continue(args) -> str:
     """How a run stopped midway continues from its last checkpoint, if it wrote one:
-    ``prune`` and ``train-metanet`` with ``--resume``, the later stage commands by running
-    them again."""
+    ``prune`` and ``train-metanet`` with ``--resume`` (or ``resume``), the later stage commands
+    and ``resume`` by running them again."""
     if getattr(args, "resume", None) is not None:
-        return "; to continue where it stopped, run the same command with --resume"
+        return ("; to continue where it stopped, run the same command with --resume (or "
+                f"`metaprune resume --out {args.out}`)")
     if getattr(args, "fn", None) in _STAGE_COMMANDS:
         return "; to continue where it stopped, run the same command again"
     return ""

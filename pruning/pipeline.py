@@ -133,9 +133,9 @@ class RunContext:
         if path.exists():
             return path
         if command == "train-metanet":  # the first stage takes the run's options again
-            raise StageError(f"{self.run_dir} has no {rel} yet: run the command that started "
-                             f"this run again with --resume first (`metaprune train-metanet "
-                             f"... --out {self.run_dir} --resume`, or `metaprune prune ...`)")
+            raise StageError(f"{self.run_dir} has no {rel} yet: run `metaprune resume --out "
+                             f"{self.run_dir}` (the whole run), or the `metaprune train-metanet` "
+                             "command that started it again with --resume, first")
         raise StageError(f"{self.run_dir} has no {rel} yet: run `metaprune {command} --out "
                          f"{self.run_dir}` first")
 

@@ -340,11 +340,12 @@ def test_summary_notes_a_pick_that_leaves_its_budget_unused(capsys, pick, unifor
 
 
 @pytest.mark.parametrize("raised, message", [
-    (KeyboardInterrupt(), ("metaprune: interrupted; to continue where it stopped, run the "
-                           "same command with --resume\n")),
+    (KeyboardInterrupt(), "metaprune: interrupted; to continue where it stopped, run the "
+                          "same command with --resume (or `metaprune resume --out {run}`)\n"),
     (OSError(28, "No space left on device"),
-     ("metaprune: error: no space left on the device ([Errno 28] No space left on device); "
-      "to continue where it stopped, run the same command with --resume\n")),
+     "metaprune: error: no space left on the device ([Errno 28] No space left on device); "
+     "to continue where it stopped, run the same command with --resume (or `metaprune resume "
+     "--out {run}`)\n"),
 ])
 def test_a_stopped_run_says_how_to_continue(capsys, monkeypatch, tmp_path, raised, message):
     def stopped(a):
@@ -352,13 +353,14 @@ def test_a_stopped_run_says_how_to_continue(capsys, monkeypatch, tmp_path, raise
     monkeypatch.setattr(cli, "cmd_prune", stopped)
     status = cli.main(["prune", "--arch", "test_resnet", "--out", str(tmp_path / "run")])
     assert status == (130 if isinstance(raised, KeyboardInterrupt) else 2)
-    assert capsys.readouterr().err == message
+    assert capsys.readouterr().err == message.format(run=tmp_path / "run")
 
 
 @pytest.mark.parametrize("argv, hint", [
     (["train-metanet", "--out", "r"], "the same command with --resume"),
     (["search", "--out", "r"], "run the same command again"),  # stages resume by themselves
     (["export", "--out", "r"], "run the same command again"),
+    (["resume", "--out", "r"], "run the same command again"),
     (["watch", "J1"], None),  # nothing to continue: no hint
     (["measure", "test_resnet"], None),
 ])

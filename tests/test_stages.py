@@ -250,6 +250,22 @@ def test_redoing_a_step_redoes_the_steps_after_it(reference, tmp_path, capsys):
         assert sha256_file(art / name) == digest, name
 
 
+def test_resume_continues_a_run_from_its_spec_json(reference, tmp_path, capsys):
+    """``metaprune resume --out DIR`` needs none of the options that started the run: a run
+    stopped before its final training ends as the uninterrupted one did."""
+    ref, ref_report = reference
+    status, _, errors = call(capsys, "resume", "--out", str(tmp_path / "none"))
+    assert status == 2 and "holds no run (no spec.json)" in errors[0]
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref, run_dir)
+    for rel in ("final", "artifacts"):
+        shutil.rmtree(run_dir / rel)
+    (run_dir / "evaluation.json").unlink()
+    status, out, errors = call(capsys, "resume", "--out", str(run_dir), "--quiet", "--json")
+    assert status == 0 and not errors
+    assert json.loads(out)["metapruning"] == ref_report["metapruning"]
+
+
 def test_a_folder_with_other_files_and_no_run_is_refused(tmp_path, capsys):
     """A run folder that lost its spec.json, or any folder of other files: one line, nothing
     written; hidden files (a writer's temporary, .DS_Store) are no obstacle."""
@@ -283,8 +299,9 @@ def test_resume_of_a_folder_with_no_run_says_it_starts_one(tmp_path, capsys):
 
 def test_stage_functions_refuse_to_run_out_of_order(tmp_path):
     ctx = prepare(spec(), tmp_path)
-    with pytest.raises(StageError, match="run the command that started this run again with "
-                                         "--resume first .`metaprune train-metanet ... --out"):
+    with pytest.raises(StageError, match="run `metaprune resume --out .*` .the whole run., or "
+                                         "the `metaprune train-metanet` command that started it "
+                                         "again with --resume, first"):
         stage_search(ctx)
     with pytest.raises(StageError, match="run `metaprune search --out"):
         stage_train(ctx)
