@@ -655,6 +655,20 @@ class _StderrPrinter:
         self.mode = "off" if quiet else ("bars" if sys.stderr.isatty() else "lines")
         self.bar = None
 
+    def __call__(self, update: dict) -> None:
+        """Show ``update``; when stderr has gone (``… 2>&1 | head``), go quiet and carry on:
+        a lost progress display must not stop a run."""
+        if self.mode == "off":
+            return
+        try:
+            self._show(update)
+        except BrokenPipeError:
+            self.mode, self.bar = "off", None
+            sys.stderr = open(os.devnull, "w")
+
+    def _show(self, update: dict) -> None:
+        raise NotImplementedError
+
     def _note(self, text: str) -> None:
         """A line of its own, above the bar if one is shown."""
         if self.bar is not None:
@@ -676,7 +690,7 @@ class _WatchPrinter(_StderrPrinter):
         self.last: tuple | None = None
         self.waiting_reason: str | None = None
 
-    def __call__(self, job: dict) -> None:
+    def _show(self, job: dict) -> None:
         reason = job.get("waiting_reason")
         if reason and reason != self.waiting_reason and self.mode != "off":
             self._note(f"metaprune: waiting: {reason}")
@@ -870,7 +884,7 @@ class ProgressPrinter(_StderrPrinter):
         self.stage = None
         self.eta_shown: set[str] = set()  # stages whose first ETA has been printed
 
-    def __call__(self, event: dict) -> None:
+    def _show(self, event: dict) -> None:
         stage = event.get("stage")
         if self.mode != "bars":
             if self.mode == "lines":

@@ -244,6 +244,25 @@ def test_ctrl_c_saves_a_checkpoint_where_it_stopped(tmp_path):
     assert next(e["step"] for e in events if "step" in e) == saved["step"] + 1
 
 
+def test_a_closed_stderr_does_not_stop_a_run(tmp_path):
+    """``metaprune prune … 2>&1 | head -1``: once the reader of the progress lines has gone,
+    the run goes on quietly to the end instead of dying of a broken pipe."""
+    out = tmp_path / "run"
+    args = [a for a in CLI_ARGS if a != "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pruning.cli", *args, "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.stderr.readline()  # the first progress line, then the reader leaves
+        proc.stderr.close()
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (out / "artifacts" / "report.json").is_file()
+
+
 def test_resume_with_another_spec_is_refused(reference, capsys):
     folder = reference[0]
     spec_before = (folder / "spec.json").read_bytes()
