@@ -24,6 +24,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -158,9 +159,13 @@ def cmd_build(a) -> dict:
     net = build(space, cand).eval()
     if Path(a.out).suffix.lower() == ".onnx":
         stem = space.plan.blocks[0].body[0]
-        atomic_write_bytes(a.out, _onnx(net, torch.zeros(1, stem.cin, *stem.in_hw)))
+        data = _onnx(net, torch.zeros(1, stem.cin, *stem.in_hw))
     else:
-        atomic_write_bytes(a.out, _script(net))
+        data = _script(net)
+    try:
+        atomic_write_bytes(a.out, data)
+    except OSError as e:  # not the temporary file's name: the user named a.out
+        raise UserError(f"--out: cannot write {a.out}: {e.strerror or e}") from None
     return {"out": a.out, "candidate": cand.key(), "macs": counting.macs(space, cand),
             "params": counting.params(space, cand)}
 
@@ -1131,6 +1136,12 @@ def cmd_token_revoke(a) -> dict:
 
 class _Parser(argparse.ArgumentParser):
     """A mistake on the command line in one line, like every other error (not the usage)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # `--max-macs -5k` is a (bad) value, not an unknown option: the option's own check
+        # then says what is wrong with it (argparse takes only plain numbers for values)
+        self._negative_number_matcher = re.compile(r"^-(\d[\d_.]*|\.\d+)([eE][-+]?\d+)?[a-zA-Z]?$")
 
     def error(self, message: str):
         self.exit(2, f"metaprune: error: {message} (see `{self.prog} --help`)\n")

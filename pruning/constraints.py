@@ -87,6 +87,8 @@ def parse_count(text: str | int) -> int:
     if not isinstance(text, str):
         raise ValueError(f"not a count: {text!r} (expected a string like '10M' or '250k')")
     m = _COUNT_RE.match(text.replace("_", ""))
+    if not m and _COUNT_RE.match(text.replace("_", "").strip().removeprefix("-")):
+        raise ValueError(f"a count cannot be negative: {text!r}")
     if not m:
         raise ValueError(
             f"not a count: {text!r} (expected a number with an optional k/M/G/T suffix, "

@@ -175,6 +175,12 @@ def test_build_writes_onnx_for_an_onnx_file(capsys, tmp_path):
     (["build", "test_resnet", "--out", "/tmp"],
      "--out: /tmp is a folder; name the file to write, e.g. /tmp/model.ts"),
     (["prune", "--arch", "test_resnet", "--max-macs", "12Q"], "not a count: '12Q'"),
+    # a negative value is the option's value (not an unknown option), and said to be negative
+    (["prune", "--arch", "test_resnet", "--max-macs", "-5k"], "a count cannot be negative"),
+    (["prune", "--arch", "test_resnet", "--max-latency-ms", "-2"],
+     "--max-latency-ms: must be a positive finite number, got '-2'"),
+    (["build", "test_resnet", "--out", "/proc/x.ts"],
+     "--out: cannot write /proc/x.ts: No such file or directory"),
     (["prune", "--arch", "nope"], "arch: unknown architecture 'nope'"),
     (["prune", "--arch", "test_resnet", "--seed", "-1"], "seed: Input should be greater"),
     (["prune", "--arch", "test_resnet", "--set", '{"metanet": {"epoch": 2}}'],

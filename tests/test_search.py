@@ -521,6 +521,11 @@ def test_parse_count_rejects(text):
         parse_count(text)
 
 
+def test_a_negative_count_is_named_so():
+    with pytest.raises(ValueError, match="a count cannot be negative: '-5k'"):
+        parse_count("-5k")
+
+
 @pytest.mark.parametrize("n, text", [
     (0, "0"), (999, "999"), (1000, "1k"), (12345, "12.3k"), (10_000_000, "10M"),
     (1.5e9, "1.5G"), (3_401_234, "3.4M"), (999_999, "1M"), (250_000, "250k"),
