@@ -46,6 +46,7 @@ One job at a time, in the calling thread::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -281,10 +282,10 @@ class Worker:
             log.info("reaped job %s: %s", job_id, status)
         return reaped
 
-    @property
+    @functools.cached_property
     def accepts_cuda_jobs(self) -> bool:
         """Whether this worker claims jobs whose spec asks for CUDA: it has a CUDA device, or
-        it runs every job on its own ``--device``."""
+        it runs every job on its own ``--device`` (asked once: every claim uses it)."""
         if self.device != "auto":
             return True
         import torch
@@ -433,14 +434,16 @@ class Worker:
             spec = spec.model_copy(update={"device": device,
                                            "metanet_from": self._metanet_source(job, spec)})
             state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))
+
+            def run_job(spec):
+                return run(spec, self.run_dir(job.id), resume=True, progress=state.on_event,
+                           should_stop=state.should_stop)
+
             try:
-                report = run(spec, self.run_dir(job.id), resume=True, progress=state.on_event,
-                             should_stop=state.should_stop)
+                report = run_job(spec)
             except MetanetDataError as e:  # found only once the data is loaded: train one
                 log.info("job %s: %s; training its own", job.id, e)
-                spec = spec.model_copy(update={"metanet_from": None})
-                report = run(spec, self.run_dir(job.id), resume=True, progress=state.on_event,
-                             should_stop=state.should_stop)
+                report = run_job(spec.model_copy(update={"metanet_from": None}))
         except Cancelled:
             return self._stopped(job, state)
         except Exception as e:  # noqa: BLE001 — every failure is recorded on the job

@@ -697,7 +697,7 @@ class _WatchPrinter(_StderrPrinter):
 
     def _show(self, job: dict) -> None:
         reason = job.get("waiting_reason")
-        if reason and reason != self.waiting_reason and self.mode != "off":
+        if reason and reason != self.waiting_reason:
             self._note(f"metaprune: waiting: {reason}")
         self.waiting_reason = reason
         stage = job.get("stage") or ("starting" if job["status"] == "running" else "-")
@@ -721,7 +721,6 @@ class _WatchPrinter(_StderrPrinter):
                 eta = f"  (stage{eta})" if eta else ""
                 print(f"[{stage}] {job['status']} {pct}%{extra}{eta}", file=sys.stderr,
                       flush=True)
-
 
 
 @_client_command
@@ -891,9 +890,8 @@ class ProgressPrinter(_StderrPrinter):
 
     def _show(self, event: dict) -> None:
         stage = event.get("stage")
-        if self.mode != "bars":
-            if self.mode == "lines":
-                self._plain(event)
+        if self.mode == "lines":
+            self._plain(event)
             return
         from tqdm import tqdm
 
@@ -924,7 +922,6 @@ class ProgressPrinter(_StderrPrinter):
             print(f"[{stage}] {step}/{total}{extra}{eta}", file=sys.stderr, flush=True)
         elif event.get("message"):
             print(f"[{stage}] {event['message']}", file=sys.stderr, flush=True)
-
 
 
 def _pipeline_args(p: argparse.ArgumentParser, local: bool = True) -> None:

@@ -431,7 +431,6 @@ class LatencyTable:
         key = cls.make_key(space, device, batch, max_points, repeats)
         path = cls.cache_path(key, cache_dir)
         if use_cache and path.exists():
-            cached = None
             try:
                 cached = cls.load(path, space)
                 if cached.key != key:
