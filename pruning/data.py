@@ -369,12 +369,6 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def fingerprint(self) -> str:
-        """:meth:`Split.fingerprint` with the file names."""
-        h = hashlib.sha256(super().fingerprint().encode())
-        h.update("\0".join(self.files).encode("utf-8", "surrogateescape"))
-        return h.hexdigest()
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
         try:
             return _decode_image(self.files[i], self.size, self.mode), self.labels[i], True
@@ -399,6 +393,13 @@ def _bad_files_error(bad: list[str]) -> DatasetError:
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     return DatasetError(f"{len(bad)} image file(s) cannot be decoded: {'; '.join(shown)}"
                         f"{more}. Remove or replace them.")
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # gone since the scan: loading it will say so
+        return -1
 
 
 class StreamSplit(Split):
@@ -426,9 +427,14 @@ class StreamSplit(Split):
         return len(self.files)
 
     def fingerprint(self) -> str:
-        """:meth:`Split.fingerprint` with the file names."""
+        """:meth:`Split.fingerprint` with each file's path (below the files' common folder, so
+        the tree may move) and size: a split too large to hold in memory is not read whole to
+        be hashed, yet an image replaced or edited in place almost always changes size."""
         h = hashlib.sha256(super().fingerprint().encode())
-        h.update("\0".join(self.files).encode("utf-8", "surrogateescape"))
+        top = os.path.commonpath(self.files) if len(self.files) > 1 else ""
+        names = (os.path.relpath(f, top) if top else os.path.basename(f) for f in self.files)
+        h.update("\0".join(names).encode("utf-8", "surrogateescape"))
+        h.update(np.array([_file_size(f) for f in self.files], dtype=np.int64).tobytes())
         return h.hexdigest()
 
     def __repr__(self) -> str:
@@ -467,6 +473,9 @@ class StreamSplit(Split):
             raise _bad_files_error(bad)
 
 
+DATA_FINGERPRINT_VERSION = 2
+
+
 @dataclass
 class DataBundle:
     meta: DatasetMeta
@@ -478,13 +487,15 @@ class DataBundle:
         """What identifies the data a run trains on, is scored on and tested on, whatever the
         device: the classes, the image shape and each split's samples (positions in their
         source, labels, and the pixels of data held in memory or the file names of streamed
-        data). ``{"sha256", "images": {"train", "val", "test"}}``."""
+        data). ``{"sha256", "images": {"train", "val", "test"}, "version"}``: the version
+        changes when what the hash covers does (2: the sizes of streamed files)."""
         meta = {k: v for k, v in self.meta.to_dict().items() if k not in ("mean", "std")}
         h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
         splits = {"train": self.train, "val": self.val, "test": self.test}
         for split in splits.values():
             h.update(split.fingerprint().encode())
-        return {"sha256": h.hexdigest(), "images": {k: len(v) for k, v in splits.items()}}
+        return {"sha256": h.hexdigest(), "images": {k: len(v) for k, v in splits.items()},
+                "version": DATA_FINGERPRINT_VERSION}
 
 
 # --------------------------------------------------------------------------------------------

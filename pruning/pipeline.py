@@ -46,7 +46,7 @@ from pruning.checkpoint import (UnreadableFileError, atomic_write_bytes, atomic_
                                 json_bytes, load_tensors, read_json, read_tensors_metadata,
                                 remove_stale_temporaries, save_tensors)
 from pruning.constraints import MacsConstraint, budget_use, check_binding, check_feasible
-from pruning.data import DataBundle, DatasetError, load_dataset
+from pruning.data import DATA_FINGERPRINT_VERSION, DataBundle, DatasetError, load_dataset
 from pruning.evaluate import CandidateEvaluator, entry_score
 from pruning.export import export_model
 from pruning.report import pareto_png
@@ -289,7 +289,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     remove_stale_temporaries(run_dir)  # left by a run killed mid-write (resumed runs only)
     if not (run_dir / "spec.json").exists():
         atomic_write_json(run_dir / "spec.json", spec.model_dump())
-    if not (run_dir / DATA_FILE).exists():  # (also for a run started by an older version)
+    if _data_record_outdated(run_dir):  # none yet, or written by an older version
         atomic_write_json(run_dir / DATA_FILE, data_fingerprint)
     if latency is not None and not table_path.exists():
         latency.table.save(table_path)  # a resumed search must see the very same table
@@ -300,8 +300,10 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
 
 def _data_change(saved: dict, now: dict) -> str | None:
     """How the data of two :meth:`DataBundle.fingerprint` records differ (``None``: it does
-    not)."""
-    if saved.get("sha256") == now["sha256"]:
+    not). A record of an older :data:`~pruning.data.DATA_FINGERPRINT_VERSION` hashed other
+    things: only its counts can be compared."""
+    same_version = saved.get("version", 1) == now["version"]
+    if same_version and saved.get("sha256") == now["sha256"]:
         return None
 
     def images(record: dict) -> str:  # in this order: data.json has its keys sorted
@@ -310,8 +312,15 @@ def _data_change(saved: dict, now: dict) -> str | None:
 
     then, counts = images(saved), images(now)
     if then == counts:
+        if not same_version:
+            return None
         return f"the same numbers of train/val/test images ({counts}), but other images or labels"
     return f"train/val/test images: {then} then, {counts} now"
+
+
+def _data_record_outdated(run_dir: Path) -> bool:
+    path = run_dir / DATA_FILE
+    return not path.exists() or read_json(path).get("version", 1) != DATA_FINGERPRINT_VERSION
 
 
 class MetanetDataError(RunFolderError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -369,6 +370,25 @@ def test_stream_split_equals_tensor_split(tmp_path):
     with pytest.raises(DatasetError, match="cannot be decoded") as e:
         list(stream.test.batches(4))
     assert victim in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_stream_fingerprint_sees_edits_not_moves(tmp_path):
+    """A streamed tree is hashed by file paths and sizes, not pixels: an image rewritten in
+    place changes the fingerprint, the same tree in another folder does not."""
+    write_noise_tree(tmp_path / "a", n=6, size=10)
+
+    def fingerprint(root):
+        return load_dataset("imagefolder", root=root, val_size=2, image_size=8,
+                            in_memory_limit_mb=0, num_workers=0).fingerprint()
+
+    before = fingerprint(tmp_path / "a")
+    assert before["images"] == {"train": 8, "val": 2, "test": 2}
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert fingerprint(tmp_path / "b") == before
+    edited = tmp_path / "b" / "a" / "3.png"
+    Image.open(edited).convert("L").save(edited)  # same name, other pixels, other size
+    after = fingerprint(tmp_path / "b")
+    assert after["images"] == before["images"] and after["sha256"] != before["sha256"]
 
 
 # ---- synthetic, TensorSplit helpers

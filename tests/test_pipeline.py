@@ -441,7 +441,13 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, capsys):
     assert "but other images or labels)" in line
     (tree / "cat" / "x-owl.png").rename(owl)
     (tree / "owl" / "x-cat.png").rename(cat)
+    # a record of an older version (another hash, no "version") is checked by its counts only,
+    # then replaced by the current one
+    record = read_json(run_dir / "data.json")
+    (run_dir / "data.json").write_text(json.dumps({"sha256": "0" * 64,
+                                                   "images": record["images"]}))
     assert cli.main(["search", "--out", str(run_dir)]) == 0
+    assert read_json(run_dir / "data.json") == record
 
 
 def test_a_streamed_image_folder_runs_as_an_in_memory_one(tmp_path, monkeypatch):
