@@ -115,19 +115,21 @@ class ArtifactOut(BaseModel):
     name: str = Field(description="the artifact's name (download it by this name)")
     size: int = Field(ge=0, description="bytes")
     sha256: str = Field(description="hex sha256 (from config.json; computed for config.json)")
+    intact: bool = Field(description="the file still has this sha256 (false: corrupted since "
+                                     "it was written; its download is refused with 409)")
 
 
 class ArtifactList(BaseModel):
     """The artifacts of a succeeded job: config.json and every file its `files` map names."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"items": [
-        {"name": "config.json", "size": 5120, "sha256": _SHA},
-        {"name": "model.onnx", "size": 912_384, "sha256": _SHA},
-        {"name": "model.safetensors", "size": 905_216, "sha256": _SHA},
-        {"name": "model.ts", "size": 1_020_928, "sha256": _SHA},
-        {"name": "pareto.png", "size": 48_213, "sha256": _SHA},
-        {"name": "report.json", "size": 2_301, "sha256": _SHA},
-        {"name": "search.json", "size": 88_412, "sha256": _SHA}]}]})
+        {"name": "config.json", "size": 5120, "sha256": _SHA, "intact": True},
+        {"name": "model.onnx", "size": 912_384, "sha256": _SHA, "intact": True},
+        {"name": "model.safetensors", "size": 905_216, "sha256": _SHA, "intact": True},
+        {"name": "model.ts", "size": 1_020_928, "sha256": _SHA, "intact": True},
+        {"name": "pareto.png", "size": 48_213, "sha256": _SHA, "intact": True},
+        {"name": "report.json", "size": 2_301, "sha256": _SHA, "intact": True},
+        {"name": "search.json", "size": 88_412, "sha256": _SHA, "intact": True}]}]})
 
     items: list[ArtifactOut]
 

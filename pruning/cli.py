@@ -762,6 +762,12 @@ def cmd_download(a, api) -> dict:
         items = [i for i in items if i.get("name") in wanted]
     if not items:
         raise UserError(f"job {a.job} has no artifacts (yet)")
+    damaged = sorted(str(i.get("name")) for i in items if i.get("intact") is False)
+    if damaged:  # the server would refuse them (409): fetch nothing rather than half a model
+        intact = sorted(str(i.get("name")) for i in items if i.get("intact") is not False)
+        raise UserError(f"job {a.job}: {', '.join(damaged)} changed on the server since it was "
+                        f"written (sha256 mismatch with config.json); nothing was downloaded"
+                        + (f" (--only {','.join(intact)} fetches the rest)" if intact else ""))
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--dest {dest} is not a folder")
     dest.mkdir(parents=True, exist_ok=True)

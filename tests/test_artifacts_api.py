@@ -70,7 +70,8 @@ def test_list_artifacts(api, engine):
     items = {i["name"]: i for i in r.json()["items"]}
     assert set(items) == {"config.json", *FILES}
     for name, data in FILES.items():
-        assert items[name] == {"name": name, "size": len(data), "sha256": _sha(data)}
+        assert items[name] == {"name": name, "size": len(data), "sha256": _sha(data),
+                               "intact": True}
     cfg = (folder / "config.json").read_bytes()
     assert items["config.json"]["sha256"] == _sha(cfg) and items["config.json"]["size"] == len(cfg)
 
@@ -152,6 +153,8 @@ def test_corrupted_artifact_is_refused(api, engine):
     assert r.json() == {"detail": "artifact model.onnx is corrupted (sha256 mismatch)"}
     r = api.get(url, headers={**api.alice, "Range": "bytes=0-9"})
     assert r.status_code == 409
+    listed = api.get(f"/v1/jobs/{job_id}/artifacts", headers=api.alice).json()["items"]
+    assert {i["name"] for i in listed if not i["intact"]} == {"model.onnx"}
 
 
 def test_unknown_names_traversal_and_symlinks_are_404(api, engine, tmp_path):

@@ -164,7 +164,8 @@ def test_watch_cancelled_and_json(server, capsys):
 FILES = {"model.onnx": b"onnx" * 5000, "report.json": b'{"ok": true}', "config.json": b"{}"}
 
 
-def fake_server(*, corrupt: str | None = None, bad_header: str | None = None):
+def fake_server(*, corrupt: str | None = None, bad_header: str | None = None,
+                damaged: str | None = None):
     digests = {n: hashlib.sha256(b).hexdigest() for n, b in FILES.items()}
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -176,10 +177,13 @@ def fake_server(*, corrupt: str | None = None, bad_header: str | None = None):
             return httpx.Response(404, json={"detail": "job not found"})
         if len(parts) == 4:
             return httpx.Response(200, json={"items": [
-                {"name": n, "size": len(b), "sha256": digests[n]} for n, b in FILES.items()]})
+                {"name": n, "size": len(b), "sha256": digests[n], "intact": n != damaged}
+                for n, b in FILES.items()]})
         name = parts[4]
         if name not in FILES:
             return httpx.Response(404, json={"detail": "artifact not found"})
+        if name == damaged:
+            return httpx.Response(409, json={"detail": f"artifact {name} is corrupted"})
         body = FILES[name] + (b"!" if name == corrupt else b"")
         header = "0" * 64 if name == bad_header else digests[name]
         return httpx.Response(200, content=body, headers={"X-Content-SHA256": header})
@@ -226,6 +230,23 @@ def test_download_sha256_mismatch_leaves_nothing(fake, tmp_path, capsys, how):
     rc, _, err = run(capsys, "download", "J1", "--dest", str(dest), "--only", "model.onnx")
     assert rc == 2 and err.strip() == "metaprune: error: sha256 mismatch for model.onnx"
     assert list(dest.iterdir()) == []  # no partial or temporary file
+
+
+def test_download_refuses_a_job_with_a_damaged_file_up_front(fake, tmp_path, capsys):
+    """The listing says a file no longer has its recorded sha256: nothing is fetched (not half
+    of a model's files), and the error names the damaged file and how to fetch the others."""
+    fake["client"] = fake_server(damaged="model.onnx")
+    dest = tmp_path / "out"
+    rc, _, err = run(capsys, "download", "J1", "--dest", str(dest))
+    others = ",".join(sorted(n for n in FILES if n != "model.onnx"))
+    assert rc == 2 and err.strip() == (
+        "metaprune: error: job J1: model.onnx changed on the server since it was written "
+        f"(sha256 mismatch with config.json); nothing was downloaded (--only {others} fetches "
+        "the rest)")
+    assert not dest.exists()
+    rc, _, err = run(capsys, "download", "J1", "--dest", str(dest), "--only", others)
+    assert rc == 0, err
+    assert sorted(p.name for p in dest.iterdir()) == others.split(",")
 
 
 def _umask() -> int:

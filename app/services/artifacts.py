@@ -185,22 +185,27 @@ def _known_files(config: dict[str, Any]) -> dict[str, str]:
 
 def list_artifacts(db: Database, settings: Settings, owner: str,
                    job_id: str) -> list[dict[str, Any]]:
-    """``[{name, size, sha256}]``: ``config.json`` and every file of its ``files`` map that is
-    present (sizes from the file system, digests from ``config.json``)."""
+    """``[{name, size, sha256, intact}]``: ``config.json`` and every file of its ``files`` map
+    that is present (sizes from the file system, digests from ``config.json``; ``intact``: the
+    file still has that digest, so a download of it will not be refused as corrupted)."""
     _succeeded_job(db, owner, job_id)
     folder = artifacts_dir(settings, job_id)
     config, fd, st = _read_config(folder)
     try:
         items = [{"name": CONFIG, "size": st.st_size,
-                  "sha256": digests.digest(folder / CONFIG, fd, st)}]
+                  "sha256": digests.digest(folder / CONFIG, fd, st), "intact": True}]
     finally:
         os.close(fd)
     for name, digest in sorted(_known_files(config).items()):
         opened = open_inside(folder, name)
         if opened is None:
             continue
-        os.close(opened[0])
-        items.append({"name": name, "size": opened[1].st_size, "sha256": digest})
+        fd, st = opened
+        try:
+            intact = digests.digest(folder / name, fd, st) == digest.lower()
+        finally:
+            os.close(fd)
+        items.append({"name": name, "size": st.st_size, "sha256": digest, "intact": intact})
     return items
 
 
