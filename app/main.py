@@ -39,12 +39,15 @@ Errors are `{"detail": ...}` with the status code saying what went wrong."""
 
 
 def _json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as the JSON tokens a client sent (``"NaN"``,
-    ``"Infinity"``, ``"-Infinity"``): strict JSON, which a response must be, has no such numbers."""
+    """``value`` as a response can render it: non-finite floats as the JSON tokens a client sent
+    (``"NaN"``, ``"Infinity"``, ``"-Infinity"``: strict JSON has no such numbers), and strings
+    (keys too) with a lone surrogate (``"\\ud800"`` in a body) escaped: UTF-8 cannot hold it."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
@@ -109,7 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler, except that an echoed NaN / Infinity (Python's json module
-        # accepts them in a body) cannot turn a 422 into a 500
+        # accepts them in a body) or lone surrogate cannot turn a 422 into a 500 (the body's
+        # nesting is bounded by RequestBodyGuard, so the echo's is too)
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))},
                             status_code=422)
 

@@ -1,5 +1,6 @@
 """What a request body may be, enforced while it streams in (pure ASGI): at most ``max_bytes``,
-JSON only (``application/json`` or ``application/*+json``), UTF-8.
+JSON only (``application/json`` or ``application/*+json``), UTF-8, nested at most
+``MAX_JSON_DEPTH`` arrays and objects deep.
 
 Nothing else is parsed, so nothing else can be deserialised: a body of any other media type
 (a pickle, a form, an upload) is refused with 415 before a byte of it is read, and a "JSON" body
@@ -12,6 +13,7 @@ from __future__ import annotations
 import codecs
 import email.message
 import json
+import re
 
 from starlette.exceptions import HTTPException
 
@@ -33,6 +35,53 @@ class BodyNotUtf8(BodyRejected):
                                 "msg": "request body is not UTF-8 (JSON bodies must be)"}])
 
 
+MAX_JSON_DEPTH = 32  # a job spec nests 3 deep; Python's json and FastAPI's echo of a 422
+# recurse once a level, and fail (400, 500) somewhere between 500 and 1,000
+
+
+class BodyTooDeep(BodyRejected):
+    def __init__(self):
+        super().__init__(422, [{"loc": ["body"], "type": "json_invalid",
+                                "msg": f"JSON nested more than {MAX_JSON_DEPTH} levels deep"}])
+
+
+class JsonDepth:
+    """Tracks how deep the arrays and objects of a JSON text nest, fed in chunks of UTF-8 bytes
+    (every structural character is ASCII, and no byte of a multi-byte character is)."""
+
+    _SPECIAL = re.compile(rb'[][{}"\\]')
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.depth = 0
+        self.in_string = False
+        self.offset = 0  # bytes fed so far
+        self.escaped_at = -1  # the byte a backslash in a string escapes
+
+    def feed(self, chunk: bytes) -> bool:
+        """Whether the text so far, ``chunk`` included, nests at most ``limit`` deep."""
+        for m in self._SPECIAL.finditer(chunk):
+            at = self.offset + m.start()
+            c = m.group()
+            if self.in_string:
+                if at == self.escaped_at:
+                    continue
+                if c == b"\\":
+                    self.escaped_at = at + 1
+                elif c == b'"':
+                    self.in_string = False
+            elif c == b'"':
+                self.in_string = True
+            elif c in b"[{":
+                self.depth += 1
+                if self.depth > self.limit:
+                    return False
+            elif c in b"]}":
+                self.depth -= 1
+        self.offset += len(chunk)
+        return True
+
+
 def is_json(content_type: str | None) -> bool:
     """Whether ``content_type`` is a JSON media type (as FastAPI decides it)."""
     if not content_type:
@@ -48,7 +97,8 @@ class RequestBodyGuard:
     """Refuse bodies over ``max_bytes``: at once when ``Content-Length`` says so, else by
     counting the bytes of the ``http.request`` messages as they arrive (chunked uploads, and a
     ``Content-Length`` that lies, included), so an oversized body is never buffered whole.
-    Refuse a body that is not JSON (415, unread) or not UTF-8 (422, as it arrives)."""
+    Refuse a body that is not JSON (415, unread), not UTF-8 or nested too deep (422, as it
+    arrives)."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -80,6 +130,7 @@ class RequestBodyGuard:
         seen = 0
         started = False
         utf8 = codecs.getincrementaldecoder("utf-8")()
+        depth = JsonDepth(MAX_JSON_DEPTH)
 
         async def counting_receive():
             nonlocal seen
@@ -93,6 +144,8 @@ class RequestBodyGuard:
                     utf8.decode(body, final=not message.get("more_body", False))
                 except UnicodeDecodeError:
                     raise BodyNotUtf8() from None
+                if not depth.feed(body):
+                    raise BodyTooDeep()
             return message
 
         async def tracking_send(message):

@@ -311,7 +311,11 @@ class PipelineSpec(BaseModel):
             return overrides  # already invalid; the preset or the seed is reported
         if info.field_name == "search" and "seed" in overrides:
             raise ValueError("seed is not a search setting: the search uses the spec's seed")
-        _settings(info.field_name, PRESETS[preset], overrides, seed)
+        try:
+            _settings(info.field_name, PRESETS[preset], overrides, seed)
+        except ValueError as e:  # a message naming a key with a lone surrogate ("\ud800" in
+            # JSON) could not become a validation error: escape it
+            raise ValueError(str(e).encode("utf-8", "backslashreplace").decode()) from None
         return overrides
 
     def _configs(self) -> tuple[TrainConfig, SearchConfig, TrainConfig]:

@@ -569,6 +569,49 @@ def test_non_finite_numbers_are_422_naming_the_field(api, engine, path, value):
     assert jobs_in_db(engine) == 0
 
 
+@pytest.mark.parametrize("body, loc", [
+    ('{"arch": "\\ud800"}', ["body", "arch"]),
+    ('{"\\ud800": 1}', None),
+    ('{"metanet": {"\\ud800": 1}}', None),
+])
+def test_a_lone_surrogate_is_422_not_500(api, engine, body, loc):
+    """JSON may spell a lone surrogate (``\\ud800``), which UTF-8 cannot hold: echoing it in
+    the 422 broke the response (a 500 with a traceback repeating the body)."""
+    r = post_raw(api, body)
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any("\\ud800" in json.dumps(e["loc"]) + json.dumps(e.get("input")) for e in errors)
+    if loc is not None:
+        assert errors[0]["loc"] == loc
+    assert jobs_in_db(engine) == 0
+
+
+@pytest.mark.parametrize("depth", [33, 900, 3000])
+def test_deeply_nested_json_is_422(api, engine, depth):
+    """Nesting beyond 32 levels is refused as it arrives; deeper bodies once gave a 500 (the
+    422's echo recursed too deep) or a 400 (the parser did)."""
+    r = post_raw(api, '{"arch": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}")
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"loc": ["body"], "type": "json_invalid",
+                                   "msg": "JSON nested more than 32 levels deep"}]
+    r = post_raw(api, '{"arch": ' + "[" * 31 + "]" * 31 + "}")  # 32 deep: the spec's 422
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "arch"], r.text
+    assert jobs_in_db(engine) == 0
+
+
+def test_json_depth_skips_strings_and_escapes_across_chunks():
+    from app.middleware import JsonDepth
+
+    text = b'{"a": "[[[\\"{{{", "b": ["\\\\", [1]], "c": "\xc3\xa9["}'
+    deepest = []
+    for limit in (2, 3):
+        for cut in range(len(text) + 1):  # every split of the body into two chunks
+            scan = JsonDepth(limit)
+            deepest.append((limit, scan.feed(text[:cut]) and scan.feed(text[cut:])))
+    assert json.loads(text)["b"] == ["\\", [1]]
+    assert set(deepest) == {(2, False), (3, True)}  # 3 deep: the brackets in strings don't count
+
+
 # --- (f) per-owner queue limit ------------------------------------------------------------------
 
 
