@@ -67,7 +67,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", "
                               ".ppm", ".pgm", ".pbm", ".pnm"})
 IMAGEFOLDER_TEST_FRACTION = 0.2
 """Share of each class held out as the test split when an image tree has no test/ or val/."""
-_GRAY_MODES = frozenset({"1", "L", "LA"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 _HEADER_SCAN_LIMIT = 20_000     # files whose headers are read to find size and channels
 _STATS_SAMPLE = 2_048           # images decoded to estimate mean/std of a streamed dataset
 _MAX_IMAGE_SIZE = 4_096
@@ -349,6 +349,13 @@ def _decode_image(path: str, size: int, mode: str) -> torch.Tensor:
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: PIL's convert clips
+            # it to 255; scale 0…65535 to 0…255 instead
+            grey = np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255)
+            im = Image.fromarray(np.round(grey).astype(np.uint8))
+        if im.mode == "F":
+            raise ValueError("32-bit floating-point pixels (mode F) have no known range; "
+                             "save the images with 8- or 16-bit pixels")
         im = im.convert(mode)
         if im.size != (size, size):
             im = ImageOps.fit(im, (size, size), method=Image.Resampling.BILINEAR)
@@ -378,14 +385,12 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 
 def _bad_files_error(bad: list[str]) -> DatasetError:
-    """Name (up to five of) the files that fail to decode, each with PIL's reason."""
-    from PIL import Image
-
+    """Name (up to five of) the files that fail to decode, each with the reason (decoded again
+    here: a worker process's exception does not come back)."""
     shown = []
     for p in bad[:5]:
         try:
-            with Image.open(p) as im:
-                im.load()
+            _decode_image(p, 1, "L")
             why = "decode failed"
         except Exception as e:  # noqa: BLE001
             why = f"{type(e).__name__}: {e}"

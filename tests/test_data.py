@@ -261,6 +261,24 @@ def write_tree(root: Path, classes=("cat", "dog", "owl"), n=8, mode="L", sizes=(
             Image.new(mode, sizes[i % len(sizes)], colour).save(d / f"{i:03d}.png")
 
 
+def test_imagefolder_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    """16-bit grey PNGs (mode I;16) once became 3-channel images of 255 everywhere (PIL's
+    convert clips); they are 1-channel, 0…65535 scaled to 0…255. Float pixels are refused."""
+    for c, value in (("a", 771), ("b", 51400)):  # 771 / 257 = 3, 51400 / 257 = 200
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), value + i, np.uint16)).save(tmp_path / c / f"{i}.png")
+    assert Image.open(tmp_path / "a" / "0.png").mode.startswith("I")
+    b = load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
+    assert b.meta.in_channels == 1
+    raw = torch.cat([b.train.images, b.test.images]).flatten()
+    assert set(raw.tolist()) == {3, 200}
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "a" / "f.tif")
+    with pytest.raises(DatasetError, match="cannot be decoded") as e:
+        load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
+    assert "f.tif" in str(e.value) and "8- or 16-bit" in str(e.value)
+
+
 def write_noise_tree(root: Path, n=10, size=10):
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
