@@ -130,6 +130,14 @@ def cmd_measure(a) -> dict:
     return out
 
 
+def _count(option: str, text: str) -> int:
+    """A count such as ``10M`` given on the command line (:func:`parse_count`)."""
+    try:
+        return parse_count(text)
+    except ValueError as e:
+        raise UserError(f"{option}: {e}") from None
+
+
 def _milliseconds(option: str, text: str) -> float:
     """A positive, finite number of milliseconds (or a ratio) given on the command line."""
     try:
@@ -200,10 +208,10 @@ def _spec(a):
         raise UserError(f"--set: unknown settings: {', '.join(unknown)} "
                         f"(known: {', '.join(sorted(known))})")
     budget = {}
-    if a.max_macs:
-        budget["macs"] = parse_count(a.max_macs)
-    if a.max_params:
-        budget["params"] = parse_count(a.max_params)
+    if a.max_macs is not None:
+        budget["macs"] = _count("--max-macs", a.max_macs)
+    if a.max_params is not None:
+        budget["params"] = _count("--max-params", a.max_params)
     if a.macs_ratio is not None:
         budget["macs_ratio"] = a.macs_ratio
     if a.params_ratio is not None:
@@ -216,11 +224,14 @@ def _spec(a):
         budget = Budget(**budget) if budget else Budget(macs_ratio=0.25)
     except ValidationError as e:  # named by the option, not the field
         raise UserError(error_message(e, _BUDGET_OPTIONS)) from None
-    return PipelineSpec(
-        arch=a.arch, dataset=a.dataset, data_root=a.data_root, budget=budget,
-        preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
-        train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
-        metanet_from=a.metanet_from, metanet_sampling=a.metanet_sampling, **overrides)
+    try:
+        return PipelineSpec(
+            arch=a.arch, dataset=a.dataset, data_root=a.data_root, budget=budget,
+            preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
+            train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
+            metanet_from=a.metanet_from, metanet_sampling=a.metanet_sampling, **overrides)
+    except ValidationError as e:
+        raise UserError(error_message(e, _SPEC_OPTIONS)) from None
 
 
 def _check_out(a) -> None:
@@ -811,6 +822,9 @@ _BUDGET_OPTIONS = {"macs": "--max-macs", "params": "--max-params", "macs_ratio":
 _PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", "seed", "device",
                             "final_init", "train_baseline", "width_mult", "max_width_mult",
                             "metanet_from", "metanet_sampling"})
+# a spec's error names the option that set the field (--set's fields keep their own names)
+_SPEC_OPTIONS = {name: "--" + name.replace("_", "-") for name in _PRUNE_OPTIONS - {"budget"}}
+_SPEC_OPTIONS["train_baseline"] = "--baseline"
 
 
 def _budget_text(limits: dict) -> str:
