@@ -565,7 +565,8 @@ class Bench:
         space = SearchSpace.from_dict(meta["space"])
         pnet = PruningNet(space).to(device)
         pnet.load_state_dict(state)
-        data = load_dataset(spec.dataset, root=spec.data_root, device=device, val_size=r.val_size,
+        data = load_dataset(spec.dataset, root=spec.data_root, image_size=spec.image_size,
+                            device=device, val_size=r.val_size,
                             train_limit=r.train_limit, test_limit=r.test_limit, seed=seed)
         evaluator = CandidateEvaluator(pnet, data.train, data.val, calib_batches=r.calib_batches,
                                        batch_size=r.calib_batch_size, val_images=r.eval_images,

@@ -30,6 +30,9 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * value else new
 
 
+INPUT_SIZE_RANGE = (8, 1024)  # image sides (px) the families build networks for
+
+
 class _PlanBuilder:
     """Tracks the current spatial size and width group while a family lays out its blocks.
 
@@ -43,8 +46,9 @@ class _PlanBuilder:
         self.width_mult = width_mult
         if not 1 <= in_channels <= 64:
             raise ValueError("in_channels must be in [1, 64]")
-        if not 8 <= input_size <= 1024:
-            raise ValueError("input_size must be in [8, 1024]")
+        lo, hi = INPUT_SIZE_RANGE
+        if not lo <= input_size <= hi:
+            raise ValueError(f"input_size must be in [{lo}, {hi}]")
         self.hw = (input_size, input_size)
         self.small = input_size < SMALL_INPUT
         self.blocks: list[Block] = []

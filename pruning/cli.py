@@ -226,7 +226,8 @@ def _spec(a):
         raise UserError(error_message(e, _BUDGET_OPTIONS)) from None
     try:
         return PipelineSpec(
-            arch=a.arch, dataset=a.dataset, data_root=a.data_root, budget=budget,
+            arch=a.arch, dataset=a.dataset, data_root=a.data_root, image_size=a.image_size,
+            budget=budget,
             preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
             train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
             metanet_from=a.metanet_from, metanet_sampling=a.metanet_sampling, **overrides)
@@ -819,9 +820,9 @@ _BUDGET_OPTIONS = {"macs": "--max-macs", "params": "--max-params", "macs_ratio":
                    "latency_ratio": "--latency-ratio"}
 
 # PipelineSpec fields that cmd_prune sets from its own options
-_PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "budget", "preset", "seed", "device",
-                            "final_init", "train_baseline", "width_mult", "max_width_mult",
-                            "metanet_from", "metanet_sampling"})
+_PRUNE_OPTIONS = frozenset({"arch", "dataset", "data_root", "image_size", "budget", "preset",
+                            "seed", "device", "final_init", "train_baseline", "width_mult",
+                            "max_width_mult", "metanet_from", "metanet_sampling"})
 # a spec's error names the option that set the field (--set's fields keep their own names)
 _SPEC_OPTIONS = {name: "--" + name.replace("_", "-") for name in _PRUNE_OPTIONS - {"budget"}}
 _SPEC_OPTIONS["train_baseline"] = "--baseline"
@@ -954,6 +955,10 @@ def _pipeline_args(p: argparse.ArgumentParser, local: bool = True) -> None:
                    help=f"one of {', '.join(DATASETS)}; imagefolder reads a class-per-folder "
                         "tree from --data-root (default: %(default)s)")
     p.add_argument("--data-root", help="dataset folder (default: the dataset's standard place)")
+    p.add_argument("--image-size", type=int,
+                   help="resize the images to this square side in px (shorter side, then a "
+                        "centre crop; default: the dataset's, for an image folder its most "
+                        "common shorter side)")
     g = p.add_mutually_exclusive_group()  # none given: the spec's default, --macs-ratio 0.25
     g.add_argument("--max-macs", help="MACs budget, e.g. 10M")
     g.add_argument("--max-params", help="parameter budget, e.g. 500k")

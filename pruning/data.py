@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pruning.archs import INPUT_SIZE_RANGE
 from pruning.spec import DATASET_SHAPES, DATASETS, list_datasets
 
 __all__ = [
@@ -978,6 +979,11 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
     else:
         (w, h), _ = collections.Counter(s for s, _ in headers).most_common(1)[0]
         size = min(w, h)
+        lo, hi = INPUT_SIZE_RANGE
+        if not lo <= size <= hi:  # said before decoding a tree of photos
+            raise DatasetError(
+                f"the images are mostly {w}×{h} px: a network takes {lo} to {hi} px; give "
+                f"image_size (--image-size), e.g. {min(max(size, lo), 224)}, to resize them")
     gray = all(m in _GRAY_MODES for _, m in headers)
     mode, channels = ("L", 1) if gray else ("RGB", 3)
 

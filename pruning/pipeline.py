@@ -267,7 +267,8 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     t_start = time.perf_counter()
 
     notify({"stage": "data", "message": f"loading {spec.dataset}"})
-    data = load_dataset(spec.dataset, root=spec.data_root, device=device, val_size=r.val_size,
+    data = load_dataset(spec.dataset, root=spec.data_root, image_size=spec.image_size,
+                        device=device, val_size=r.val_size,
                         train_limit=r.train_limit, test_limit=r.test_limit, seed=spec.seed)
     _check_batches(data, r)
     data_fingerprint = data.fingerprint()

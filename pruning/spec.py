@@ -20,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_valida
 from pruning import counting
 from pruning.checkpoint import json_bytes
 from pruning.constraints import MacsConstraint, ParamsConstraint, check_binding, check_feasible
+from pruning.archs import INPUT_SIZE_RANGE
 from pruning.registry import get_arch
 from pruning.search import SearchConfig
 from pruning.space import DEFAULT_LEVELS, SearchSpace
@@ -215,6 +216,10 @@ class PipelineSpec(BaseModel):
     arch: str = "mobilenet_v2"
     dataset: str = "fashion-mnist"
     data_root: str | None = Field(None, min_length=1, max_length=4096)
+    image_size: int | None = Field(
+        None, ge=INPUT_SIZE_RANGE[0], le=INPUT_SIZE_RANGE[1],
+        description="side (px) the images are resized to (shorter side, then a centre crop); "
+                    "default: the dataset's own (an image folder's most common shorter side)")
     budget: Budget = Budget(macs_ratio=0.25)
     preset: Literal["smoke", "quick", "standard", "paper"] = "quick"
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -341,7 +346,8 @@ class PipelineSpec(BaseModel):
         shape = DATASET_SHAPES.get(self.dataset)
         if shape is None or self.budget.is_latency:
             return
-        space = self.search_space(*shape)
+        num_classes, in_channels, size = shape
+        space = self.search_space(num_classes, in_channels, self.image_size or size)
         constraints = [self.budget.count_constraint(space)]
         check_feasible(space, constraints)
         check_binding(space, constraints)
@@ -399,7 +405,9 @@ def metanet_identity(spec: PipelineSpec) -> dict:
             "val_size": r.val_size, "metanet": asdict(r.metanet),
             "metanet_sampling": spec.metanet_sampling,
             # a budget-biased PruningNet is trained for its budget only
-            "budget": spec.budget.model_dump() if spec.metanet_sampling == "budget" else None}
+            "budget": spec.budget.model_dump() if spec.metanet_sampling == "budget" else None,
+            # only when given: the fingerprints of specs without it stay what they were
+            **({"image_size": spec.image_size} if spec.image_size is not None else {})}
 
 
 def metanet_fingerprint(spec: PipelineSpec) -> str:

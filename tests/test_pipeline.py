@@ -450,6 +450,32 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, capsys):
     assert read_json(run_dir / "data.json") == record
 
 
+def test_image_size_resizes_an_image_folder(tmp_path, capsys):
+    """Photos larger than a network takes are refused before they are decoded, with the option
+    that resizes them; --image-size gives the side the run (and its exports) use."""
+    tree = tmp_path / "tree"
+    write_tree(tree, n=30, sizes=((1200, 1100),))
+    overrides = json.dumps({"val_size": 0.25, "metanet": {"batch_size": 16, "max_steps": 2},
+                            "final": {"batch_size": 16, "max_steps": 2},
+                            "search": {"population": 4, "keep_top": 4, "parents": 2,
+                                       "mutants": 2, "crossovers": 2, "generations": 1}})
+    options = ["prune", "--arch", "test_mobilenet_v1", "--dataset", "imagefolder",
+               "--data-root", str(tree), "--preset", "smoke", "--quiet", "--set", overrides,
+               "--out", str(tmp_path / "run")]
+    assert cli.main(options) == 2
+    assert error_lines(capsys) == [
+        "metaprune: error: the images are mostly 1200×1100 px: a network takes 8 to 1024 px; "
+        "give image_size (--image-size), e.g. 224, to resize them"]
+    assert not (tmp_path / "run").exists()
+    assert cli.main([*options, "--image-size", "12"]) == 0, capsys.readouterr().err
+    config = read_json(tmp_path / "run" / "artifacts" / "config.json")
+    assert config["input_shape"] == [1, 12, 12]
+    assert read_json(tmp_path / "run" / "spec.json")["image_size"] == 12
+    assert cli.main([*options[:-2], "--out", str(tmp_path / "x"), "--image-size", "4"]) == 2
+    assert error_lines(capsys) == [
+        "metaprune: error: --image-size: Input should be greater than or equal to 8"]
+
+
 def test_a_streamed_image_folder_runs_as_an_in_memory_one(tmp_path, monkeypatch):
     """An image folder too large for memory streams through a DataLoader (StreamSplit); the
     whole pipeline on it (with worker processes) gives what it gives on the same folder held as

@@ -374,6 +374,18 @@ def test_budget_biased_pruningnet_is_tied_to_its_budget():
     assert identity("budget", 0.3) != identity("uniform", 0.3)
 
 
+def test_image_size_is_part_of_the_pruningnet_s_identity_only_when_given():
+    """Another image size, another PruningNet; a spec without one keeps the identity (and the
+    service's reuse key) it had before image_size existed."""
+    from pruning.pipeline import PipelineSpec, metanet_identity
+
+    base = dict(arch="test_resnet", dataset="synthetic", preset="smoke")
+    assert "image_size" not in metanet_identity(PipelineSpec(**base))
+    assert metanet_identity(PipelineSpec(**base, image_size=16))["image_size"] == 16
+    assert metanet_identity(PipelineSpec(**base, image_size=16)) != \
+        metanet_identity(PipelineSpec(**base, image_size=24))
+
+
 def test_loss_is_read_every_few_steps_on_a_gpu(data, tmp_path, monkeypatch):
     """On CUDA the loss is read (progress, divergence check) every few steps, always at step 1,
     at checkpoints and at the end; a NaN is still caught, and the checkpoint stays finite."""
