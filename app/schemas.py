@@ -174,7 +174,7 @@ class SearchOut(BaseModel):
 
 _CONFIGURATION = {"job_id": "5b0f3f0e-8a4e-4c1e-9a57-0d3f1c2b7e11", "arch": "mobilenet_v1",
                   "dataset": "fashion-mnist", "width_mult": 0.25,
-                  "budget": {"macs_ratio": 0.3, "macs": 3_580_000},
+                  "budget": {"macs": 3_580_000},
                   "candidate": "3-4-2-4",
                   "widths": {"stem": 16, "stage1": 32, "stage2": 48, "stage3": 96},
                   "macs": 3_512_000, "params": 110_442, "test_accuracy": 0.874,

@@ -183,6 +183,7 @@ def test_queue_limit_429(api):
                         headers=api.alice).status_code == 201
     r = api.post("/v1/jobs", json={**SPEC, "seed": 9}, headers=api.alice)
     assert r.status_code == 429 and "queue limit" in r.json()["detail"]
+    assert r.headers["retry-after"] == "30"  # seconds
     assert api.post("/v1/jobs", json=SPEC, headers=api.bob).status_code == 201  # per owner
     first = api.get("/v1/jobs", headers=api.alice).json()["items"][-1]
     api.post(f"/v1/jobs/{first['id']}/cancel", headers=api.alice)
@@ -279,11 +280,14 @@ def test_the_api_reaps_a_dead_worker_s_job(engine, sqlite_url):
 def test_health_and_ready(api, tmp_path):
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").status_code == 200
+    for url in ("/healthz", "/readyz"):  # probes that use HEAD get the same answer
+        assert api.head(url).status_code == 200
     broken = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}"
     with TestClient(create_app(Settings(database_url=broken))) as client:
         assert client.get("/healthz").status_code == 200
         r = client.get("/readyz")
         assert r.status_code == 503 and "unreachable" in r.json()["detail"]
+        assert client.head("/readyz").status_code == 503
 
 
 def test_catalog(api):

@@ -12,11 +12,14 @@ from app.schemas import Health, errors
 router = APIRouter(tags=["health"])
 
 
+# HEAD too: load balancers and uptime checkers often probe with it
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=Health, summary="The process is alive")
 def healthz() -> Health:
     return Health(status="ok")
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", response_model=Health, summary="The database is reachable",
             responses=errors(503))
 def readyz(db: Db):

@@ -5,6 +5,7 @@ class ServiceError(Exception):
     """An error the API answers with ``status_code`` and ``{"detail": detail}``."""
 
     status_code = 400
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail):
         super().__init__(detail)
@@ -25,3 +26,4 @@ class InvalidRequest(ServiceError):
 
 class QuotaExceeded(ServiceError):
     status_code = 429
+    headers = {"Retry-After": "30"}  # seconds; a queued job leaves the queue when a worker frees
