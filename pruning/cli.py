@@ -609,6 +609,10 @@ def cmd_submit(a, api) -> dict:
     """``submit``: queue a job with the options of ``prune``; prints its id."""
     spec = _spec(a).model_dump(mode="json", exclude_defaults=True)
     job = api.submit(spec, idempotency_key=a.idempotency_key)
+    if a.idempotency_key and job.get("status") != "queued":  # a replay of an earlier submit
+        print(f"metaprune: note: --idempotency-key {a.idempotency_key!r} already queued job "
+              f"{job.get('id')}, now {job.get('status')}; no new job was queued (another key "
+              f"queues one)", file=sys.stderr)
     if job.get("waiting_reason"):
         print(f"metaprune: note: the job is queued, but {job['waiting_reason']}",
               file=sys.stderr)

@@ -85,6 +85,12 @@ def test_submit_status_jobs_cancel(server, capsys):
 
     rc, _, err = run(capsys, "cancel", job_id)  # already finished: 409, one line
     assert rc == 2 and err.startswith("metaprune: error: HTTP 409: ") and err.count("\n") == 1
+    # a replay of a key whose job has ended says that no new job was queued
+    run(capsys, "cancel", first["id"])
+    rc, out, err = run(capsys, *SUBMIT, "--idempotency-key", "k1")
+    assert rc == 0 and out.strip() == first["id"]
+    assert f"--idempotency-key 'k1' already queued job {first['id']}, now cancelled; " \
+           "no new job was queued" in err
     rc, _, err = run(capsys, "status", "no-such-job")
     assert rc == 2 and "HTTP 404" in err and "Traceback" not in err
 
