@@ -847,11 +847,46 @@ class _Scan:
                                + ", ".join(self.broken[:5]))
 
 
+def _disjoint(a: list[str], b: list[str], what_a: str, what_b: str) -> None:
+    """Split folders that share an image (through symlinks) would score on trained images."""
+    shared = set(a) & set(b)
+    if shared:
+        raise DatasetError(f"{len(shared)} image(s) are in both the {what_a} and the {what_b} "
+                           f"folders (through symlinks), e.g. {min(shared)}")
+
+
+_SPLIT_NAMES = {"train": ("train", "training"), "test": ("test", "testing"),
+                "val": ("val", "valid", "validation")}
+
+
+def _split_folder(top: list[tuple[str, str]], split: str) -> str | None:
+    """The real path of the top-level folder holding ``split`` (``Train/``, ``validation/`` …:
+    any case, a few usual names), or None."""
+    found = [(name, real) for name, real in top if name.lower() in _SPLIT_NAMES[split]]
+    if len(found) > 1:
+        raise DatasetError(f"several {split} folders: {', '.join(n for n, _ in found)}; "
+                           f"keep one")
+    return found[0][1] if found else None
+
+
 def _scan_classes(scan: _Scan, folder: str) -> tuple[list[str], list[list[str]]]:
-    classes, files = [], []
+    """Class names and each class's image files. An image that symlinks make reachable from
+    two classes is an error (it would carry both labels); reached twice in one class, it counts
+    once."""
+    classes, files, owner = [], [], {}
     for name, real in scan.subdirs(folder):
+        mine = []
+        for path in scan.images(real):
+            key = os.path.realpath(path)
+            first = owner.setdefault(key, name)
+            if first != name:
+                raise DatasetError(f"{folder}: image {key} is reached from class {first} and "
+                                   f"from class {name} (through a symlink); an image needs one "
+                                   f"class")
+            if key not in mine:
+                mine.append(key)
         classes.append(name)
-        files.append(scan.images(real))
+        files.append(mine)
     return classes, files
 
 
@@ -902,14 +937,15 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
     if not os.path.isdir(root_real):
         raise DatasetError(f"image folder {os.fspath(root)} does not exist or is not a folder")
     scan = _Scan(root_real)
-    top = dict(scan.subdirs(root_real))
+    top = scan.subdirs(root_real)
     scan.check()
-    train_dir = top.get("train")
+    train_dir = _split_folder(top, "train")
     test_dir = val_dir = None
     if train_dir is not None:
-        test_dir = top.get("test") or top.get("val")
-        if "test" in top and "val" in top:
-            val_dir = top["val"]  # an explicit validation folder replaces val_size
+        test_dir, val_dir = _split_folder(top, "test"), _split_folder(top, "val")
+        if test_dir is None:
+            test_dir, val_dir = val_dir, None
+        # with both, the explicit validation folder replaces val_size
     else:
         train_dir = root_real
 
@@ -940,6 +976,7 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
     train_labels = [c for c, fl in enumerate(per_class) for _ in fl]
     if test_dir is not None:
         test_files, test_labels = labelled(test_dir, "test")
+        _disjoint(train_files, test_files, "train", "test")
     else:  # hold out a stable share per class: by hash of the path, independent of `seed`
         test_files, test_labels, keep_f, keep_l = [], [], [], []
         for c, fl in enumerate(per_class):
@@ -957,6 +994,7 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
     pool = _limit(tr_lab, train_limit, g)
     if val_dir is not None:
         val_files, val_labels = labelled(val_dir, "val")
+        _disjoint(train_files + test_files, val_files, "train or test", "val")
         sub_files = [train_files[i] for i in pool.tolist()]
         sub_labels = tr_lab[pool]
         sub_idx, val_idx = pool, torch.arange(len(val_files))
@@ -967,6 +1005,12 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
         sub_labels = tr_lab[sub_idx]
         val_files = [train_files[i] for i in val_idx.tolist()]
         val_labels = tr_lab[val_idx].tolist()
+    untrained = [c for i, c in enumerate(classes) if not bool((sub_labels == i).any())]
+    if untrained:
+        raise DatasetError(
+            f"class(es) {', '.join(untrained[:5])} keep no image for training once the test and "
+            f"held-out images are taken: add images to them, or lower val_size or raise "
+            f"train_limit")
     te_lab = torch.tensor(test_labels, dtype=torch.int64)
     test_idx = _limit(te_lab, test_limit, torch.Generator().manual_seed(_TEST_SUBSET_SEED))
     test_files = [test_files[i] for i in test_idx.tolist()]

@@ -324,14 +324,56 @@ def test_imagefolder_rgb_with_train_test_folders(tmp_path):
                                                           atol=0.05)
 
 
+@pytest.mark.parametrize("train, test, val", [("Train", "Test", None), ("training", None, "Valid"),
+                                              ("TRAIN", "testing", "validation")])
+def test_imagefolder_split_folders_in_any_case(tmp_path, train, test, val):
+    """Split folders are found whatever their case and under the usual names (Train/ and
+    Test/ were once two classes); with no test folder, val/ is the test split."""
+    write_tree(tmp_path / train, n=6)
+    for name in (test, val):
+        if name:
+            write_tree(tmp_path / name, classes=("cat", "dog"), n=2)
+    b = load_dataset("imagefolder", root=tmp_path, val_size=0.2, num_workers=0)
+    assert b.meta.classes == ("cat", "dog", "owl") and len(b.test) == 4
+    assert len(b.val) == (4 if test and val else round(0.2 * 18))
+
+
+def test_imagefolder_refuses_what_would_train_badly(tmp_path):
+    """Two val folders; the same image in train/ and test/ (through a symlink); a class
+    left without training images by tiny classes."""
+    write_tree(tmp_path / "a" / "train", n=4)
+    for name in ("val", "Valid"):
+        write_tree(tmp_path / "a" / name, classes=("cat",), n=1)
+    with pytest.raises(DatasetError, match="several val folders: Valid, val; keep one"):
+        load_dataset("imagefolder", root=tmp_path / "a", num_workers=0)
+    write_tree(tmp_path / "b" / "train", n=4)
+    (tmp_path / "b" / "test" / "cat").mkdir(parents=True)
+    (tmp_path / "b" / "test" / "cat" / "x.png").symlink_to(tmp_path / "b" / "train" / "cat"
+                                                           / "000.png")
+    with pytest.raises(DatasetError, match="1 image.s. are in both the train and the test"):
+        load_dataset("imagefolder", root=tmp_path / "b", num_workers=0)
+    write_tree(tmp_path / "c", n=2)  # one test image a class, the other held out or trained
+    with pytest.raises(DatasetError, match=r"keep no image for training .*: add images"):
+        load_dataset("imagefolder", root=tmp_path / "c", val_size=0.5, num_workers=0)
+
+
 def test_imagefolder_symlinks(tmp_path):
     root = tmp_path / "root"
     write_tree(root, n=4)
     outside = tmp_path / "outside.png"
     Image.new("L", (12, 12), 7).save(outside)
-    (root / "cat" / "inside-link.png").symlink_to(root / "dog" / "000.png")
+    (root / "cat" / "inside-link.png").symlink_to(root / "cat" / "000.png")
     b = load_dataset("imagefolder", root=root, val_size=0, num_workers=0)
-    assert len(b.train) + len(b.test) == 13   # a link inside the root is fine
+    assert len(b.train) + len(b.test) == 12   # a link inside the root is fine (counted once)
+    # a link that puts an image in a second class would give it two labels
+    (root / "cat" / "dog-link.png").symlink_to(root / "dog" / "001.png")
+    with pytest.raises(DatasetError, match="is reached from class cat and from class dog"):
+        load_dataset("imagefolder", root=root, num_workers=0)
+    os.unlink(root / "cat" / "dog-link.png")
+    (root / "cat" / "loop").symlink_to(root, target_is_directory=True)  # cat/loop/dog/… too
+    with pytest.raises(DatasetError, match="from class cat and from class dog"):
+        load_dataset("imagefolder", root=root, num_workers=0)
+    os.unlink(root / "cat" / "loop")
     (root / "dog" / "sneaky.png").symlink_to(outside)
     with pytest.raises(DatasetError, match="outside its root") as e:
         load_dataset("imagefolder", root=root, num_workers=0)
