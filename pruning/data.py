@@ -385,7 +385,7 @@ class _ImageFiles(torch.utils.data.Dataset):
                     self.labels[i], False)
 
 
-def _bad_files_error(bad: list[str]) -> DatasetError:
+def _bad_files_error(bad: list[str], advice: str = "Remove or replace them.") -> DatasetError:
     """Name (up to five of) the files that fail to decode, each with the reason (decoded again
     here: a worker process's exception does not come back)."""
     shown = []
@@ -398,7 +398,7 @@ def _bad_files_error(bad: list[str]) -> DatasetError:
         shown.append(f"{p} ({why})")
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     return DatasetError(f"{len(bad)} image file(s) cannot be decoded: {'; '.join(shown)}"
-                        f"{more}. Remove or replace them.")
+                        f"{more}. {advice}")
 
 
 def _file_size(path: str) -> int:
@@ -475,8 +475,10 @@ class StreamSplit(Split):
                 break
             yield _to_device(x, target), _to_device(y, target)
         del it, loader  # stop the workers before raising
-        if bad:
-            raise _bad_files_error(bad)
+        if bad:  # found mid-run: a run records its data (data.json), and continues only on it
+            raise _bad_files_error(bad, "Restore intact copies of them to continue the run; "
+                                        "with them removed or replaced, the data differs, and "
+                                        "the run must start again in a new folder.")
 
 
 DATA_FINGERPRINT_VERSION = 2

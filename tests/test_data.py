@@ -430,6 +430,7 @@ def test_stream_split_equals_tensor_split(tmp_path):
     with pytest.raises(DatasetError, match="cannot be decoded") as e:
         list(stream.test.batches(4))
     assert victim in str(e.value) and "Traceback" not in str(e.value)
+    assert "Restore intact copies of them to continue the run" in str(e.value)
 
 
 def test_stream_fingerprint_sees_edits_not_moves(tmp_path):
