@@ -138,6 +138,13 @@ def test_range_requests(api, engine):
     for header in ("bytes=0-1,5-6", "items=0-1", "bytes=9-3", "bytes=x-"):  # ignored: whole
         r = api.get(url, headers={**api.alice, "Range": header})
         assert r.status_code == 200 and r.content == data, header
+    # a resumed download names the version it has: the range only if the file is still that
+    etag = f'"{_sha(data)}"'
+    assert api.get(url, headers=api.alice).headers["etag"] == etag
+    for if_range, code in ((etag, 206), ('"0000"', 200), ("Wed, 21 Oct 2015 07:28:00 GMT", 200)):
+        r = api.get(url, headers={**api.alice, "Range": "bytes=10-19", "If-Range": if_range})
+        assert r.status_code == code, if_range
+        assert r.content == (data[10:20] if code == 206 else data)
 
 
 def test_corrupted_artifact_is_refused(api, engine):

@@ -23,6 +23,8 @@ _SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 _FILE_HEADERS = {
     "X-Content-SHA256": {"description": "hex sha256 of the whole file (as in config.json)",
                          "schema": {"type": "string", "example": _SHA}},
+    "ETag": {"description": "the sha256 in quotes (a strong validator, for `If-Range`)",
+             "schema": {"type": "string", "example": f'"{_SHA}"'}},
     "Content-Length": {"description": "bytes in this response", "schema": {"type": "integer"}},
     "Accept-Ranges": {"description": "`bytes`: Range requests are served",
                       "schema": {"type": "string"}},
@@ -70,25 +72,33 @@ def download_artifact(job_id: JobId, name: Annotated[str, Path(max_length=255)],
                       db: Db, settings: SettingsDep,
                       range_: Annotated[str | None, Header(
                           alias="Range", description="one range: `bytes=a-b`, `bytes=a-` or "
-                                                     "`bytes=-n`")] = None):
+                                                     "`bytes=-n`")] = None,
+                      if_range: Annotated[str | None, Header(
+                          alias="If-Range", description="serve the Range only if the file's "
+                                                        "ETag is still this one")] = None):
     """Stream one artifact. Its sha256 is checked against `config.json` before it is served and
-    sent in `X-Content-SHA256`; single HTTP byte ranges are honoured (206), a range beyond the
-    file is 416."""
-    return _artifact_response(db, settings, owner, job_id, name, range_)
+    sent in `X-Content-SHA256` (and as the `ETag`); single HTTP byte ranges are honoured (206),
+    a range beyond the file is 416, and a Range whose `If-Range` is not the ETag gets the whole
+    file (200)."""
+    return _artifact_response(db, settings, owner, job_id, name, range_, if_range)
 
 
 @router.head("/{job_id}/artifacts/{name}", summary="An artifact's headers (size, sha256)",
              responses=_DOWNLOAD_RESPONSES)
 def artifact_headers(job_id: JobId, name: Annotated[str, Path(max_length=255)], owner: Owner,
                      db: Db, settings: SettingsDep,
-                     range_: Annotated[str | None, Header(alias="Range")] = None):
+                     range_: Annotated[str | None, Header(alias="Range")] = None,
+                     if_range: Annotated[str | None, Header(alias="If-Range")] = None):
     """The headers a download of the artifact would send (`curl -I`), without the file."""
-    return _artifact_response(db, settings, owner, job_id, name, range_, body=False)
+    return _artifact_response(db, settings, owner, job_id, name, range_, if_range, body=False)
 
 
 def _artifact_response(db, settings, owner: str, job_id: str, name: str, range_: str | None,
-                       body: bool = True) -> Response:
+                       if_range: str | None, body: bool = True) -> Response:
     f = artifacts.open_artifact(db, settings, owner, job_id, name)
+    etag = f'"{f.sha256}"'
+    if if_range is not None and if_range.strip() != etag:
+        range_ = None  # another version of the file (or a date: we send none): all of it
     try:
         span = artifacts.parse_range(range_, f.size)
     except artifacts.RangeNotSatisfiable as e:
@@ -96,7 +106,7 @@ def _artifact_response(db, settings, owner: str, job_id: str, name: str, range_:
         return JSONResponse({"detail": e.detail}, status_code=416,
                             headers={"Content-Range": f"bytes */{e.size}",
                                      "Accept-Ranges": "bytes"})
-    headers = {"X-Content-SHA256": f.sha256, "Accept-Ranges": "bytes",
+    headers = {"X-Content-SHA256": f.sha256, "ETag": etag, "Accept-Ranges": "bytes",
                "Content-Disposition": f'attachment; filename="{f.name}"'}
     if span is None:
         start, end, code = 0, f.size - 1, status.HTTP_200_OK
