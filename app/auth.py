@@ -7,13 +7,16 @@ the hash up (an index on a unique column) and compares the stored hash with
 A fast hash is right here: the token has 256 bits of entropy, nothing to brute-force.
 
 When auth is not required (a server bound only to loopback), requests without a token belong
-to the owner ``"local"``; a token that is sent is still checked.
+to the owner ``"local"`` if they are addressed to loopback (``Host: localhost``, ``127.0.0.1``,
+``[::1]``): a web page whose own name an attacker points at 127.0.0.1 (DNS rebinding) sends its
+name instead, and needs a token. A token that is sent is still checked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from typing import Annotated
 
@@ -75,6 +78,22 @@ def _unauthorized(detail: str) -> HTTPException:
                          headers={"WWW-Authenticate": "Bearer"})
 
 
+def addressed_to_loopback(host_header: str | None) -> bool:
+    """Whether a ``Host`` header names this machine's loopback: ``localhost`` (or a name under
+    it), or a loopback address, with or without a port."""
+    host = (host_header or "").strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        host = host[1:host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def current_owner(request: Request,
                   settings: SettingsDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -85,6 +104,9 @@ def current_owner(request: Request,
             raise _unauthorized("malformed Authorization header; send 'Bearer <token>'")
         if settings.require_auth:
             raise _unauthorized("an API token is required (Authorization: Bearer <token>)")
+        if not addressed_to_loopback(request.headers.get("host")):
+            raise _unauthorized("without a token this server answers only requests addressed "
+                                "to localhost or a loopback address (e.g. http://127.0.0.1:8000)")
         return LOCAL_OWNER
     with request.app.state.sessions() as session:
         owner = owner_of_token(session, credentials.credentials)

@@ -64,6 +64,7 @@ from app import queue
 from app.db import make_engine
 from app.models import Job
 from app.settings import Settings
+from app.services.jobs import data_root_problem
 
 log = logging.getLogger("metaprune.worker")
 
@@ -418,11 +419,16 @@ class Worker:
         return "lost"
 
     def _run(self, job: queue.Claimed, state: _JobRun) -> str:
+        from pruning.checkpoint import UnreadableFileError
         from pruning.pipeline import MetanetDataError, PipelineSpec, run
         from pruning.train import Cancelled
 
         try:
             spec = PipelineSpec.model_validate(job.spec)
+            problem = data_root_problem(spec.data_root, self.settings)
+            if problem is not None:  # e.g. a symlink pointed out of the roots since submission
+                return self._fenced(queue.fail, job, "failed", error_kind="invalid_spec",
+                                    error_message=f"data_root: {problem}", retry=False)
             device = self.device if self.device != "auto" else spec.device
             if device == "cuda":
                 import torch
@@ -446,6 +452,8 @@ class Worker:
                 report = run_job(spec.model_copy(update={"metanet_from": None}))
         except Cancelled:
             return self._stopped(job, state)
+        except UnreadableFileError as e:
+            return self._unreadable(job, e)
         except Exception as e:  # noqa: BLE001 — every failure is recorded on the job
             if state.lost.is_set():
                 return "lost"
@@ -457,6 +465,26 @@ class Worker:
         if state.lost.is_set():
             return "lost"
         return self._fenced(queue.finish, job, "succeeded", detail=summary(report, job.attempt))
+
+    def _unreadable(self, job: queue.Claimed, e) -> str:
+        """A file of the job's run folder that cannot be read back (a disk error: the atomic
+        writes never leave one) is deleted, and the job retried: its resumed run redoes the
+        step that wrote the file. Named relative to the run folder: a client has no business
+        with the server's paths, nor anything to do about them."""
+        run_dir = self.run_dir(job.id).resolve()
+        path = Path(e.path).resolve()
+        if not path.is_relative_to(run_dir):  # not this job's (another job's PruningNet …)
+            where = path.relative_to(self.artifact_dir.resolve()) \
+                if path.is_relative_to(self.artifact_dir.resolve()) else path.name
+            return self._fenced(queue.fail, job, "failed", error_kind="corrupt_file",
+                                error_message=f"{where} is unreadable, corrupt or truncated",
+                                retry=False)
+        log.warning("job %s: %s; deleting it and retrying", job.id, e)
+        path.unlink(missing_ok=True)
+        return self._fenced(queue.fail, job, "retry", error_kind="corrupt_file",
+                            error_message=f"{path.relative_to(run_dir)} was unreadable (corrupt "
+                                          f"or truncated) and was deleted; the step that wrote "
+                                          f"it runs again", retry=True)
 
     def _metanet_source(self, job: queue.Claimed, spec) -> str | None:
         """The run folder of the owner's newest succeeded job whose PruningNet this job can reuse

@@ -351,7 +351,7 @@ def client_for(url: str, **overrides):
     from app.settings import Settings
 
     settings = Settings(database_url=url, **{"require_auth": True, **overrides})
-    return TestClient(create_app(settings))
+    return TestClient(create_app(settings), base_url="http://127.0.0.1")
 
 
 def bearer(token: str) -> dict[str, str]:

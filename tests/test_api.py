@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import API_SPEC as SPEC
 from tests.conftest import API_SPEC_READING_A_FOLDER as READS_A_FOLDER
-from tests.conftest import bearer, client_for, emptied_engine, token_for
+from tests.conftest import bearer, client_for, emptied_engine, job_row, token_for
 from app.main import create_app
 from app.models import ApiToken, Job
 from app.settings import Settings
@@ -140,6 +140,28 @@ def test_data_root_only_under_dataset_roots(api, tmp_path):
     r = api.post("/v1/jobs", json={**READS_A_FOLDER, "data_root": str(root / "fmnist")},
                  headers=api.alice)
     assert r.status_code == 201
+
+
+def test_the_worker_checks_data_root_again(api, engine, sqlite_url, tmp_path):
+    """A symlink under a root that pointed inside when the job was submitted, and outside when
+    a worker takes it: the job fails (invalid_spec) before anything is read."""
+    from app.worker import Worker
+
+    root = tmp_path / "datasets"
+    (root / "fmnist").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link").symlink_to(root / "fmnist")
+    r = api.post("/v1/jobs", json={**READS_A_FOLDER, "data_root": str(root / "link")},
+                 headers=api.alice)
+    assert r.status_code == 201, r.text
+    (root / "link").unlink()
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+    settings = Settings(database_url=sqlite_url, artifact_dir=tmp_path / "art",
+                        dataset_roots=[root])
+    assert Worker(settings, "w1", device="cpu").run_once()
+    job = job_row(engine, r.json()["id"])
+    assert (job.status, job.error_kind) == ("failed", "invalid_spec")
+    assert job.error_message.startswith("data_root: data_root must be an absolute path under")
 
 
 def test_data_root_refused_without_roots(engine, sqlite_url):

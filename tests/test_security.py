@@ -235,9 +235,34 @@ def serve_settings(monkeypatch, sqlite_url, tmp_path):
 def test_serve_decides_auth_by_the_bound_address(serve_settings, host, env, required):
     settings, served = serve_settings(host, env)
     assert settings.require_auth is required
-    with TestClient(served) as client:  # the app uvicorn would have served
+    with TestClient(served, base_url="http://127.0.0.1:8000") as client:  # what uvicorn serves
         r = client.get("/v1/jobs")
         assert r.status_code == (401 if required else 200), r.text
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1:8000", True), ("127.0.0.1", True), ("127.3.2.1:80", True), ("localhost", True),
+    ("LOCALHOST:8000", True), ("api.localhost:8000", True), ("[::1]:8000", True), ("::1", True),
+    ("evil.example", False), ("evil.example:8000", False), ("10.0.0.1:8000", False),
+    ("127.0.0.1.evil.example", False), ("localhost.evil.example", False), ("", False),
+    ("[::1", False), (None, False),
+])
+def test_addressed_to_loopback(host, loopback):
+    assert app.auth.addressed_to_loopback(host) is loopback
+
+
+def test_without_auth_only_loopback_hosts_are_served(engine, sqlite_url):
+    """A page on evil.example whose name is made to resolve to 127.0.0.1 (DNS rebinding) sends
+    ``Host: evil.example``: without auth it gets a 401, not the local owner's jobs."""
+    settings = Settings(database_url=sqlite_url, require_auth=False)
+    with TestClient(create_app(settings), base_url="http://localhost:8000") as client:
+        assert client.post("/v1/jobs", json=SPEC).status_code == 201
+        r = client.get("/v1/jobs", headers={"Host": "evil.example:8000"})
+        assert r.status_code == 401 and "addressed to localhost" in r.json()["detail"]
+        assert client.post("/v1/jobs", json={**SPEC, "seed": 1},
+                           headers={"Host": "evil.example"}).status_code == 401
+        assert client.get("/v1/jobs", headers={"Host": "[::1]:8000"}).json()["total"] == 1
+        assert client.get("/healthz", headers={"Host": "evil.example"}).status_code == 200
 
 
 def _free_port() -> int:
@@ -457,8 +482,8 @@ def _asgi_post(app_, headers: list[tuple[bytes, bytes]], chunks: list[bytes]):
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/jobs", "raw_path": b"/v1/jobs",
              "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5000),
-             "server": ("testserver", 80),
-             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+             "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
                          *headers]}
     asyncio.run(asyncio.wait_for(app_(scope, receive, send), 30))
     start = next(m for m in sent if m["type"] == "http.response.start")
@@ -472,7 +497,7 @@ def test_body_limit_counts_the_bytes_that_arrive(engine, sqlite_url):
     settings = Settings(database_url=sqlite_url, require_auth=False, max_body_bytes=2048)
     spec = json.dumps({**SPEC, "search": {}}).encode()
     big = [spec[:-2]] + [b" " * 256] * 40 + [b"}}"]  # valid JSON (whitespace), 10 KiB
-    with TestClient(create_app(settings)) as client:  # runs the lifespan (the database)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:  # lifespan
         app_ = client.app
         status, _, _ = _asgi_post(app_, [(b"content-length", str(len(spec)).encode())], [spec])
         assert status == 201  # control: the harness reaches the endpoint

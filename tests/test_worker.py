@@ -175,22 +175,32 @@ def test_an_unexpected_error_is_retried_up_to_max_attempts(clean, settings, monk
     assert (job.status, job.attempt, job.error_kind) == ("failed", 2, "internal")
 
 
-def test_a_corrupt_file_in_the_job_s_folder_fails_it_without_retry(clean, settings, monkeypatch):
-    """A retry would read the same damaged file: the job fails at once, naming it."""
-    from pruning.checkpoint import read_json
+def test_a_corrupt_file_in_the_job_s_folder_is_deleted_and_its_step_redone(clean, settings):
+    """A checkpoint damaged on disk (truncated here, after a graceful stop): the worker deletes
+    it and retries; the retry redoes that step and the job succeeds. The client is told which
+    file, relative to the job's folder, never the server's paths."""
+    job_id = submit(clean, LONG, max_attempts=3)
+    state = Path(settings.artifact_dir) / "jobs" / job_id / "metanet" / "state.safetensors"
 
-    def damaged(spec, run_dir, **kwargs):
-        path = Path(run_dir) / "evaluation.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text('{"metapruning": ')
-        read_json(path)
+    def train_until_a_checkpoint(name):
+        with worker_thread(settings, name, 0.05) as (stop, _):
+            wait_for(state.exists, what="a PruningNet checkpoint")
+        assert job_row(clean, job_id).status == "queued" and state.exists()
 
-    monkeypatch.setattr("pruning.pipeline.run", damaged)
-    job_id = submit(clean, SPEC, max_attempts=3)
-    assert Worker(settings, "w1", device="cpu").run_once()
+    train_until_a_checkpoint("w1")
+    state.write_bytes(state.read_bytes()[:100])
+    assert Worker(settings, "w2", device="cpu").run_once()
     job = job_row(clean, job_id)
-    assert (job.status, job.error_kind, job.attempt) == ("failed", "corrupt_file", 1)
-    assert "evaluation.json is unreadable, corrupt or truncated" in job.error_message
+    assert (job.status, job.error_kind, job.attempt) == ("queued", "corrupt_file", 1)
+    assert job.error_message == ("metanet/state.safetensors was unreadable (corrupt or "
+                                 "truncated) and was deleted; the step that wrote it runs again")
+    assert str(settings.artifact_dir) not in job.error_message and not state.exists()
+    train_until_a_checkpoint("w3")  # the retry trains the PruningNet again
+    from pruning.checkpoint import load_tensors
+    assert load_tensors(state)  # readable
+    with Session(clean) as s:
+        queue.request_cancel(s, job_id, "alice")
+        s.commit()
 
 
 # --- cancel, shutdown -----------------------------------------------------------------------

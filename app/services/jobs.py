@@ -27,12 +27,21 @@ def check_paths(spec: PipelineSpec, settings: Settings) -> None:
     service's business, not a path the client names)."""
     if spec.metanet_from is not None:
         raise _invalid("metanet_from", "metanet_from is not accepted over the API")
-    if spec.data_root is None:
-        return
+    problem = data_root_problem(spec.data_root, settings)
+    if problem is not None:
+        raise _invalid("data_root", problem)
+
+
+def data_root_problem(data_root: str | None, settings: Settings) -> str | None:
+    """Why ``data_root`` may not be read (``None``: it may): it must resolve (symlinks and
+    ``..`` followed) under a configured dataset root. Checked when a job is submitted, and again
+    by the worker that runs it (a symlink may have changed in between)."""
+    if data_root is None:
+        return None
     if not settings.dataset_roots:
-        raise _invalid("data_root", "this server accepts no data_root (no dataset roots are "
-                                    "configured); leave it out to use the default location")
-    path = Path(spec.data_root)
+        return ("this server accepts no data_root (no dataset roots are configured); leave it "
+                "out to use the default location")
+    path = Path(data_root)
     roots = [Path(os.path.realpath(r)) for r in settings.dataset_roots]
     try:
         inside = path.is_absolute() and any(Path(os.path.realpath(path)).is_relative_to(r)
@@ -40,8 +49,9 @@ def check_paths(spec: PipelineSpec, settings: Settings) -> None:
     except (ValueError, OSError):  # e.g. an embedded NUL (PipelineSpec refuses it already)
         inside = False
     if not inside:
-        raise _invalid("data_root", "data_root must be an absolute path under one of the "
-                                    "server's dataset roots: " + ", ".join(map(str, roots)))
+        return ("data_root must be an absolute path under one of the server's dataset roots: "
+                + ", ".join(map(str, roots)))
+    return None
 
 
 def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
