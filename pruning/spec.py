@@ -172,7 +172,7 @@ class Budget(BaseModel):
     network. Latency is predicted from a per-layer table measured on the run's device at
     batch size 1 (:mod:`pruning.latency`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "5" is not a count, true no seed
     macs: int | None = Field(None, gt=0, le=10**13)
     params: int | None = Field(None, gt=0, le=10**11)
     macs_ratio: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
@@ -212,7 +212,7 @@ class Budget(BaseModel):
 class PipelineSpec(BaseModel):
     """Everything a pruning run needs; the preset fills what is not given."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     arch: str = "mobilenet_v2"
     dataset: str = "fashion-mnist"
     data_root: str | None = Field(None, min_length=1, max_length=4096)

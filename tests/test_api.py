@@ -142,6 +142,18 @@ def test_data_root_only_under_dataset_roots(api, tmp_path):
     assert r.status_code == 201
 
 
+@pytest.mark.parametrize("field, value", [
+    ("seed", True), ("seed", "3"), ("train_baseline", "yes"), ("train_baseline", 1),
+    ("width_mult", "0.5"), ("budget", {"macs": "5000000"}), ("budget", {"macs_ratio": "0.3"}),
+])
+def test_spec_values_are_taken_as_their_json_type(api, field, value):
+    """A spec's values are not coerced (true was stored as seed 1, "yes" as true), as the
+    metanet/search/final settings never were."""
+    r = api.post("/v1/jobs", json={**SPEC, field: value}, headers=api.alice)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][:2] == ["body", field]
+
+
 def test_the_worker_checks_data_root_again(api, engine, sqlite_url, tmp_path):
     """A symlink under a root that pointed inside when the job was submitted, and outside when
     a worker takes it: the job fails (invalid_spec) before anything is read."""
