@@ -19,7 +19,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_valida
 
 from pruning import counting
 from pruning.checkpoint import json_bytes
-from pruning.constraints import MacsConstraint, ParamsConstraint, check_binding, check_feasible
+from pruning.constraints import (InfeasibleBudgetError, MacsConstraint, ParamsConstraint,
+                                 check_binding, check_feasible)
 from pruning.archs import INPUT_SIZE_RANGE
 from pruning.registry import get_arch
 from pruning.search import SearchConfig
@@ -209,6 +210,24 @@ class Budget(BaseModel):
         return ParamsConstraint(max(1, int(self.params_ratio * counting.params(full, top))))
 
 
+    def check_feasible(self, space: SearchSpace, constraints) -> None:
+        """:func:`~pruning.constraints.check_feasible`; for a ratio budget the error also gives
+        the smallest ratio that is feasible (rounded up), in the terms the budget was given."""
+        try:
+            check_feasible(space, constraints)
+        except InfeasibleBudgetError as e:
+            name = next((k for k in ("macs_ratio", "params_ratio", "latency_ratio")
+                         if getattr(self, k) is not None), None)
+            if name is None:
+                raise
+            (c,) = constraints
+            full, top = space.full_network()
+            least = c.value(space, space.smallest()) / c.value(full, top)
+            raise InfeasibleBudgetError(
+                f"{e}; as a {name} (--{name.replace('_', '-')}): at least "
+                f"{math.ceil(least * 1000) / 1000:g}") from None
+
+
 class PipelineSpec(BaseModel):
     """Everything a pruning run needs; the preset fills what is not given."""
 
@@ -349,7 +368,7 @@ class PipelineSpec(BaseModel):
         num_classes, in_channels, size = shape
         space = self.search_space(num_classes, in_channels, self.image_size or size)
         constraints = [self.budget.count_constraint(space)]
-        check_feasible(space, constraints)
+        self.budget.check_feasible(space, constraints)
         check_binding(space, constraints)
 
     def resolved(self) -> ResolvedSpec:

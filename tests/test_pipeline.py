@@ -302,6 +302,14 @@ def test_tiny_ratio_reads_as_an_infeasible_budget(tmp_path, capsys, option, name
     assert cli.main([*args, "--out", str(tmp_path / "run")]) == 2
     (line,) = error_lines(capsys)
     assert f"{name} budget 1 is infeasible" in line and "smallest candidate needs" in line
+    # ...and gives the smallest feasible ratio, which is feasible, and a step below it is not
+    field = option[2:].replace("-", "_")
+    least = float(line.rpartition(f"as a {field} ({option}): at least ")[2])
+    spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke",
+                        budget=Budget(**{field: least}))
+    spec.check_budget()
+    with pytest.raises(InfeasibleBudgetError):
+        spec.model_copy(update={"budget": Budget(**{field: least - 0.001})}).check_budget()
 
 
 @pytest.mark.parametrize("option, value", [("--macs-ratio", "1.5"), ("--params-ratio", "1")])
