@@ -281,7 +281,10 @@ class SearchSpace:
         choices = []
         for g, table in zip(self.groups, self.width_table):
             w = widths[g.name]
-            if type(w) is not int or w not in table:  # not 8.0, "8" or True
+            if type(w) is not int:  # not 8.0, "8" or True
+                raise CandidateError(f"{self.arch}: width {w!r} of group {g.name!r} must be a "
+                                     f"whole number of channels, like {table[-1]}")
+            if w not in table:
                 raise CandidateError(
                     f"{self.arch}: width {w!r} of group {g.name!r} is not a level; choose from "
                     f"{sorted(set(table))}")

@@ -220,7 +220,9 @@ def test_from_widths_errors():
     # only integers: JSON's "4", 4.0 or true are not widths, though 4 == 4.0 == True * 4
     ok = space.widths_by_group(space.smallest())
     for bad in (str(ok[first]), float(ok[first]), True):
-        with pytest.raises(CandidateError, match=f"width {bad!r} of group '{first}' is not a"):
+        with pytest.raises(CandidateError,
+                           match=f"width {bad!r} of group '{first}' must be a whole number of "
+                                 f"channels, like"):
             space.from_widths({**ok, first: bad})
 
 
