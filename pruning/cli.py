@@ -35,7 +35,7 @@ from pruning import __version__, counting
 from pruning.constraints import format_count, parse_count
 from pruning.registry import list_archs
 from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
-from pruning.spec import DATASETS, error_message
+from pruning.spec import DATASETS, PipelineSpec, error_message
 
 
 class UserError(Exception):
@@ -52,8 +52,10 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-width-mult", type=float, default=1.0,
                    help="search up to this multiple of the base widths (paper: 1.4)")
     p.add_argument("--channel-divisor", type=int, default=1)
-    p.add_argument("--min-channels", type=int, default=1,
-                   help="no group narrower than this (or its maximum); pipeline runs default to 4")
+    p.add_argument("--min-channels", type=int,
+                   default=PipelineSpec.model_fields["min_channels"].default,
+                   help="no group narrower than this (or its maximum; default: %(default)s, as "
+                        "in runs, so a run's candidate keys name the same networks here)")
     p.add_argument("--scales", help="comma-separated width levels as fractions of each group's "
                                     "maximum (default: 31 levels 0.10, 0.13, …, 1.00)")
 
@@ -191,7 +193,7 @@ def _spec(a):
     """The :class:`PipelineSpec` that the options of ``prune`` / ``train-metanet`` describe."""
     from pydantic import ValidationError
 
-    from pruning.pipeline import Budget, PipelineSpec
+    from pruning.pipeline import Budget
 
     try:
         overrides = json.loads(a.set or "{}")

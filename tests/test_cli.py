@@ -19,6 +19,7 @@ from pruning import cli, counting
 from pruning.modules import build
 from pruning.registry import list_archs
 from pruning.space import Candidate, SearchSpace
+from pruning.spec import PipelineSpec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,7 +32,9 @@ def call(capsys, *argv) -> tuple[int, dict | None, str]:
 
 
 def space_of(arch: str, **kw) -> SearchSpace:
-    """The space the CLI builds by default (1 × 28 × 28 inputs, 10 classes)."""
+    """The space the CLI builds by default (1 × 28 × 28 inputs, 10 classes, the runs'
+    min_channels)."""
+    kw = {"min_channels": PipelineSpec.model_fields["min_channels"].default, **kw}
     return SearchSpace.create(arch, num_classes=10, in_channels=1, input_size=28, width_mult=1.0,
                               **kw)
 
