@@ -453,7 +453,7 @@ class Worker:
         except Cancelled:
             return self._stopped(job, state)
         except UnreadableFileError as e:
-            return self._unreadable(job, e)
+            return "lost" if state.lost.is_set() else self._unreadable(job, e)
         except Exception as e:  # noqa: BLE001 — every failure is recorded on the job
             if state.lost.is_set():
                 return "lost"
