@@ -271,6 +271,9 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
                         device=device, val_size=r.val_size,
                         train_limit=r.train_limit, test_limit=r.test_limit, seed=spec.seed)
     _check_batches(data, r)
+    if r.eval_images is not None and r.eval_images > len(data.val):
+        notify({"stage": "data", "message": f"eval_images {r.eval_images} is more than the "
+                f"{len(data.val)} held-out images: the search scores all {len(data.val)}"})
     data_fingerprint = data.fingerprint()
     _check_data(run_dir, data_fingerprint)
     if spec.metanet_from is not None and not (run_dir / METANET_FILE).exists():
@@ -511,7 +514,8 @@ def stage_export(ctx: RunContext) -> dict:
         "final": {"init": spec.final_init, "epochs": ctx.r.final.epochs,
                   "steps": ctx.r.final.total_steps(len(ctx.data.train))},
         "search": {"evaluated": len(result.history), "generations": result.config.generations,
-                   "objective": result.config.objective, "best_score": result.best.score},
+                   "objective": result.config.objective, "best_score": result.best.score,
+                   "val_images": min(ctx.r.eval_images or len(ctx.data.val), len(ctx.data.val))},
         "elapsed_s": None,
         **entries,
     }
@@ -530,6 +534,7 @@ def stage_export(ctx: RunContext) -> dict:
     mp, uniform = report["metapruning"], report["uniform"]
     budget_macs = next((c.limit for c in constraints if isinstance(c, MacsConstraint)), None)
     uniform_score = entry_score(uniform, result.config.objective)
+    # up to the export: report.json is one of the files the export writes and hashes
     report["elapsed_s"] = round(time.perf_counter() - ctx.t_start, 3)
     export_model(art, net, space, best, sample=sample,
                  extra={"dataset": {"name": spec.dataset, **asdict(meta)}, "seed": spec.seed,
@@ -624,11 +629,16 @@ def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
             f"another run, or delete {src / METANET_FILE} and train it again (the command that "
             "started that run, with --resume)") from None
     theirs, ours = metanet_identity(other), metanet_identity(spec)
-    for key in ours:
-        if theirs[key] != ours[key]:
+    for key in [*ours, *(k for k in theirs if k not in ours)]:
+        there, here = theirs.get(key), ours.get(key)
+        if there != here:
+            if isinstance(there, dict) and isinstance(here, dict):  # name the setting itself
+                sub = next(k for k in sorted(set(there) | set(here))
+                           if there.get(k) != here.get(k))
+                key, there, here = f"{key}.{sub}", there.get(sub), here.get(sub)
             raise RunFolderError(
                 f"metanet_from: the PruningNet of {src} was trained with other settings "
-                f"({key}: {theirs[key]!r} there, {ours[key]!r} here); it can be reused only "
+                f"({key}: {there!r} there, {here!r} here); it can be reused only "
                 "with the same architecture, widths, data, split, seed and metanet settings")
     return src
 

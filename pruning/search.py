@@ -405,7 +405,8 @@ class _Search:
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise SearchStateError(f"cannot read search state {path}: {e}") from e
+            raise SearchStateError(f"{path} is unreadable, corrupt or truncated ({e}); restore "
+                                   f"it, or delete it and run again to redo the search") from e
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise SearchStateError(f"{path} is not a search state file ({STATE_FORMAT})")
         try:  # a file written before a setting existed holds its default

@@ -222,7 +222,9 @@ class Budget(BaseModel):
                 raise
             (c,) = constraints
             full, top = space.full_network()
-            least = c.value(space, space.smallest()) / c.value(full, top)
+            whole = (c.table.predict_widths(full.widths(top)) if name == "latency_ratio"
+                     else c.value(full, top))  # (a latency table belongs to the run's space)
+            least = c.value(space, space.smallest()) / whole
             raise InfeasibleBudgetError(
                 f"{e}; as a {name} (--{name.replace('_', '-')}): at least "
                 f"{math.ceil(least * 1000) / 1000:g}") from None
@@ -421,7 +423,9 @@ def metanet_identity(spec: PipelineSpec) -> dict:
             "levels": [float(x) for x in (spec.levels or DEFAULT_LEVELS)],
             "channel_divisor": spec.channel_divisor, "min_channels": spec.min_channels,
             "train_limit": r.train_limit,
-            "val_size": r.val_size, "metanet": asdict(r.metanet),
+            "val_size": r.val_size,
+            # how often it was saved does not change the PruningNet (resumes are exact)
+            "metanet": {k: v for k, v in asdict(r.metanet).items() if k != "checkpoint_every"},
             "metanet_sampling": spec.metanet_sampling,
             # a budget-biased PruningNet is trained for its budget only
             "budget": spec.budget.model_dump() if spec.metanet_sampling == "budget" else None,

@@ -228,6 +228,20 @@ def test_pipeline_reports_predicted_and_measured_latency(tmp_path, monkeypatch, 
                 in next(line for line in out.splitlines() if line.strip().startswith(name)))
 
 
+def test_an_infeasible_latency_ratio_names_the_smallest_ratio(tmp_path, monkeypatch):
+    """The hint divides by the full network's predicted latency from the run's own table (the
+    1.0× network's space is another one, which the table refuses)."""
+    from pruning.constraints import InfeasibleBudgetError
+    from pruning.pipeline import prepare
+
+    monkeypatch.setenv("METAPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
+                        budget=Budget(latency_ratio=0.05))
+    with pytest.raises(InfeasibleBudgetError, match=r"as a latency_ratio \(--latency-ratio\): "
+                                                    r"at least 0\.\d+$"):
+        prepare(spec, tmp_path / "run")
+
+
 def test_budget_validation():
     with pytest.raises(ValueError, match="exactly one budget"):
         Budget(latency_ms=2.0, macs_ratio=0.5)

@@ -253,7 +253,7 @@ def test_resume_rejects_a_corrupt_file(resnet, tmp_path):
     _, budget = target_budget(resnet)
     state = tmp_path / "state.json"
     state.write_text("{not json")
-    with pytest.raises(SearchStateError, match="cannot read"):
+    with pytest.raises(SearchStateError, match="state.json is unreadable, corrupt or truncated .*; restore it, or delete it"):
         evolve(resnet, lambda c: 0.0, budget, SMALL, state_path=state)
 
 

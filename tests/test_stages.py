@@ -156,14 +156,16 @@ def test_metanet_from_refuses_another_pruningnet(reference, tmp_path, capsys):
         ({"seed": 1}, "(seed: 0 there, 1 here)"),
         ({"width_mult": 2.0}, "(width_mult: 1.0 there, 2.0 here)"),
         ({"val_size": 32}, "(val_size: 64 there, 32 here)"),
-        ({"metanet": {"max_steps": 7}}, "(metanet: {"),
+        ({"metanet": {"max_steps": 7}}, "(metanet.max_steps: 6 there, 7 here)"),
+        ({"image_size": 12}, "(image_size: None there, 12 here)"),
     ]:
         with pytest.raises(RunFolderError, match=f"trained with other settings {message[:-1]}"
                            .replace("(", r"\(").replace("{", r"\{")):
             prepare(spec(metanet_from=str(ref), **kw), out)
-    # another budget, preset-independent search settings and final training are fine to change
+    # another budget, search settings, final training or checkpoint interval are fine to change
     prepare(spec(metanet_from=str(ref), budget=Budget(params_ratio=0.5), final_init="generated",
-                 search={"generations": 1}), tmp_path / "ok")
+                 search={"generations": 1}, metanet={"max_steps": 6, "checkpoint_every": 5}),
+            tmp_path / "ok")
 
     status, _, errors = call(capsys, "prune", *OPTIONS, "--seed", "3", "--metanet-from",
                              str(ref), "--out", str(out))
