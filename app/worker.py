@@ -23,10 +23,10 @@ One job at a time, in the calling thread::
   first; an unusable one, or one trained on data that has changed since, is passed over) and
   runs only search, training, evaluation and export.
 * **Errors.** A bad spec or a user error (validation, a budget that is infeasible or prunes
-  nothing, missing data, unusable ``metanet_from``, diverged training) or a corrupt file in the
-  job's folder (``corrupt_file``: a retry would read it again) fails the job for good;
-  anything else is retried (the attempt fails with ``error_kind = "internal"`` and the job is
-  re-queued while attempts are left).
+  nothing, missing data, unusable ``metanet_from``, diverged training) fails the job for good;
+  a damaged file in the job's folder (``corrupt_file``) is deleted and the job retried, which
+  redoes the step that wrote it; anything else is retried (the attempt fails with
+  ``error_kind = "internal"`` and the job is re-queued while attempts are left).
 * **Reaper.** Every worker (and the API) calls :func:`app.queue.housekeeping` every
   ``lease_seconds / 2`` (idle or busy): expired leases are reaped, workers not seen for two
   leases forgotten.
@@ -97,8 +97,8 @@ def classify(exc: BaseException) -> tuple[str, bool]:
         return "invalid_spec", False
     if isinstance(exc, FloatingPointError):  # training diverged: the same settings diverge again
         return "diverged", False
-    if isinstance(exc, UnreadableFileError):  # a retry would read the same file
-        return "corrupt_file", False
+    if isinstance(exc, UnreadableFileError):  # as is, a retry would read it again (the worker
+        return "corrupt_file", False          # deletes one of the job's own first: _unreadable)
     return "internal", True
 
 
@@ -425,6 +425,11 @@ class Worker:
 
         try:
             spec = PipelineSpec.model_validate(job.spec)
+            if spec.data_root is not None and not self.settings.dataset_roots:
+                return self._fenced(  # the API accepted it: this worker is set up otherwise
+                    queue.fail, job, "retry", error_kind="worker", retry=True,
+                    error_message="this worker has no dataset roots (METAPRUNE_DATASET_ROOTS, "
+                                  "as the API's) to read a data_root from")
             problem = data_root_problem(spec.data_root, self.settings)
             if problem is not None:  # e.g. a symlink pointed out of the roots since submission
                 return self._fenced(queue.fail, job, "failed", error_kind="invalid_spec",
@@ -453,7 +458,7 @@ class Worker:
         except Cancelled:
             return self._stopped(job, state)
         except UnreadableFileError as e:
-            return "lost" if state.lost.is_set() else self._unreadable(job, e)
+            return self._unreadable(job, state, e)
         except Exception as e:  # noqa: BLE001 — every failure is recorded on the job
             if state.lost.is_set():
                 return "lost"
@@ -466,25 +471,35 @@ class Worker:
             return "lost"
         return self._fenced(queue.finish, job, "succeeded", detail=summary(report, job.attempt))
 
-    def _unreadable(self, job: queue.Claimed, e) -> str:
+    def _unreadable(self, job: queue.Claimed, state: _JobRun, e) -> str:
         """A file of the job's run folder that cannot be read back (a disk error: the atomic
         writes never leave one) is deleted, and the job retried: its resumed run redoes the
         step that wrote the file. Named relative to the run folder: a client has no business
-        with the server's paths, nor anything to do about them."""
+        with the server's paths, nor anything to do about them. Not deleted: a file of another
+        job (a lent PruningNet), the records a run checks itself against (``spec.json``,
+        ``data.json``), or any file once the lease is lost or no attempt is left."""
+        from pruning.pipeline import DATA_FILE
+
         run_dir = self.run_dir(job.id).resolve()
         path = Path(e.path).resolve()
-        if not path.is_relative_to(run_dir):  # not this job's (another job's PruningNet …)
-            where = path.relative_to(self.artifact_dir.resolve()) \
-                if path.is_relative_to(self.artifact_dir.resolve()) else path.name
-            return self._fenced(queue.fail, job, "failed", error_kind="corrupt_file",
-                                error_message=f"{where} is unreadable, corrupt or truncated",
-                                retry=False)
-        log.warning("job %s: %s; deleting it and retrying", job.id, e)
-        path.unlink(missing_ok=True)
-        return self._fenced(queue.fail, job, "retry", error_kind="corrupt_file",
-                            error_message=f"{path.relative_to(run_dir)} was unreadable (corrupt "
-                                          f"or truncated) and was deleted; the step that wrote "
-                                          f"it runs again", retry=True)
+        where = (path.relative_to(self.artifact_dir.resolve())
+                 if path.is_relative_to(self.artifact_dir.resolve()) else Path(path.name))
+        if path.is_relative_to(run_dir):
+            where = path.relative_to(run_dir)
+            redo = (str(where) not in ("spec.json", DATA_FILE)
+                    and job.attempt < job.max_attempts and not state.lost.is_set())
+            if redo:
+                log.warning("job %s: %s; deleting it and retrying", job.id, e)
+                path.unlink(missing_ok=True)
+                return self._fenced(queue.fail, job, "retry", error_kind="corrupt_file",
+                                    error_message=f"{where} was unreadable (corrupt or truncated) "
+                                                  f"and was deleted; the step that wrote it runs "
+                                                  f"again", retry=True)
+        if state.lost.is_set():
+            return "lost"
+        return self._fenced(queue.fail, job, "failed", error_kind="corrupt_file",
+                            error_message=f"{where} is unreadable, corrupt or truncated",
+                            retry=False)
 
     def _metanet_source(self, job: queue.Claimed, spec) -> str | None:
         """The run folder of the owner's newest succeeded job whose PruningNet this job can reuse

@@ -350,8 +350,8 @@ def _decode_image(path: str, size: int, mode: str) -> torch.Tensor:
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
-        if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: PIL's convert clips
-            # it to 255; scale 0…65535 to 0…255 instead
+        if im.mode.startswith("I;16"):  # 16-bit grey: PIL's convert clips it to 255; scale
+            # 0…65535 to 0…255 instead (mode I, 32-bit, has no such range: converted as before)
             grey = np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255)
             im = Image.fromarray(np.round(grey).astype(np.uint8))
         if im.mode == "F":
@@ -481,9 +481,6 @@ class StreamSplit(Split):
                                         "the run must start again in a new folder.")
 
 
-DATA_FINGERPRINT_VERSION = 2
-
-
 @dataclass
 class DataBundle:
     meta: DatasetMeta
@@ -496,14 +493,17 @@ class DataBundle:
         device: the classes, the image shape and each split's samples (positions in their
         source, labels, and the pixels of data held in memory or the file names of streamed
         data). ``{"sha256", "images": {"train", "val", "test"}, "version"}``: the version
-        changes when what the hash covers does (2: the sizes of streamed files)."""
+        names what the hash covers, and changes with it: 1 for data held in memory, 2 for
+        streamed data (1 hashed its absolute file names, 2 their names below the split's folder
+        and their sizes)."""
         meta = {k: v for k, v in self.meta.to_dict().items() if k not in ("mean", "std")}
         h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
         splits = {"train": self.train, "val": self.val, "test": self.test}
         for split in splits.values():
             h.update(split.fingerprint().encode())
+        streamed = any(isinstance(s, StreamSplit) for s in splits.values())
         return {"sha256": h.hexdigest(), "images": {k: len(v) for k, v in splits.items()},
-                "version": DATA_FINGERPRINT_VERSION}
+                "version": 2 if streamed else 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -875,18 +875,19 @@ def _scan_classes(scan: _Scan, folder: str) -> tuple[list[str], list[list[str]]]
     """Class names and each class's image files. An image that symlinks make reachable from
     two classes is an error (it would carry both labels); reached twice in one class, it counts
     once."""
-    classes, files, owner = [], [], {}
+    classes, files, owner = [], [], {}  # owner: image (real path) → its class
     for name, real in scan.subdirs(folder):
-        mine = []
+        mine: list[str] = []
         for path in scan.images(real):
             key = os.path.realpath(path)
-            first = owner.setdefault(key, name)
-            if first != name:
+            first = owner.get(key)
+            if first is None:
+                owner[key] = name
+                mine.append(key)
+            elif first != name:
                 raise DatasetError(f"{folder}: image {key} is reached from class {first} and "
                                    f"from class {name} (through a symlink); an image needs one "
                                    f"class")
-            if key not in mine:
-                mine.append(key)
         classes.append(name)
         files.append(mine)
     return classes, files

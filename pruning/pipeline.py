@@ -46,7 +46,7 @@ from pruning.checkpoint import (UnreadableFileError, atomic_write_bytes, atomic_
                                 json_bytes, load_tensors, read_json, read_tensors_metadata,
                                 remove_stale_temporaries, save_tensors)
 from pruning.constraints import MacsConstraint, budget_use, check_binding
-from pruning.data import DATA_FINGERPRINT_VERSION, DataBundle, DatasetError, load_dataset
+from pruning.data import DataBundle, DatasetError, load_dataset
 from pruning.evaluate import CandidateEvaluator, entry_score
 from pruning.export import export_model
 from pruning.report import pareto_png
@@ -293,7 +293,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     remove_stale_temporaries(run_dir)  # left by a run killed mid-write (resumed runs only)
     if not (run_dir / "spec.json").exists():
         atomic_write_json(run_dir / "spec.json", spec.model_dump())
-    if _data_record_outdated(run_dir):  # none yet, or written by an older version
+    if _data_record_outdated(run_dir, data_fingerprint):  # none yet, or an older version's
         atomic_write_json(run_dir / DATA_FILE, data_fingerprint)
     if latency is not None and not table_path.exists():
         latency.table.save(table_path)  # a resumed search must see the very same table
@@ -304,7 +304,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
 
 def _data_change(saved: dict, now: dict) -> str | None:
     """How the data of two :meth:`DataBundle.fingerprint` records differ (``None``: it does
-    not). A record of an older :data:`~pruning.data.DATA_FINGERPRINT_VERSION` hashed other
+    not). A record of another version (streamed data recorded by an older version) hashed other
     things: only its counts can be compared."""
     same_version = saved.get("version", 1) == now["version"]
     if same_version and saved.get("sha256") == now["sha256"]:
@@ -322,9 +322,9 @@ def _data_change(saved: dict, now: dict) -> str | None:
     return f"train/val/test images: {then} then, {counts} now"
 
 
-def _data_record_outdated(run_dir: Path) -> bool:
+def _data_record_outdated(run_dir: Path, fingerprint: dict) -> bool:
     path = run_dir / DATA_FILE
-    return not path.exists() or read_json(path).get("version", 1) != DATA_FINGERPRINT_VERSION
+    return not path.exists() or read_json(path).get("version", 1) != fingerprint["version"]
 
 
 class MetanetDataError(RunFolderError):
@@ -629,6 +629,8 @@ def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
             f"another run, or delete {src / METANET_FILE} and train it again (the command that "
             "started that run, with --resume)") from None
     theirs, ours = metanet_identity(other), metanet_identity(spec)
+    for identity in (theirs, ours):  # how often it was saved does not change the PruningNet
+        identity["metanet"].pop("checkpoint_every", None)
     for key in [*ours, *(k for k in theirs if k not in ours)]:
         there, here = theirs.get(key), ours.get(key)
         if there != here:

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pruning import counting
-from pruning.checkpoint import atomic_write_json
+from pruning.checkpoint import UnreadableFileError, atomic_write_json
 from pruning.constraints import (
     Constraint,
     InfeasibleBudgetError,
@@ -403,10 +403,9 @@ class _Search:
     def load(self) -> None:
         path = self.state_path
         try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise SearchStateError(f"{path} is unreadable, corrupt or truncated ({e}); restore "
-                                   f"it, or delete it and run again to redo the search") from e
+            state = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # as every damaged run file
+            raise UnreadableFileError(path, e) from None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise SearchStateError(f"{path} is not a search state file ({STATE_FORMAT})")
         try:  # a file written before a setting existed holds its default

@@ -168,6 +168,19 @@ PRESETS: dict[str, dict] = {
 MAX_IMAGES = 10**9  # bound of train_limit, test_limit, val_size and eval_images
 
 
+def _whole_floats_as_ints(data, names):
+    """Strict models take a count as JSON's 9001.0 too, as the schema's "integer" does (a bool
+    or a string stays refused)."""
+    if isinstance(data, dict) and any(isinstance(data.get(k), float) for k in names):
+        data = {k: int(v) if k in names and isinstance(v, float) and v.is_integer() else v
+                for k, v in data.items()}
+    return data
+
+
+_INT_FIELDS = ("seed", "image_size", "channel_divisor", "min_channels", "train_limit",
+               "test_limit", "calib_batches", "calib_batch_size", "eval_images")
+
+
 class Budget(BaseModel):
     """Exactly one budget: absolute (MACs, params, milliseconds) or relative to the full 1.0×
     network. Latency is predicted from a per-layer table measured on the run's device at
@@ -180,6 +193,11 @@ class Budget(BaseModel):
     params_ratio: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
     latency_ms: float | None = Field(None, gt=0, le=10**6, allow_inf_nan=False)
     latency_ratio: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data):
+        return _whole_floats_as_ints(data, ("macs", "params"))
 
     @model_validator(mode="after")
     def _one(self):
@@ -318,7 +336,12 @@ class PipelineSpec(BaseModel):
             raise ValueError(f"val_size must be a count of held-out images (16 to "
                              f"{MAX_IMAGES:,}) or a fraction in (0, 1) of the training data, "
                              f"got {v!r}")
-        return v
+        return int(v) if isinstance(v, float) and v >= 1 else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data):
+        return _whole_floats_as_ints(data, _INT_FIELDS)
 
     @field_validator("levels")
     @classmethod
@@ -423,9 +446,7 @@ def metanet_identity(spec: PipelineSpec) -> dict:
             "levels": [float(x) for x in (spec.levels or DEFAULT_LEVELS)],
             "channel_divisor": spec.channel_divisor, "min_channels": spec.min_channels,
             "train_limit": r.train_limit,
-            "val_size": r.val_size,
-            # how often it was saved does not change the PruningNet (resumes are exact)
-            "metanet": {k: v for k, v in asdict(r.metanet).items() if k != "checkpoint_every"},
+            "val_size": r.val_size, "metanet": asdict(r.metanet),
             "metanet_sampling": spec.metanet_sampling,
             # a budget-biased PruningNet is trained for its budget only
             "budget": spec.budget.model_dump() if spec.metanet_sampling == "budget" else None,

@@ -103,6 +103,18 @@ def test_idempotency_key(api):
     assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
 
 
+def test_idempotency_key_of_a_job_stored_by_an_older_version(api, engine):
+    """A spec stored before a field existed (here: without image_size) is the same spec."""
+    headers = {**api.alice, "Idempotency-Key": "old-1"}
+    first = api.post("/v1/jobs", json=SPEC, headers=headers).json()
+    with Session(engine) as s:
+        job = s.get(Job, first["id"])
+        job.spec = {k: v for k, v in job.spec.items() if k != "image_size"}
+        s.commit()
+    again = api.post("/v1/jobs", json=SPEC, headers=headers)
+    assert again.status_code == 200 and again.json()["id"] == first["id"]
+
+
 @pytest.mark.parametrize("body, where, words", [
     ({**SPEC, "arch": "vgg99"}, ["body", "arch"], "unknown"),
     ({**SPEC, "budget": {"macs_ratio": 0.5, "params_ratio": 0.5}}, ["body", "budget"],
@@ -152,6 +164,18 @@ def test_spec_values_are_taken_as_their_json_type(api, field, value):
     r = api.post("/v1/jobs", json={**SPEC, field: value}, headers=api.alice)
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"][:2] == ["body", field]
+
+
+def test_a_whole_number_written_as_a_float_is_a_count(api):
+    """JSON Schema's "integer" (the OpenAPI document's) includes 9001.0: taken as 9001."""
+    r = api.post("/v1/jobs", json={**SPEC, "seed": 9001.0, "val_size": 500.0,
+                                   "budget": {"macs": 1e5}}, headers=api.alice)
+    assert r.status_code == 201, r.text
+    spec = r.json()["spec"]
+    assert (spec["seed"], spec["val_size"], spec["budget"]["macs"]) == (9001, 500, 100_000)
+    assert all(type(v) is int for v in (spec["seed"], spec["val_size"], spec["budget"]["macs"]))
+    r = api.post("/v1/jobs", json={**SPEC, "seed": 1.5}, headers=api.alice)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "seed"]
 
 
 def test_the_worker_checks_data_root_again(api, engine, sqlite_url, tmp_path):

@@ -16,6 +16,7 @@ from typing import ClassVar
 import pytest
 
 from pruning import counting
+from pruning.checkpoint import UnreadableFileError
 from pruning.constraints import (
     Constraint,
     InfeasibleBudgetError,
@@ -253,7 +254,8 @@ def test_resume_rejects_a_corrupt_file(resnet, tmp_path):
     _, budget = target_budget(resnet)
     state = tmp_path / "state.json"
     state.write_text("{not json")
-    with pytest.raises(SearchStateError, match="state.json is unreadable, corrupt or truncated .*; restore it, or delete it"):
+    with pytest.raises(UnreadableFileError, match="state.json is unreadable, corrupt or truncated "
+                                                  ".*; restore it, or delete it"):
         evolve(resnet, lambda c: 0.0, budget, SMALL, state_path=state)
 
 

@@ -386,6 +386,16 @@ def test_image_size_is_part_of_the_pruningnet_s_identity_only_when_given():
         metanet_identity(PipelineSpec(**base, image_size=24))
 
 
+def test_the_pruningnet_fingerprint_is_stable_across_versions():
+    """Jobs store it when submitted and later jobs look lenders up by it: a fingerprint that
+    moves with an upgrade orphans every stored PruningNet. These are the values of 2a1c640."""
+    from pruning.pipeline import PipelineSpec, metanet_fingerprint
+
+    assert metanet_fingerprint(PipelineSpec()).startswith("8025fb53")
+    assert metanet_fingerprint(PipelineSpec(arch="test_mobilenet_v2", dataset="synthetic",
+                                            preset="smoke")).startswith("3682eb9d")
+
+
 def test_loss_is_read_every_few_steps_on_a_gpu(data, tmp_path, monkeypatch):
     """On CUDA the loss is read (progress, divergence check) every few steps, always at step 1,
     at checkpoints and at the end; a NaN is still caught, and the checkpoint stays finite."""

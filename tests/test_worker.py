@@ -203,6 +203,29 @@ def test_a_corrupt_file_in_the_job_s_folder_is_deleted_and_its_step_redone(clean
         s.commit()
 
 
+@pytest.mark.parametrize("name, max_attempts", [("metanet/state.safetensors", 1),
+                                                ("data.json", 3)])
+def test_a_corrupt_file_is_kept_when_it_cannot_be_redone(clean, settings, monkeypatch, name,
+                                                        max_attempts):
+    """No attempt left, or the record the run checks its data against: the job fails, naming
+    the file (relative to its folder), and the file stays for the operator to look at."""
+    from pruning.checkpoint import read_json
+
+    def damaged(spec, run_dir, **kwargs):
+        path = Path(run_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"truncated": ')
+        read_json(path)
+
+    monkeypatch.setattr("pruning.pipeline.run", damaged)
+    job_id = submit(clean, SPEC, max_attempts=max_attempts)
+    assert Worker(settings, "w1", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.error_kind, job.attempt) == ("failed", "corrupt_file", 1)
+    assert job.error_message == f"{name} is unreadable, corrupt or truncated"
+    assert (Path(settings.artifact_dir) / "jobs" / job_id / name).exists()
+
+
 # --- cancel, shutdown -----------------------------------------------------------------------
 
 

@@ -54,6 +54,15 @@ def data_root_problem(data_root: str | None, settings: Settings) -> str | None:
     return None
 
 
+def _as_now(stored: dict) -> dict:
+    """A stored spec as this version writes it (fields added since take their defaults), so that
+    a replay of a key used before an upgrade matches; as stored if it no longer validates."""
+    try:
+        return PipelineSpec.model_validate(stored).model_dump(mode="json")
+    except ValueError:
+        return stored
+
+
 def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
                idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Queue ``spec`` for ``owner``; returns the job and whether it is new (an
@@ -75,7 +84,7 @@ def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
         if idempotency_key is not None:
             existing = queue.get_by_idempotency_key(session, owner, idempotency_key)
             if existing is not None:
-                if existing.spec != spec_json:
+                if _as_now(existing.spec) != spec_json:
                     raise Conflict("this Idempotency-Key was used with a different spec")
                 return existing, False
         if queue.count_queued(session, owner) >= settings.max_queued_per_owner:
