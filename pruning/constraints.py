@@ -39,6 +39,10 @@ class LooseBudgetError(BudgetError):
     """Every candidate of the space meets the budget (even the largest): nothing to prune."""
 
 
+class TightBudgetError(BudgetError):
+    """Only the smallest network meets the budget: nothing to search."""
+
+
 # --- human-readable counts ------------------------------------------------------------------
 
 _UNITS = (("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3))
@@ -254,11 +258,14 @@ def check_feasible(space: SearchSpace, constraints: Constraint | Iterable[Constr
 
 def check_binding(space: SearchSpace, constraints: Constraint | Iterable[Constraint]
                   ) -> tuple[Constraint, ...]:
-    """Raise :class:`LooseBudgetError` when the largest candidate meets every budget.
+    """Raise :class:`LooseBudgetError` when the largest candidate meets every budget, and
+    :class:`TightBudgetError` when only the smallest network does.
 
-    Values are monotone in the widths, so then every candidate does: the search would only
-    rediscover the largest network (a ratio of 1.5 typed for 0.15 would train for nothing).
-    Returns the constraints as a tuple.
+    Values are monotone in the widths, so in the first case every candidate meets it: the
+    search would only rediscover the largest network (a ratio of 1.5 typed for 0.15 would train
+    for nothing). In the second, no group can take its next wider width, and every candidate
+    the search could score is the smallest network under another key. Returns the constraints
+    as a tuple.
     """
     constraints = as_constraints(constraints)
     largest = space.largest()
@@ -270,4 +277,25 @@ def check_binding(space: SearchSpace, constraints: Constraint | Iterable[Constra
             f"{space.levels[-1]:g}x of its maximum width, max_width_mult "
             f"{space.max_width_mult:g}) already meets it ({uses}); give a smaller budget, or "
             "search wider networks with a larger max_width_mult (--max-width-mult)")
+    if constraints:
+        _check_room(space, constraints)
     return constraints
+
+
+def _check_room(space: SearchSpace, constraints: tuple[Constraint, ...]) -> None:
+    smallest = space.smallest()
+    steps = []  # the smallest network with one group at its next wider width
+    for g, table in enumerate(space.width_table):
+        level = next((i for i, w in enumerate(table) if w > table[smallest.choices[g]]), None)
+        if level is not None:
+            steps.append(Candidate(smallest.choices[:g] + (level,) + smallest.choices[g + 1:]))
+    if not steps or any(satisfies(space, c, constraints) for c in steps):
+        return
+    needs = "; ".join(f"{c.label} budget {c.format_limit()}: the smallest network needs "
+                      f"{c.format_value(c.value(space, smallest))}, the next one "
+                      f"{c.format_value(min(c.value(space, s) for s in steps))}"
+                      for c in constraints)
+    raise TightBudgetError(
+        f"the budget admits only the smallest network of {space.arch} (every group at "
+        f"{space.levels[0]:g}x of its maximum width, at least {space.min_channels} channels): "
+        f"there is nothing to search ({needs}); give a larger budget")

@@ -9,6 +9,7 @@ compares.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,8 @@ from metanet.bn import bn_statistics, recalibrate_bn
 from metanet.pruningnet import PruningNet
 from pruning import cli, counting
 from pruning.checkpoint import load_tensors, read_json
-from pruning.constraints import InfeasibleBudgetError, LooseBudgetError, format_count
+from pruning.constraints import (InfeasibleBudgetError, LooseBudgetError, TightBudgetError,
+                                 format_count)
 from pruning.data import load_dataset
 from pruning.export import load_pruned
 from pruning.modules import build
@@ -307,9 +309,26 @@ def test_tiny_ratio_reads_as_an_infeasible_budget(tmp_path, capsys, option, name
     least = float(line.rpartition(f"as a {field} ({option}): at least ")[2])
     spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke",
                         budget=Budget(**{field: least}))
-    spec.check_budget()
+    with contextlib.suppress(TightBudgetError):  # feasible, if perhaps for the smallest only
+        spec.check_budget()
     with pytest.raises(InfeasibleBudgetError):
         spec.model_copy(update={"budget": Budget(**{field: least - 0.001})}).check_budget()
+
+
+def test_a_budget_for_the_smallest_network_only_fails_before_training(tmp_path, capsys):
+    """Just above the smallest network, below every network one step wider: nothing to
+    search (every candidate would be the smallest network under another key)."""
+    space = synthetic_space()
+    smallest = counting.macs(space, space.smallest())
+    args = [a if a != "--macs-ratio" else "--max-macs" for a in CLI_ARGS]
+    args[args.index("--max-macs") + 1] = str(smallest + 1)
+    assert cli.main([*args, "--out", str(tmp_path / "run")]) == 2
+    (line,) = error_lines(capsys)
+    assert "the budget admits only the smallest network of" in line
+    assert f"the smallest network needs {format_count(smallest)} MACs, the next one " in line
+    assert not (tmp_path / "run").exists()
+    PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke",  # room for a search: fine
+                 budget=Budget(macs=2 * smallest)).check_budget()
 
 
 @pytest.mark.parametrize("option, value", [("--macs-ratio", "1.5"), ("--params-ratio", "1")])
