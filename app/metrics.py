@@ -120,5 +120,16 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = getattr(scope.get("route"), "path_format", None) or UNMATCHED
-            self.registry.observe(scope["method"], route, status, time.perf_counter() - start)
+            self.registry.observe(scope["method"], _route_template(scope), status,
+                                  time.perf_counter() - start)
+
+
+def _route_template(scope) -> str:
+    """The matched route's template: FastAPI's routes put themselves in the scope; Starlette's
+    (``/docs``, ``/openapi.json``) leave only their endpoint, found among the app's routes."""
+    template = getattr(scope.get("route"), "path_format", None)
+    endpoint = scope.get("endpoint")
+    if template is None and endpoint is not None:
+        template = next((r.path_format for r in getattr(scope.get("app"), "routes", ())
+                         if getattr(r, "endpoint", None) is endpoint), None)
+    return template or UNMATCHED

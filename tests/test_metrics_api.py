@@ -123,7 +123,10 @@ def test_request_counter_uses_route_templates(api, engine):
     assert api.get("/v1/jobs/nope", headers=api.alice).status_code == 404
     assert api.get("/no/such/path").status_code == 404
     assert api.get("/healthz").status_code == 200
+    assert api.get("/openapi.json").status_code == 200  # a Starlette route, not FastAPI's
     samples = parse(api.get("/metrics").text)
+    assert sample(samples, "metaprune_http_requests_total", method="GET", route="/openapi.json",
+                  status="200") == 1
     route = "/v1/jobs/{job_id}"
     assert sample(samples, "metaprune_http_requests_total", method="GET", route=route,
                   status="200") == 3
