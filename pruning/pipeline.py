@@ -631,6 +631,8 @@ def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
     theirs, ours = metanet_identity(other), metanet_identity(spec)
     for identity in (theirs, ours):  # how often it was saved does not change the PruningNet
         identity["metanet"].pop("checkpoint_every", None)
+        if (src / DATA_FILE).exists():  # the data itself is compared once loaded (data.json):
+            identity.pop("data_root")   # the same images under another path are the same data
     for key in [*ours, *(k for k in theirs if k not in ours)]:
         there, here = theirs.get(key), ours.get(key)
         if there != here:

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -479,6 +480,12 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, capsys):
     assert "train/val/test images" in _data_change(
         {**older, "images": {**record["images"], "train": 1}}, {**record, "version": 2})
     assert "other images or labels" in _data_change(older, record)
+    # the same images under another path are the same data: its PruningNet is reused
+    shutil.copytree(tree, tmp_path / "copy")
+    copy_options = [o if o != str(tree) else str(tmp_path / "copy") for o in options]
+    assert cli.main(["prune", *copy_options, "--macs-ratio", "0.5", "--metanet-from",
+                     str(run_dir), "--out", str(tmp_path / "reuse")]) == 0, capsys.readouterr()
+    assert "metanet_from" in read_json(tmp_path / "reuse" / "artifacts" / "report.json")
 
 
 def test_image_size_resizes_an_image_folder(tmp_path, capsys):
