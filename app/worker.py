@@ -425,12 +425,12 @@ class Worker:
 
         try:
             spec = PipelineSpec.model_validate(job.spec)
-            if spec.data_root is not None and not self.settings.dataset_roots:
+            problem = data_root_problem(spec.data_root, self.settings)
+            if problem is not None and not self.settings.dataset_roots:
                 return self._fenced(  # the API accepted it: this worker is set up otherwise
                     queue.fail, job, "retry", error_kind="worker", retry=True,
                     error_message="this worker has no dataset roots (METAPRUNE_DATASET_ROOTS, "
                                   "as the API's) to read a data_root from")
-            problem = data_root_problem(spec.data_root, self.settings)
             if problem is not None:  # e.g. a symlink pointed out of the roots since submission
                 return self._fenced(queue.fail, job, "failed", error_kind="invalid_spec",
                                     error_message=f"data_root: {problem}", retry=False)
@@ -480,11 +480,11 @@ class Worker:
         ``data.json``), or any file once the lease is lost or no attempt is left."""
         from pruning.pipeline import DATA_FILE
 
-        run_dir = self.run_dir(job.id).resolve()
+        run_dir, root = self.run_dir(job.id).resolve(), self.artifact_dir.resolve()
         path = Path(e.path).resolve()
-        where = (path.relative_to(self.artifact_dir.resolve())
-                 if path.is_relative_to(self.artifact_dir.resolve()) else Path(path.name))
-        if path.is_relative_to(run_dir):
+        if not path.is_relative_to(run_dir):
+            where = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
+        else:
             where = path.relative_to(run_dir)
             redo = (str(where) not in ("spec.json", DATA_FILE)
                     and job.attempt < job.max_attempts and not state.lost.is_set())

@@ -35,7 +35,7 @@ from pruning import __version__, counting
 from pruning.constraints import format_count, parse_count
 from pruning.registry import list_archs
 from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
-from pruning.spec import DATASETS, PipelineSpec, error_message
+from pruning.spec import DATASETS, Budget, PipelineSpec, error_message
 
 
 class UserError(Exception):
@@ -193,8 +193,6 @@ def _spec(a):
     """The :class:`PipelineSpec` that the options of ``prune`` / ``train-metanet`` describe."""
     from pydantic import ValidationError
 
-    from pruning.pipeline import Budget
-
     try:
         overrides = json.loads(a.set or "{}")
     except json.JSONDecodeError as e:
@@ -273,7 +271,6 @@ def _saved_spec(a):
     """The specification of the run in ``--out`` (its ``spec.json``), on ``--device`` if
     given."""
     from pruning.checkpoint import read_json
-    from pruning.pipeline import PipelineSpec
 
     saved = Path(a.out) / "spec.json"
     if not saved.is_file():

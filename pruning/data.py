@@ -878,8 +878,7 @@ def _scan_classes(scan: _Scan, folder: str) -> tuple[list[str], list[list[str]]]
     classes, files, owner = [], [], {}  # owner: image (real path) → its class
     for name, real in scan.subdirs(folder):
         mine: list[str] = []
-        for path in scan.images(real):
-            key = os.path.realpath(path)
+        for key in scan.images(real):  # real paths: one key per file, however reached
             first = owner.get(key)
             if first is None:
                 owner[key] = name
@@ -1008,7 +1007,8 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
         sub_labels = tr_lab[sub_idx]
         val_files = [train_files[i] for i in val_idx.tolist()]
         val_labels = tr_lab[val_idx].tolist()
-    untrained = [c for i, c in enumerate(classes) if not bool((sub_labels == i).any())]
+    per_class_train = torch.bincount(torch.as_tensor(sub_labels), minlength=len(classes))
+    untrained = [c for c, n in zip(classes, per_class_train.tolist()) if n == 0]
     if untrained:
         raise DatasetError(
             f"class(es) {', '.join(untrained[:5])} keep no image for training once the test and "

@@ -45,7 +45,7 @@ from pruning import counting
 from pruning.checkpoint import (UnreadableFileError, atomic_write_bytes, atomic_write_json,
                                 json_bytes, load_tensors, read_json, read_tensors_metadata,
                                 remove_stale_temporaries, save_tensors)
-from pruning.constraints import MacsConstraint, budget_use, check_binding
+from pruning.constraints import MacsConstraint, budget_use
 from pruning.data import DataBundle, DatasetError, load_dataset
 from pruning.evaluate import CandidateEvaluator, entry_score
 from pruning.export import export_model
@@ -285,8 +285,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
         notify({"stage": "latency", "message": "building the latency table (cached per device)"})
     constraints = resolve_budget(space, spec.budget, device=device, table_path=table_path)
     latency = next((c for c in constraints if c.name == "latency"), None)
-    spec.budget.check_feasible(space, constraints)  # fail before any training
-    check_binding(space, constraints)
+    spec.budget.check_usable(space, constraints)  # fail before any training
     baseline = uniform_baseline(space, constraints)
     # claimed only now: a typo in the data folder or an unusable budget leaves no run behind
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -227,10 +227,10 @@ class Budget(BaseModel):
             return MacsConstraint(max(1, int(self.macs_ratio * counting.macs(full, top))))
         return ParamsConstraint(max(1, int(self.params_ratio * counting.params(full, top))))
 
-
-    def check_feasible(self, space: SearchSpace, constraints) -> None:
-        """:func:`~pruning.constraints.check_feasible`; for a ratio budget the error also gives
-        the smallest ratio that is feasible (rounded up), in the terms the budget was given."""
+    def check_usable(self, space: SearchSpace, constraints) -> None:
+        """:func:`~pruning.constraints.check_feasible` and
+        :func:`~pruning.constraints.check_binding`; for a ratio budget an infeasible one also
+        gives the smallest ratio that is feasible (rounded up), in the terms it was given."""
         try:
             check_feasible(space, constraints)
         except InfeasibleBudgetError as e:
@@ -246,6 +246,7 @@ class Budget(BaseModel):
             raise InfeasibleBudgetError(
                 f"{e}; as a {name} (--{name.replace('_', '-')}): at least "
                 f"{math.ceil(least * 1000) / 1000:g}") from None
+        check_binding(space, constraints)
 
 
 class PipelineSpec(BaseModel):
@@ -393,8 +394,7 @@ class PipelineSpec(BaseModel):
         num_classes, in_channels, size = shape
         space = self.search_space(num_classes, in_channels, self.image_size or size)
         constraints = [self.budget.count_constraint(space)]
-        self.budget.check_feasible(space, constraints)
-        check_binding(space, constraints)
+        self.budget.check_usable(space, constraints)
 
     def resolved(self) -> ResolvedSpec:
         p = PRESETS[self.preset]
