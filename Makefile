@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` and `make test` (each sets up what it needs).
+# The two commands of the README: `make demo` and `make test` (each sets up what it needs);
+# `make setup` is their set-up alone, `make bench` the quick CPU benchmarks (docs/benchmarks.md).
 VENV ?= .venv
 export VENV
 

@@ -133,4 +133,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes)
     app.state.metrics = Registry()
     app.add_middleware(HttpMetrics, registry=app.state.metrics)  # outermost: counts 413s too
+    _keep_null_examples(app)
     return app
+
+
+def _keep_null_examples(app: FastAPI) -> None:
+    """FastAPI drops every null from the OpenAPI document, examples' included, which left the
+    examples without fields their schemas require (``finished_at``…): put them back whole."""
+    from app import schemas
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            for name, component in generate().get("components", {}).get("schemas", {}).items():
+                extra = getattr(getattr(schemas, name, None), "model_config", {})
+                examples = (extra.get("json_schema_extra") or {}).get("examples")
+                if examples is not None:
+                    component["examples"] = jsonable_encoder(examples)
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -10,14 +10,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.models import Job, JobStatus
 
-_JOB_EXAMPLE = {
+_KEY = "20-20-18-18-15-15-12-12-12-12-12-12-10-10"  # MobileNetV1 0.25x on Fashion-MNIST
+_WIDTHS = {"stem": 5, "l1": 11, "l2": 20, "l3": 20, "l4": 35, "l5": 35, "l6": 58, "l7": 58,
+           "l8": 58, "l9": 58, "l10": 58, "l11": 58, "l12": 102, "l13": 102}
+
+JOB_EXAMPLE = {
     "id": "5b0f3f0e-8a4e-4c1e-9a57-0d3f1c2b7e11",
     "status": "running",
     "stage": "search",
     "progress": 0.42,
-    "detail": {"generation": 7, "generations": 20, "best_val_acc": 0.861, "best_macs": 11_930_000},
+    "detail": {"stage": "search", "generation": 7, "generations": 20, "evaluated": 400,
+               "new": 50, "best_score": 0.861, "best_macs": 828_924, "best_params": 46_537,
+               "best_key": _KEY, "objective": "accuracy", "eta_s": 95.0, "attempt": 1,
+               "best": {"score": 0.861, "macs": 828_924, "params": 46_537, "key": _KEY}},
     "spec": {"arch": "mobilenet_v1", "dataset": "fashion-mnist",
-             "budget": {"macs_ratio": 0.3}, "preset": "quick", "seed": 0},
+             "width_mult": 0.25, "budget": {"macs_ratio": 0.3}, "preset": "quick", "seed": 0},
     "attempt": 1,
     "max_attempts": 3,
     "cancel_requested": False,
@@ -34,14 +41,18 @@ _JOB_EXAMPLE = {
 class JobOut(BaseModel):
     """A job: its queue state, the current stage and progress, and how it ended."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [_JOB_EXAMPLE]})
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     id: str = Field(description="the job id (a UUID)")
     status: JobStatus = Field(description="queued → running → succeeded | failed | cancelled")
-    stage: str | None = Field(description="current pipeline stage (metanet, search, train, "
-                                          "evaluate, export, done); null before the first")
+    stage: str | None = Field(description="current pipeline stage (data, latency, metanet, "
+                                          "search, final, baseline, evaluate, export, done); "
+                                          "null before the first")
     progress: float = Field(ge=0, le=1, description="overall progress, 0–1")
-    detail: dict[str, Any] = Field(description="stage detail: epoch, generation, best so far")
+    detail: dict[str, Any] = Field(description="the stage's latest progress event (step and "
+                                               "total, epoch and loss, or generation; eta_s), "
+                                               "`best` so far in the search, the `attempt`; "
+                                               "on success the `result`")
     spec: dict[str, Any] = Field(description="the validated job spec, defaults filled in")
     attempt: int = Field(description="how many times a worker has claimed the job")
     max_attempts: int = Field(description="claims allowed before a lost lease fails the job")
@@ -68,7 +79,7 @@ class JobPage(BaseModel):
     """A page of jobs, newest first."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"items": [_JOB_EXAMPLE], "total": 41, "limit": 1, "offset": 0, "next_offset": 1}]})
+        {"items": [JOB_EXAMPLE], "total": 41, "limit": 1, "offset": 0, "next_offset": 1}]})
 
     items: list[JobOut]
     total: int = Field(description="jobs matching the filters, over all pages")
@@ -134,9 +145,8 @@ class ArtifactList(BaseModel):
     items: list[ArtifactOut]
 
 
-_RECORD = {"key": "3-4-2-4", "generation": 2,
-           "widths": {"stem": 16, "stage1": 32, "stage2": 48, "stage3": 96},
-           "macs": 11_930_000, "params": 210_442, "score": 0.861}
+_RECORD = {"key": _KEY, "generation": 2, "widths": _WIDTHS, "macs": 828_924, "params": 46_537,
+           "score": 0.861}
 
 
 class CandidateOut(BaseModel):
@@ -157,7 +167,7 @@ class SearchOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "job_id": "5b0f3f0e-8a4e-4c1e-9a57-0d3f1c2b7e11", "status": "succeeded",
         "source": "artifacts", "finished": True, "generations": 20, "evaluated": 1,
-        "best": "3-4-2-4", "history": [_RECORD], "pareto_front": [_RECORD]}]})
+        "best": _KEY, "history": [_RECORD], "pareto_front": [_RECORD]}]})
 
     job_id: str
     status: JobStatus
@@ -174,10 +184,8 @@ class SearchOut(BaseModel):
 
 _CONFIGURATION = {"job_id": "5b0f3f0e-8a4e-4c1e-9a57-0d3f1c2b7e11", "arch": "mobilenet_v1",
                   "dataset": "fashion-mnist", "width_mult": 0.25,
-                  "budget": {"macs": 3_580_000},
-                  "candidate": "3-4-2-4",
-                  "widths": {"stem": 16, "stage1": 32, "stage2": 48, "stage3": 96},
-                  "macs": 3_512_000, "params": 110_442, "test_accuracy": 0.874,
+                  "budget": {"macs_ratio": 0.3}, "candidate": _KEY, "widths": _WIDTHS,
+                  "macs": 828_924, "params": 46_537, "test_accuracy": 0.874,
                   "created_at": "2030-01-01T12:00:00Z"}
 
 
@@ -211,8 +219,9 @@ class ConfigurationPage(BaseModel):
     next_offset: int | None = Field(description="offset of the next page; null on the last")
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for these error status codes."""
+def errors(*codes: int, says: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error status codes (``says``: an endpoint's own
+    meaning of a code)."""
     text = {401: "missing or invalid API token",
             404: "no such job among the caller's",
             409: "the job's state does not allow this",
@@ -222,4 +231,5 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
             422: "invalid request: the reason is in detail",
             429: "too many queued jobs for this owner",
             503: "the database is unreachable"}
+    text.update(says or {})
     return {code: {"model": ErrorOut, "description": text[code]} for code in codes}

@@ -230,7 +230,7 @@ def _spec(a):
             budget=budget,
             preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
             train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
-            metanet_from=a.metanet_from, metanet_sampling=a.metanet_sampling, **overrides)
+            metanet_from=getattr(a, "metanet_from", None), metanet_sampling=a.metanet_sampling, **overrides)
     except ValidationError as e:
         raise UserError(error_message(e, _SPEC_OPTIONS)) from None
 
@@ -989,9 +989,11 @@ def _pipeline_args(p: argparse.ArgumentParser, local: bool = True) -> None:
     p.add_argument("--metanet-sampling", default="uniform", choices=["uniform", "budget"],
                    help="PruningNet training candidates: uniform per group (the paper) or "
                         "biased towards the budget")
-    p.add_argument("--metanet-from", metavar="RUN_DIR",
-                   help="reuse the trained PruningNet of this run folder (same architecture, "
-                        "data, split, seed and metanet settings): only search and final training")
+    if local:  # the service finds a reusable PruningNet among the owner's jobs by itself
+        p.add_argument("--metanet-from", metavar="RUN_DIR",
+                       help="reuse the trained PruningNet of this run folder (same "
+                            "architecture, data, split, seed and metanet settings): only search "
+                            "and final training")
     p.add_argument("--set", help='JSON overrides, e.g. \'{"metanet": {"epochs": 2}}\'')
     if local:
         p.add_argument("--out", default="runs/prune", type=_path,

@@ -291,7 +291,9 @@ class PipelineSpec(BaseModel):
     train_baseline: bool = False
     metanet_from: str | None = Field(None, min_length=1, max_length=4096,
                                      description="a run folder whose trained PruningNet this run "
-                                                 "reuses (same architecture, data and seed)")
+                                                 "reuses (same architecture, data and seed); "
+                                                 "the command line's alone: the service refuses "
+                                                 "it and reuses its own jobs' PruningNets")
     metanet: dict = Field(default_factory=dict)
     search: dict = Field(default_factory=dict)
     final: dict = Field(default_factory=dict)

@@ -111,9 +111,12 @@ def test_submit_and_status_say_why_a_queued_job_waits(server, engine, capsys):
 def test_submit_rejects_bad_options(server, capsys):
     rc, _, err = run(capsys, *SUBMIT, "--set", '{"search": {"generations": -3}}')
     assert rc == 2 and err.count("\n") == 1 and "generations" in err
-    with pytest.raises(SystemExit) as e:  # run-folder options are the server's business
-        cli.main([*SUBMIT, "--out", "runs/x"])
-    assert e.value.code == 2
+    for option in ("--out", "--metanet-from"):  # run folders are the server's business
+        with pytest.raises(SystemExit) as e:
+            cli.main([*SUBMIT, option, "runs/x"])
+        assert e.value.code == 2
+    usage, error = capsys.readouterr().err.rsplit("error:", 1)
+    assert "--metanet-from" not in usage and "unrecognized arguments: --metanet-from" in error
 
 
 def test_auth_error_is_one_line(server, capsys, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Request, Response, status
@@ -9,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import JobId, Owner
 from app.deps import Db, SettingsDep
-from app.schemas import ArtifactList, ErrorOut, JobOut, SearchOut, errors
+from app.schemas import JOB_EXAMPLE, ArtifactList, ErrorOut, JobOut, SearchOut, errors
 from app.services import artifacts
 from app.services.jobs import get_job, waiting_reasons
 
@@ -121,10 +122,9 @@ def _artifact_response(db, settings, owner: str, job_id: str, name: str, range_:
                              media_type=f.media_type)
 
 
-_EVENTS_EXAMPLE = ('event: progress\ndata: {"id": "5b0f…", "status": "running", "stage": '
-                   '"search", "progress": 0.42, …}\n\n: heartbeat\n\n'
-                   'event: progress\ndata: {"id": "5b0f…", "status": "succeeded", …}\n\n'
-                   'event: done\ndata: {"id": "5b0f…", "status": "succeeded", …}\n\n')
+# one event, as the schema below describes it (on the wire: `event: progress` and `data: {…}`
+# lines, then a blank line)
+_EVENT_EXAMPLE = {"event": "progress", "data": json.dumps(JOB_EXAMPLE)}
 
 
 # OpenAPI 3.1 without `itemSchema`: the schema of a `text/event-stream` describes one event (its
@@ -143,7 +143,7 @@ _EVENT_SCHEMA = {"type": "object", "required": ["event", "data"],
                                             "succeeded, failed or cancelled, then the stream "
                                             "ends; `: heartbeat` comments while idle",
                              "content": {"text/event-stream": {"schema": _EVENT_SCHEMA,
-                                                               "example": _EVENTS_EXAMPLE}}},
+                                                               "example": _EVENT_EXAMPLE}}},
                        **errors(404)})
 async def job_events(job_id: JobId, request: Request, owner: Owner, db: Db,
                      settings: SettingsDep) -> StreamingResponse:

@@ -37,7 +37,8 @@ def _out(items: list[Job], db: Database, settings: Settings) -> list[JobOut]:
              summary="Submit a pruning job",
              responses={200: {"model": JobOut, "description": "an Idempotency-Key replay: the "
                                                               "job that key made"},
-                        **errors(409, 413, 415, 422, 429)})
+                        **errors(409, 413, 415, 422, 429, says={
+                            409: "this Idempotency-Key was used with a different spec"})})
 def submit_job(spec: Annotated[PipelineSpec, Body(openapi_examples=SPEC_EXAMPLES)],
                response: Response, owner: Owner, db: Db, settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(
