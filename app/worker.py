@@ -25,8 +25,9 @@ One job at a time, in the calling thread::
 * **Errors.** A bad spec or a user error (validation, a budget that is infeasible or prunes
   nothing, missing data, unusable ``metanet_from``, diverged training) fails the job for good;
   a damaged file in the job's folder (``corrupt_file``) is deleted and the job retried, which
-  redoes the step that wrote it; anything else is retried (the attempt fails with
-  ``error_kind = "internal"`` and the job is re-queued while attempts are left).
+  redoes the step that wrote it; a machine too busy to measure a latency table (``busy``) and
+  anything else are retried (the attempt fails with that ``error_kind``, else ``"internal"``,
+  and the job is re-queued while attempts are left).
 * **Reaper.** Every worker (and the API) calls :func:`app.queue.housekeeping` every
   ``lease_seconds / 2`` (idle or busy): expired leases are reaped, workers not seen for two
   leases forgotten.
@@ -90,9 +91,12 @@ def classify(exc: BaseException) -> tuple[str, bool]:
     """``(error_kind, retry)`` of an exception raised by a job."""
     from pruning.checkpoint import UnreadableFileError
     from pruning.data import DatasetError
+    from pruning.machine import MachineBusyError
 
     if isinstance(exc, DatasetError):
         return "data", False
+    if isinstance(exc, MachineBusyError):  # a latency table: worth another try, later
+        return "busy", True
     if isinstance(exc, _user_errors()):
         return "invalid_spec", False
     if isinstance(exc, FloatingPointError):  # training diverged: the same settings diverge again
@@ -555,6 +559,8 @@ def summary(report: dict, attempt: int) -> dict:
               for name in ("metapruning", "uniform") if name in report}
     if "metanet_from" in report:  # the run folder <artifact_dir>/jobs/<id> of the lender
         result["metanet_reused_from"] = Path(report["metanet_from"]["run"]).name
+    if "latency_table" in report:  # which device the latency was predicted for
+        result["latency_table"] = report["latency_table"]
     result["budget"] = report.get("budget")
     result["elapsed_s"] = report.get("elapsed_s")
     return {"attempt": attempt, "result": result}

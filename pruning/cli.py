@@ -33,6 +33,7 @@ from pathlib import Path
 
 from pruning import __version__, counting
 from pruning.constraints import format_count, parse_count
+from pruning.machine import MachineBusyError
 from pruning.registry import list_archs
 from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
 from pruning.spec import DATASETS, Budget, PipelineSpec, error_message
@@ -119,16 +120,20 @@ def cmd_measure(a) -> dict:
     cand = _candidate(space, a)
     out = {"arch": space.arch, "candidate": cand.key(), "widths": space.widths_by_group(cand),
            "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
-    if getattr(a, "latency", False):
-        from pruning.latency import LatencyTable, measure_latency
+    if getattr(a, "latency", False) or getattr(a, "latency_table", None):
+        from pruning.latency import LatencyTable, predicted_and_measured
         from pruning.modules import build
 
-        table = LatencyTable.build(space, "cpu", batch=1)
-        stem = space.plan.blocks[0].body[0]
-        out["latency_ms"] = {
-            "predicted": round(table.predict(space, cand), 4),
-            "measured": round(measure_latency(build(space, cand), (stem.cin, *stem.in_hw)), 4),
-            "device": table.key["device"], "batch": 1}
+        if a.latency_table:
+            table = LatencyTable.load(a.latency_table, space)
+        else:
+            printer = ProgressPrinter()  # measuring a table takes seconds to minutes
+            try:
+                table = LatencyTable.build(space, "cpu", batch=1, progress=printer)
+            finally:
+                printer.close()
+        out["latency_ms"] = {**predicted_and_measured(table, space, cand, build(space, cand)),
+                             "device": table.key["device"], "batch": 1}
     return out
 
 
@@ -145,7 +150,8 @@ def _milliseconds(option: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise UserError(f"{option}: not a number: {text!r}") from None
+        unit = " (a plain number: milliseconds, or a ratio)" if text.strip()[-1:].isalpha() else ""
+        raise UserError(f"{option}: not a number: {text!r}{unit}") from None
     if not (math.isfinite(value) and value > 0):
         raise UserError(f"{option}: must be a positive finite number, got {text!r}")
     return value
@@ -879,8 +885,9 @@ def _print_summary(report: dict, out: str, timed: bool = True) -> None:
               f"of it, run again with --set '{floor}' (and --metanet-from {out} to reuse this "
               "PruningNet)")
     for name, e in (("MetaPruning", mp), ("uniform", un)):
-        if "warning" in e:
-            print(f"  warning: {name}: {e['warning']}", file=sys.stderr)
+        for warning in (e.get("warning"), (e.get("latency_ms") or {}).get("warning")):
+            if warning:
+                print(f"  warning: {name}: {warning}", file=sys.stderr)
     print(f"artifacts in {Path(out) / 'artifacts'}"
           + (f"  ({report['elapsed_s']:.0f} s)" if timed else ""))
 
@@ -1231,6 +1238,9 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--latency", action="store_true",
                            help="add predicted (per-layer table) and measured latency on the "
                                 "CPU, batch 1 (the table is built once and cached)")
+            p.add_argument("--latency-table", metavar="FILE",
+                           help="predict with this table instead (e.g. a run folder's "
+                                "latency_table.json; implies --latency)")
         if name == "build":
             p.add_argument("--out", required=True, type=_path,
                            help="file to write: TorchScript, or ONNX if it ends in .onnx")
@@ -1379,7 +1389,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     try:
         out = _run_pipeline(args) if args.fn in _PIPELINE_COMMANDS else args.fn(args)
-    except (UserError, ValueError, KeyError, OSError) as e:
+    except (UserError, ValueError, KeyError, OSError, MachineBusyError) as e:
         message = error_message(e)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             message = f"no space left on the device ({message}){_how_to_continue(args)}"

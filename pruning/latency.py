@@ -28,18 +28,25 @@ candidate end to end and stores the mean of (measured − layer sum) over the tw
 as one constant ``overhead_ms`` added to every prediction; a constant keeps the prediction
 monotone. Residual adds are timed as layers of their own (add + activation).
 
+**Timing.** Other work on the machine only ever adds time (a descheduled thread, on a CPU whose
+cores are all busy, stalls an operator for a whole time slice: 40 ms spikes among 0.05 ms
+runs), so every entry — each grid point, and the two end-to-end runs the overhead is fitted
+to — is the *fastest* of its timed runs: a prediction estimates the network on an idle device.
+The measured side of a report (:func:`measure_latency`) gives the fastest, the median and the
+90th percentile of its runs, and says when they spread (the machine was busy).
+
 **Cache.** A table is written as JSON (never pickle) to ``$METAPRUNE_CACHE_DIR`` or
 ``~/.cache/metaprune/latency``, named after a hash of its key: the device (CUDA device name, or
-the CPU model, core count and torch's intra-op thread count), the torch version, the space's
-settings, the batch size and the measuring settings. The same key loads the file instead of
-measuring; an unreadable or inconsistent file is ignored with a warning and measured again.
-Writes are atomic (:func:`pruning.checkpoint.atomic_write_json`). A table measured while the
-machine was busy (a test run, another job's training) predicts too much, and the cache would
-keep it: so a cached table is checked on load against the smallest and the largest candidate
-timed end to end, and measured again when it predicts both more than ``STALE_FACTOR`` (1.5)
-times slower. A table that predicts *faster* than now is kept: the machine is the busy one then.
-A table just measured gets the same check: its layers are timed once more if it fails, and it
-is kept with a warning if it fails again.
+the CPU model with its family and model numbers, core count and torch's intra-op thread count),
+the torch version, the space's settings, the batch size and the measuring settings. The same key
+loads the file instead of measuring; an unreadable or inconsistent file is ignored with a
+warning and measured again. Writes are atomic (:func:`pruning.checkpoint.atomic_write_json`).
+A table whose layers were timed while the machine was too busy even for their fastest runs
+predicts too much: its layers *alone* then add up to over ``STALE_FACTOR`` (1.5) times what the
+smallest or the largest candidate runs in, end to end. Such a cached table is measured again;
+a table just measured is measured once more with four times the runs, and if that fails too the
+build stops with :class:`~pruning.machine.MachineBusyError` (nothing cached): a latency budget
+on a table that means nothing would be worse. A table that predicts *faster* than now is kept.
 """
 
 from __future__ import annotations
@@ -61,16 +68,18 @@ from torch import nn
 
 from pruning.checkpoint import atomic_write_json, read_json
 from pruning.constraints import Constraint, _check_limit, register_constraint
-from pruning.machine import cpu_model
+from pruning.machine import MachineBusyError, cpu_description
 from pruning.modules import Classifier, ConvBNAct, activation
 from pruning.space import Candidate, Channels, ConvSpec, MaxPoolSpec, SearchSpace
 
 FORMAT = "metaprune.latency_table/1"
 DEFAULT_MAX_POINTS = 6
 DEFAULT_REPEATS = 5
-# a cached table predicting more than this many times what the smallest and the largest candidate
-# measure now was measured while the machine was busy: it is measured again
+# layers that add up to more than this many times what the smallest or the largest candidate
+# runs in end to end were timed while the machine was busy
 STALE_FACTOR = 1.5
+# a measurement whose 90th percentile run is this many times its fastest ran on a busy machine
+SPREAD_FACTOR = 1.5
 
 
 # --- timing ---------------------------------------------------------------------------------
@@ -79,10 +88,25 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = DEFAULT_REPEATS,
-             warmup: int = 3, min_run_s: float = 1e-3) -> float:
-    """Median milliseconds of one ``fn()`` call: ``warmup`` calls, then ``repeats`` timed runs
-    of as many calls as take about ``min_run_s`` (at most 100), synchronising CUDA around each."""
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds of one call over repeated timed runs: the ``fastest`` (the call on an idle
+    device: load only adds time), the ``median`` and the 90th percentile ``p90``."""
+
+    fastest: float
+    median: float
+    p90: float
+
+    @property
+    def busy(self) -> bool:
+        """Whether the runs spread as they do on a busy machine."""
+        return self.p90 > SPREAD_FACTOR * self.fastest
+
+
+def _timing(fn: Callable[[], object], device: torch.device, repeats: int = DEFAULT_REPEATS,
+            warmup: int = 3, min_run_s: float = 1e-3) -> Timing:
+    """``warmup`` calls, then ``repeats`` timed runs of as many calls as take about
+    ``min_run_s`` (at most 100), synchronising CUDA around each; milliseconds per call."""
     sync = _sync(device)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -100,28 +124,57 @@ def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = DEFA
             for _ in range(number):
                 fn()
             sync()
-            times.append((time.perf_counter() - t0) / number)
-    return 1000.0 * statistics.median(times)
+            times.append(1000.0 * (time.perf_counter() - t0) / number)
+    p90 = float(np.percentile(times, 90)) if len(times) > 1 else times[0]
+    return Timing(min(times), statistics.median(times), p90)
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = DEFAULT_REPEATS
+             ) -> float:
+    """One table entry: the fastest of ``repeats`` timed runs (see the module docstring)."""
+    return _timing(fn, device, repeats).fastest
 
 
 def measure_latency(net: nn.Module, input_shape: tuple[int, ...],
                     device: torch.device | str = "cpu", batch: int = 1,
-                    repeats: int = 20) -> float:
+                    repeats: int = 20) -> Timing:
     """End-to-end milliseconds of one forward pass of ``net`` (eval mode) on a random
     ``(batch, *input_shape)`` input: the measured side of a predicted-vs-measured report."""
     device = torch.device(device)
     net = net.eval().to(device)
     x = torch.randn(batch, *input_shape, device=device)
-    return _time_ms(lambda: net(x), device, repeats=repeats, warmup=5)
+    return _timing(lambda: net(x), device, repeats=repeats, warmup=5)
+
+
+def predicted_and_measured(table: LatencyTable, space: SearchSpace, candidate: Candidate,
+                           net: nn.Module, device: torch.device | str = "cpu") -> dict:
+    """A report's latency of one network (batch 1): the table's prediction, the median of its
+    measured runs with their fastest and 90th percentile, and a ``warning`` when the runs spread
+    (a busy machine) or were measured on another device than the table's (e.g. another
+    thread count)."""
+    t = measure_latency(net, _input_shape(space), device)
+    out = {"predicted": round(table.predict(space, candidate), 4), "measured": round(t.median, 4),
+           "measured_fastest": round(t.fastest, 4), "measured_p90": round(t.p90, 4)}
+    notes = []
+    if t.busy:
+        notes.append(f"the machine was busy while measuring (runs took {t.fastest:.3g} to "
+                     f"{t.p90:.3g} ms); the prediction is for an idle device")
+    here = device_name(device)
+    if here != table.key["device"]:
+        notes.append(f"measured on {here}, but the table on {table.key['device']}")
+    if notes:
+        out["warning"] = "; ".join(notes)
+    return out
 
 
 def device_name(device: torch.device | str) -> str:
-    """What a latency table is keyed by: the CUDA device name, or the CPU model, its core count
-    and torch's intra-op thread count (timings on a CPU depend on all three)."""
+    """What a latency table is keyed by: the CUDA device name, or the CPU (model name, family
+    and model numbers, core count) and torch's intra-op thread count (timings on a CPU depend
+    on all of them: one model name covers several processor generations)."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{device.type}:{cpu_model()}:{os.cpu_count()} cores:{torch.get_num_threads()} threads"
+    return f"{device.type}:{cpu_description()}:{torch.get_num_threads()} threads"
 
 
 def default_cache_dir() -> Path:
@@ -133,15 +186,19 @@ def _extremes(space: SearchSpace) -> tuple[Candidate, Candidate]:
     return space.smallest(), space.largest()
 
 
+def _input_shape(space: SearchSpace) -> tuple[int, ...]:
+    stem = space.plan.blocks[0].body[0]
+    return (stem.cin, *stem.in_hw)
+
+
 def _extremes_ms(space: SearchSpace, device: torch.device, batch: int, repeats: int
                  ) -> list[float]:
-    """End-to-end milliseconds of the smallest and the largest candidate, built as plain nets."""
+    """End-to-end milliseconds (the fastest run) of the smallest and the largest candidate,
+    built as plain nets."""
     from pruning.modules import build
 
-    stem = space.plan.blocks[0].body[0]
-    shape = (stem.cin, *stem.in_hw)
-    return [measure_latency(build(space, c), shape, device, batch, repeats)
-            for c in _extremes(space)]
+    return [measure_latency(build(space, c), _input_shape(space), device, batch,
+                            max(repeats, 20)).fastest for c in _extremes(space)]
 
 
 # --- the layers of a plan -------------------------------------------------------------------
@@ -358,6 +415,10 @@ class LatencyTable:
                                             np.asarray(w[1]) if len(w) == 2 else None))
         return out
 
+    def layer_sums(self) -> list[float]:
+        """The layers' milliseconds (no overhead) of the smallest and the largest candidate."""
+        return [self.predict(self.space, c) - self.overhead_ms for c in _extremes(self.space)]
+
     def __eq__(self, other) -> bool:
         return (isinstance(other, LatencyTable) and self.key == other.key
                 and self.digest == other.digest)
@@ -385,8 +446,9 @@ class LatencyTable:
         path = Path(path)
         try:
             d = read_json(path)
-        except (OSError, ValueError) as e:
-            raise LatencyTableError(f"cannot read latency table {path}: {e}") from None
+        except (OSError, ValueError) as e:  # read_json's advice is for run files: the reason
+            raise LatencyTableError(f"cannot read latency table {path}: "
+                                    f"{getattr(e, 'reason', e)}") from None
         try:
             if not isinstance(d, dict) or d.get("format") != FORMAT:
                 raise LatencyTableError(f"{path} is not a latency table ({FORMAT})")
@@ -408,7 +470,7 @@ class LatencyTable:
                  max_points: int = DEFAULT_MAX_POINTS, repeats: int = DEFAULT_REPEATS) -> dict:
         return {"format": FORMAT, "device": device_name(device), "torch": torch.__version__,
                 "space": json.loads(json.dumps(space.to_dict())), "batch": batch,
-                "max_points": max_points, "repeats": repeats}
+                "max_points": max_points, "repeats": repeats, "timing": "fastest"}
 
     @staticmethod
     def cache_path(key: dict, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -436,32 +498,35 @@ class LatencyTable:
                 if cached.key != key:
                     raise LatencyTableError(f"latency table {path} has another key")
             except LatencyTableError as e:
-                warnings.warn(f"ignoring the latency table cache ({e}); measuring again",
+                warnings.warn(f"ignoring the cached latency table ({e}); measuring again",
                               RuntimeWarning, stacklevel=2)
             else:
                 measured = _extremes_ms(space, device, batch, repeats)
-                predicted = [cached.predict(space, c) for c in _extremes(space)]
-                if not _overpredicts(predicted, measured):
+                sums = cached.layer_sums()
+                if not _inflated(sums, measured):
                     return cached
-                warnings.warn(f"the cached latency table {path} {_mismatch(predicted, measured)}"
-                              ": it was measured under load (or on a slower machine); measuring "
+                warnings.warn(f"the cached latency table {path} {_mismatch(sums, measured)}: "
+                              "they were timed on a busy machine (or a slower one); measuring "
                               "again", RuntimeWarning, stacklevel=2)
         t0 = time.perf_counter()
-        for attempt in (1, 2):  # layers timed while the machine was busy: once more
-            measurements = _measure_layers(space, device, batch, max_points, repeats, progress)
+        for runs in (repeats, 4 * repeats):  # layers timed on a busy machine: once more, longer
+            measurements = _measure_layers(space, device, batch, max_points, runs, progress)
             table = cls(space, key, measurements, path=path)
             measured = _extremes_ms(space, device, batch, repeats)
-            predicted = [table.predict(space, c) for c in _extremes(space)]
-            if not _overpredicts(predicted, measured):
+            sums = table.layer_sums()
+            if not _inflated(sums, measured):
                 break
-            warnings.warn(
-                f"the latency table just measured {_mismatch(predicted, measured)}: the machine "
-                "was busy while its layers were timed; " + (
-                    "measuring again" if attempt == 1 else
-                    "keeping it, but its predictions are too high (measure on an idle machine)"),
-                RuntimeWarning, stacklevel=2)
-        # the end-to-end overhead (see the module docstring)
-        gaps = [m - p for p, m in zip(predicted, measured)]
+            if runs != repeats:
+                fewer = (", or with fewer threads than cores (OMP_NUM_THREADS=1)"
+                         if device.type == "cpu" and torch.get_num_threads() > 1 else "")
+                raise MachineBusyError(
+                    f"cannot measure the latency table of {space.arch}: the machine is too busy "
+                    f"(its layers, timed twice, {_mismatch(sums, measured)}); run again when it "
+                    f"is idle{fewer}")
+            warnings.warn(f"the latency table just measured {_mismatch(sums, measured)}: the "
+                          "machine was busy while they were timed; measuring again",
+                          RuntimeWarning, stacklevel=2)
+        gaps = [m - t for t, m in zip(sums, measured)]  # the overhead (the module docstring)
         table = cls(space, key, measurements, measured_s=time.perf_counter() - t0, path=path,
                     overhead_ms=round(max(0.0, sum(gaps) / len(gaps)), 6))
         if use_cache:
@@ -494,16 +559,17 @@ def _measure_layers(space: SearchSpace, device: torch.device, batch: int, max_po
     return measurements
 
 
-def _overpredicts(predicted: list[float], measured: list[float]) -> bool:
-    """Whether a table predicts both extremes over :data:`STALE_FACTOR` times what they run in:
-    its layers were timed on a busy machine."""
-    return all(p > STALE_FACTOR * m for p, m in zip(predicted, measured))
+def _inflated(layer_sums: list[float], measured: list[float]) -> bool:
+    """Whether the layers of the smallest or the largest candidate alone add up to over
+    :data:`STALE_FACTOR` times what the whole candidate runs in: they were timed on a busy
+    machine (alone, they can only take less)."""
+    return any(s > STALE_FACTOR * m for s, m in zip(layer_sums, measured))
 
 
-def _mismatch(predicted: list[float], measured: list[float]) -> str:
-    return (f"predicts {' and '.join(f'{p:.3g}' for p in predicted)} ms for the smallest and "
-            f"the largest candidate, where they now run in "
-            f"{' and '.join(f'{m:.3g}' for m in measured)} ms")
+def _mismatch(layer_sums: list[float], measured: list[float]) -> str:
+    return (f"add up to {' and '.join(f'{t:.3g}' for t in layer_sums)} ms for the smallest and "
+            f"the largest candidate, which run in {' and '.join(f'{m:.3g}' for m in measured)} "
+            "ms end to end")
 
 
 # --- the budget -----------------------------------------------------------------------------
@@ -575,4 +641,4 @@ register_constraint(LatencyConstraint.name, _constraint_from_dict)
 
 
 __all__ = ["LatencyConstraint", "LatencyTable", "LatencyTableError", "default_cache_dir",
-           "device_name", "measure_latency"]
+           "device_name", "measure_latency", "predicted_and_measured", "Timing"]

@@ -7,6 +7,11 @@ import platform
 from pathlib import Path
 
 
+class MachineBusyError(RuntimeError):
+    """A measurement the machine was too busy to make (latency tables): worth trying again
+    when it is idle."""
+
+
 def _cpuinfo() -> dict[str, str]:
     """The first value of every key of ``/proc/cpuinfo`` (the first processor's), or ``{}``."""
     info: dict[str, str] = {}

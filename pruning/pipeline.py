@@ -75,12 +75,14 @@ def pick_device(name: str) -> torch.device:
 
 
 def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device | str = "cpu",
-                   table_path: str | Path | None = None) -> list:
+                   table_path: str | Path | None = None,
+                   progress: Callable[[dict], None] | None = None) -> list:
     """Constraints for a budget; ratios are relative to the full (1.0×) network.
 
     A latency budget needs the space's latency table on ``device`` (batch 1): read from
     ``table_path`` when that file exists (a resumed run keeps the table its search used),
-    otherwise loaded from the cache or measured (:meth:`LatencyTable.build`).
+    otherwise loaded from the cache or measured (:meth:`LatencyTable.build`, which reports its
+    layers to ``progress``).
     """
     if budget.is_latency:
         from pruning.latency import LatencyConstraint, LatencyTable
@@ -88,7 +90,7 @@ def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device |
         if table_path is not None and Path(table_path).exists():
             table = LatencyTable.load(table_path, space)
         else:
-            table = LatencyTable.build(space, device, batch=1)
+            table = LatencyTable.build(space, device, batch=1, progress=progress)
         if budget.latency_ms is not None:
             return [LatencyConstraint(budget.latency_ms, table)]
         full, top = space.full_network()
@@ -281,9 +283,18 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     meta = data.meta
     space = spec.search_space(meta.num_classes, meta.in_channels, meta.input_size)
     table_path = run_dir / "latency_table.json"
-    if spec.budget.is_latency:
-        notify({"stage": "latency", "message": "building the latency table (cached per device)"})
-    constraints = resolve_budget(space, spec.budget, device=device, table_path=table_path)
+    if spec.budget.is_latency and not table_path.exists():
+        notify({"stage": "latency", "message": "latency table: from the cache, else measured "
+                                               "(once per device)"})
+
+    def on_layer(event: dict) -> None:  # a table takes seconds to minutes to measure
+        notify(event)
+        if should_stop is not None and should_stop():
+            from pruning.train import Cancelled
+            raise Cancelled("latency")
+
+    constraints = resolve_budget(space, spec.budget, device=device, table_path=table_path,
+                                 progress=on_layer)
     latency = next((c for c in constraints if c.name == "latency"), None)
     spec.budget.check_usable(space, constraints)  # fail before any training
     baseline = uniform_baseline(space, constraints)
@@ -479,14 +490,12 @@ def stage_evaluate(ctx: RunContext) -> dict:
                 entry["warning"] = _chance_warning(entry["test_accuracy"], chance, steps,
                                                    ctx.spec.preset)
         if latency is not None:
-            from pruning.latency import measure_latency
+            from pruning.latency import predicted_and_measured
             from pruning.modules import build
 
-            timed = net if net is not None else build(space, cand)
-            entry["latency_ms"] = {
-                "predicted": round(latency.table.predict(space, cand), 4),
-                "measured": round(measure_latency(
-                    timed, (meta.in_channels, meta.input_size, meta.input_size), ctx.device), 4)}
+            entry["latency_ms"] = predicted_and_measured(
+                latency.table, space, cand, net if net is not None else build(space, cand),
+                ctx.device)
         entries[name] = entry
     atomic_write_json(path, entries)
     return entries

@@ -39,8 +39,9 @@ def table(single_thread, space, cache):
 
 
 def _end_to_end_as(table, factor):
-    """A stand-in for timing the smallest and the largest candidate: predictions × factor."""
-    return lambda space, *a: [factor * table.predict(space, c) for c in latency._extremes(space)]
+    """A stand-in for timing the smallest and the largest candidate: their layers' sums ×
+    factor."""
+    return lambda space, *a: [factor * t for t in table.layer_sums()]
 
 
 def test_second_build_loads_the_cache_without_measuring(table, space, cache, monkeypatch):
@@ -56,9 +57,9 @@ def test_second_build_loads_the_cache_without_measuring(table, space, cache, mon
 
 def test_a_cached_table_measured_under_load_is_measured_again(table, space, tmp_path,
                                                               monkeypatch):
-    """A table that predicts both the smallest and the largest candidate more than 1.5× slower
-    than they run now was measured on a busy machine: it is measured again, and replaced. One
-    that predicts faster than now is kept (the machine is the busy one then)."""
+    """A table whose layers alone add up to more than 1.5× what the smallest or the largest
+    candidate runs in end to end was measured on a busy machine: it is measured again, and
+    replaced. One that predicts faster than now is kept (the machine is the busy one then)."""
     cache = tmp_path / "cache"
     cache.mkdir()
     path = LatencyTable.cache_path(table.key, cache)
@@ -66,27 +67,32 @@ def test_a_cached_table_measured_under_load_is_measured_again(table, space, tmp_
     layers = []
     monkeypatch.setattr(latency, "_runner", lambda *a, **k: layers.append(1) or (lambda: None))
     monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: 0.01)
-    for factor in (0.7, 5.0):  # now a little faster than the table predicts, or slower: kept
+    for factor in (0.7, 5.0):  # now a little faster than the layers' sum, or slower: kept
         monkeypatch.setattr(latency, "_extremes_ms", _end_to_end_as(table, factor))
         assert LatencyTable.build(space, cache_dir=cache, max_points=4, repeats=3) == table
     assert layers == []
-    monkeypatch.setattr(latency, "_extremes_ms", _end_to_end_as(table, 0.5))
-    with pytest.warns(RuntimeWarning, match="measured under load"):
+    sums = table.layer_sums()
+    monkeypatch.setattr(latency, "_extremes_ms",  # only the largest's layers are off
+                        lambda space, *a: [sums[0], sums[1] / 2])
+    with pytest.warns(RuntimeWarning, match="timed on a busy machine"):
         fresh = LatencyTable.build(space, cache_dir=cache, max_points=4, repeats=3)
     assert layers and not fresh.from_cache and fresh != table
     assert LatencyTable.load(path).digest == fresh.digest  # the cache file was replaced
 
 
 def test_a_table_measured_under_load_is_measured_again_at_once(space, tmp_path, monkeypatch):
-    """A table just measured whose layers predict both extremes over 1.5× slower than they run
-    end to end (the machine was busy while the layers were timed) is measured once more; if
-    that one is no better, it is kept with a warning that says so."""
+    """A table just measured whose layers alone add up to over 1.5× what the smallest or the
+    largest candidate runs in end to end (the machine was busy while the layers were timed) is
+    measured once more, with four times the runs; if that one is no better, the build stops
+    with MachineBusyError and caches nothing."""
+    from pruning.machine import MachineBusyError
+
     busy = [True, True]  # per measuring pass
     passes = []
     real = latency._measure_layers
 
     def measure(*args):
-        passes.append(1)
+        passes.append(args[4])  # the runs per grid point
         return real(*args)
 
     monkeypatch.setattr(latency, "_measure_layers", measure)
@@ -95,15 +101,25 @@ def test_a_table_measured_under_load_is_measured_again_at_once(space, tmp_path, 
                         else 0.001)
     monkeypatch.setattr(latency, "_extremes_ms", lambda space, *a: [0.05, 0.5])
     busy[1] = False
-    with pytest.warns(RuntimeWarning, match="just measured predicts .* measuring again"):
-        fresh = LatencyTable.build(space, cache_dir=tmp_path / "a", max_points=4, repeats=1)
-    assert len(passes) == 2 and fresh.predict(space, space.largest()) < 1.5 * 0.5
+    with pytest.warns(RuntimeWarning, match="just measured add up to .* measuring again"):
+        fresh = LatencyTable.build(space, cache_dir=tmp_path / "a", max_points=4, repeats=2)
+    assert passes == [2, 8] and fresh.predict(space, space.largest()) < 1.5 * 0.5
     passes.clear()
     busy[1] = True
-    with pytest.warns(RuntimeWarning) as caught:
-        kept = LatencyTable.build(space, cache_dir=tmp_path / "b", max_points=4, repeats=1)
-    assert len(passes) == 2 and kept.predict(space, space.smallest()) > 1.5 * 0.05
-    assert "keeping it, but its predictions are too high" in str(caught[-1].message)
+    with pytest.warns(RuntimeWarning), pytest.raises(MachineBusyError, match="too busy"):
+        LatencyTable.build(space, cache_dir=tmp_path / "b", max_points=4, repeats=2)
+    assert len(passes) == 2 and not list((tmp_path / "b").glob("*"))
+
+
+def test_timing_takes_the_fastest_run_and_flags_a_spread(monkeypatch):
+    """Load only adds time: a table entry is the fastest run, and a spread of runs (here one
+    in three stalled 40×) is flagged as a busy machine."""
+    ticks = iter([0.0, 1.0] + [x for i in range(9) for x in (0.0, 40.0 if i % 3 == 2 else 1.0)])
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(ticks))
+    timing = latency._timing(lambda: None, latency.torch.device("cpu"), repeats=9, warmup=0,
+                             min_run_s=0.5)
+    assert timing.fastest == 1000.0 and timing.median == 1000.0 and timing.p90 == 40000.0
+    assert timing.busy and not latency.Timing(1.0, 1.1, 1.2).busy
 
 
 def test_env_cache_dir(space, tmp_path, monkeypatch):
@@ -119,7 +135,7 @@ def test_corrupted_cache_is_rebuilt(table, space, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: calls.append(1) or 0.5)
     monkeypatch.setattr(latency, "_extremes_ms", lambda space, *a: [50.0, 50.0])
-    with pytest.warns(RuntimeWarning, match="ignoring the latency table cache"):
+    with pytest.warns(RuntimeWarning, match="ignoring the cached latency table"):
         rebuilt = LatencyTable.build(space, cache_dir=tmp_path, max_points=4, repeats=3)
     assert calls and not rebuilt.from_cache
     assert LatencyTable.load(path).digest == rebuilt.digest  # the file was rewritten
@@ -172,9 +188,9 @@ def test_predicted_tracks_measured(table, space):
     runs = {k: [] for k in nets}
     for _ in range(3):
         for k, net in nets.items():
-            runs[k].append(measure_latency(net, (1, 16, 16), batch=32, repeats=5))
+            runs[k].append(measure_latency(net, (1, 16, 16), batch=32, repeats=5).fastest)
     assert p_l > 1.1 * p_s and min(runs["large"]) > 1.1 * min(runs["small"])
-    assert 0.2 < p_l / measure_latency(nets["large"], (1, 16, 16)) < 5
+    assert 0.2 < p_l / measure_latency(nets["large"], (1, 16, 16)).median < 5
 
 
 def test_latency_constraint_in_evolve(table, space, tmp_path):
@@ -242,6 +258,24 @@ def test_an_infeasible_latency_ratio_names_the_smallest_ratio(tmp_path, monkeypa
         prepare(spec, tmp_path / "run")
 
 
+def test_measuring_a_table_shows_progress_and_stops_when_asked(tmp_path, monkeypatch):
+    """A run's table takes seconds to minutes to measure: its layers are reported as progress,
+    and a cancel (``should_stop``) stops it between two layers, leaving no run folder."""
+    from pruning.pipeline import prepare
+    from pruning.train import Cancelled
+
+    monkeypatch.setenv("METAPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    events = []
+    spec = PipelineSpec(arch=ARCH, dataset="synthetic", preset="smoke", device="cpu",
+                        budget=Budget(latency_ratio=0.9))
+    with pytest.raises(Cancelled):
+        prepare(spec, tmp_path / "run", progress=events.append,
+                should_stop=lambda: sum("step" in e for e in events) >= 2)
+    steps = [e for e in events if e.get("stage") == "latency" and "step" in e]
+    assert len(steps) == 2 and steps[0]["total"] > steps[-1]["step"]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
 def test_budget_validation():
     with pytest.raises(ValueError, match="exactly one budget"):
         Budget(latency_ms=2.0, macs_ratio=0.5)
@@ -261,10 +295,50 @@ def test_cli_bad_latency_is_a_one_line_error(capsys, tmp_path, value):
 
 
 def test_cli_measure_latency(capsys, tmp_path, monkeypatch):
+    """``measure --latency`` shows the table's progress, and gives the prediction beside the
+    measured median, fastest and 90th percentile run; ``--latency-table`` predicts with a given
+    table (a run's) instead, and a table of another space is a one-line error."""
     monkeypatch.setenv("METAPRUNE_CACHE_DIR", str(tmp_path))
     assert cli.main(["measure", ARCH, "--input-size", "16", "--latency"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["latency_ms"]["predicted"] > 0 and out["latency_ms"]["measured"] > 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)["latency_ms"]
+    assert out["predicted"] > 0 and 0 < out["measured_fastest"] <= out["measured"] <= \
+        out["measured_p90"]
+    assert "[latency] 1/" in captured.err
+    cached = next(tmp_path.glob("*.json"))
+    table = LatencyTable.load(cached)  # a table of its own: its predictions show through
+    LatencyTable(table.space, table.key, table.measurements,
+                 overhead_ms=table.overhead_ms + 100.0).save(tmp_path / "run-table.json")
+    assert cli.main(["measure", ARCH, "--input-size", "16",
+                     "--latency-table", str(tmp_path / "run-table.json")]) == 0
+    again = json.loads(capsys.readouterr().out)["latency_ms"]
+    assert again["predicted"] == pytest.approx(out["predicted"] + 100.0, abs=1e-3)
+    assert cli.main(["measure", ARCH, "--input-size", "24",
+                     "--latency-table", str(tmp_path / "run-table.json")]) == 2
+    err = capsys.readouterr().err
+    assert "another search space" in err and err.count("\n") == 1
+
+
+def test_a_report_flags_a_busy_or_another_device(table, space, monkeypatch):
+    net = build(space, space.largest())
+    steady = latency.Timing(1.0, 1.05, 1.1)
+    monkeypatch.setattr(latency, "measure_latency", lambda *a, **k: steady)
+    entry = latency.predicted_and_measured(table, space, space.largest(), net)
+    assert entry["measured"] == 1.05 and entry["measured_fastest"] == 1.0
+    assert "warning" not in entry
+    monkeypatch.setattr(latency, "measure_latency", lambda *a, **k: latency.Timing(1.0, 1.2, 9.0))
+    monkeypatch.setattr(latency.torch, "get_num_threads", lambda: 7)  # not the table's threads
+    warning = latency.predicted_and_measured(table, space, space.largest(), net)["warning"]
+    assert warning.startswith("the machine was busy while measuring (runs took 1 to 9 ms)")
+    assert "measured on cpu:" in warning and ":7 threads, but the table on " in warning
+
+
+def test_a_latency_with_a_unit_is_explained(capsys, tmp_path):
+    status = cli.main(["prune", "--arch", ARCH, "--max-latency-ms", "5ms", "--quiet",
+                       "--out", str(tmp_path / "run")])
+    assert status == 2 and capsys.readouterr().err == (
+        "metaprune: error: --max-latency-ms: not a number: '5ms' (a plain number: "
+        "milliseconds, or a ratio)\n")
 
 
 def test_cli_shows_its_own_warnings_in_one_line(capsys, tmp_path, monkeypatch):
@@ -274,6 +348,8 @@ def test_cli_shows_its_own_warnings_in_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(latency, "_time_ms", lambda *a, **k: 0.5)
     monkeypatch.setattr(latency, "_extremes_ms", lambda space, *a: [50.0, 50.0])  # consistent
     assert cli.main(["measure", ARCH, "--input-size", "16", "--latency"]) == 0
-    err = capsys.readouterr().err
-    assert err.startswith(f"metaprune: warning: could not cache the latency table in {blocked} ")
-    assert err.endswith("set METAPRUNE_CACHE_DIR to a writable folder\n") and err.count("\n") == 1
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if not line.startswith("[latency] ")]  # the table's progress
+    assert len(err) == 1
+    assert err[0].startswith(f"metaprune: warning: could not cache the latency table in {blocked} ")
+    assert err[0].endswith("set METAPRUNE_CACHE_DIR to a writable folder")
