@@ -7,7 +7,12 @@ One job at a time, in the calling thread::
 * **Lease.** A heartbeat thread renews the lease every ``min(heartbeat_seconds,
   lease_seconds / 3)``. Every write is fenced by (worker id, attempt) (:mod:`app.queue`): once
   the lease is lost — the worker was paused past it, the reaper re-queued the job, another worker
-  claimed it — nothing this worker writes applies, and it stops.
+  claimed it — nothing this worker writes applies, and it stops. The run folder is fenced too:
+  the worker keeps its own deadline (``lease_seconds`` less :data:`LEASE_MARGIN`, by its own
+  clock, moved on by each renewal), and past it every file write of the pipeline raises
+  :class:`~pruning.checkpoint.WriteRefused` (:func:`~pruning.checkpoint.write_fence`), so a
+  worker cut off from the database, or paused, stops before the reaper gives the job to another
+  and never rewrites the files of an attempt that replaced it.
 * **Prompt cooperative cancel.** The pipeline asks ``should_stop`` before every training step and
   after every search generation; the answer becomes true when the heartbeat finds the lease lost
   or a cancel requested, when a throttled read of the job (at most once a second) finds the same,
@@ -76,6 +81,7 @@ PROGRESS_INTERVAL_S = 0.5   # at most ~2 progress writes a second (plus one per 
 CANCEL_POLL_S = 1.0         # how often should_stop reads the job between heartbeats
 MAX_MESSAGE = 500           # error messages stored, in characters
 MAX_BACKOFF_S = 30.0        # the longest wait between tries of an unreachable database
+LEASE_MARGIN = 0.1          # a worker's own deadline for its lease comes this share earlier
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -110,6 +116,11 @@ def database_error(exc: SQLAlchemyError) -> str:
     """The driver's first line (SQLAlchemy's own text adds the statement and a web link)."""
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""]
     return f"{type(exc).__name__}: {text[0]}"
+
+
+def _reason(exc: BaseException) -> str:
+    """A failed database call in one line (the log's warnings; tracebacks only for bugs)."""
+    return database_error(exc) if isinstance(exc, SQLAlchemyError) else repr(exc)
 
 
 def one_line(exc: BaseException) -> str:
@@ -183,11 +194,33 @@ class _JobRun:
         self.last_write = 0.0
         self.last_stage: str | None = None
         self.progress: Progress | None = None
+        self.lease_until = time.monotonic() + self._lease_s  # by this process's clock
+
+    @property
+    def _lease_s(self) -> float:
+        return self.worker.settings.lease_seconds * (1 - LEASE_MARGIN)
+
+    def lease_held(self) -> bool:
+        """Whether the lease still holds by this process's own clock: a worker that could not
+        renew it in time (an unreachable database, a pause) stops before the reaper hands the
+        job to another."""
+        if not self.lost.is_set() and time.monotonic() > self.lease_until:
+            log.warning("job %s: lease not renewed in time (attempt %d); stopping", self.job.id,
+                        self.job.attempt)
+            self.lost.set()
+        return not self.lost.is_set()
+
+    def check_write(self) -> None:
+        """The run folder's write fence (:func:`pruning.checkpoint.write_fence`)."""
+        from pruning.checkpoint import WriteRefused
+
+        if not self.lease_held():
+            raise WriteRefused(f"job {self.job.id}: attempt {self.job.attempt} lost its lease")
 
     # --- called from the pipeline thread --------------------------------------------------
 
     def should_stop(self) -> bool:
-        if self.lost.is_set() or self.cancel.is_set() or self.worker.stopping.is_set():
+        if not self.lease_held() or self.cancel.is_set() or self.worker.stopping.is_set():
             return True
         now = time.monotonic()
         if now - self.last_poll >= CANCEL_POLL_S:
@@ -197,8 +230,8 @@ class _JobRun:
                                      self.job.attempt):
                     self.cancel.set()  # cancel or lost: told apart when the pipeline stopped
                     return True
-            except Exception:  # noqa: BLE001 — a database hiccup: the heartbeat decides
-                log.warning("job %s: should_stop read failed", self.job.id, exc_info=True)
+            except Exception as e:  # noqa: BLE001 — a database hiccup: the lease decides
+                log.warning("job %s: should_stop read failed (%s)", self.job.id, _reason(e))
         return False
 
     def on_event(self, event: dict) -> None:
@@ -213,8 +246,9 @@ class _JobRun:
             applied = queue.report_progress(self.worker.engine, self.job.id,
                                             self.worker.worker_id, self.job.attempt,
                                             stage=stage, progress=fraction, detail=detail)
-        except Exception:  # noqa: BLE001 — progress is best effort; the lease decides
-            log.warning("job %s: progress write failed", self.job.id, exc_info=True)
+        except Exception as e:  # noqa: BLE001 — progress is best effort; the lease decides
+            log.warning("job %s: progress write failed (%s)", self.job.id, _reason(e))
+            self.last_write = now  # tried again in PROGRESS_INTERVAL_S, not at every step
             return
         self.last_write, self.last_stage = now, stage
         if not applied:
@@ -225,12 +259,15 @@ class _JobRun:
     def heartbeat_loop(self) -> None:
         w = self.worker
         while not self.done.wait(w.heartbeat_interval):
+            sent = time.monotonic()
             try:
                 beat = queue.heartbeat(w.engine, self.job.id, w.worker_id, self.job.attempt,
                                        lease_seconds=w.settings.lease_seconds)
-            except Exception:  # noqa: BLE001 — retried at the next beat (the lease has slack)
-                log.warning("job %s: heartbeat failed", self.job.id, exc_info=True)
+            except Exception as e:  # noqa: BLE001 — retried at the next beat (the lease has slack)
+                log.warning("job %s: heartbeat failed (%s)", self.job.id, _reason(e))
             else:
+                if beat:
+                    self.lease_until = sent + self._lease_s
                 if not beat:
                     log.warning("job %s: lease lost (attempt %d); stopping", self.job.id,
                                 self.job.attempt)
@@ -280,8 +317,8 @@ class Worker:
             self._last_reap = now
         try:
             reaped = queue.housekeeping(self.engine, lease_seconds=self.settings.lease_seconds)
-        except Exception:  # noqa: BLE001 — the next round tries again
-            log.warning("reap failed", exc_info=True)
+        except Exception as e:  # noqa: BLE001 — the next round tries again
+            log.warning("reap failed (%s)", _reason(e))
             return {}
         for job_id, status in reaped.items():
             log.info("reaped job %s: %s", job_id, status)
@@ -423,7 +460,7 @@ class Worker:
         return "lost"
 
     def _run(self, job: queue.Claimed, state: _JobRun) -> str:
-        from pruning.checkpoint import UnreadableFileError
+        from pruning.checkpoint import UnreadableFileError, WriteRefused, write_fence
         from pruning.pipeline import MetanetDataError, PipelineSpec, run
         from pruning.train import Cancelled
 
@@ -451,15 +488,16 @@ class Worker:
             state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))
 
             def run_job(spec):
-                return run(spec, self.run_dir(job.id), resume=True, progress=state.on_event,
-                           should_stop=state.should_stop)
+                with write_fence(state.check_write):  # nothing written once the lease is gone
+                    return run(spec, self.run_dir(job.id), resume=True,
+                               progress=state.on_event, should_stop=state.should_stop)
 
             try:
                 report = run_job(spec)
             except MetanetDataError as e:  # found only once the data is loaded: train one
                 log.info("job %s: %s; training its own", job.id, e)
                 report = run_job(spec.model_copy(update={"metanet_from": None}))
-        except Cancelled:
+        except (Cancelled, WriteRefused):
             return self._stopped(job, state)
         except UnreadableFileError as e:
             return self._unreadable(job, state, e)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -17,6 +20,34 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the JSON half of this module needs no PyTorch (the service's API imports it)
     import torch
     from torch import nn
+
+
+class WriteRefused(Exception):
+    """Raised by a :func:`write_fence` check: this thread may no longer change the files (a
+    service worker whose lease on the job has ended)."""
+
+
+_fence = threading.local()
+
+
+@contextmanager
+def write_fence(check: Callable[[], None]) -> Iterator[None]:
+    """Within the block, on this thread, ``check()`` runs before every file is put in place
+    (:func:`atomic_write_bytes`) or a run's outputs are deleted (:func:`check_write_fence`); it
+    raises :class:`WriteRefused` to stop a writer that another has replaced, so two attempts
+    of one service job never both write its run folder."""
+    before = getattr(_fence, "check", None)
+    _fence.check = check
+    try:
+        yield
+    finally:
+        _fence.check = before
+
+
+def check_write_fence() -> None:
+    check = getattr(_fence, "check", None)
+    if check is not None:
+        check()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -29,6 +60,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
+        check_write_fence()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -43,8 +43,8 @@ import torch
 from metanet.pruningnet import PruningNet
 from pruning import counting
 from pruning.checkpoint import (UnreadableFileError, atomic_write_bytes, atomic_write_json,
-                                json_bytes, load_tensors, read_json, read_tensors_metadata,
-                                remove_stale_temporaries, save_tensors)
+                                check_write_fence, json_bytes, load_tensors, read_json,
+                                read_tensors_metadata, remove_stale_temporaries, save_tensors)
 from pruning.constraints import MacsConstraint, budget_use
 from pruning.data import DataBundle, DatasetError, load_dataset
 from pruning.evaluate import CandidateEvaluator, entry_score
@@ -239,6 +239,7 @@ LATER_OUTPUTS = {"metanet": ("search", "final", "baseline", EVALUATION_FILE, "ar
 def _discard_later_outputs(ctx: RunContext, stage: str) -> None:
     """Before ``stage`` does work: delete the outputs of the stages after it, made from what
     ``stage`` is about to replace."""
+    check_write_fence()
     for rel in LATER_OUTPUTS[stage]:
         path = ctx.path(rel)
         if path.is_dir() and not path.is_symlink():

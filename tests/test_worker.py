@@ -307,6 +307,60 @@ def test_a_worker_that_lost_its_lease_stops_and_is_fenced_out(clean, settings):
     assert queue.heartbeat(clean, job_id, "w-other", 2)
 
 
+def test_a_worker_cut_off_from_the_database_stops_writing_before_its_lease_ends(
+        clean, settings, monkeypatch):
+    """Heartbeats that cannot reach the database do not renew the lease: by its own clock the
+    worker stops at the lease's end (less a margin), before the reaper can give the job to
+    another, and no file of the run folder changes after that."""
+    from sqlalchemy.exc import OperationalError
+
+    from pruning import checkpoint
+
+    short = settings.model_copy(update={"lease_seconds": 3})
+    job_id = submit(clean, LONG)
+    worker = Worker(short, "w-cut", device="cpu")
+    job = queue.claim(clean, "w-cut", lease_seconds=3)
+    outcome, writes = [], []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        writes.append(time.monotonic())
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    thread = threading.Thread(target=lambda: outcome.append(worker.process(job)))
+    thread.start()
+    try:
+        wait_for(lambda: job_row(clean, job_id).stage == "metanet", what="training")
+
+        def unreachable(*args, **kwargs):
+            raise OperationalError("UPDATE …", {}, Exception("connection refused"))
+
+        for name in ("heartbeat", "report_progress", "should_stop", "housekeeping"):
+            monkeypatch.setattr(queue, name, unreachable)
+        cut = time.monotonic()
+        thread.join(20)
+        assert not thread.is_alive() and outcome == ["lost"]
+    finally:
+        thread.join(60)
+    assert writes and max(writes) < cut + 3  # the last renewal came before the cut
+    assert job_row(clean, job_id).status == "running"  # for the reaper to re-queue
+
+
+def test_the_write_fence_refuses_a_file_and_leaves_nothing(tmp_path):
+    from pruning.checkpoint import WriteRefused, atomic_write_bytes, write_fence
+
+    def lost():
+        raise WriteRefused("lease lost")
+
+    atomic_write_bytes(tmp_path / "a", b"1")
+    with write_fence(lost), pytest.raises(WriteRefused):
+        atomic_write_bytes(tmp_path / "a", b"2")
+    atomic_write_bytes(tmp_path / "b", b"3")  # the fence ended with its block
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (tmp_path / "a").read_bytes() == b"1"
+
+
 def test_the_worker_command_stops_gracefully_on_sigterm(clean, settings):
     job_id = submit(clean, LONG)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
