@@ -489,7 +489,7 @@ class Worker:
 
             def run_job(spec):
                 with write_fence(state.check_write):  # nothing written once the lease is gone
-                    return run(spec, self.run_dir(job.id), resume=True,
+                    return run(spec, self.run_dir(job.id), resume=True, lock=False,
                                progress=state.on_event, should_stop=state.should_stop)
 
             try:

@@ -187,12 +187,12 @@ def cmd_build(a) -> dict:
 
 
 def _local_spec(a):
-    """:func:`_spec` for a run on this machine: a relative ``--data-root`` made absolute, so
-    that the stage commands and ``--resume`` find the same folder from anywhere."""
+    """:func:`_spec` for a run on this machine: a relative ``--data-root`` or ``--metanet-from``
+    made absolute, so that the stage commands and ``--resume`` find it from anywhere."""
     spec = _spec(a)
-    if spec.data_root is not None and not os.path.isabs(spec.data_root):
-        spec = spec.model_copy(update={"data_root": os.path.abspath(spec.data_root)})
-    return spec
+    relative = {name: os.path.abspath(value) for name in ("data_root", "metanet_from")
+                if (value := getattr(spec, name)) is not None and not os.path.isabs(value)}
+    return spec.model_copy(update=relative) if relative else spec
 
 
 def _spec(a):
@@ -245,6 +245,8 @@ def _check_out(a) -> None:
     """``--out`` must be (or be made) a folder. ``--resume`` on a folder with no run starts one
     (the service's workers rely on it): say so, or a typo would quietly train everything again."""
     out = Path(a.out)
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--out: {out} is a symlink to {os.readlink(out)}, which does not exist")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UserError(f"--out: {existing} is a file, not a folder")
@@ -400,44 +402,53 @@ _PIPELINE_COMMANDS = (cmd_prune, cmd_train_metanet, *_STAGE_COMMANDS)
 
 def _run_pipeline(args) -> dict | int:
     """A pipeline command, stopped gracefully by Ctrl-C (:class:`_StopOnCtrlC`): exit 130."""
+    from pruning.pipeline import unlock_run_dirs
     from pruning.train import Cancelled
 
+    stop = _StopOnCtrlC()
     try:
-        with _StopOnCtrlC() as args.should_stop:
+        with stop as args.should_stop:
             return args.fn(args)
     except Cancelled:
         print(f"metaprune: stopped; checkpoint saved{_how_to_continue(args)}", file=sys.stderr)
-        return 130
+        return 128 + stop.signum
+    finally:
+        unlock_run_dirs()  # the run folder's lock (a command run in-process, as in the tests)
 
 
 class _StopOnCtrlC:
-    """For the pipeline commands: the first Ctrl-C asks the pipeline to stop at its next
-    training step or search generation, after saving a checkpoint there (called as
-    ``should_stop``); a second one stops at once (``KeyboardInterrupt``: the last periodic
-    checkpoint remains)."""
+    """For the pipeline commands: the first Ctrl-C (or SIGTERM, as `timeout`, `docker stop`
+    and batch schedulers send) asks the pipeline to stop at its next training step or search
+    generation, after saving a checkpoint there (called as ``should_stop``; the command exits
+    128 + the signal's number); a second one stops at once (``KeyboardInterrupt``: the last
+    periodic checkpoint remains)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.signum = signal.SIGINT
+        self.previous: dict = {}
 
     def __call__(self) -> bool:
         return self.requested
 
-    def _on_sigint(self, _signum, _frame) -> None:
+    def _on_signal(self, signum, _frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nmetaprune: stopping at the next training step or search generation, after "
-              "saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        self.requested, self.signum = True, signum
+        print(f"\nmetaprune: {signal.Signals(signum).name}: stopping at the next training step "
+              "or search generation, after saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
 
     def __enter__(self) -> _StopOnCtrlC:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def cmd_db(a) -> dict:
@@ -1389,7 +1400,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     try:
         out = _run_pipeline(args) if args.fn in _PIPELINE_COMMANDS else args.fn(args)
-    except (UserError, ValueError, KeyError, OSError, MachineBusyError) as e:
+    except BrokenPipeError:  # `metaprune prune … | head`: the reader left; the work is done
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except (UserError, ValueError, KeyError, OSError, MachineBusyError,
+            FloatingPointError) as e:  # FloatingPointError: training diverged (it says so)
         message = error_message(e)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             message = f"no space left on the device ({message}){_how_to_continue(args)}"

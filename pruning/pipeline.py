@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -122,6 +123,13 @@ class RunContext:
     result_: SearchResult | None = None
     search_config_: SearchConfig | None = None
     trained: dict = field(default_factory=dict)
+    locked: bool = False  # this context took the run folder's lock (lock_run_dir)
+
+    def stop_if_asked(self, stage: str) -> None:
+        """Raise :class:`~pruning.train.Cancelled` when ``should_stop`` says so."""
+        if self.should_stop is not None and self.should_stop():
+            from pruning.train import Cancelled
+            raise Cancelled(stage)
 
     @property
     def latency(self):
@@ -256,10 +264,12 @@ def holds_other_files(run_dir: Path) -> bool:
 
 def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
             progress: Progress | None = None,
-            should_stop: Callable[[], bool] | None = None) -> RunContext:
+            should_stop: Callable[[], bool] | None = None, lock: bool = True) -> RunContext:
     """Check the run folder, load the data, build the space and the budget, and claim the folder
-    (``spec.json``). Nothing is written when the folder holds another run, the data is missing,
-    the budget is infeasible or prunes nothing, or ``metanet_from`` names an unusable run."""
+    (``spec.json``; with ``lock``, :func:`lock_run_dir` too: the service's workers fence their
+    writes by their lease instead). Nothing is written when the folder holds another run, the
+    data is missing, the budget is infeasible or prunes nothing, or ``metanet_from`` names an
+    unusable run."""
     run_dir = Path(run_dir)
     notify = progress or (lambda event: None)
     r = spec.resolved()
@@ -301,6 +311,13 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     baseline = uniform_baseline(space, constraints)
     # claimed only now: a typo in the data folder or an unusable budget leaves no run behind
     run_dir.mkdir(parents=True, exist_ok=True)
+    locked = lock and lock_run_dir(run_dir)
+    if locked:
+        try:
+            _check_run_dir(run_dir, spec, resume)  # again: another process may have begun it
+        except RunFolderError:
+            unlock_run_dirs(run_dir)
+            raise
     remove_stale_temporaries(run_dir)  # left by a run killed mid-write (resumed runs only)
     if not (run_dir / "spec.json").exists():
         atomic_write_json(run_dir / "spec.json", spec.model_dump())
@@ -310,7 +327,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
         latency.table.save(table_path)  # a resumed search must see the very same table
     return RunContext(spec=spec, r=r, run_dir=run_dir, device=device, data=data, space=space,
                       constraints=constraints, baseline=baseline, notify=notify,
-                      should_stop=should_stop, t_start=t_start)
+                      should_stop=should_stop, t_start=t_start, locked=locked)
 
 
 def _data_change(saved: dict, now: dict) -> str | None:
@@ -416,9 +433,7 @@ def stage_search(ctx: RunContext) -> SearchResult:
         per_gen = (time.perf_counter() - start) / (done - first_done[0] + 1)
         ctx.notify({"stage": "search", **event, "objective": objective,
                     "eta_s": round(per_gen * (event["generations"] - done), 1)})
-        if ctx.should_stop is not None and ctx.should_stop():
-            from pruning.train import Cancelled
-            raise Cancelled("search")
+        ctx.stop_if_asked("search")
 
     ctx.result_ = ctx._evolve(progress=on_generation)
     return ctx.result_
@@ -463,7 +478,8 @@ def stage_evaluate(ctx: RunContext) -> dict:
     accuracy: ``{"metapruning": {...}, "uniform": {...}}`` (also ``evaluation.json``)."""
     path = ctx.path(EVALUATION_FILE)
     if path.exists():
-        return read_json(path)
+        return _read_evaluation(path)
+    ctx.stop_if_asked("evaluate")
     _discard_later_outputs(ctx, "evaluate")
     result = ctx.search_result()
     trained = ctx.trained_nets()
@@ -473,6 +489,7 @@ def stage_evaluate(ctx: RunContext) -> dict:
     steps = ctx.r.final.total_steps(len(ctx.data.train))
     entries = {}
     for name, cand in (("metapruning", best), ("uniform", ctx.baseline)):
+        ctx.stop_if_asked("evaluate")
         net = trained.get(name)
         if name == "uniform" and cand == best and net is not None:
             # the search picked it: one network, measured once; its own entry, as when read back
@@ -502,6 +519,16 @@ def stage_evaluate(ctx: RunContext) -> dict:
     return entries
 
 
+def _read_evaluation(path: Path) -> dict:
+    """``evaluation.json``, refused as damaged unless it holds both networks' entries."""
+    entries = read_json(path)
+    if not (isinstance(entries, dict) and all(
+            isinstance(entries.get(name), dict) and "candidate" in entries[name]
+            for name in ("metapruning", "uniform"))):
+        raise UnreadableFileError(path, "no metapruning and uniform entries")
+    return entries
+
+
 def stage_export(ctx: RunContext) -> dict:
     """5. Export the winner and write the artifacts; returns the report (also
     ``artifacts/report.json``). An export already written, whole (every file ``config.json``
@@ -510,8 +537,9 @@ def stage_export(ctx: RunContext) -> dict:
     art = ctx.path("artifacts")
     if _export_intact(art):
         return read_json(art / "report.json")
+    ctx.stop_if_asked("export")
     spec, space, constraints, latency = ctx.spec, ctx.space, ctx.constraints, ctx.latency
-    entries = read_json(ctx.require(EVALUATION_FILE, "evaluate"))
+    entries = _read_evaluation(ctx.require(EVALUATION_FILE, "evaluate"))
     result = ctx.search_result()
     net = ctx.trained_nets()["metapruning"]
     ctx.notify({"stage": "export", "message": "exporting"})
@@ -577,13 +605,19 @@ STAGES = (stage_metanet, stage_search, stage_train, stage_evaluate, stage_export
 
 
 def run(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
-        progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+        progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+        lock: bool = True) -> dict:
     """Run (or resume) the whole pipeline; returns the report (also ``artifacts/report.json``).
     The stages run in order, each skipping what the run folder already holds."""
-    ctx = prepare(spec, run_dir, resume=resume, progress=progress, should_stop=should_stop)
-    for stage in STAGES[:-1]:
-        stage(ctx)
-    report = stage_export(ctx)
+    ctx = prepare(spec, run_dir, resume=resume, progress=progress, should_stop=should_stop,
+                  lock=lock)
+    try:
+        for stage in STAGES[:-1]:
+            stage(ctx)
+        report = stage_export(ctx)
+    finally:
+        if ctx.locked:
+            unlock_run_dirs(ctx.run_dir)
     ctx.notify({"stage": "done", "report": report})
     return report
 
@@ -682,6 +716,44 @@ def _differences(old: dict, new: dict, prefix: str = ""):
             yield from _differences(a, b, f"{prefix}{k}.")
         elif a != b:
             yield f"{prefix}{k}", a, b
+
+
+LOCK_FILE = ".lock"  # hidden: a folder holding only it holds no run (holds_other_files)
+_held_locks: dict[Path, int] = {}  # run folder → the open lock file of this process
+
+
+def lock_run_dir(run_dir: Path) -> bool:
+    """Hold ``run_dir/.lock`` (an advisory ``flock``, gone with this process) so that a second
+    process on the same folder is refused, naming the first one's pid, instead of both writing
+    it. Re-entrant within a process; returns whether this call took it."""
+    import fcntl
+
+    key = run_dir.resolve()
+    if key in _held_locks:
+        return False
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another process holds it
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RunFolderError(f"another metaprune process{f' (pid {holder})' if holder else ''} "
+                             f"is using {run_dir}; wait for it to end, or stop it") from None
+    except OSError:  # a file system without locks: run unguarded, as before there were any
+        os.close(fd)
+        return False
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held_locks[key] = fd
+    return True
+
+
+def unlock_run_dirs(*run_dirs: Path) -> None:
+    """Let go of the locks this process holds on ``run_dirs`` (none given: on all)."""
+    for key in [d.resolve() for d in run_dirs] if run_dirs else list(_held_locks):
+        fd = _held_locks.pop(key, None)
+        if fd is not None:
+            os.close(fd)  # closing the file releases the flock
 
 
 def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:

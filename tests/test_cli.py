@@ -378,3 +378,53 @@ def test_a_stopped_run_says_how_to_continue(capsys, monkeypatch, tmp_path, raise
 def test_how_to_continue_fits_the_command(argv, hint):
     text = cli._how_to_continue(cli.make_parser().parse_args(argv))
     assert (hint in text) if hint else text == ""
+
+
+PRUNE = ["prune", "--arch", "test_mobilenet_v2", "--dataset", "synthetic", "--preset", "smoke",
+         "--quiet"]
+
+
+def test_diverged_training_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    import pruning.pipeline
+
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("metanet: the loss became nan by step 11 of 60; training "
+                                 "diverged: lower the learning rate")
+
+    monkeypatch.setattr(pruning.pipeline, "run", diverge)
+    status, _, err = call(capsys, *PRUNE, "--out", str(tmp_path / "run"))
+    assert status == 2 and err == ("metaprune: error: metanet: the loss became nan by step 11 "
+                                   "of 60; training diverged: lower the learning rate\n")
+
+
+def test_a_reader_that_left_after_the_run_is_no_error(capsys, tmp_path, monkeypatch):
+    """``metaprune prune … | head -1``: the run is done when its summary finds stdout closed."""
+    import pruning.pipeline
+
+    monkeypatch.setattr(pruning.pipeline, "run", lambda *a, **k: {})
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_print_summary", closed)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # _run points it at os.devnull
+    status, _, err = call(capsys, *PRUNE, "--out", str(tmp_path / "run"))
+    assert status == 0 and err == ""
+
+
+def test_out_as_a_dangling_symlink_is_named(capsys, tmp_path):
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "gone")
+    status, _, err = call(capsys, *PRUNE, "--out", str(link))
+    assert status == 2 and err == (f"metaprune: error: --out: {link} is a symlink to "
+                                   f"{tmp_path / 'gone'}, which does not exist\n")
+
+
+def test_relative_run_folders_in_a_spec_are_stored_absolute(tmp_path, monkeypatch):
+    """``--data-root`` and ``--metanet-from`` are kept absolute in spec.json, so ``resume``
+    finds them from any working folder."""
+    monkeypatch.chdir(tmp_path)
+    a = cli.make_parser().parse_args([*PRUNE, "--dataset", "imagefolder", "--metanet-from", "ref",
+                                      "--data-root", "data"])
+    spec = cli._local_spec(a)
+    assert spec.metanet_from == str(tmp_path / "ref") and spec.data_root == str(tmp_path / "data")

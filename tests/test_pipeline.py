@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import signal
 import os
 import shutil
 import subprocess
@@ -203,11 +204,12 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(reference, tmp_path
     assert report["metanet"]["loss"] == ref_report["metanet"]["loss"]
 
 
-def test_ctrl_c_saves_a_checkpoint_where_it_stopped(tmp_path):
-    """The first SIGINT stops ``prune`` at its next training step, with that step's state
-    saved (no periodic checkpoint is due: ``checkpoint_every`` is beyond the run) and a one-line
-    note; a resumed run continues from that step."""
-    import signal
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_checkpoint_where_it_stopped(tmp_path, signum):
+    """The first SIGINT (Ctrl-C) or SIGTERM (`timeout`, `docker stop`) stops ``prune`` at its
+    next training step, with that step's state saved (no periodic checkpoint is due:
+    ``checkpoint_every`` is beyond the run) and a one-line note, exit status 128 + the signal;
+    a resumed run continues from that step."""
 
     out = tmp_path / "run"
     overrides = {**OVERRIDES, "metanet": {"epochs": 200, "checkpoint_every": 100_000}}
@@ -221,9 +223,9 @@ def test_ctrl_c_saves_a_checkpoint_where_it_stopped(tmp_path):
         for line in proc.stderr:  # progress lines: wait until the PruningNet trains
             if line.startswith("[metanet] "):
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         err = proc.stderr.read()
-        assert proc.wait(60) == 130, err
+        assert proc.wait(60) == 128 + signum, err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -264,6 +266,51 @@ def test_a_closed_stderr_does_not_stop_a_run(tmp_path):
             proc.kill()
             proc.wait()
     assert (out / "artifacts" / "report.json").is_file()
+
+
+def test_a_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
+    """Two runs writing one folder would mix their files: while another process holds the
+    folder's lock, a run there is refused in one line naming that process, and writes nothing;
+    once it has gone, the folder is free."""
+    from pruning.pipeline import lock_run_dir, unlock_run_dirs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+         "print('locked', flush=True); time.sleep(120)", str(out / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert cli.main([*CLI_ARGS, "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (
+            f"metaprune: error: another metaprune process (pid {holder.pid}) is using {out}; "
+            "wait for it to end, or stop it\n")
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert lock_run_dir(out) and not lock_run_dir(out)  # taken, and re-entrant
+    unlock_run_dirs(out)
+
+
+def test_a_damaged_evaluation_record_is_named(reference, tmp_path, capsys):
+    """An ``evaluation.json`` that is JSON but not an evaluation (``[]``, ``{}``) reads as a
+    damaged file, with the usual advice, not a traceback or a bare key."""
+    ref_folder = reference[0]
+    for text in ("[]", "{}"):
+        out = tmp_path / ("list" if text == "[]" else "dict")
+        shutil.copytree(ref_folder, out)
+        (out / "evaluation.json").write_text(text)
+        (out / "artifacts" / "model.onnx").unlink()  # the export is redone from the record
+        assert cli.main(["resume", "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"metaprune: error: {out / 'evaluation.json'} is unreadable, corrupt or "
+                       "truncated (no metapruning and uniform entries); restore it, or delete "
+                       "it and run again to redo the step that wrote it\n")
 
 
 def test_resume_with_another_spec_is_refused(reference, capsys):
