@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import make_engine, session_factory
 from app.deps import Database
@@ -116,6 +117,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # nesting is bounded by RequestBodyGuard, so the echo's is too)
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))},
                             status_code=422)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        # the database went away (or lost its schema) while serving: a 503 like /readyz's, not
+        # a plain-text 500; the log keeps the details
+        log.warning("database error: %s", exc.__class__.__name__, exc_info=True)
+        return JSONResponse({"detail": f"database unreachable: {type(exc).__name__}"},
+                            status_code=503)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:

@@ -91,6 +91,11 @@ def render_workers(n: int, n_cuda: int) -> list[str]:
             "CUDA.", "# TYPE metaprune_workers_cuda gauge", f"metaprune_workers_cuda {n_cuda}"]
 
 
+def render_database_up(up: bool) -> list[str]:
+    return ["# HELP metaprune_database_up Whether this scrape could read the database.",
+            "# TYPE metaprune_database_up gauge", f"metaprune_database_up {int(up)}"]
+
+
 def render_build_info(version: str) -> list[str]:
     return ["# HELP metaprune_build_info The service's version (always 1).",
             "# TYPE metaprune_build_info gauge",

@@ -118,6 +118,21 @@ def database_error(exc: SQLAlchemyError) -> str:
     return f"{type(exc).__name__}: {text[0]}"
 
 
+def check_artifact_dir(folder: Path) -> None:
+    """A worker whose artifact folder it cannot write would fail every job it claims: it is
+    refused at its start (``ValueError``, naming the setting) instead."""
+    import tempfile
+
+    try:
+        (folder / "jobs").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder / "jobs"):
+            pass
+    except OSError as e:
+        raise ValueError(f"the artifact folder {folder} is not writable here ({e.strerror or e}):"
+                         " set METAPRUNE_ARTIFACT_DIR (or --artifact-dir) to the folder the API "
+                         "serves, shared with its workers") from None
+
+
 def _reason(exc: BaseException) -> str:
     """A failed database call in one line (the log's warnings; tracebacks only for bugs)."""
     return database_error(exc) if isinstance(exc, SQLAlchemyError) else repr(exc)
@@ -266,13 +281,12 @@ class _JobRun:
             except Exception as e:  # noqa: BLE001 — retried at the next beat (the lease has slack)
                 log.warning("job %s: heartbeat failed (%s)", self.job.id, _reason(e))
             else:
-                if beat:
-                    self.lease_until = sent + self._lease_s
                 if not beat:
                     log.warning("job %s: lease lost (attempt %d); stopping", self.job.id,
                                 self.job.attempt)
                     self.lost.set()
                     return
+                self.lease_until = sent + self._lease_s
                 if beat.cancel_requested:
                     self.cancel.set()
             w.maybe_reap()
@@ -292,6 +306,8 @@ class Worker:
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda: no CUDA device is available here")
         self.settings = settings
+        check_artifact_dir(Path(settings.artifact_dir))
+        self.last_outcome: str | None = None  # of the last job processed
         self.worker_id = worker_id or (f"{socket.gethostname()}:{os.getpid()}:"
                                        f"{uuid.uuid4().hex[:8]}")
         self.device = device
@@ -397,7 +413,7 @@ class Worker:
                 return
 
     def _claim_loop(self, poll_seconds: float, once: bool) -> int:
-        n, delay = 0, poll_seconds
+        n, delay, failed = 0, poll_seconds, 0
         while not self.stopping.is_set():
             try:
                 claimed = self.run_once()
@@ -414,6 +430,14 @@ class Worker:
                 n += 1
                 if once:
                     break
+                # a failed attempt (one this worker may fail again: its set-up, its disk) waits
+                # out a backoff, so that another worker can take the job's next attempt
+                failed = failed + 1 if self.last_outcome == "retry" else 0
+                if failed:
+                    pause = min(poll_seconds * 2 ** failed, MAX_BACKOFF_S)
+                    log.warning("an attempt failed on this worker; claiming again in %.0f s",
+                                pause)
+                    self.stopping.wait(pause)
             elif once:
                 break
             else:
@@ -430,7 +454,7 @@ class Worker:
         if job is None:
             return False
         log.info("job %s: claimed (attempt %d of %d)", job.id, job.attempt, job.max_attempts)
-        self.process(job)
+        self.last_outcome = self.process(job)
         return True
 
     def process(self, job: queue.Claimed) -> str:
@@ -507,8 +531,9 @@ class Worker:
             kind, retry = classify(e)
             if retry:
                 log.exception("job %s: attempt %d failed", job.id, job.attempt)
+            message = one_line(e).replace(str(self.artifact_dir), "<artifact folder>")
             return self._fenced(queue.fail, job, "retry" if retry else "failed",
-                                error_kind=kind, error_message=one_line(e), retry=retry)
+                                error_kind=kind, error_message=message, retry=retry)
         if state.lost.is_set():
             return "lost"
         return self._fenced(queue.finish, job, "succeeded", detail=summary(report, job.attempt))

@@ -7,12 +7,14 @@ The database URL comes from, in order: ``Config.attributes["url"]`` (``app.db.up
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import text
 
 from app.db import make_engine
 from app.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+MIGRATION_LOCK = 0x6D657461  # the PostgreSQL advisory lock held while migrating ("meta")
 
 
 def _url() -> str:
@@ -50,6 +52,11 @@ def run_online() -> None:
         with engine.connect() as connection:
             _configure(connection=connection)
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    # API replicas starting at once: one migrates, the others wait, then find
+                    # the schema at head (SQLite serialises writers by itself)
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                       {"key": MIGRATION_LOCK})
                 context.run_migrations()
     finally:
         engine.dispose()

@@ -1063,6 +1063,10 @@ def cmd_serve(a) -> dict:
     elif "METAPRUNE_REQUIRE_AUTH" not in os.environ:
         update["require_auth"] = False
     settings = settings.model_copy(update=update)
+    if a.workers:
+        from app.worker import check_artifact_dir
+
+        check_artifact_dir(Path(artifact_dir))  # else each worker would fail at its start
     try:
         upgrade(url)
     except SQLAlchemyError as e:
@@ -1100,15 +1104,22 @@ def _token_session(a):
 
     from app.db import make_engine
     from app.settings import get_settings
+    from app.worker import database_error
 
     engine = make_engine(a.database_url or get_settings().database_url)
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as e:
+        engine.dispose()
+        raise UserError(f"the database is unreachable: {database_error(e)}") from None
     try:
         with Session(engine) as session:
             yield session
             session.commit()
     except IntegrityError:
         raise
-    except SQLAlchemyError as e:
+    except SQLAlchemyError as e:  # a database without the tables
         raise UserError(f"the tokens' table is unreachable ({e.__class__.__name__}); "
                         "run `metaprune db upgrade` first?") from None
     finally:

@@ -11,7 +11,7 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from app.models import Job
 from app.services import artifacts as artifacts_service
@@ -260,6 +260,29 @@ def test_events_stream_ends_when_the_server_stops(api, engine):
         text = "".join(r.iter_text())
     assert [kind for kind, _ in _events(text)] == ["progress"]
     assert ": heartbeat" in text  # it was still open 0.2 s in
+
+
+def test_events_stream_ends_soon_after_its_token_is_revoked(api, engine, monkeypatch):
+    """A revoked token gets 401 on its next request; an event stream it opened ends too (its
+    token is looked up again every TOKEN_RECHECK_S), without a ``done`` event."""
+    from app.models import ApiToken
+    from app.routes import artifacts as artifacts_route
+
+    monkeypatch.setattr(artifacts_route, "TOKEN_RECHECK_S", 0.1)
+    carol = bearer(token_for(engine, "carol"))
+    job_id = _submit(api, headers=carol)
+    _set(engine, job_id, status="running", attempt=1, lease_owner="w", stage="metanet")
+
+    def revoke():
+        with engine.begin() as conn:
+            conn.execute(delete(ApiToken).where(ApiToken.owner == "carol"))
+
+    threading.Timer(0.5, revoke).start()
+    started = time.monotonic()
+    with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=carol) as r:
+        text = "".join(r.iter_text())
+    assert time.monotonic() - started < 5
+    assert [kind for kind, _ in _events(text)] == ["progress"] and ": heartbeat" in text
 
 
 def test_events_of_a_finished_job(api, engine):

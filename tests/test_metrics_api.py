@@ -208,3 +208,29 @@ def test_configurations_filters_and_owner_scope(api, engine):
     doc = api.get("/openapi.json").json()
     assert {"/metrics", "/v1/configurations"} <= set(doc["paths"])
     assert doc["components"]["schemas"]["ConfigurationPage"]["examples"]
+
+
+def test_a_database_outage_is_a_json_503_and_metrics_still_answer(api, monkeypatch):
+    """The database gone while serving: API calls answer 503 with a JSON detail (as /readyz
+    does), not a plain-text 500; /metrics still gives the HTTP metrics, with
+    metaprune_database_up 0 in place of the queue's gauges."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.routes import metrics as metrics_route
+    from app.services import jobs
+
+    def gone(*args, **kwargs):
+        raise OperationalError("SELECT …", {}, Exception("connection refused"))
+
+    assert sample(parse(api.get("/metrics").text), "metaprune_database_up") == 1
+    monkeypatch.setattr(jobs, "list_jobs", gone)
+    monkeypatch.setattr(metrics_route, "job_counts", gone)
+    r = api.get("/v1/jobs", headers=api.alice)
+    assert r.status_code == 503 and r.json() == {"detail": "database unreachable: "
+                                                           "OperationalError"}
+    r = api.get("/metrics")
+    samples = parse(r.text)
+    assert r.status_code == 200 and sample(samples, "metaprune_database_up") == 0
+    assert sample(samples, "metaprune_jobs", status="queued") is None
+    assert sample(samples, "metaprune_http_requests_total", method="GET", route="/v1/jobs",
+                  status="503") == 1

@@ -92,6 +92,33 @@ def test_downgrade_and_upgrade_keep_the_jobs(engine, db_url):
     assert _diff(db_url, Base.metadata) == []
 
 
+@pytest.mark.postgres
+def test_concurrent_upgrades_of_an_empty_postgres_database_take_turns(postgres_url):
+    """Several API replicas migrating one new database at once: one migrates, the others wait
+    for it and find the schema at head (they used to fail on the duplicate version table)."""
+    import subprocess
+    import sys
+
+    from alembic import command
+
+    from app.db import alembic_config, head_revision
+
+    command.downgrade(alembic_config(postgres_url), "base")
+    eng = make_engine(postgres_url)
+    with eng.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
+    eng.dispose()
+    # processes, as replicas are (alembic's migration context is one per process)
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; from app.db import upgrade; "
+                               "print(upgrade(sys.argv[1]))", postgres_url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [(p.returncode, out.strip()) for p, (out, _) in zip(procs, outs)] == \
+        [(0, head_revision())] * 4, [err[-300:] for _, err in outs]
+    assert _diff(postgres_url, Base.metadata) == []
+
+
 def test_cli_db_upgrade(tmp_path):
     from pruning.cli import main
 

@@ -149,6 +149,18 @@ def test_token_commands_create_list_and_revoke(engine, sqlite_url, capsys):
     assert run("list", "--owner", "dora", "--json")[:2] == (0, '{\n  "tokens": []\n}\n')
 
 
+def test_token_commands_tell_an_unreachable_database_from_one_without_tables(tmp_path, capsys):
+    from pruning import cli
+
+    assert cli.main(["token", "list", "--database-url",
+                     f"sqlite:///{tmp_path / 'no-such-folder' / 'x.db'}"]) == 2
+    assert capsys.readouterr().err.startswith("metaprune: error: the database is unreachable: "
+                                              "OperationalError: unable to open database file")
+    assert cli.main(["token", "list", "--database-url", f"sqlite:///{tmp_path / 'new.db'}"]) == 2
+    assert capsys.readouterr().err == ("metaprune: error: the tokens' table is unreachable "
+                                       "(OperationalError); run `metaprune db upgrade` first?\n")
+
+
 def test_token_is_looked_up_by_hash_and_compared_with_compare_digest(api, engine,
                                                                      monkeypatch):
     """What this can prove: the token's sha256, never the token, is what the database sees;

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
-from app.auth import JobId, Owner
+from app.auth import JobId, Owner, bearer, owner_of_token
 from app.deps import Db, SettingsDep
 from app.schemas import JOB_EXAMPLE, ArtifactList, ErrorOut, JobOut, SearchOut, errors
 from app.services import artifacts
@@ -122,6 +124,8 @@ def _artifact_response(db, settings, owner: str, job_id: str, name: str, range_:
                              media_type=f.media_type)
 
 
+TOKEN_RECHECK_S = 5.0  # an event stream ends this soon after its token is revoked
+
 # one event, as the schema below describes it (on the wire: `event: progress` and `data: {…}`
 # lines, then a blank line)
 _EVENT_EXAMPLE = {"event": "progress", "data": json.dumps(JOB_EXAMPLE)}
@@ -146,7 +150,9 @@ _EVENT_SCHEMA = {"type": "object", "required": ["event", "data"],
                                                                "example": _EVENT_EXAMPLE}}},
                        **errors(404)})
 async def job_events(job_id: JobId, request: Request, owner: Owner, db: Db,
-                     settings: SettingsDep) -> StreamingResponse:
+                     settings: SettingsDep,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                            Depends(bearer)]) -> StreamingResponse:
     """The job's progress as server-sent events, starting with its current state. A job that
     has already finished yields one `progress` and the `done` event."""
     from starlette.concurrency import run_in_threadpool
@@ -157,9 +163,20 @@ async def job_events(job_id: JobId, request: Request, owner: Owner, db: Db,
         return JobOut.of(job, waiting_reasons(db, settings, [job]).get(job.id)).model_dump_json()
 
     shutting_down = request.app.state.shutting_down
+    token = credentials.credentials if credentials is not None else None
+    checked = [time.monotonic()]
 
-    async def stop() -> bool:  # the client left, or the server is stopping
-        return shutting_down.is_set() or await request.is_disconnected()
+    def revoked() -> bool:
+        with request.app.state.sessions() as session:
+            return owner_of_token(session, token) != owner
+
+    async def stop() -> bool:  # the client left, the server is stopping, the token was revoked
+        if shutting_down.is_set() or await request.is_disconnected():
+            return True
+        if token is not None and time.monotonic() - checked[0] >= TOKEN_RECHECK_S:
+            checked[0] = time.monotonic()
+            return await run_in_threadpool(revoked)
+        return False
 
     stream = artifacts.job_events(db, settings, owner, job_id, stop, render)
     return StreamingResponse(stream, media_type="text/event-stream",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
@@ -23,15 +24,20 @@ _EXAMPLE = ('# TYPE metaprune_jobs gauge\nmetaprune_jobs{status="queued"} 2\n'
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format 0.0.4: jobs per "
-                                            "status, live workers, HTTP requests and "
+                                            "status and live workers (left out while the "
+                                            "database is unreachable: "
+                                            "metaprune_database_up 0), HTTP requests and "
                                             "durations per route template, build info. Counts "
                                             "only: no owners, job ids or specs.",
                              "content": {"text/plain": {"schema": {"type": "string"},
                                                         "example": _EXAMPLE}}}})
 async def prometheus(request: Request, db: Db, settings: SettingsDep) -> PlainTextResponse:
-    counts = await run_in_threadpool(job_counts, db)
-    workers = await run_in_threadpool(live_workers, db, settings)
-    lines = (metrics.render_jobs(counts, STATUSES) + metrics.render_workers(*workers)
-             + request.app.state.metrics.render()
+    try:
+        counts = await run_in_threadpool(job_counts, db)
+        workers = await run_in_threadpool(live_workers, db, settings)
+        queue = metrics.render_jobs(counts, STATUSES) + metrics.render_workers(*workers)
+    except SQLAlchemyError:  # the HTTP metrics still tell what the outage does to the API
+        queue = []
+    lines = (metrics.render_database_up(bool(queue)) + queue + request.app.state.metrics.render()
              + metrics.render_build_info(request.app.version))
     return PlainTextResponse("\n".join(lines) + "\n", media_type=metrics.CONTENT_TYPE)
