@@ -175,6 +175,37 @@ def test_an_unexpected_error_is_retried_up_to_max_attempts(clean, settings, monk
     assert (job.status, job.attempt, job.error_kind) == ("failed", 2, "internal")
 
 
+def test_a_worker_waits_a_backoff_after_a_failed_attempt(clean, settings, monkeypatch):
+    """An attempt that failed with a retry may fail again on the same worker (its set-up, its
+    disk): before its next claim the worker waits, doubling from twice the poll interval, so
+    another worker can take the job."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("pruning.pipeline.run", boom)
+    job_id = submit(clean, SPEC, max_attempts=3)
+    waits = []
+
+    class Recorded(threading.Event):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            if job_row(clean, job_id).status == "failed":
+                self.set()
+            return self.is_set()
+
+    Worker(settings, "w-backoff", device="cpu").run_forever(Recorded(), poll_seconds=0.5)
+    assert waits == [1.0, 2.0, 4.0]
+    assert job_row(clean, job_id).attempt == 3
+
+
+def test_a_worker_refuses_an_artifact_folder_it_cannot_write(settings, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(ValueError, match=f"the artifact folder {blocked} is not writable here "
+                                         r"\(.*\): set METAPRUNE_ARTIFACT_DIR"):
+        Worker(settings.model_copy(update={"artifact_dir": blocked}), "w-bad", device="cpu")
+
+
 def test_a_corrupt_file_in_the_job_s_folder_is_deleted_and_its_step_redone(clean, settings):
     """A checkpoint damaged on disk (truncated here, after a graceful stop): the worker deletes
     it and retries; the retry redoes that step and the job succeeds. The client is told which
