@@ -420,6 +420,10 @@ class Worker:
             except SQLAlchemyError as e:
                 if once:
                     raise
+                try:  # a database that answers but lost its schema (re-created): stop, as at
+                    self.check_database(wait=False)  # the start (ValueError: db upgrade)
+                except SQLAlchemyError:
+                    pass  # unreachable: wait for it
                 delay = min(2 * delay, MAX_BACKOFF_S)
                 log.warning("cannot reach the queue (%s); trying again in %.0f s",
                             database_error(e), delay)

@@ -469,6 +469,14 @@ def test_the_worker_waits_out_a_database_outage(clean, settings, monkeypatch, ca
         Worker(settings, "w-once", device="cpu").run_forever(poll_seconds=0.01, once=True)
 
 
+def test_a_worker_stops_when_its_database_has_lost_the_schema(settings, tmp_path):
+    """A database re-created without the tables answers, but every claim fails: the worker
+    stops with the start's advice instead of retrying for ever."""
+    empty = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'new.db'}"})
+    with pytest.raises(ValueError, match="has no metaprune schema.*`metaprune db upgrade`"):
+        Worker(empty, "w-no-schema", device="cpu").run_forever(poll_seconds=0.01)
+
+
 def test_the_worker_command_refuses_a_database_without_the_schema(tmp_path, capsys):
     from pruning import cli
 
