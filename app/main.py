@@ -19,7 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.db import make_engine, session_factory
 from app.deps import Database
@@ -118,13 +119,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))},
                             status_code=422)
 
-    @app.exception_handler(SQLAlchemyError)
-    async def _database_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
-        # the database went away (or lost its schema) while serving: a 503 like /readyz's, not
-        # a plain-text 500; the log keeps the details
-        log.warning("database error: %s", exc.__class__.__name__, exc_info=True)
+    async def _database_unreachable(_request: Request, exc: Exception) -> JSONResponse:
+        # the database went away while serving: a 503 like /readyz's, not a plain-text 500 (a
+        # bug's error, an IntegrityError say, stays a 500); the log keeps the details
+        log.warning("database unreachable: %s", exc.__class__.__name__, exc_info=True)
         return JSONResponse({"detail": f"database unreachable: {type(exc).__name__}"},
                             status_code=503)
+
+    for outage in (OperationalError, InterfaceError, DisconnectionError, PoolTimeout):
+        app.add_exception_handler(outage, _database_unreachable)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:

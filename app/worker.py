@@ -535,7 +535,10 @@ class Worker:
             kind, retry = classify(e)
             if retry:
                 log.exception("job %s: attempt %d failed", job.id, job.attempt)
-            message = one_line(e).replace(str(self.artifact_dir), "<artifact folder>")
+            message = one_line(e)
+            for form in sorted({str(self.artifact_dir), str(self.artifact_dir.resolve())},
+                               key=len, reverse=True):  # the server's paths are not the client's
+                message = message.replace(form + os.sep, "<artifact folder>" + os.sep)
             return self._fenced(queue.fail, job, "retry" if retry else "failed",
                                 error_kind=kind, error_message=message, retry=retry)
         if state.lost.is_set():
@@ -558,7 +561,7 @@ class Worker:
         else:
             where = path.relative_to(run_dir)
             redo = (str(where) not in ("spec.json", DATA_FILE)
-                    and job.attempt < job.max_attempts and not state.lost.is_set())
+                    and job.attempt < job.max_attempts and state.lease_held())
             if redo:
                 log.warning("job %s: %s; deleting it and retrying", job.id, e)
                 path.unlink(missing_ok=True)

@@ -410,7 +410,11 @@ def _run_pipeline(args) -> dict | int:
         with stop as args.should_stop:
             return args.fn(args)
     except Cancelled:
-        print(f"metaprune: stopped; checkpoint saved{_how_to_continue(args)}", file=sys.stderr)
+        if (Path(args.out) / "spec.json").exists():
+            print(f"metaprune: stopped; checkpoint saved{_how_to_continue(args)}",
+                  file=sys.stderr)
+        else:  # e.g. while measuring the latency table
+            print("metaprune: stopped before the run began; nothing was saved", file=sys.stderr)
         return 128 + stop.signum
     finally:
         unlock_run_dirs()  # the run folder's lock (a command run in-process, as in the tests)
@@ -437,9 +441,12 @@ class _StopOnCtrlC:
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
-        print(f"\nmetaprune: {signal.Signals(signum).name}: stopping at the next training step "
-              "or search generation, after saving a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        try:
+            print(f"\nmetaprune: {signal.Signals(signum).name}: stopping at the next training "
+                  "step or search generation, after saving a checkpoint (Ctrl-C again to stop "
+                  "at once)", file=sys.stderr, flush=True)
+        except OSError:  # stderr gone (a log reader that died): stop all the same
+            pass
 
     def __enter__(self) -> _StopOnCtrlC:
         if threading.current_thread() is threading.main_thread():
@@ -448,7 +455,8 @@ class _StopOnCtrlC:
 
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(s, handler)
 
 
 def cmd_db(a) -> dict:
@@ -864,7 +872,15 @@ note: such picks trained better in 9 of 11 seed-runs when the search was held to
 
 def _print_summary(report: dict, out: str, timed: bool = True) -> None:
     """The end of ``prune`` (and ``export``, ``timed=False``: its ``elapsed_s`` is the export's
-    own seconds, not the run's)."""
+    own seconds, not the run's). A reader that has left (``metaprune prune … | head -1``) is no
+    error: the run is done."""
+    try:
+        _write_summary(report, out, timed)
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")
+
+
+def _write_summary(report: dict, out: str, timed: bool) -> None:
     from pruning.evaluate import entry_score
 
     mp, un = report["metapruning"], report["uniform"]
@@ -1411,9 +1427,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     try:
         out = _run_pipeline(args) if args.fn in _PIPELINE_COMMANDS else args.fn(args)
-    except BrokenPipeError:  # `metaprune prune … | head`: the reader left; the work is done
-        sys.stdout = open(os.devnull, "w")
-        return 0
     except (UserError, ValueError, KeyError, OSError, MachineBusyError,
             FloatingPointError) as e:  # FloatingPointError: training diverged (it says so)
         message = error_message(e)

@@ -28,6 +28,11 @@ candidate end to end and stores the mean of (measured − layer sum) over the tw
 as one constant ``overhead_ms`` added to every prediction; a constant keeps the prediction
 monotone. Residual adds are timed as layers of their own (add + activation).
 
+**Threads.** On a CPU, latency is measured with ``$METAPRUNE_LATENCY_THREADS`` intra-op threads,
+1 by default: one thread times steadily beside other work, where threads that wait for each
+other on busy cores stall (measured here: layers 100× slower with 2 threads on 2 loaded cores,
+unchanged with 1), and an app's inference thread on a phone is one.
+
 **Timing.** Other work on the machine only ever adds time (a descheduled thread, on a CPU whose
 cores are all busy, stalls an operator for a whole time slice: 40 ms spikes among 0.05 ms
 runs), so every entry — each grid point, and the two end-to-end runs the overhead is fitted
@@ -37,7 +42,7 @@ The measured side of a report (:func:`measure_latency`) gives the fastest, the m
 
 **Cache.** A table is written as JSON (never pickle) to ``$METAPRUNE_CACHE_DIR`` or
 ``~/.cache/metaprune/latency``, named after a hash of its key: the device (CUDA device name, or
-the CPU model with its family and model numbers, core count and torch's intra-op thread count),
+the CPU model with its family and model numbers, core count and the measuring thread count),
 the torch version, the space's settings, the batch size and the measuring settings. The same key
 loads the file instead of measuring; an unreadable or inconsistent file is ignored with a
 warning and measured again. Writes are atomic (:func:`pruning.checkpoint.atomic_write_json`).
@@ -57,7 +62,8 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -80,6 +86,30 @@ DEFAULT_REPEATS = 5
 STALE_FACTOR = 1.5
 # a measurement whose 90th percentile run is this many times its fastest ran on a busy machine
 SPREAD_FACTOR = 1.5
+THREADS_ENV = "METAPRUNE_LATENCY_THREADS"
+
+
+def latency_threads() -> int:
+    """The intra-op threads CPU latency is measured with (see the module docstring)."""
+    text = os.environ.get(THREADS_ENV, "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{THREADS_ENV} must be a whole number of threads, at least 1, "
+                         f"got {text!r}")
+    return int(text)
+
+
+@contextmanager
+def _measuring_threads(device: torch.device) -> Iterator[None]:
+    """Within the block, a CPU runs :func:`latency_threads` threads (restored afterwards)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(latency_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- timing ---------------------------------------------------------------------------------
@@ -143,7 +173,8 @@ def measure_latency(net: nn.Module, input_shape: tuple[int, ...],
     device = torch.device(device)
     net = net.eval().to(device)
     x = torch.randn(batch, *input_shape, device=device)
-    return _timing(lambda: net(x), device, repeats=repeats, warmup=5)
+    with _measuring_threads(device):
+        return _timing(lambda: net(x), device, repeats=repeats, warmup=5)
 
 
 def predicted_and_measured(table: LatencyTable, space: SearchSpace, candidate: Candidate,
@@ -169,12 +200,12 @@ def predicted_and_measured(table: LatencyTable, space: SearchSpace, candidate: C
 
 def device_name(device: torch.device | str) -> str:
     """What a latency table is keyed by: the CUDA device name, or the CPU (model name, family
-    and model numbers, core count) and torch's intra-op thread count (timings on a CPU depend
-    on all of them: one model name covers several processor generations)."""
+    and model numbers, core count) and the measuring thread count (timings on a CPU depend on
+    all of them: one model name covers several processor generations)."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{device.type}:{cpu_description()}:{torch.get_num_threads()} threads"
+    return f"{device.type}:{cpu_description()}:{latency_threads()} threads"
 
 
 def default_cache_dir() -> Path:
@@ -510,15 +541,16 @@ class LatencyTable:
                               "again", RuntimeWarning, stacklevel=2)
         t0 = time.perf_counter()
         for runs in (repeats, 4 * repeats):  # layers timed on a busy machine: once more, longer
-            measurements = _measure_layers(space, device, batch, max_points, runs, progress)
+            with _measuring_threads(device):
+                measurements = _measure_layers(space, device, batch, max_points, runs, progress)
             table = cls(space, key, measurements, path=path)
             measured = _extremes_ms(space, device, batch, repeats)
             sums = table.layer_sums()
             if not _inflated(sums, measured):
                 break
             if runs != repeats:
-                fewer = (", or with fewer threads than cores (OMP_NUM_THREADS=1)"
-                         if device.type == "cpu" and torch.get_num_threads() > 1 else "")
+                fewer = (f", or with fewer threads ({THREADS_ENV}=1)"
+                         if device.type == "cpu" and latency_threads() > 1 else "")
                 raise MachineBusyError(
                     f"cannot measure the latency table of {space.arch}: the machine is too busy "
                     f"(its layers, timed twice, {_mismatch(sums, measured)}); run again when it "

@@ -312,19 +312,20 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     # claimed only now: a typo in the data folder or an unusable budget leaves no run behind
     run_dir.mkdir(parents=True, exist_ok=True)
     locked = lock and lock_run_dir(run_dir)
-    if locked:
-        try:
+    try:
+        if locked:
             _check_run_dir(run_dir, spec, resume)  # again: another process may have begun it
-        except RunFolderError:
+        remove_stale_temporaries(run_dir)  # left by a run killed mid-write (resumed runs only)
+        if not (run_dir / "spec.json").exists():
+            atomic_write_json(run_dir / "spec.json", spec.model_dump())
+        if _data_record_outdated(run_dir, data_fingerprint):  # none yet, or an older version's
+            atomic_write_json(run_dir / DATA_FILE, data_fingerprint)
+        if latency is not None and not table_path.exists():
+            latency.table.save(table_path)  # a resumed search must see the very same table
+    except BaseException:
+        if locked:
             unlock_run_dirs(run_dir)
-            raise
-    remove_stale_temporaries(run_dir)  # left by a run killed mid-write (resumed runs only)
-    if not (run_dir / "spec.json").exists():
-        atomic_write_json(run_dir / "spec.json", spec.model_dump())
-    if _data_record_outdated(run_dir, data_fingerprint):  # none yet, or an older version's
-        atomic_write_json(run_dir / DATA_FILE, data_fingerprint)
-    if latency is not None and not table_path.exists():
-        latency.table.save(table_path)  # a resumed search must see the very same table
+        raise
     return RunContext(spec=spec, r=r, run_dir=run_dir, device=device, data=data, space=space,
                       constraints=constraints, baseline=baseline, notify=notify,
                       should_stop=should_stop, t_start=t_start, locked=locked)
@@ -731,7 +732,10 @@ def lock_run_dir(run_dir: Path) -> bool:
     key = run_dir.resolve()
     if key in _held_locks:
         return False
-    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only folder (a finished run to export again, another's): unguarded
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:  # another process holds it

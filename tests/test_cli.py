@@ -406,10 +406,35 @@ def test_a_reader_that_left_after_the_run_is_no_error(capsys, tmp_path, monkeypa
     def closed(*args, **kwargs):
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(cli, "_print_summary", closed)
+    monkeypatch.setattr(cli, "_write_summary", closed)
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # _run points it at os.devnull
     status, _, err = call(capsys, *PRUNE, "--out", str(tmp_path / "run"))
     assert status == 0 and err == ""
+
+
+def test_a_stop_before_the_run_began_promises_no_checkpoint(capsys, tmp_path, monkeypatch):
+    """Stopped while measuring a latency table, say: no spec.json yet, nothing to resume."""
+    import pruning.pipeline
+    from pruning.train import Cancelled
+
+    def stopped(*args, **kwargs):
+        raise Cancelled("latency")
+
+    monkeypatch.setattr(pruning.pipeline, "run", stopped)
+    status, _, err = call(capsys, *PRUNE, "--out", str(tmp_path / "run"))
+    assert status == 130 and err == ("metaprune: stopped before the run began; nothing was "
+                                     "saved\n")
+
+
+def test_a_run_folder_that_cannot_hold_a_lock_runs_unguarded(tmp_path, monkeypatch):
+    """A read-only folder (a finished run exported again, another user's) takes no lock."""
+    from pruning import pipeline
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(pipeline.os, "open", read_only)
+    assert pipeline.lock_run_dir(tmp_path) is False and not pipeline._held_locks
 
 
 def test_out_as_a_dangling_symlink_is_named(capsys, tmp_path):

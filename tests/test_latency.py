@@ -327,10 +327,35 @@ def test_a_report_flags_a_busy_or_another_device(table, space, monkeypatch):
     assert entry["measured"] == 1.05 and entry["measured_fastest"] == 1.0
     assert "warning" not in entry
     monkeypatch.setattr(latency, "measure_latency", lambda *a, **k: latency.Timing(1.0, 1.2, 9.0))
-    monkeypatch.setattr(latency.torch, "get_num_threads", lambda: 7)  # not the table's threads
+    monkeypatch.setenv("METAPRUNE_LATENCY_THREADS", "7")  # not the table's threads
     warning = latency.predicted_and_measured(table, space, space.largest(), net)["warning"]
     assert warning.startswith("the machine was busy while measuring (runs took 1 to 9 ms)")
     assert "measured on cpu:" in warning and ":7 threads, but the table on " in warning
+
+
+def test_cpu_latency_is_measured_on_one_thread_unless_set(space, monkeypatch):
+    """One thread times steadily beside other work; ``METAPRUNE_LATENCY_THREADS`` asks for
+    more; torch's own thread count is restored afterwards, and the table's key names the
+    measuring threads."""
+    import torch
+
+    seen = []
+    real = latency._timing
+    monkeypatch.setattr(latency, "_timing", lambda *a, **k: seen.append(
+        torch.get_num_threads()) or real(*a, **k))
+    net = build(space, space.smallest())
+    torch.set_num_threads(2)
+    try:
+        measure_latency(net, (1, 16, 16), repeats=2)
+        monkeypatch.setenv("METAPRUNE_LATENCY_THREADS", "2")
+        measure_latency(net, (1, 16, 16), repeats=2)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        assert latency.device_name("cpu").endswith(":2 threads")
+    finally:
+        torch.set_num_threads(1)
+    monkeypatch.setenv("METAPRUNE_LATENCY_THREADS", "0")
+    with pytest.raises(ValueError, match="METAPRUNE_LATENCY_THREADS must be a whole number"):
+        latency.device_name("cpu")
 
 
 def test_a_latency_with_a_unit_is_explained(capsys, tmp_path):

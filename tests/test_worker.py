@@ -206,6 +206,20 @@ def test_a_worker_refuses_an_artifact_folder_it_cannot_write(settings, tmp_path)
         Worker(settings.model_copy(update={"artifact_dir": blocked}), "w-bad", device="cpu")
 
 
+def test_a_job_s_error_does_not_show_the_server_s_paths(clean, settings, monkeypatch):
+    folder = Path(settings.artifact_dir)
+
+    def boom(*args, **kwargs):
+        raise OSError(f"cannot write {folder / 'jobs' / 'x' / 'state.json'} (artifacts.1)")
+
+    monkeypatch.setattr("pruning.pipeline.run", boom)
+    job_id = submit(clean, SPEC, max_attempts=1)
+    assert Worker(settings, "w-paths", device="cpu").run_once()
+    message = job_row(clean, job_id).error_message
+    assert message == (f"OSError: cannot write <artifact folder>{os.sep}jobs{os.sep}x{os.sep}"
+                       "state.json (artifacts.1)")
+
+
 def test_a_corrupt_file_in_the_job_s_folder_is_deleted_and_its_step_redone(clean, settings):
     """A checkpoint damaged on disk (truncated here, after a graceful stop): the worker deletes
     it and retries; the retry redoes that step and the job succeeds. The client is told which
