@@ -199,8 +199,9 @@ class Crossover(Protocol):
 
 @dataclass(frozen=True)
 class UniformMutation:
-    """Each gene is redrawn uniformly over all levels with probability ``prob`` (it may draw
-    its old level again, as in the official code)."""
+    """Each gene is redrawn uniformly over all levels with probability ``prob``; it may draw its
+    old level again (a per-gene change rate of ``prob`` × 30/31 with 31 levels), where the
+    official code adds a random offset of 1–30 levels, so that a mutated gene always changes."""
 
     prob: float
 
