@@ -54,6 +54,7 @@ def list_datasets() -> list[str]:
 
 
 MAX_STEPS = 10**9  # bound of max_steps and checkpoint_every (every setting is bounded)
+SCHEDULES = ("cosine", "linear")  # learning-rate decays (TrainConfig.lr_at)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class TrainConfig:
     augment: bool = True
     max_steps: int | None = None
     checkpoint_every: int = 200
+    schedule: str = "cosine"  # after the warm-up: "cosine" or "linear" decay to zero
 
     def __post_init__(self):
         def number(v, integer=False):
@@ -95,6 +97,7 @@ class TrainConfig:
             "label_smoothing": (number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
                                 "a number in [0, 1)"),
             "augment": (isinstance(self.augment, bool), "true or false"),
+            "schedule": (self.schedule in SCHEDULES, " or ".join(map(repr, SCHEDULES))),
             "max_steps": (self.max_steps is None
                           or (number(self.max_steps, True) and 1 <= self.max_steps <= MAX_STEPS),
                           f"an integer in [1, {MAX_STEPS}] or null"),
@@ -123,11 +126,14 @@ class TrainConfig:
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def lr_at(self, step: int, total: int, per_epoch: int) -> float:
-        """Linear warm-up, then cosine decay to zero (``step`` counts from 0)."""
+        """Linear warm-up, then cosine (or, ``schedule`` "linear", linear: the official
+        MetaPruning code's) decay to zero; ``step`` counts from 0."""
         warmup = int(self.warmup_epochs * per_epoch)
         if step < warmup:
             return self.lr * (step + 1) / warmup
         t = (step - warmup) / max(1, total - warmup)
+        if self.schedule == "linear":
+            return self.lr * (1 - t)
         return 0.5 * self.lr * (1 + math.cos(math.pi * t))
 
 
@@ -153,16 +159,16 @@ PRESETS: dict[str, dict] = {
                  "metanet": {"epochs": 10, "batch_size": 256, "lr": 0.1, "warmup_epochs": 0.5},
                  "search": {"include_uniform": True},
                  "final": {"epochs": 10, "batch_size": 256, "lr": 0.1, "warmup_epochs": 0.5}},
-    # the paper's search and width settings (PruningNet up to 1.4×, label smoothing 0.1) and
-    # learning rates scaled to the batch size, with a shorter recipe than the official code's
-    # (README, "Where it differs from the official code")
+    # the official code's MobileNet recipe (64 PruningNet and 256 final epochs, linear decay,
+    # plain momentum, label smoothing 0.1; its learning rates scaled to batch 512), its search,
+    # and its widths: MobileNetV2 searched up to 1.4× (the others up to 1.0×, resolved())
     "paper": {"val_size": 10000, "calib_batches": 20, "calib_batch_size": 256,
               "eval_images": 10000, "max_width_mult": 1.4,
-              "metanet": {"epochs": 32, "batch_size": 512, "lr": 0.25, "warmup_epochs": 1,
-                          "label_smoothing": 0.1},
+              "metanet": {"epochs": 64, "batch_size": 512, "lr": 0.25, "nesterov": False,
+                          "schedule": "linear", "label_smoothing": 0.1},
               "search": {},
-              "final": {"epochs": 64, "batch_size": 512, "lr": 0.25, "warmup_epochs": 1,
-                        "label_smoothing": 0.1}},
+              "final": {"epochs": 256, "batch_size": 512, "lr": 0.25, "nesterov": False,
+                        "schedule": "linear", "label_smoothing": 0.1}},
 }
 
 
@@ -403,8 +409,12 @@ class PipelineSpec(BaseModel):
         p = PRESETS[self.preset]
         pick = lambda name: getattr(self, name) if getattr(self, name) is not None else p.get(name)  # noqa: E731
         metanet, search, final = self._configs()
+        max_width_mult = pick("max_width_mult") or 1.0
+        if self.preset == "paper" and self.max_width_mult is None and \
+                not self.arch.startswith("mobilenet_v2"):
+            max_width_mult = 1.0  # the official code widens MobileNetV2's PruningNet alone
         return ResolvedSpec(
-            spec=self, max_width_mult=pick("max_width_mult") or 1.0,
+            spec=self, max_width_mult=max_width_mult,
             train_limit=pick("train_limit"), test_limit=pick("test_limit"),
             val_size=pick("val_size"), calib_batches=pick("calib_batches"),
             calib_batch_size=pick("calib_batch_size"), eval_images=pick("eval_images"),
@@ -449,12 +459,21 @@ def metanet_identity(spec: PipelineSpec) -> dict:
             "levels": [float(x) for x in (spec.levels or DEFAULT_LEVELS)],
             "channel_divisor": spec.channel_divisor, "min_channels": spec.min_channels,
             "train_limit": r.train_limit,
-            "val_size": r.val_size, "metanet": asdict(r.metanet),
+            "val_size": r.val_size, "metanet": _recipe_identity(r.metanet),
             "metanet_sampling": spec.metanet_sampling,
             # a budget-biased PruningNet is trained for its budget only
             "budget": spec.budget.model_dump() if spec.metanet_sampling == "budget" else None,
             # only when given: the fingerprints of specs without it stay what they were
             **({"image_size": spec.image_size} if spec.image_size is not None else {})}
+
+
+def _recipe_identity(config: TrainConfig) -> dict:
+    """A recipe's settings, less a default ``schedule`` (the setting came later: the
+    fingerprints of the recipes without it stay what they were)."""
+    d = asdict(config)
+    if d["schedule"] == "cosine":
+        del d["schedule"]
+    return d
 
 
 def metanet_fingerprint(spec: PipelineSpec) -> str:

@@ -131,6 +131,33 @@ def test_lr_schedule_linear_warmup_then_cosine():
     assert lrs[total] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_lr_schedule_linear_to_zero_as_in_the_official_code():
+    c = TrainConfig(lr=0.4, epochs=3, schedule="linear")
+    total, per_epoch = 30, 10
+    lrs = [c.lr_at(s, total, per_epoch) for s in range(total + 1)]
+    assert lrs == pytest.approx([0.4 * (1 - s / total) for s in range(total + 1)])
+    with pytest.raises(ValueError, match="schedule='step' \\(must be 'cosine' or 'linear'\\)"):
+        TrainConfig(schedule="step")
+
+
+def test_the_paper_preset_is_the_official_mobilenet_recipe():
+    """64 PruningNet and 256 final epochs, linear decay, plain momentum, label smoothing 0.1;
+    MobileNetV2 searched up to 1.4×, the other families up to 1.0× unless asked."""
+    from pruning.spec import Budget, PipelineSpec
+
+    def resolved(arch, **kw):
+        return PipelineSpec(arch=arch, preset="paper", budget=Budget(macs_ratio=0.5),
+                            **kw).resolved()
+
+    r = resolved("mobilenet_v2")
+    for config, epochs in ((r.metanet, 64), (r.final, 256)):
+        assert (config.epochs, config.schedule, config.nesterov, config.label_smoothing,
+                config.warmup_epochs) == (epochs, "linear", False, 0.1, 0.0)
+    assert r.max_width_mult == 1.4
+    assert resolved("mobilenet_v1").max_width_mult == 1.0
+    assert resolved("resnet18", max_width_mult=1.4).max_width_mult == 1.4
+
+
 def test_fit_follows_the_schedule(data):
     """The LR reported for every step is ``lr_at(step)``: warm-up, then cosine."""
     space = space_for("test_mobilenet_v1")
