@@ -420,6 +420,14 @@ def _run_pipeline(args) -> dict | int:
         unlock_run_dirs()  # the run folder's lock (a command run in-process, as in the tests)
 
 
+class _Interrupted(KeyboardInterrupt):
+    """A second stop signal: leave at once (exit 128 + ``signum``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _StopOnCtrlC:
     """For the pipeline commands: the first Ctrl-C (or SIGTERM, as `timeout`, `docker stop`
     and batch schedulers send) asks the pipeline to stop at its next training step or search
@@ -439,7 +447,7 @@ class _StopOnCtrlC:
 
     def _on_signal(self, signum, _frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise _Interrupted(signum)
         self.requested, self.signum = True, signum
         try:
             print(f"\nmetaprune: {signal.Signals(signum).name}: stopping at the next training "
@@ -1434,9 +1442,9 @@ def _run(args) -> int:
             message = f"no space left on the device ({message}){_how_to_continue(args)}"
         print(f"metaprune: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"metaprune: interrupted{_how_to_continue(args)}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     if isinstance(out, int) and not isinstance(out, bool):  # an exit status (`watch`)
         return out
     if out:

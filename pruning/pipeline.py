@@ -778,6 +778,9 @@ def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
     except ValueError:
         raise RunFolderError(f"{saved} is not a run specification this version can read; "
                              "choose another folder") from None
+    lender = previous.metanet_from
+    if lender is not None and not os.path.isabs(lender):  # recorded as typed by older versions
+        previous = previous.model_copy(update={"metanet_from": os.path.abspath(lender)})
     old, new = previous.model_dump(exclude={"device"}), spec.model_dump(exclude={"device"})
     if old != new:
         diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in _differences(old, new))

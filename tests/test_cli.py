@@ -453,3 +453,36 @@ def test_relative_run_folders_in_a_spec_are_stored_absolute(tmp_path, monkeypatc
                                       "--data-root", "data"])
     spec = cli._local_spec(a)
     assert spec.metanet_from == str(tmp_path / "ref") and spec.data_root == str(tmp_path / "data")
+
+
+def test_a_second_stop_signal_leaves_at_once_with_its_own_status(capsys, tmp_path,
+                                                                  monkeypatch):
+    import signal
+
+    import pruning.pipeline
+
+    stop = cli._StopOnCtrlC()
+    stop._on_signal(signal.SIGTERM, None)  # the first: stop at the next step
+    with pytest.raises(cli._Interrupted) as e:
+        stop._on_signal(signal.SIGTERM, None)  # the second: at once
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise e.value
+
+    monkeypatch.setattr(pruning.pipeline, "run", interrupted)
+    status, _, err = call(capsys, *PRUNE, "--out", str(tmp_path / "run"))
+    assert status == 143 and err.startswith("metaprune: interrupted")
+
+
+def test_a_run_recorded_with_a_relative_metanet_from_resumes(tmp_path, monkeypatch):
+    """Older versions stored ``--metanet-from`` as typed; resumed from the same folder, that
+    spec is the one the command line now gives with the path made absolute."""
+    from pruning.checkpoint import atomic_write_json
+    from pruning.pipeline import _check_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    spec = PipelineSpec(arch="test_mobilenet_v2", dataset="synthetic", metanet_from="ref")
+    atomic_write_json(tmp_path / "run" / "spec.json", spec.model_dump())
+    now = spec.model_copy(update={"metanet_from": str(tmp_path / "ref")})
+    _check_run_dir(tmp_path / "run", now, resume=True)  # no "different specification"
