@@ -150,7 +150,8 @@ def _milliseconds(option: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        unit = " (a plain number: milliseconds, or a ratio)" if text.strip()[-1:].isalpha() else ""
+        unit = (" (a plain number: milliseconds, or a ratio)" if text.strip()[-1:].isalpha()
+                else "")
         raise UserError(f"{option}: not a number: {text!r}{unit}") from None
     if not (math.isfinite(value) and value > 0):
         raise UserError(f"{option}: must be a positive finite number, got {text!r}")
@@ -236,7 +237,8 @@ def _spec(a):
             budget=budget,
             preset=a.preset, seed=a.seed, device=a.device, final_init=a.final_init,
             train_baseline=a.baseline, width_mult=a.width_mult, max_width_mult=a.max_width_mult,
-            metanet_from=getattr(a, "metanet_from", None), metanet_sampling=a.metanet_sampling, **overrides)
+            metanet_from=getattr(a, "metanet_from", None),  # not an option of `submit`
+            metanet_sampling=a.metanet_sampling, **overrides)
     except ValidationError as e:
         raise UserError(error_message(e, _SPEC_OPTIONS)) from None
 
@@ -401,7 +403,8 @@ _PIPELINE_COMMANDS = (cmd_prune, cmd_train_metanet, *_STAGE_COMMANDS)
 
 
 def _run_pipeline(args) -> dict | int:
-    """A pipeline command, stopped gracefully by Ctrl-C (:class:`_StopOnCtrlC`): exit 130."""
+    """A pipeline command, stopped gracefully by Ctrl-C or SIGTERM (:class:`_StopOnCtrlC`):
+    exit 128 + the signal's number."""
     from pruning.pipeline import unlock_run_dirs
     from pruning.train import Cancelled
 

@@ -75,6 +75,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _stop_if_asked(should_stop: Callable[[], bool] | None, stage: str) -> None:
+    """Raise :class:`~pruning.train.Cancelled` when ``should_stop`` says so."""
+    if should_stop is not None and should_stop():
+        from pruning.train import Cancelled
+        raise Cancelled(stage)
+
+
 def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device | str = "cpu",
                    table_path: str | Path | None = None,
                    progress: Callable[[dict], None] | None = None) -> list:
@@ -126,10 +133,7 @@ class RunContext:
     locked: bool = False  # this context took the run folder's lock (lock_run_dir)
 
     def stop_if_asked(self, stage: str) -> None:
-        """Raise :class:`~pruning.train.Cancelled` when ``should_stop`` says so."""
-        if self.should_stop is not None and self.should_stop():
-            from pruning.train import Cancelled
-            raise Cancelled(stage)
+        _stop_if_asked(self.should_stop, stage)
 
     @property
     def latency(self):
@@ -300,9 +304,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
 
     def on_layer(event: dict) -> None:  # a table takes seconds to minutes to measure
         notify(event)
-        if should_stop is not None and should_stop():
-            from pruning.train import Cancelled
-            raise Cancelled("latency")
+        _stop_if_asked(should_stop, "latency")
 
     constraints = resolve_budget(space, spec.budget, device=device, table_path=table_path,
                                  progress=on_layer)
@@ -677,17 +679,13 @@ def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
         identity["metanet"].pop("checkpoint_every", None)
         if (src / DATA_FILE).exists():  # the data itself is compared once loaded (data.json):
             identity.pop("data_root")   # the same images under another path are the same data
-    for key in [*ours, *(k for k in theirs if k not in ours)]:
-        there, here = theirs.get(key), ours.get(key)
-        if there != here:
-            if isinstance(there, dict) and isinstance(here, dict):  # name the setting itself
-                sub = next(k for k in sorted(set(there) | set(here))
-                           if there.get(k) != here.get(k))
-                key, there, here = f"{key}.{sub}", there.get(sub), here.get(sub)
-            raise RunFolderError(
-                f"metanet_from: the PruningNet of {src} was trained with other settings "
-                f"({key}: {there!r} there, {here!r} here); it can be reused only "
-                "with the same architecture, widths, data, split, seed and metanet settings")
+    difference = next(_differences(theirs, ours), None)  # nested: the setting itself
+    if difference is not None:
+        key, there, here = difference
+        raise RunFolderError(
+            f"metanet_from: the PruningNet of {src} was trained with other settings "
+            f"({key}: {there!r} there, {here!r} here); it can be reused only "
+            "with the same architecture, widths, data, split, seed and metanet settings")
     return src
 
 

@@ -164,17 +164,18 @@ async def job_events(job_id: JobId, request: Request, owner: Owner, db: Db,
 
     shutting_down = request.app.state.shutting_down
     token = credentials.credentials if credentials is not None else None
-    checked = [time.monotonic()]
+    checked = time.monotonic()
 
     def revoked() -> bool:
         with request.app.state.sessions() as session:
             return owner_of_token(session, token) != owner
 
     async def stop() -> bool:  # the client left, the server is stopping, the token was revoked
+        nonlocal checked
         if shutting_down.is_set() or await request.is_disconnected():
             return True
-        if token is not None and time.monotonic() - checked[0] >= TOKEN_RECHECK_S:
-            checked[0] = time.monotonic()
+        if token is not None and time.monotonic() - checked >= TOKEN_RECHECK_S:
+            checked = time.monotonic()
             return await run_in_threadpool(revoked)
         return False
 
