@@ -54,7 +54,8 @@ def list_datasets() -> list[str]:
 
 
 MAX_STEPS = 10**9  # bound of max_steps and checkpoint_every (every setting is bounded)
-SCHEDULES = ("cosine", "linear")  # learning-rate decays (TrainConfig.lr_at)
+SCHEDULES = ("cosine", "linear", "step")  # learning-rate decays (TrainConfig.lr_at)
+STEP_MILESTONES = (0.25, 0.5, 0.75)  # "step": ×0.1 at these shares of the decay (official ResNet)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class TrainConfig:
     augment: bool = True
     max_steps: int | None = None
     checkpoint_every: int = 200
-    schedule: str = "cosine"  # after the warm-up: "cosine" or "linear" decay to zero
+    schedule: str = "cosine"  # after the warm-up: "cosine" or "linear" to zero, or "step"
 
     def __post_init__(self):
         def number(v, integer=False):
@@ -126,14 +127,18 @@ class TrainConfig:
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def lr_at(self, step: int, total: int, per_epoch: int) -> float:
-        """Linear warm-up, then cosine (or, ``schedule`` "linear", linear: the official
-        MetaPruning code's) decay to zero; ``step`` counts from 0."""
+        """Linear warm-up, then the decay of ``schedule``: "cosine" to zero,
+        ½·lr·(1 + cos πt); "linear" to zero, lr·(1 − t) (the official MetaPruning code's
+        MobileNet recipe); "step", lr·0.1^k after k of :data:`STEP_MILESTONES` (its ResNet
+        recipe). ``t`` is the share of the steps after the warm-up; ``step`` counts from 0."""
         warmup = int(self.warmup_epochs * per_epoch)
         if step < warmup:
             return self.lr * (step + 1) / warmup
         t = (step - warmup) / max(1, total - warmup)
         if self.schedule == "linear":
             return self.lr * (1 - t)
+        if self.schedule == "step":
+            return self.lr * 0.1 ** sum(t >= m for m in STEP_MILESTONES)
         return 0.5 * self.lr * (1 + math.cos(math.pi * t))
 
 
@@ -161,7 +166,8 @@ PRESETS: dict[str, dict] = {
                  "final": {"epochs": 10, "batch_size": 256, "lr": 0.1, "warmup_epochs": 0.5}},
     # the official code's MobileNet recipe (64 PruningNet and 256 final epochs, linear decay,
     # plain momentum, label smoothing 0.1; its learning rates scaled to batch 512), its search,
-    # and its widths: MobileNetV2 searched up to 1.4× (the others up to 1.0×, resolved())
+    # and its widths: MobileNetV2 searched up to 1.4× (the others up to 1.0×, resolved()); the
+    # resnet family trains with the official ResNet recipe instead (PAPER_RESNET)
     "paper": {"val_size": 10000, "calib_batches": 20, "calib_batch_size": 256,
               "eval_images": 10000, "max_width_mult": 1.4,
               "metanet": {"epochs": 64, "batch_size": 512, "lr": 0.25, "nesterov": False,
@@ -170,6 +176,13 @@ PRESETS: dict[str, dict] = {
               "final": {"epochs": 256, "batch_size": 512, "lr": 0.25, "nesterov": False,
                         "schedule": "linear", "label_smoothing": 0.1}},
 }
+# the official code's ResNet recipe, which the paper preset takes for the resnet family (the
+# rest as above): 32 PruningNet epochs at batch 256, 128 final ones at batch 512, step decay,
+# weight decay 1e-4
+PAPER_RESNET = {"metanet": {"epochs": 32, "batch_size": 256, "lr": 0.1, "weight_decay": 1e-4,
+                            "schedule": "step"},
+                "final": {"epochs": 128, "batch_size": 512, "lr": 0.2, "weight_decay": 1e-4,
+                          "schedule": "step"}}
 
 
 MAX_IMAGES = 10**9  # bound of train_limit, test_limit, val_size and eval_images
@@ -380,6 +393,8 @@ class PipelineSpec(BaseModel):
     def _configs(self) -> tuple[TrainConfig, SearchConfig, TrainConfig]:
         """The metanet, search and final settings: the preset's, updated by this spec's."""
         p = PRESETS[self.preset]
+        if self.preset == "paper" and self.arch.startswith("resnet"):
+            p = {**p, **{name: {**p[name], **PAPER_RESNET[name]} for name in PAPER_RESNET}}
         return tuple(_settings(name, p, getattr(self, name), self.seed)
                      for name in ("metanet", "search", "final"))
 

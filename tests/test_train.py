@@ -136,8 +136,21 @@ def test_lr_schedule_linear_to_zero_as_in_the_official_code():
     total, per_epoch = 30, 10
     lrs = [c.lr_at(s, total, per_epoch) for s in range(total + 1)]
     assert lrs == pytest.approx([0.4 * (1 - s / total) for s in range(total + 1)])
-    with pytest.raises(ValueError, match="schedule='step' \\(must be 'cosine' or 'linear'\\)"):
-        TrainConfig(schedule="step")
+    with pytest.raises(ValueError,
+                       match="schedule='exp' \\(must be 'cosine' or 'linear' or 'step'\\)"):
+        TrainConfig(schedule="exp")
+
+
+def test_lr_schedule_step_as_in_the_official_resnet_code():
+    """×0.1 at a quarter, half and three quarters of the steps after the warm-up."""
+    c = TrainConfig(lr=0.2, epochs=5, warmup_epochs=1, schedule="step")
+    total, per_epoch = 50, 10
+    lrs = [c.lr_at(s, total, per_epoch) for s in range(total)]
+    assert lrs[:10] == pytest.approx([0.02 * (k + 1) for k in range(10)])
+    assert lrs[10:20] == pytest.approx([0.2] * 10)        # 40 decay steps: drops at 20, 30, 40
+    assert lrs[20:30] == pytest.approx([0.02] * 10)
+    assert lrs[30:40] == pytest.approx([0.002] * 10)
+    assert lrs[40:] == pytest.approx([0.0002] * 10)
 
 
 def test_the_paper_preset_is_the_official_mobilenet_recipe():
@@ -156,6 +169,13 @@ def test_the_paper_preset_is_the_official_mobilenet_recipe():
     assert r.max_width_mult == 1.4
     assert resolved("mobilenet_v1").max_width_mult == 1.0
     assert resolved("resnet18", max_width_mult=1.4).max_width_mult == 1.4
+    # the resnet family takes the official ResNet recipe: 32 and 128 epochs, step decay
+    r = resolved("resnet50", final={"epochs": 90})
+    assert (r.metanet.epochs, r.metanet.batch_size, r.metanet.lr, r.metanet.schedule,
+            r.metanet.weight_decay, r.metanet.label_smoothing) == (32, 256, 0.1, "step", 1e-4, 0.1)
+    assert (r.final.epochs, r.final.batch_size, r.final.lr, r.final.schedule,
+            r.final.nesterov) == (90, 512, 0.2, "step", False)   # overrides still win
+    assert r.max_width_mult == 1.0
 
 
 def test_fit_follows_the_schedule(data):
