@@ -564,18 +564,29 @@ def _api_client(a):
 
 
 def _client_command(fn):
-    """Run ``fn(a, api)`` with a client; a :class:`ClientError` becomes a :class:`UserError`."""
+    """Run ``fn(a, api)`` with a client; a :class:`ClientError` becomes a :class:`UserError`,
+    and SIGTERM stops it as Ctrl-C does (a download removes its temporary file)."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(a):
         from pruning.client import ClientError
 
+        def on_sigterm(signum, _frame):
+            raise _Interrupted(signum)
+
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread (tests): no handler to install
+            previous = None
         try:
             with _api_client(a) as api:
                 return fn(a, api)
         except ClientError as e:
             raise UserError(str(e)) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 
@@ -679,7 +690,11 @@ def cmd_jobs(a, api) -> dict:
         rows.append((j["id"], j["status"], j.get("stage") or "-", _percent(j).strip(),
                      str(spec.get("arch", "-")), str(spec.get("dataset", "-")),
                      str(j.get("created_at", ""))[:19]))
-    _print_table(rows)
+    try:
+        _print_table(rows)
+    except BrokenPipeError:  # `metaprune jobs | head -3`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")
+        return {}
     more = (f"; next page: --offset {page['next_offset']}"
             if page.get("next_offset") is not None else "")
     print(f"{len(page['items'])} of {page['total']} jobs{more}", file=sys.stderr)
@@ -777,12 +792,25 @@ class _WatchPrinter(_StderrPrinter):
 @_client_command
 def cmd_watch(a, api) -> int | dict:
     """``watch``: poll the job until it ends; exit 0 if it succeeded, 1 if not."""
-    if not (math.isfinite(a.interval) and a.interval > 0):
-        raise UserError(f"--interval must be a positive number of seconds, got {a.interval}")
+    if not (math.isfinite(a.interval) and 0 < a.interval <= 3600):
+        raise UserError(f"--interval must be a number of seconds in (0, 3600], got "
+                        f"{a.interval}")
     printer = _WatchPrinter(quiet=a.quiet)
     job = None
+    failing = []  # the failures since the last answer: a note at the first only
+
+    def on_retry(e) -> None:
+        if not failing and printer.mode != "off":
+            printer._note(f"metaprune: note: {e}; trying again (the job goes on on the "
+                          "server)")
+        failing.append(e)
+
     try:
-        for job in api.watch(a.job, interval=a.interval):
+        for job in api.watch(a.job, interval=a.interval, on_retry=on_retry):
+            if failing:
+                failing.clear()
+                if printer.mode != "off":
+                    printer._note("metaprune: note: the server answers again")
             printer(job)
     finally:
         printer.close()

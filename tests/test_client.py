@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -83,8 +86,8 @@ def test_submit_status_jobs_cancel(server, capsys):
     rc, out, _ = run(capsys, "jobs", "--status", "cancelled")
     assert [ln.split()[0] for ln in out.splitlines()[1:]] == [job_id]
 
-    rc, _, err = run(capsys, "cancel", job_id)  # already finished: 409, one line
-    assert rc == 2 and err.startswith("metaprune: error: HTTP 409: ") and err.count("\n") == 1
+    rc, out, _ = run(capsys, "cancel", job_id)  # already cancelled: done (a retry's answer)
+    assert rc == 0 and out.strip() == f"{job_id}: cancelled"
     # a replay of a key whose job has ended says that no new job was queued
     run(capsys, "cancel", first["id"])
     rc, out, err = run(capsys, *SUBMIT, "--idempotency-key", "k1")
@@ -285,6 +288,8 @@ def test_client_input_mistakes_are_one_line(capsys, argv, message):
 
 def test_connection_refused(capsys, monkeypatch):
     monkeypatch.delenv("METAPRUNE_TOKEN", raising=False)
+    waits = []
+    monkeypatch.setattr("pruning.client.time.sleep", waits.append)  # the retries' backoff
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -295,6 +300,7 @@ def test_connection_refused(capsys, monkeypatch):
         assert err.strip() == (f"metaprune: error: cannot reach the server at {url} "
                                "([Errno 111] Connection refused; is `metaprune serve` running "
                                "there?)")
+    assert waits == [0.5, 1, 2] * 4  # every request tried 4 times, a submit too (its key)
     monkeypatch.setenv("METAPRUNE_SERVER", url)
     rc, _, err = run(capsys, "cancel", "J1")
     assert rc == 2 and f"cannot reach the server at {url}" in err
@@ -324,3 +330,221 @@ def test_summary_line_puts_the_trained_baseline_beside_the_pick():
             in _summary_line(job))
     del job["detail"]["result"]["uniform"]["test_accuracy"]  # not trained: nothing to compare
     assert "uniform" not in _summary_line(job)
+
+
+# --- an unreliable network between the client and the real app ---------------------------------
+
+class Flaky:
+    """The in-process app behind a network that fails: ``fail(method, n, how)`` makes the next
+    ``n`` requests of that method fail — "drop": the server handles it, then the answer is lost;
+    "refuse": it never arrives; "503": the answer is a 503."""
+
+    def __init__(self, tc):
+        self.tc, self.plan, self.calls = tc, {}, []
+
+    def fail(self, method: str, n: int, how: str) -> None:
+        self.plan[method] = [how] * n
+
+    def request(self, method, url, **kwargs):
+        self.calls.append(method)
+        how = self.plan.get(method, []).pop(0) if self.plan.get(method) else None
+        if how == "refuse":
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        response = self.tc.request(method, url, **kwargs)
+        if how == "drop":
+            raise httpx.ReadError("[Errno 104] Connection reset by peer")
+        if how == "503":
+            return httpx.Response(503, json={"detail": "the database is unreachable"})
+        return response
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def flaky(server, monkeypatch):
+    net = Flaky(server)
+    waits = []
+    monkeypatch.setattr(cli, "_api_client", lambda a: ApiClient(token=server.token, client=net,
+                                                                sleep=waits.append))
+    net.waits = waits
+    return net
+
+
+def _total_jobs(server) -> int:
+    return server.get("/v1/jobs", headers={"Authorization": f"Bearer {server.token}"}
+                      ).json()["total"]
+
+
+def test_a_submit_whose_answer_is_lost_is_retried_without_a_second_job(flaky, server, capsys):
+    flaky.fail("POST", 2, "drop")  # queued twice over, both answers lost: the key makes it one
+    job_id = submit(capsys)
+    assert flaky.calls == ["POST"] * 3 and flaky.waits == [0.5, 1]
+    assert _total_jobs(server) == 1 and run(capsys, "status", job_id)[0] == 0
+
+    flaky.fail("POST", 4, "drop")  # every try lost: the error names the key that gets it back
+    rc, _, err = run(capsys, *SUBMIT, "--seed", "1")
+    assert rc == 2 and err.count("\n") == 1 and "Connection reset by peer" in err
+    key = err.split("--idempotency-key ")[1].split()[0]
+    assert "the job may have been queued all the same" in err and _total_jobs(server) == 2
+    rc, out, _ = run(capsys, *SUBMIT, "--seed", "1", "--idempotency-key", key)
+    assert rc == 0 and _total_jobs(server) == 2  # the lost job, not a third
+
+    flaky.fail("POST", 4, "refuse")  # never sent: no "may have been queued"
+    rc, _, err = run(capsys, *SUBMIT, "--seed", "2")
+    assert rc == 2 and "Connection refused" in err and "may have been queued" not in err
+
+
+def test_reads_retry_a_503_and_cancel_is_safe_to_repeat(flaky, server, capsys):
+    job_id = submit(capsys)
+    flaky.fail("GET", 2, "503")
+    rc, out, _ = run(capsys, "status", job_id)
+    assert rc == 0 and "queued" in out and flaky.waits[-2:] == [0.5, 1]
+    flaky.fail("POST", 1, "drop")  # cancelled, the answer lost: the retry's 409 is no error
+    rc, out, err = run(capsys, "cancel", job_id)
+    assert (rc, out.strip()) == (0, f"{job_id}: cancelled"), err
+    rc, _, err = run(capsys, "status", "no-such-job")  # a 404 is not retried
+    assert rc == 2 and "HTTP 404" in err and flaky.calls[-1:] == ["GET"]
+    assert flaky.calls.count("GET") == 5  # 3 for the 503s, 1 by cancel (after its 409), 1
+
+
+def test_watch_rides_out_a_server_restart(flaky, server, engine, capsys):
+    job_id = submit(capsys)
+    flaky.fail("GET", 6, "refuse")  # the first poll fails through its 4 tries, the next 2 more
+    thread = _drive(engine, "succeeded")
+    rc, out, err = run(capsys, "watch", job_id, "--interval", "0.05")
+    thread.join(5)
+    assert rc == 0 and "succeeded" in out, err
+    assert err.count("Connection refused; is `metaprune serve` running there?); trying again "
+                     "(the job goes on on the server)") == 1
+    assert err.count("metaprune: note: the server answers again") == 1
+    assert "Traceback" not in err
+
+
+def test_watch_gives_up_after_its_patience(server, capsys):
+    net = Flaky(server)
+    job_id = submit(capsys)
+    net.fail("GET", 1000, "refuse")
+    api, waits, notes = ApiClient(token=server.token, client=net, sleep=lambda s: None), [], []
+    with pytest.raises(Exception, match="Connection refused") as e:
+        for _ in api.watch(job_id, interval=1, sleep=waits.append, patience=20,
+                           on_retry=notes.append):
+            pass
+    assert type(e.value).__name__ == "ClientError"
+    assert waits == [2.0] * 10 and len(notes) == 10  # 20 s of failed polls, then the error
+
+
+def test_answers_that_are_not_the_api_are_one_line(capsys, monkeypatch):
+    """A wrong port, a captive portal or a proxy: JSON that is not this API's shape."""
+    bodies = {"/v1/jobs/J1": [1, 2], "/v1/jobs": {"jobs": []}, "/v1/jobs/J2": {"id": "J2"}}
+
+    def handler(request):
+        if request.url.path == "/v1/jobs/J3":
+            return httpx.Response(308, headers={"Location": "https://api.example/v1/jobs/J3"})
+        return httpx.Response(200, json=bodies.get(request.url.path, {"x": 1}))
+
+    http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://fake")
+    monkeypatch.setattr(cli, "_api_client", lambda a: ApiClient("http://fake", client=http))
+    for argv, message in ((["status", "J1"], "an answer that is not a job"),
+                          (["status", "J2"], "an answer that is not a job"),
+                          (["watch", "J1"], "an answer that is not a job"),
+                          (["cancel", "J1"], "an answer that is not a job"),
+                          (["jobs"], "an answer that is not a page of jobs"),
+                          ([*SUBMIT], "an answer that is not a job"),
+                          (["status", "J3"], "redirects to https://api.example/v1/jobs/J3 "
+                                             "(HTTP 308): give that address as --server")):
+        rc, _, err = run(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_a_token_is_never_printed(capsys, monkeypatch):
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"id": "J1", "status": "queued"})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://fake")
+    monkeypatch.setattr(cli, "_api_client",
+                        lambda a: ApiClient("http://fake", token=a.token, client=http))
+    rc, _, err = run(capsys, "status", "J1", "--token", " s3cret-tok\n")  # pasted: trimmed
+    assert rc == 0 and seen == ["Bearer s3cret-tok"], err
+    rc, _, err = run(capsys, *SUBMIT, "--idempotency-key", "key ")
+    assert (rc, err) == (2, "metaprune: error: the idempotency key may not begin or end with "
+                            "a space\n")
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://127.0.0.1:abc", "not a valid server URL: 'http://127.0.0.1:abc' (Invalid port"),
+    ("http://[::1", "not a valid server URL: 'http://[::1'"),
+    ("ftp://host", "must start with http:// or https://, got 'ftp://host'"),
+    ("http://h:1?x=1", "may not hold a query or a fragment: 'http://h:1?x=1'"),
+    ("http://:80", "names no host: 'http://:80'"),
+])
+def test_bad_server_urls_are_one_line(capsys, url, message):
+    rc, _, err = run(capsys, "status", "J1", "--server", url)
+    assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_server_url_in_capitals_and_with_a_path_works():
+    api = ApiClient("HTTPS://Example.org:8443/api/", token="")
+    assert api.base_url == "https://Example.org:8443/api"
+    api.close()
+
+
+def test_download_keeps_verified_files_and_clears_stale_parts(fake, tmp_path, capsys):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "report.json").write_bytes(FILES["report.json"])   # already fetched, intact
+    (dest / "config.json").write_bytes(b"{stale}")             # different: fetched again
+    stale = dest / ".model.onnx.abc123.part"                   # a download killed long ago
+    stale.write_bytes(b"onnx")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    fresh = dest / ".model.onnx.def456.part"                   # another download, live
+    fresh.write_bytes(b"on")
+    before = (dest / "report.json").stat().st_mtime_ns
+    requested = []
+    client = fake["client"]
+    fake["client"] = httpx.Client(transport=httpx.MockTransport(
+        lambda r: requested.append(r.url.path) or client._transport.handle_request(r)),
+        base_url="http://fake")
+    rc, _, err = run(capsys, "download", "J1", "--dest", str(dest))
+    assert rc == 0, err
+    assert all((dest / n).read_bytes() == b for n, b in FILES.items())
+    assert (dest / "report.json").stat().st_mtime_ns == before
+    assert "/v1/jobs/J1/artifacts/report.json" not in requested
+    assert not stale.exists() and fresh.exists()
+
+
+def test_download_without_the_sha256_header_says_so(fake, tmp_path, capsys):
+    client = fake["client"]
+
+    def strip(request):
+        response = client._transport.handle_request(request)
+        response.headers.pop("X-Content-SHA256", None)
+        return response
+
+    fake["client"] = httpx.Client(transport=httpx.MockTransport(strip), base_url="http://fake")
+    rc, _, err = run(capsys, "download", "J1", "--dest", str(tmp_path / "o"), "--only",
+                     "report.json")
+    assert rc == 2 and "sent report.json without its X-Content-SHA256 header" in err
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_sigterm_stops_a_client_command_like_ctrl_c(tmp_path):
+    """`timeout`, `docker stop`: SIGTERM ends a command waiting on a silent server at once, in
+    one line, exit 143 (its cleanup runs: a download's temporary file goes)."""
+    with socket.socket() as silent:  # accepts, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen([sys.executable, "-m", "pruning.cli", "status", "J1",
+                                 "--server", url], stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "METAPRUNE_TOKEN": ""})
+        silent.settimeout(30)
+        conn, _ = silent.accept()  # the request has arrived: the client waits for the answer
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        conn.close()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip() == "metaprune: interrupted"
