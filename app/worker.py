@@ -402,13 +402,19 @@ class Worker:
                 log.debug("could not remove this worker's presence", exc_info=True)
 
     def _presence_loop(self, over: threading.Event) -> None:
-        """Record this worker as running now, and again every heartbeat interval."""
-        cuda = self.accepts_cuda_jobs
+        """Record this worker as running now, and again every heartbeat interval. The first
+        record comes before PyTorch is imported to ask for CUDA (seconds), so a job submitted
+        just after ``serve`` starts is not told that no worker runs; it says CUDA only when
+        ``--device`` names it, and is rewritten once PyTorch has answered."""
+        cuda = self.device != "auto"
         while True:
             try:
                 queue.worker_seen(self.engine, self.worker_id, cuda=cuda)
             except SQLAlchemyError:  # the claim loop reports an unreachable database
                 log.debug("presence write failed", exc_info=True)
+            if cuda != self.accepts_cuda_jobs:
+                cuda = self.accepts_cuda_jobs
+                continue
             if over.wait(self.heartbeat_interval):
                 return
 

@@ -457,6 +457,36 @@ def test_a_worker_without_cuda_runs_the_other_jobs_and_leaves_the_cuda_one(clean
     assert (job_row(clean, wants_cuda).status, job_row(clean, wants_cuda).attempt) == ("queued", 0)
 
 
+def test_a_worker_is_seen_before_pytorch_says_whether_it_has_cuda(clean, settings):
+    """Importing PyTorch takes seconds: the worker records itself first (a job submitted just
+    after `serve` starts is not told that no worker runs), then says CUDA once it knows."""
+    with clean.begin() as conn:
+        conn.execute(delete(WorkerPresence))
+    asked = threading.Event()
+
+    class SlowToAsk(Worker):
+        @property
+        def accepts_cuda_jobs(self):
+            asked.wait(10)
+            return True
+
+    over = threading.Event()
+    thread = threading.Thread(target=SlowToAsk(settings, "w-slow")._presence_loop, args=(over,))
+    thread.start()
+    def seen():
+        with Session(clean) as s:
+            return queue.live_workers(s, within_s=60)
+
+    try:
+        wait_for(lambda: seen() == (1, 0), timeout=10)
+        asked.set()
+        wait_for(lambda: seen() == (1, 1), timeout=10)
+    finally:
+        asked.set()
+        over.set()
+        thread.join(10)
+
+
 def test_the_worker_waits_out_a_database_outage(clean, settings, monkeypatch, caplog):
     """A claim that fails on the database is logged in one line and tried again (with
     backoff), not a traceback that ends the worker; ``--once`` raises it."""
