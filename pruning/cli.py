@@ -175,8 +175,7 @@ def cmd_build(a) -> dict:
     torch.manual_seed(a.seed)
     net = build(space, cand).eval()
     if Path(a.out).suffix.lower() == ".onnx":
-        stem = space.plan.blocks[0].body[0]
-        data = _onnx(net, torch.zeros(1, stem.cin, *stem.in_hw))
+        data = _onnx(net, torch.zeros(1, *space.input_shape))
     else:
         data = _script(net)
     try:

@@ -161,11 +161,9 @@ def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candida
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     net = net.to("cpu").eval()
-    args = space.arch_args
     if sample is None:
         gen = torch.Generator().manual_seed(0)
-        stem = space.plan.blocks[0].body[0]  # the input the plan was built for
-        sample = torch.randn(4, stem.cin, *stem.in_hw, generator=gen)
+        sample = torch.randn(4, *space.input_shape, generator=gen)
     sample = sample.detach().to("cpu", torch.float32)
     with torch.inference_mode():
         expected = net(sample)
@@ -189,8 +187,7 @@ def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candida
         "layer_widths": layer_widths(space, candidate),
         "macs": counting.macs(space, candidate),
         "params": counting.params(space, candidate),
-        "input_shape": [args.get("in_channels", 3), args.get("input_size", 224),
-                        args.get("input_size", 224)],
+        "input_shape": list(space.input_shape),
         "versions": library_versions(),
         **(extra or {}),
     }

@@ -183,7 +183,7 @@ def predicted_and_measured(table: LatencyTable, space: SearchSpace, candidate: C
     measured runs with their fastest and 90th percentile, and a ``warning`` when the runs spread
     (a busy machine) or were measured on another device than the table's (e.g. another
     thread count)."""
-    t = measure_latency(net, _input_shape(space), device)
+    t = measure_latency(net, space.input_shape, device)
     out = {"predicted": round(table.predict(space, candidate), 4), "measured": round(t.median, 4),
            "measured_fastest": round(t.fastest, 4), "measured_p90": round(t.p90, 4)}
     notes = []
@@ -217,18 +217,13 @@ def _extremes(space: SearchSpace) -> tuple[Candidate, Candidate]:
     return space.smallest(), space.largest()
 
 
-def _input_shape(space: SearchSpace) -> tuple[int, ...]:
-    stem = space.plan.blocks[0].body[0]
-    return (stem.cin, *stem.in_hw)
-
-
 def _extremes_ms(space: SearchSpace, device: torch.device, batch: int, repeats: int
                  ) -> list[float]:
     """End-to-end milliseconds (the fastest run) of the smallest and the largest candidate,
     built as plain nets."""
     from pruning.modules import build
 
-    return [measure_latency(build(space, c), _input_shape(space), device, batch,
+    return [measure_latency(build(space, c), space.input_shape, device, batch,
                             max(repeats, 20)).fastest for c in _extremes(space)]
 
 

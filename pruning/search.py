@@ -221,6 +221,16 @@ class UniformCrossover:
                                for x, y in zip(a.choices, b.choices)))
 
 
+def _strategy_identity(strategy) -> str:
+    """A strategy as the state file names it: its ``repr`` (a dataclass's shows its settings),
+    or its class's path where the ``repr`` is the default one (it shows a memory address, which
+    differs in every process, so a resumed search would never match)."""
+    text = repr(strategy)
+    if type(strategy).__repr__ is object.__repr__:
+        text = f"{type(strategy).__module__}.{type(strategy).__qualname__}"
+    return text
+
+
 def generation_rng(seed: int, generation: int) -> random.Random:
     """The RNG of one generation, derived from ``(seed, generation)`` only (stable across
     processes and Python versions), so resuming needs no saved RNG state."""
@@ -379,7 +389,8 @@ class _Search:
             "space": space.to_dict(),
             "config": config.to_dict(),
             "constraints": [c.to_dict() for c in constraints],
-            "strategies": {"mutation": repr(mutation), "crossover": repr(crossover)},
+            "strategies": {"mutation": _strategy_identity(mutation),
+                           "crossover": _strategy_identity(crossover)},
         })
         self.records: list[Record] = []
         self.completed = 0  # generations fully evaluated

@@ -185,7 +185,13 @@ class SearchSpace:
             raise ValueError("channel_divisor must be in [1, 64]")
         if not 1 <= self.min_channels <= 64:
             raise ValueError("min_channels must be in [1, 64]")
-        _validate_plan(self.plan)
+        if not isinstance(self.plan, Plan):
+            raise ValueError(f"architecture {self.arch!r}: its plan is a "
+                             f"{type(self.plan).__name__}, not a pruning.space.Plan")
+        try:
+            _validate_plan(self.plan, self.arch_args)
+        except ValueError as e:
+            raise ValueError(f"architecture {self.arch!r}: {e}") from None
 
     # hashing by identity keeps frozen-dataclass semantics without hashing the dict
     __hash__ = object.__hash__
@@ -303,10 +309,24 @@ class SearchSpace:
         in_channels=1, input_size=28, max_width_mult=1.4)``."""
         from pruning.registry import get_arch
 
-        plan = get_arch(arch)(**arch_args)
+        builder = get_arch(arch)
+        try:
+            plan = builder(**arch_args)
+        except ValueError:  # the builder's own checks of its arguments: the user's to read
+            raise
+        except Exception as e:  # noqa: BLE001 — a plugin's bug, named in one line
+            raise ValueError(f"architecture {arch!r}: its builder failed "
+                             f"({type(e).__name__}: {e})") from None
         return cls(arch=arch, arch_args=dict(arch_args), plan=plan, levels=tuple(levels),
                    max_width_mult=max_width_mult, channel_divisor=channel_divisor,
                    min_channels=min_channels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of the images the plan was built for (its first
+        conv's input)."""
+        stem = self.plan.blocks[0].body[0]
+        return (stem.cin, *stem.in_hw)
 
     def full_network(self) -> tuple[SearchSpace, Candidate]:
         """The unpruned 1.0× network of this architecture (``max_width_mult`` 1.0): the space
@@ -328,11 +348,18 @@ class SearchSpace:
                           **d["arch_args"])
 
 
-def _validate_plan(plan: Plan) -> None:
-    """Check that channel references chain up, so every candidate builds a valid network."""
+def _validate_plan(plan: Plan, arch_args: dict | None = None) -> None:
+    """Check that a plan describes one network, so every candidate builds, counts and runs as
+    its figures say: layer settings in range; module names unique and usable; channels that
+    chain up (widths through the layers and both branches of a residual block); spatial sizes
+    that chain up (each layer's ``in_hw`` the previous one's output, both branches ending at
+    the same size); the first layer a conv taking the image; and, where ``arch_args`` give
+    them, the image's channels and size and the classes."""
     names = [g.name for g in plan.groups]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate width group names in {names}")
+    if any(type(g.base) is not int or g.base < 1 for g in plan.groups):
+        raise ValueError("every width group's base width must be a positive integer")
     known = set(names)
     used: set[str] = set()
 
@@ -341,37 +368,78 @@ def _validate_plan(plan: Plan) -> None:
             if c not in known:
                 raise ValueError(f"{where}: unknown width group {c!r}")
             used.add(c)
-        elif c < 1:
-            raise ValueError(f"{where}: channel count must be positive")
+        elif type(c) is not int or c < 1:
+            raise ValueError(f"{where}: channel count must be a positive integer")
         return c
 
-    def chain(layers, cur: Channels, where: str) -> Channels:
-        for layer in layers:
-            if isinstance(layer, MaxPoolSpec):
-                continue
-            ref(layer.cin, f"{where}.{layer.name}")
-            ref(layer.cout, f"{where}.{layer.name}")
-            if layer.cin != cur:
-                raise ValueError(f"{where}.{layer.name}: input {layer.cin!r} does not follow {cur!r}")
-            if layer.depthwise and layer.cin != layer.cout:
-                raise ValueError(f"{where}.{layer.name}: depthwise conv must keep its width")
-            if layer.act not in ACTIVATIONS:
-                raise ValueError(f"{where}.{layer.name}: unknown activation {layer.act!r}")
-            cur = layer.cout
-        return cur
+    def module_names(items, where: str) -> None:
+        seen = [x.name for x in items]
+        for name in seen:
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"{where}: {name!r} is not a module name (non-empty, no '.')")
+        dup = sorted({n for n in seen if seen.count(n) > 1})
+        if dup:
+            raise ValueError(f"{where}: duplicate names {dup}")
 
-    cur: Channels | None = None
+    def chain(layers, cur: Channels, hw, where: str):
+        module_names(layers, where)
+        for layer in layers:
+            at = f"{where}.{layer.name}"
+            if tuple(layer.in_hw) != tuple(hw):
+                raise ValueError(f"{at}: in_hw {tuple(layer.in_hw)} does not follow the "
+                                 f"previous output {tuple(hw)}")
+            if isinstance(layer, MaxPoolSpec):
+                hw = layer.out_hw
+                continue
+            if not isinstance(layer, ConvSpec):
+                raise ValueError(f"{at}: a {type(layer).__name__}, not a ConvSpec or MaxPoolSpec")
+            for name in ("kernel", "stride"):
+                if type(getattr(layer, name)) is not int or getattr(layer, name) < 1:
+                    raise ValueError(f"{at}: {name} must be a positive integer")
+            ref(layer.cin, at)
+            ref(layer.cout, at)
+            if layer.cin != cur:
+                raise ValueError(f"{at}: input {layer.cin!r} does not follow {cur!r}")
+            if layer.depthwise and layer.cin != layer.cout:
+                raise ValueError(f"{at}: depthwise conv must keep its width")
+            if layer.act not in ACTIVATIONS:
+                raise ValueError(f"{at}: unknown activation {layer.act!r}")
+            cur, hw = layer.cout, layer.out_hw
+        return cur, hw
+
+    if not plan.blocks or not plan.blocks[0].body or \
+            not isinstance(plan.blocks[0].body[0], ConvSpec):
+        raise ValueError("the first layer must be a convolution (it takes the image)")
+    stem = plan.blocks[0].body[0]
+    in_hw = tuple(stem.in_hw)
+    if len(in_hw) != 2 or any(type(n) is not int or n < 1 for n in in_hw):
+        raise ValueError(f"the first layer's in_hw {stem.in_hw!r} is not a (height, width) "
+                         "in pixels")
+    module_names([*plan.blocks, plan.head], "the blocks and the head")
+    cur, hw = stem.cin, in_hw
     for block in plan.blocks:
-        first = next(layer for layer in block.body if isinstance(layer, ConvSpec))
-        start = first.cin if cur is None else cur
-        out = chain(block.body, start, block.name)
+        start, start_hw = cur, hw
+        cur, hw = chain(block.body, start, start_hw, block.name)
         if block.shortcut is not None:
-            short = chain(block.shortcut, start, block.name + ".shortcut") if block.shortcut else start
-            if short != out:
-                raise ValueError(f"{block.name}: residual branches end in {out!r} and {short!r}")
-        cur = out
+            short, short_hw = (chain(block.shortcut, start, start_hw, block.name + ".shortcut")
+                               if block.shortcut else (start, start_hw))
+            if short != cur:
+                raise ValueError(f"{block.name}: residual branches end in {cur!r} and "
+                                 f"{short!r}")
+            if short_hw != hw:
+                raise ValueError(f"{block.name}: residual branches end at {hw} and {short_hw} "
+                                 "px (a strided body needs a strided projection shortcut)")
     if plan.head.cin != cur:
         raise ValueError(f"head input {plan.head.cin!r} does not follow {cur!r}")
     ref(plan.head.cin, "head")
+    if type(plan.head.cout) is not int or plan.head.cout < 1:
+        raise ValueError("the head's classes must be a positive integer")
     if known - used:
         raise ValueError(f"width groups never used: {sorted(known - used)}")
+    args = arch_args or {}
+    for name, got in (("in_channels", stem.cin), ("num_classes", plan.head.cout)):
+        if args.get(name) is not None and got != args[name]:
+            raise ValueError(f"the plan was asked for {name}={args[name]} but has {got}")
+    if args.get("input_size") is not None and in_hw != (args["input_size"],) * 2:
+        raise ValueError(f"the plan was asked for input_size={args['input_size']} but its "
+                         f"first layer takes {in_hw[0]}×{in_hw[1]} px")

@@ -411,12 +411,16 @@ class PipelineSpec(BaseModel):
         """Raise :class:`~pruning.constraints.BudgetError` for a budget that is infeasible or
         prunes nothing, where that is known before any data or device: a MACs or params budget
         on a dataset of :data:`DATASET_SHAPES`. The service refuses such a job when it is
-        submitted; the pipeline checks every budget once its data is loaded."""
+        submitted; the pipeline checks every budget once its data is loaded. A ``ValueError``
+        for an architecture whose plan does not hold together (a plugin's), on such a dataset
+        with any budget."""
         shape = DATASET_SHAPES.get(self.dataset)
-        if shape is None or self.budget.is_latency:
+        if shape is None:
             return
         num_classes, in_channels, size = shape
         space = self.search_space(num_classes, in_channels, self.image_size or size)
+        if self.budget.is_latency:
+            return
         constraints = [self.budget.count_constraint(space)]
         self.budget.check_usable(space, constraints)
 

@@ -460,6 +460,33 @@ def test_resume_a_state_file_written_before_the_new_settings(resnet, tmp_path):
     assert evolve(resnet, ev, budget, SMALL, state_path=state) == reference and ev.keys == []
 
 
+class StepMutation:
+    """A user's strategy: a plain class, whose default repr shows a memory address."""
+
+    def mutate(self, parent, space, rng):
+        i = rng.randrange(space.num_groups)
+        choices = list(parent.choices)
+        choices[i] = max(0, choices[i] - 1)
+        return type(parent)(tuple(choices))
+
+
+def test_a_search_with_a_user_s_strategy_resumes(resnet, tmp_path):
+    """A new instance of the same class (a new process) resumes the state file."""
+    target, budget = target_budget(resnet)
+    score = peak_score(target)
+    reference = evolve(resnet, score, budget, SMALL, mutation=StepMutation())
+    state = tmp_path / "search.json"
+    with pytest.raises(Interrupted):
+        evolve(resnet, Counting(score, fail_after=20), budget, SMALL, state_path=state,
+               mutation=StepMutation())
+    assert json.loads(state.read_text())["strategies"]["mutation"] == \
+        f"{__name__}.StepMutation"
+    assert evolve(resnet, Counting(score), budget, SMALL, state_path=state,
+                  mutation=StepMutation()) == reference
+    with pytest.raises(SearchStateError, match="strategies differs"):  # another strategy
+        evolve(resnet, score, budget, SMALL, state_path=state, mutation=UniformMutation(0.2))
+
+
 def test_strategies(resnet):
     rng = random.Random(0)
     parent = resnet.random(rng)

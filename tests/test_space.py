@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
 from fractions import Fraction
 
@@ -402,9 +403,36 @@ def test_valid_custom_plan():
     assert space.num_groups == 3
 
 
-@pytest.mark.parametrize("case", ["branches", "unused", "unknown", "chain", "depthwise", "head",
-                                  "duplicate", "activation", "identity"])
-def test_invalid_plans_raise(case):
+def test_a_block_of_a_pool_alone_is_valid():
+    space = _space([Block("stem", (_conv("c", 3, "a"),)), Block("pool", (MaxPoolSpec("p", (8, 8)),)),
+                    Block("b", (ConvSpec("c1", "a", "b", 3, 1, (4, 4)),))], ["a", "b"])
+    assert space.input_shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("branches", "residual branches end in 'b' and 'c'"),
+    ("unused", "width groups never used: ['spare']"),
+    ("unknown", "unknown width group 'zzz'"),
+    ("chain", "input 'b' does not follow 'a'"),
+    ("depthwise", "depthwise conv must keep its width"),
+    ("head", "head input 'a' does not follow 'b'"),
+    ("duplicate", "duplicate width group names"),
+    ("activation", "unknown activation 'gelu'"),
+    ("identity", "residual branches end in 'b' and 'a'"),
+    # spatial sizes: a layer's in_hw ignoring the previous stride, a strided body beside an
+    # identity-sized shortcut (the counts would be wrong, or the sum would not add up)
+    ("hw", "b.c2: in_hw (8, 8) does not follow the previous output (4, 4)"),
+    ("strided_projection", "residual branches end at (4, 4) and (8, 8) px"),
+    # names: nn.Sequential would silently keep one of two modules of one name
+    ("duplicate_block", "duplicate names ['stem']"),
+    ("duplicate_layer", "b: duplicate names ['c1']"),
+    ("head_clash", "duplicate names ['classifier']"),
+    ("dot", "'b.x' is not a module name"),
+    ("stride0", "b.c1: stride must be a positive integer"),
+    ("kernel0", "b.c1: kernel must be a positive integer"),
+    ("pool_first", "the first layer must be a convolution"),
+])
+def test_invalid_plans_raise(case, message):
     stem = Block("stem", (_conv("c", 3, "a"),))
     blocks, groups, head = [stem, Block("b", (_conv("c1", "a", "b"),))], ["a", "b"], "b"
     if case == "branches":  # body ends in b, projection in c
@@ -427,8 +455,50 @@ def test_invalid_plans_raise(case):
         groups = ["a", "b", "a"]
     elif case == "activation":
         blocks[1] = Block("b", (_conv("c1", "a", "b", act="gelu"),))
-    with pytest.raises(ValueError):
+    elif case == "hw":
+        blocks[1] = Block("b", (ConvSpec("c1", "a", "b", 3, 2, (8, 8)), _conv("c2", "b", "b")))
+    elif case == "strided_projection":
+        blocks[1] = Block("res", (ConvSpec("c1", "a", "b", 3, 2, (8, 8)),),
+                          (ConvSpec("p", "a", "b", 1, 1, (8, 8)),))
+    elif case == "duplicate_block":
+        blocks[1] = Block("stem", (_conv("c1", "a", "b"),))
+    elif case == "duplicate_layer":
+        blocks[1] = Block("b", (_conv("c1", "a", "b"), _conv("c1", "b", "b")))
+    elif case == "head_clash":
+        blocks[1] = Block("classifier", (_conv("c1", "a", "b"),))
+    elif case == "dot":
+        blocks[1] = Block("b.x", (_conv("c1", "a", "b"),))
+    elif case == "stride0":
+        blocks[1] = Block("b", (ConvSpec("c1", "a", "b", 3, 0, (8, 8)),))
+    elif case == "kernel0":
+        blocks[1] = Block("b", (ConvSpec("c1", "a", "b", 0, 1, (8, 8)),))
+    elif case == "pool_first":
+        blocks[0] = Block("stem", (MaxPoolSpec("p", (16, 16)), _conv("c", 3, "a")))
+    with pytest.raises(ValueError, match=re.escape(message)):
         _space(blocks, groups, head)
+
+
+@pytest.mark.parametrize("builder, message", [
+    (lambda **kw: 1 / 0, "its builder failed (ZeroDivisionError: division by zero)"),
+    (lambda num_classes=10, in_channels=1, input_size=28: None,
+     "its plan is a NoneType, not a pruning.space.Plan"),
+    (lambda num_classes=10, in_channels=1, input_size=28: _stem_plan(3, 28, num_classes),
+     "the plan was asked for in_channels=1 but has 3"),
+    (lambda num_classes=10, in_channels=1, input_size=28: _stem_plan(in_channels, 28, 7),
+     "the plan was asked for num_classes=10 but has 7"),
+    (lambda num_classes=10, in_channels=1, input_size=28: _stem_plan(in_channels, 32, 10),
+     "the plan was asked for input_size=28 but its first layer takes 32×32 px"),
+])
+def test_a_broken_architecture_is_one_clear_error(monkeypatch, builder, message):
+    """A plugin's builder that fails, returns no plan, or ignores its arguments."""
+    monkeypatch.setitem(registry._ARCHS, "my_broken", builder)
+    with pytest.raises(ValueError, match=re.escape(f"architecture 'my_broken': {message}")):
+        SearchSpace.create("my_broken", num_classes=10, in_channels=1, input_size=28)
+
+
+def _stem_plan(in_channels, size, classes):
+    return Plan((Block("stem", (ConvSpec("c", in_channels, "a", 3, 1, (size, size)),)),),
+                Head("classifier", "a", classes), (WidthGroup("a", 8),))
 
 
 @pytest.mark.parametrize("floor", [1, 4, 16])

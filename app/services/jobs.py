@@ -76,6 +76,8 @@ def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
         spec.check_budget()
     except BudgetError as e:
         raise _invalid("budget", str(e)) from None
+    except ValueError as e:  # the architecture's plan (a plugin's) does not hold together
+        raise _invalid("arch", str(e)) from None
     spec_json = spec.model_dump(mode="json")
     with db.write() as session:
         if session.get_bind().dialect.name == "postgresql":
