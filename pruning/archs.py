@@ -73,10 +73,11 @@ class _PlanBuilder:
         self.hw = spec.out_hw
         return spec
 
-    def plan(self, cin, num_classes: int) -> Plan:
+    def plan(self, cin, num_classes: int, family: str) -> Plan:
         if not 1 <= num_classes <= 100_000:
             raise ValueError("num_classes must be in [1, 100000]")
-        return Plan(tuple(self.blocks), Head("classifier", cin, num_classes), tuple(self.groups))
+        return Plan(tuple(self.blocks), Head("classifier", cin, num_classes), tuple(self.groups),
+                    family)
 
 
 def mobilenet_v2_plan(num_classes=1000, in_channels=3, input_size=224, width_mult=1.0, *,
@@ -103,7 +104,7 @@ def mobilenet_v2_plan(num_classes=1000, in_channels=3, input_size=224, width_mul
             cur = out
     head = b.group("head", head_width if width_mult <= 1 else b.scaled(head_width))
     b.blocks.append(Block("last", (b.conv("conv", cur, head, 1, act="relu6"),)))
-    return b.plan(head, num_classes)
+    return b.plan(head, num_classes, "mobilenet_v2")
 
 
 def mobilenet_v1_plan(num_classes=1000, in_channels=3, input_size=224, width_mult=1.0, *,
@@ -116,12 +117,15 @@ def mobilenet_v1_plan(num_classes=1000, in_channels=3, input_size=224, width_mul
         dw = b.conv("dw", cur, cur, 3, s, depthwise=True)
         b.blocks.append(Block(f"l{i}", (dw, b.conv("pw", cur, out, 1))))
         cur = out
-    return b.plan(cur, num_classes)
+    return b.plan(cur, num_classes, "mobilenet_v1")
 
 
 def resnet_plan(num_classes=1000, in_channels=3, input_size=224, width_mult=1.0, *,
                 bottleneck=False, layers=(2, 2, 2, 2), planes=(64, 128, 256, 512),
                 stem_width=64) -> Plan:
+    if len(layers) != len(planes) or not layers:
+        raise ValueError(f"resnet_plan: layers {tuple(layers)} and planes {tuple(planes)} must "
+                         "give one block count and one width per stage")
     b = _PlanBuilder(in_channels, input_size, width_mult)
     expansion = 4 if bottleneck else 1
     planes, stem_width = [b.scaled(p) for p in planes], b.scaled(stem_width)
@@ -148,7 +152,7 @@ def resnet_plan(num_classes=1000, in_channels=3, input_size=224, width_mult=1.0,
                 shortcut = (ConvSpec("downsample", cur, out, 1, stride, in_hw, act=None),)
             b.blocks.append(Block(name, body, shortcut, act="relu"))
             cur = out
-    return b.plan(cur, num_classes)
+    return b.plan(cur, num_classes, "resnet")
 
 
 @register_arch("mobilenet_v2")

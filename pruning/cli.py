@@ -36,7 +36,7 @@ from pruning.constraints import format_count, parse_count
 from pruning.machine import MachineBusyError
 from pruning.registry import list_archs
 from pruning.space import DEFAULT_LEVELS, Candidate, SearchSpace
-from pruning.spec import DATASETS, Budget, PipelineSpec, error_message
+from pruning.spec import DATASETS, Budget, PipelineSpec, error_message, read_spec
 
 
 class UserError(Exception):
@@ -279,16 +279,14 @@ def cmd_prune(a) -> dict:
 def _saved_spec(a):
     """The specification of the run in ``--out`` (its ``spec.json``), on ``--device`` if
     given."""
-    from pruning.checkpoint import read_json
-
     saved = Path(a.out) / "spec.json"
     if not saved.is_file():
         raise UserError(f"{a.out} holds no run (no spec.json): start one with `metaprune "
                         f"train-metanet ... --out {a.out}` (or `metaprune prune`)")
     try:
-        spec = PipelineSpec.model_validate(read_json(saved))
-    except ValueError:
-        raise UserError(f"{saved} is not a run specification this version can read") from None
+        spec = read_spec(saved)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if a.device is not None:
         spec = spec.model_copy(update={"device": a.device})
     return spec

@@ -54,7 +54,7 @@ from pruning.report import pareto_png
 from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
 from pruning.space import Candidate, SearchSpace
 # the specification lives in pruning.spec (no PyTorch there); re-exported here
-from pruning.spec import (Budget, PipelineSpec, ResolvedSpec,  # noqa: F401
+from pruning.spec import (Budget, PipelineSpec, ResolvedSpec, read_spec,  # noqa: F401
                           metanet_fingerprint, metanet_identity)
 from pruning.train import accuracy, train_network, train_pruningnet
 
@@ -659,10 +659,9 @@ def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
     if not (src / "spec.json").is_file():
         raise RunFolderError(f"metanet_from: {src} is not a run folder (no spec.json)")
     try:
-        other = PipelineSpec.model_validate(read_json(src / "spec.json"))
-    except ValueError:
-        raise RunFolderError(f"metanet_from: {src / 'spec.json'} is not a run specification "
-                             "this version can read") from None
+        other = read_spec(src / "spec.json")
+    except ValueError as e:
+        raise RunFolderError(f"metanet_from: {e}") from None
     if not (src / METANET_FILE).is_file() or not (src / "metanet" / "stats.json").is_file():
         raise RunFolderError(f"metanet_from: the run in {src} has no trained PruningNet yet; "
                              "finish it first (the command that started it, with --resume)")
@@ -772,10 +771,9 @@ def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
         raise RunFolderError(f"{run_dir} already holds a run; pass --resume to continue it "
                              "or choose another folder")
     try:
-        previous = PipelineSpec.model_validate(read_json(saved))
-    except ValueError:
-        raise RunFolderError(f"{saved} is not a run specification this version can read; "
-                             "choose another folder") from None
+        previous = read_spec(saved)
+    except ValueError as e:
+        raise RunFolderError(f"{e}; choose another folder") from None
     lender = previous.metanet_from
     if lender is not None and not os.path.isabs(lender):  # recorded as typed by older versions
         previous = previous.model_copy(update={"metanet_from": os.path.abspath(lender)})

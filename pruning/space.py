@@ -95,11 +95,14 @@ class WidthGroup:
 
 @dataclass(frozen=True)
 class Plan:
-    """What an architecture builder returns: the blocks, the head and the width groups."""
+    """What an architecture builder returns: the blocks, the head and the width groups;
+    ``family`` names the family builder of :mod:`pruning.archs` that laid it out
+    ("mobilenet_v1", "mobilenet_v2", "resnet"), whose recipes the ``paper`` preset follows."""
 
     blocks: tuple[Block, ...]
     head: Head
     groups: tuple[WidthGroup, ...]
+    family: str | None = None
 
 
 def conv_out_hw(in_hw: tuple[int, int], kernel: int, stride: int) -> tuple[int, int]:
@@ -335,13 +338,25 @@ class SearchSpace:
         return full, full.largest()
 
     def to_dict(self) -> dict:
-        """JSON-ready settings; :meth:`from_dict` rebuilds an equal space."""
+        """JSON-ready settings; :meth:`from_dict` rebuilds an equal space. A plugin's
+        architecture adds its ``arch_sha256`` (:func:`pruning.registry.arch_digest`)."""
+        from pruning.registry import arch_digest
+
+        digest = arch_digest(self.arch)
         return {"arch": self.arch, "arch_args": dict(self.arch_args), "levels": list(self.levels),
                 "max_width_mult": self.max_width_mult, "channel_divisor": self.channel_divisor,
-                "min_channels": self.min_channels}
+                "min_channels": self.min_channels,
+                **({"arch_sha256": digest} if digest is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchSpace:
+        """The space of :meth:`to_dict`; ``ValueError`` if its plugin architecture has changed
+        since."""
+        from pruning.registry import arch_digest
+
+        if d.get("arch_sha256") is not None and d["arch_sha256"] != arch_digest(d["arch"]):
+            raise ValueError(f"architecture {d['arch']!r} is not the one this was made with: "
+                             "its plugin has changed since (restore that version of it)")
         return cls.create(d["arch"], max_width_mult=d["max_width_mult"],
                           levels=tuple(d["levels"]), channel_divisor=d["channel_divisor"],
                           min_channels=d.get("min_channels", 1),  # older files: none

@@ -22,7 +22,7 @@ from pruning.checkpoint import json_bytes
 from pruning.constraints import (InfeasibleBudgetError, MacsConstraint, ParamsConstraint,
                                  check_binding, check_feasible)
 from pruning.archs import INPUT_SIZE_RANGE
-from pruning.registry import get_arch
+from pruning.registry import arch_digest, arch_family, get_arch
 from pruning.search import SearchConfig
 from pruning.space import DEFAULT_LEVELS, SearchSpace
 
@@ -393,7 +393,7 @@ class PipelineSpec(BaseModel):
     def _configs(self) -> tuple[TrainConfig, SearchConfig, TrainConfig]:
         """The metanet, search and final settings: the preset's, updated by this spec's."""
         p = PRESETS[self.preset]
-        if self.preset == "paper" and self.arch.startswith("resnet"):
+        if self.preset == "paper" and arch_family(self.arch) == "resnet":
             p = {**p, **{name: {**p[name], **PAPER_RESNET[name]} for name in PAPER_RESNET}}
         return tuple(_settings(name, p, getattr(self, name), self.seed)
                      for name in ("metanet", "search", "final"))
@@ -430,7 +430,7 @@ class PipelineSpec(BaseModel):
         metanet, search, final = self._configs()
         max_width_mult = pick("max_width_mult") or 1.0
         if self.preset == "paper" and self.max_width_mult is None and \
-                not self.arch.startswith("mobilenet_v2"):
+                arch_family(self.arch) != "mobilenet_v2":
             max_width_mult = 1.0  # the official code widens MobileNetV2's PruningNet alone
         return ResolvedSpec(
             spec=self, max_width_mult=max_width_mult,
@@ -468,6 +468,27 @@ class ResolvedSpec(BaseModel):
 # --- "train once, search many" ---------------------------------------------------------------
 
 
+def read_spec(path) -> PipelineSpec:
+    """A run folder's ``spec.json``. ``ValueError`` if this version cannot read it, naming an
+    architecture this process does not know (a plugin's, without ``METAPRUNE_PLUGINS``)."""
+    from pydantic import ValidationError
+
+    from pruning.checkpoint import read_json
+    from pruning.registry import PLUGINS_ENV
+
+    message = f"{path} is not a run specification this version can read"
+    try:
+        return PipelineSpec.model_validate(read_json(path))
+    except ValidationError as e:
+        arch = [err["msg"].removeprefix("Value error, ") for err in e.errors()
+                if tuple(err["loc"]) == ("arch",)]
+        if arch:
+            message += f" ({arch[0]}: a plugin's? set {PLUGINS_ENV} as for the run)"
+        raise ValueError(message) from None
+    except ValueError:
+        raise ValueError(message) from None
+
+
 def metanet_identity(spec: PipelineSpec) -> dict:
     """Everything that determines a run's trained PruningNet: the architecture and its widths,
     the data and its split, the seed and the PruningNet training recipe."""
@@ -483,7 +504,9 @@ def metanet_identity(spec: PipelineSpec) -> dict:
             # a budget-biased PruningNet is trained for its budget only
             "budget": spec.budget.model_dump() if spec.metanet_sampling == "budget" else None,
             # only when given: the fingerprints of specs without it stay what they were
-            **({"image_size": spec.image_size} if spec.image_size is not None else {})}
+            **({"image_size": spec.image_size} if spec.image_size is not None else {}),
+            # a plugin's architecture, as its plan is now (the built-in ones have none)
+            **({"arch_sha256": digest} if (digest := arch_digest(spec.arch)) else {})}
 
 
 def _recipe_identity(config: TrainConfig) -> dict:

@@ -486,3 +486,16 @@ def test_a_run_recorded_with_a_relative_metanet_from_resumes(tmp_path, monkeypat
     atomic_write_json(tmp_path / "run" / "spec.json", spec.model_dump())
     now = spec.model_copy(update={"metanet_from": str(tmp_path / "ref")})
     _check_run_dir(tmp_path / "run", now, resume=True)  # no "different specification"
+
+
+def test_a_run_of_an_unknown_plugin_architecture_says_so(capsys, tmp_path):
+    """Resuming (or exporting) a plugin's run without METAPRUNE_PLUGINS names the architecture
+    and the variable, instead of calling the spec unreadable."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.json").write_text(json.dumps({"arch": "my_gone_plugin",
+                                               "budget": {"macs_ratio": 0.5}}))
+    for argv in (["resume", "--out", str(run)], ["export", "--out", str(run)]):
+        status, _, err = call(capsys, *argv)
+        assert status == 2 and err.count("\n") == 1
+        assert "unknown architecture 'my_gone_plugin'" in err and "METAPRUNE_PLUGINS" in err

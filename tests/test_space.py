@@ -554,3 +554,71 @@ def test_plugins_register_architectures(tmp_path, monkeypatch, capsys):
         assert cli.main(argv) == 2
         assert "cannot import 'no_such_plugin_module'" in capsys.readouterr().err
     assert not (tmp_path / "jobs.db").exists()
+
+
+def test_a_plugin_that_fails_midway_is_reported_every_time(tmp_path, monkeypatch):
+    """What a plugin registered before it failed is taken back (the next call reports its own
+    error again, not a clash), and a plugin cannot take a built-in name."""
+    (tmp_path / "half_plugin.py").write_text(PLUGIN.replace("test_plugin_short_v1", "half_ok")
+                                             + "\nraise RuntimeError('broken at the end')\n")
+    (tmp_path / "clash_plugin.py").write_text(PLUGIN.replace("test_plugin_short_v1", "resnet18"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_ARCHS", dict(registry._ARCHS))
+    for name in ("half_plugin", "clash_plugin"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setenv("METAPRUNE_PLUGINS", "half_plugin")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="RuntimeError: broken at the end"):
+            list_archs()
+        sys.modules.pop("half_plugin", None)
+    assert "half_ok" not in registry._ARCHS
+    monkeypatch.setenv("METAPRUNE_PLUGINS", "clash_plugin")
+    with pytest.raises(ValueError, match="'resnet18' is already registered"):
+        list_archs()
+
+
+def test_the_paper_preset_knows_a_plugin_s_family(monkeypatch):
+    """A variant built by a family builder gets its family's recipe and widths, whatever its
+    name (MobileNetV2 searched up to 1.4×, the ResNets trained with step decay)."""
+    from pruning.archs import mobilenet_v1_plan, mobilenet_v2_plan, resnet_plan
+    from pruning.spec import Budget, PipelineSpec
+
+    variants = {"my_v2": mobilenet_v2_plan, "mobilenet_v2_lookalike": mobilenet_v1_plan,
+                "my_resnet": lambda *a, **k: resnet_plan(*a, layers=(1, 1), planes=(8, 16), **k)}
+    for name, fn in variants.items():
+        monkeypatch.setitem(registry._ARCHS, name, fn)
+
+    def resolved(arch):
+        return PipelineSpec(arch=arch, preset="paper", budget=Budget(macs_ratio=0.5)).resolved()
+
+    assert resolved("my_v2").max_width_mult == 1.4
+    assert resolved("mobilenet_v2_lookalike").max_width_mult == 1.0
+    assert resolved("my_resnet").final.schedule == "step"
+    assert resolved("my_v2").final.schedule == "linear"
+    with pytest.raises(ValueError, match="layers \\(1, 1\\) and planes \\(8,\\) must"):
+        resnet_plan(layers=(1, 1), planes=(8,))
+
+
+def test_a_plugin_edited_under_the_same_name_is_told_apart(monkeypatch):
+    """A plugin's plan is part of what a file records (``arch_sha256``): a space, a search
+    state or an export made with one version of it is not read with another."""
+    from pruning.spec import Budget, PipelineSpec, metanet_identity
+
+    def version_1(num_classes=10, in_channels=1, input_size=28, width_mult=1.0):
+        return _stem_plan(in_channels, input_size, num_classes)
+
+    def version_2(num_classes=10, in_channels=1, input_size=28, width_mult=1.0):
+        plan = _stem_plan(in_channels, input_size, num_classes)
+        return Plan(plan.blocks, plan.head, (WidthGroup("a", 16),))
+
+    monkeypatch.setitem(registry._ARCHS, "my_plugin", version_1)
+    saved = SearchSpace.create("my_plugin").to_dict()
+    assert len(saved["arch_sha256"]) == 64
+    assert SearchSpace.from_dict(saved).to_dict() == saved
+    spec = PipelineSpec(arch="my_plugin", budget=Budget(macs_ratio=0.5))
+    before = metanet_identity(spec)
+    monkeypatch.setitem(registry._ARCHS, "my_plugin", version_2)
+    with pytest.raises(ValueError, match="'my_plugin' is not the one this was made with"):
+        SearchSpace.from_dict(saved)
+    assert metanet_identity(spec)["arch_sha256"] != before["arch_sha256"]
+    assert "arch_sha256" not in SearchSpace.create("mobilenet_v2").to_dict()  # built-in: none
