@@ -492,17 +492,21 @@ class DataBundle:
         """What identifies the data a run trains on, is scored on and tested on, whatever the
         device: the classes, the image shape and each split's samples (positions in their
         source, labels, and the pixels of data held in memory or the file names of streamed
-        data). ``{"sha256", "images": {"train", "val", "test"}, "version"}``: the version
-        names what the hash covers, and changes with it: 1 for data held in memory, 2 for
-        streamed data (1 hashed its absolute file names, 2 their names below the split's folder
-        and their sizes)."""
+        data). ``{"sha256", "train_val_sha256", "images": {"train", "val", "test"},
+        "version"}``: ``train_val_sha256`` leaves the test split out (what a PruningNet and a
+        search depend on); the version names what the hashes cover, and changes with it: 1 for
+        data held in memory, 2 for streamed data (1 hashed its absolute file names, 2 their
+        names below the split's folder and their sizes)."""
         meta = {k: v for k, v in self.meta.to_dict().items() if k not in ("mean", "std")}
         h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
         splits = {"train": self.train, "val": self.val, "test": self.test}
-        for split in splits.values():
+        for name, split in splits.items():
             h.update(split.fingerprint().encode())
+            if name == "val":
+                train_val = h.hexdigest()
         streamed = any(isinstance(s, StreamSplit) for s in splits.values())
-        return {"sha256": h.hexdigest(), "images": {k: len(v) for k, v in splits.items()},
+        return {"sha256": h.hexdigest(), "train_val_sha256": train_val,
+                "images": {k: len(v) for k, v in splits.items()},
                 "version": 2 if streamed else 1}
 
 

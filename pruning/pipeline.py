@@ -50,6 +50,7 @@ from pruning.constraints import MacsConstraint, budget_use
 from pruning.data import DataBundle, DatasetError, load_dataset
 from pruning.evaluate import CandidateEvaluator, entry_score
 from pruning.export import export_model
+from pruning.machine import cpu_description
 from pruning.report import pareto_png
 from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
 from pruning.space import Candidate, SearchSpace
@@ -260,6 +261,34 @@ def _discard_later_outputs(ctx: RunContext, stage: str) -> None:
             path.unlink()
 
 
+ENVIRONMENT_FILE = "environment.json"  # where the run began: see run_environment()
+
+
+def run_environment(device: torch.device) -> dict:
+    """What a run's numbers depend on beyond its spec and data: the device (its model), the CPU
+    threads (they set the order of floating-point sums) and PyTorch's version. The same seed
+    gives bit-identical results only where all of these are the same."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpu_description()
+    return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def _environment_change(run_dir: Path, now: dict) -> str | None:
+    """How the environment of a resumed run differs from the one it began in (``None``: it
+    does not, or the run predates the record)."""
+    path = run_dir / ENVIRONMENT_FILE
+    if not path.exists():
+        return None
+    then = read_json(path)
+    changes = [f"{k} {then.get(k)!r} then, {now[k]!r} now" for k in ("device", "device_name",
+                                                                      "threads", "torch")
+               if then.get(k) != now[k]]
+    return "; ".join(changes) or None
+
+
 def holds_other_files(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds anything but hidden files (``.DS_Store``, ``.gitkeep``, the
     ``.<name>.*.tmp`` of a writer killed before ``spec.json`` existed)."""
@@ -293,6 +322,11 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
                 f"{len(data.val)} held-out images: the search scores all {len(data.val)}"})
     data_fingerprint = data.fingerprint()
     _check_data(run_dir, data_fingerprint)
+    environment = run_environment(device)
+    change = _environment_change(run_dir, environment)
+    if change is not None:
+        notify({"stage": "data", "message": f"this run continues elsewhere than it began "
+                f"({change}): its result can differ from an uninterrupted run's"})
     if spec.metanet_from is not None and not (run_dir / METANET_FILE).exists():
         _check_data(Path(spec.metanet_from), data_fingerprint, lender=True)
     meta = data.meta
@@ -318,8 +352,9 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
         if locked:
             _check_run_dir(run_dir, spec, resume)  # again: another process may have begun it
         remove_stale_temporaries(run_dir)  # left by a run killed mid-write (resumed runs only)
-        if not (run_dir / "spec.json").exists():
+        if not (run_dir / "spec.json").exists():  # a new run: where it begins, kept on resume
             atomic_write_json(run_dir / "spec.json", spec.model_dump())
+            atomic_write_json(run_dir / ENVIRONMENT_FILE, environment)
         if _data_record_outdated(run_dir, data_fingerprint):  # none yet, or an older version's
             atomic_write_json(run_dir / DATA_FILE, data_fingerprint)
         if latency is not None and not table_path.exists():
@@ -369,7 +404,11 @@ def _check_data(run_dir: Path, fingerprint: dict, *, lender: bool = False) -> No
     path = run_dir / DATA_FILE
     if not path.exists():
         return
-    change = _data_change(read_json(path), fingerprint)
+    saved = read_json(path)
+    if lender and saved.get("train_val_sha256") is not None and \
+            saved["train_val_sha256"] == fingerprint["train_val_sha256"]:
+        return  # the PruningNet never saw the test split: another one does not matter
+    change = _data_change(saved, fingerprint)
     if change is None:
         return
     if lender:

@@ -98,7 +98,8 @@ def test_a_lender_trained_on_other_data_is_passed_over(setup):
     spec = BASE.model_copy(update={"seed": 8})
     lender, lender_dir = run_job(setup, spec)
     record = json.loads((lender_dir / "data.json").read_text())
-    (lender_dir / "data.json").write_text(json.dumps({**record, "sha256": "0" * 64}))
+    (lender_dir / "data.json").write_text(json.dumps({**record, "sha256": "0" * 64,
+                                                      "train_val_sha256": "0" * 64}))
     job, run_dir = run_job(setup, spec.model_copy(update={"budget": Budget(macs_ratio=0.7)}))
     assert trained_here(run_dir) and "metanet_reused_from" not in job.detail["result"]
     assert json.loads((run_dir / "spec.json").read_text())["metanet_from"] is None

@@ -162,10 +162,11 @@ def test_metanet_from_refuses_another_pruningnet(reference, tmp_path, capsys):
         with pytest.raises(RunFolderError, match=f"trained with other settings {message[:-1]}"
                            .replace("(", r"\(").replace("{", r"\{")):
             prepare(spec(metanet_from=str(ref), **kw), out)
-    # another budget, search settings, final training or checkpoint interval are fine to change
+    # another budget, search settings, final training, checkpoint interval or test split are
+    # fine to change (the PruningNet never saw the test split)
     prepare(spec(metanet_from=str(ref), budget=Budget(params_ratio=0.5), final_init="generated",
-                 search={"generations": 1}, metanet={"max_steps": 6, "checkpoint_every": 5}),
-            tmp_path / "ok")
+                 search={"generations": 1}, metanet={"max_steps": 6, "checkpoint_every": 5},
+                 test_limit=32), tmp_path / "ok")
 
     status, _, errors = call(capsys, "prune", *OPTIONS, "--seed", "3", "--metanet-from",
                              str(ref), "--out", str(out))
@@ -386,3 +387,25 @@ def test_a_search_that_picks_the_uniform_network_trains_it_once(reference, tmp_p
     status, printed, _ = call(capsys, "train", "--out", str(out), "--json")
     trained = json.loads(printed)["trained"]
     assert status == 0 and trained["metapruning"] == trained["uniform"]
+
+
+def test_a_run_records_where_it_began_and_a_resume_elsewhere_says_so(tmp_path):
+    """The same seed is bit-identical only on the same device, thread count and PyTorch: a run
+    resumed with other ones says that its result can differ from an uninterrupted run's."""
+    import torch
+
+    out = tmp_path / "run"
+    prepare(spec(), out)
+    record = read_json(out / "environment.json")
+    assert record["threads"] == torch.get_num_threads() and record["device"] == "cpu"
+    assert record["torch"] == torch.__version__ and "cores" in record["device_name"]
+    events = []
+    prepare(spec(), out, resume=True, progress=events.append)
+    assert not [e for e in events if "continues elsewhere" in e.get("message", "")]
+    (out / "environment.json").write_text(json.dumps({**record, "threads": 99}))
+    prepare(spec(), out, resume=True, progress=events.append)
+    notes = [e["message"] for e in events if "continues elsewhere" in e.get("message", "")]
+    assert notes == [f"this run continues elsewhere than it began (threads 99 then, "
+                     f"{torch.get_num_threads()} now): its result can differ from an "
+                     "uninterrupted run's"]
+    assert read_json(out / "environment.json")["threads"] == 99  # the beginning is kept
