@@ -190,7 +190,9 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
 
     With ``checkpoint``, state is saved every ``config.checkpoint_every`` steps, at the end and
     when ``should_stop`` stops the loop, and an existing checkpoint is resumed. Returns
-    ``{"steps", "loss", "images_per_s"}``.
+    ``{"steps", "loss", "images_per_s"}``: the throughput of the whole training, the processes
+    before a resume included (as far as their checkpoints recorded it; ``None`` if nothing was
+    timed).
     """
     device = torch.device(device)
     graphs = graphs or CudaGraphs
@@ -209,10 +211,12 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
     per_epoch = len(split) // config.batch_size
     total = config.total_steps(len(split))
     step, loss_ema = 0, None
+    before = {"images": 0, "seconds": 0.0}  # trained by the processes before a resume
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt and ckpt.exists():
         meta = load_training_state(ckpt, module, opt)
         step, loss_ema = meta["step"], meta.get("loss")
+        before = {k: meta.get(k, before[k]) for k in before}
         if meta.get("total", total) != total:
             raise ValueError(f"{stage}: checkpoint {ckpt} belongs to a run of {meta['total']} "
                              f"steps, this one has {total}; remove it or use the same settings")
@@ -240,6 +244,11 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
                if cuda_graphs else None)
     module.train()
     t0, images = time.perf_counter(), 0
+
+    def record(loss: float | None) -> dict:  # a checkpoint's metadata
+        return {"step": step, "total": total, "loss": loss,
+                "images": before["images"] + images,
+                "seconds": before["seconds"] + time.perf_counter() - t0}
     steady = None  # (elapsed, images) at the first report: the ETA leaves out the set-up
     while step < total:
         epoch = step // per_epoch
@@ -252,8 +261,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
             if should_stop is not None and should_stop():
                 if ckpt and step > saved_step:
                     loss_ema = loss_ema if ema is None else ema.item()
-                    save_training_state(ckpt, module, opt,
-                                        {"step": step, "total": total, "loss": loss_ema})
+                    save_training_state(ckpt, module, opt, record(loss_ema))
                 raise Cancelled(stage)
             lr = config.lr_at(step, total, per_epoch)
             for group in opt.param_groups:
@@ -275,8 +283,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
                     "checkpoint holds the last finite state)")
             elapsed = time.perf_counter() - t0
             if save:
-                save_training_state(ckpt, module, opt,
-                                    {"step": step, "total": total, "loss": loss_ema})
+                save_training_state(ckpt, module, opt, record(loss_ema))
                 saved_step = step
             if progress:
                 rate = images / elapsed if elapsed > 0 else 0.0
@@ -291,8 +298,9 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
                           "lr": opt.param_groups[0]["lr"], "images_per_s": rate, "eta_s": eta})
             if step >= total:
                 break
-    elapsed = time.perf_counter() - t0
-    return {"steps": step, "loss": loss_ema, "images_per_s": images / elapsed if elapsed else 0.0}
+    done = record(loss_ema)
+    rate = done["images"] / done["seconds"] if done["images"] and done["seconds"] > 0 else None
+    return {"steps": step, "loss": loss_ema, "images_per_s": rate}
 
 
 def train_pruningnet(pnet, split, config: TrainConfig, *, seed: int = 0,

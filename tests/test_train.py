@@ -314,10 +314,14 @@ def test_resume_after_a_failing_progress_callback_is_exact(data, tmp_path):
     stats = train_network(net, data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt)
     assert same_state(net, ref)  # BN running statistics included
     assert stats["loss"] == ref_stats["loss"]
-    # a finished checkpoint resumes to a no-op
+    # a finished checkpoint resumes to a no-op, whose throughput is the whole training's
     again = _plain_net()
-    assert train_network(again, data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt)["steps"] == 20
-    assert same_state(again, ref)
+    done = train_network(again, data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt)
+    assert done["steps"] == 20 and same_state(again, ref)
+    meta = load_tensors(ckpt)[1]
+    assert meta["images"] == 20 * RESUME_CONFIG.batch_size and meta["seconds"] > 0
+    assert done["images_per_s"] == pytest.approx(meta["images"] / meta["seconds"], rel=0.05)
+    assert stats["images_per_s"] == pytest.approx(done["images_per_s"], rel=0.05)  # all of it
 
 
 def test_checkpoint_of_another_run_length_is_refused(data, tmp_path):
