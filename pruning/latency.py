@@ -76,7 +76,8 @@ from pruning.checkpoint import atomic_write_json, read_json
 from pruning.constraints import Constraint, _check_limit, register_constraint
 from pruning.machine import MachineBusyError, cpu_description
 from pruning.modules import Classifier, ConvBNAct, activation
-from pruning.space import Candidate, Channels, ConvSpec, MaxPoolSpec, SearchSpace
+from pruning.space import (Candidate, Channels, ConvSpec, MaxPoolSpec, SearchSpace,
+                           same_space)
 
 FORMAT = "metaprune.latency_table/1"
 DEFAULT_MAX_POINTS = 6
@@ -363,7 +364,7 @@ class LatencyTable:
         self.space, self.key, self.measurements = space, key, measurements
         self.measured_s, self.from_cache, self.path = measured_s, from_cache, path
         self._space_dict = json.loads(json.dumps(space.to_dict()))
-        if json.loads(json.dumps(key["space"])) != self._space_dict:
+        if not same_space(key["space"], self._space_dict):
             raise LatencyTableError("latency table belongs to another search space")
         self.digest = hashlib.sha256(
             json.dumps([measurements, self.overhead_ms], sort_keys=True).encode()

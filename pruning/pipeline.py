@@ -31,7 +31,6 @@ copies instead of training one, after checking that everything that determines i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -53,7 +52,7 @@ from pruning.export import export_model
 from pruning.machine import cpu_description
 from pruning.report import pareto_png
 from pruning.search import SearchConfig, SearchResult, evolve, uniform_baseline
-from pruning.space import Candidate, SearchSpace
+from pruning.space import Candidate, SearchSpace, same_space
 # the specification lives in pruning.spec (no PyTorch there); re-exported here
 from pruning.spec import (Budget, PipelineSpec, ResolvedSpec, read_spec,  # noqa: F401
                           metanet_fingerprint, metanet_identity)
@@ -732,7 +731,7 @@ def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
     stays complete if ``src`` changes or goes; ``metanet/source.json`` records the origin."""
     check_metanet_source(ctx.spec, ctx.run_dir)
     meta = read_tensors_metadata(src / METANET_FILE)  # the space it was built for must be ours
-    if json.loads(json.dumps(meta.get("space"))) != json.loads(json.dumps(ctx.space.to_dict())):
+    if not same_space(meta.get("space"), ctx.space.to_dict()):
         raise RunFolderError(f"metanet_from: the PruningNet of {src} was built for another "
                              "search space")
     stats = read_json(src / "metanet" / "stats.json")

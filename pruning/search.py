@@ -78,7 +78,7 @@ from pruning.constraints import (
     check_feasible,
     satisfies,
 )
-from pruning.space import Candidate, CandidateError, SearchSpace
+from pruning.space import Candidate, CandidateError, SearchSpace, same_space
 
 STATE_FORMAT = "metaprune.evolve/1"
 
@@ -425,7 +425,8 @@ class _Search:
         except (KeyError, TypeError, ValueError):
             pass  # reported as a different config below
         for part in ("space", "constraints", "strategies", "config"):
-            if state.get(part) != self.header[part]:
+            same = (same_space if part == "space" else lambda a, b: a == b)
+            if not same(state.get(part), self.header[part]):
                 raise SearchStateError(
                     f"search state {path} belongs to a different search: its {part} differs "
                     f"({_diff(state.get(part), self.header[part])}); use a new state path or "

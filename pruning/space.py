@@ -17,6 +17,7 @@ training and take the whole network with it.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import random
@@ -361,6 +362,15 @@ class SearchSpace:
                           levels=tuple(d["levels"]), channel_divisor=d["channel_divisor"],
                           min_channels=d.get("min_channels", 1),  # older files: none
                           **d["arch_args"])
+
+
+def same_space(stored: dict, current: dict) -> bool:
+    """Whether a space recorded by :meth:`SearchSpace.to_dict` (a file's) is ``current``'s; a
+    record made before ``arch_sha256`` existed is compared without it."""
+    stored, current = json.loads(json.dumps(stored)), json.loads(json.dumps(current))
+    if isinstance(stored, dict) and "arch_sha256" not in stored:
+        current.pop("arch_sha256", None)
+    return stored == current
 
 
 def _validate_plan(plan: Plan, arch_args: dict | None = None) -> None:

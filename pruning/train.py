@@ -214,7 +214,13 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
     before = {"images": 0, "seconds": 0.0}  # trained by the processes before a resume
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt and ckpt.exists():
-        meta = load_training_state(ckpt, module, opt)
+        try:
+            meta = load_training_state(ckpt, module, opt)
+        except RuntimeError as e:  # load_state_dict: tensors of other shapes or names
+            raise ValueError(f"{stage}: checkpoint {ckpt} holds another network than this run "
+                             f"trains ({str(e).splitlines()[0].strip()[:200]}): it was begun by "
+                             "a version whose preset gave other widths; finish it with that "
+                             "version, or remove the checkpoint") from None
         step, loss_ema = meta["step"], meta.get("loss")
         before = {k: meta.get(k, before[k]) for k in before}
         if meta.get("total", total) != total:

@@ -622,3 +622,18 @@ def test_a_plugin_edited_under_the_same_name_is_told_apart(monkeypatch):
         SearchSpace.from_dict(saved)
     assert metanet_identity(spec)["arch_sha256"] != before["arch_sha256"]
     assert "arch_sha256" not in SearchSpace.create("mobilenet_v2").to_dict()  # built-in: none
+
+
+def test_a_space_recorded_before_arch_sha256_still_matches(monkeypatch):
+    """Files written before plugins' plans were recorded (no ``arch_sha256``) still match."""
+    from pruning.space import same_space
+
+    monkeypatch.setitem(registry._ARCHS, "my_old_plugin",
+                        lambda num_classes=10, in_channels=1, input_size=28, width_mult=1.0:
+                        _stem_plan(in_channels, input_size, num_classes))
+    now = SearchSpace.create("my_old_plugin").to_dict()
+    older = {k: v for k, v in now.items() if k != "arch_sha256"}
+    assert same_space(older, now) and same_space(now, now)
+    assert not same_space({**now, "arch_sha256": "0" * 64}, now)
+    assert not same_space({**older, "min_channels": 4}, now)
+    assert SearchSpace.from_dict(older).to_dict() == now

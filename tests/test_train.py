@@ -610,3 +610,20 @@ def test_pruningnet_training_from_a_graph_equals_eager_training(data):
     assert not same_state(net, _pruningnet())
     with pytest.raises(ValueError, match="fixed_shapes"):
         train_pruningnet(_pruningnet(), data.train, config, fixed_shapes=False, cuda_graphs=True)
+
+
+def test_a_checkpoint_of_another_network_is_one_clear_error(data, tmp_path):
+    """A run folder begun by a version whose preset gave other widths: not a traceback."""
+    ckpt = tmp_path / "state.safetensors"
+    def stop_at_8(event):
+        if event["step"] == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_network(_plain_net(), data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt,
+                      progress=stop_at_8)
+    space = space_for("test_resnet")
+    wider = build(space, space.uniform(30))
+    with pytest.raises(ValueError, match="holds another network than this run trains "
+                                         r"\(Error\(s\) in loading state_dict"):
+        train_network(wider, data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt)
