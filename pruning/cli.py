@@ -789,8 +789,8 @@ class _WatchPrinter(_StderrPrinter):
 @_client_command
 def cmd_watch(a, api) -> int | dict:
     """``watch``: poll the job until it ends; exit 0 if it succeeded, 1 if not."""
-    if not (math.isfinite(a.interval) and 0 < a.interval <= 3600):
-        raise UserError(f"--interval must be a number of seconds in (0, 3600], got "
+    if not (math.isfinite(a.interval) and 0 < a.interval <= 86400):
+        raise UserError(f"--interval must be a number of seconds in (0, 86400], got "
                         f"{a.interval}")
     printer = _WatchPrinter(quiet=a.quiet)
     job = None

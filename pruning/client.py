@@ -216,30 +216,34 @@ class ApiClient:
 
     def watch(self, job_id: str, interval: float = 1.0,
               sleep: Callable[[float], None] | None = None, patience: float = 600.0,
-              on_retry: Callable[[ClientError], None] | None = None) -> Iterator[dict]:
+              on_retry: Callable[[ClientError], None] | None = None,
+              clock: Callable[[], float] = time.monotonic) -> Iterator[dict]:
         """The job as polled every ``interval`` seconds, until (and including) a final state.
-        Polls that fail transiently (the server restarting, a proxy's 502) are tried again
-        every ``interval`` (2–10 s), each failure passed to ``on_retry``, until they have
-        failed for ``patience`` seconds."""
+        Once the job has been seen, polls that fail transiently (the server restarting, a
+        proxy's 502) are tried again every ``interval`` (2–10 s), each failure passed to
+        ``on_retry``, until they have failed for ``patience`` seconds by ``clock``; a first
+        poll that fails (a wrong address) is an error at once."""
         sleep = sleep or self.sleep
-        failing_for = 0.0
+        failing_since = None
+        job = self.job(job_id)
         while True:
-            try:
-                job = self.job(job_id)
-            except ClientError as e:
-                if not e.transient or failing_for >= patience:
-                    raise
-                if on_retry is not None:
-                    on_retry(e)
-                wait = min(max(interval, 2.0), 10.0)
-                sleep(wait)
-                failing_for += wait
-                continue
-            failing_for = 0.0
             yield job
             if job["status"] in FINAL_STATUSES:
                 return
             sleep(interval)
+            while True:
+                try:
+                    job = self.job(job_id)
+                    failing_since = None
+                    break
+                except ClientError as e:
+                    now = clock()
+                    failing_since = now if failing_since is None else failing_since
+                    if not e.transient or now - failing_since >= patience:
+                        raise
+                    if on_retry is not None:
+                        on_retry(e)
+                    sleep(min(max(interval, 2.0), 10.0))
 
     # --- artifacts -------------------------------------------------------------------------------
 

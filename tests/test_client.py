@@ -335,15 +335,15 @@ def test_summary_line_puts_the_trained_baseline_beside_the_pick():
 # --- an unreliable network between the client and the real app ---------------------------------
 
 class Flaky:
-    """The in-process app behind a network that fails: ``fail(method, n, how)`` makes the next
-    ``n`` requests of that method fail — "drop": the server handles it, then the answer is lost;
+    """The in-process app behind a network that fails: ``fail(method, n, how, after)`` makes
+    ``n`` requests of that method fail, after ``after`` more that pass — "drop": the server handles it, then the answer is lost;
     "refuse": it never arrives; "503": the answer is a 503."""
 
     def __init__(self, tc):
         self.tc, self.plan, self.calls = tc, {}, []
 
-    def fail(self, method: str, n: int, how: str) -> None:
-        self.plan[method] = [how] * n
+    def fail(self, method: str, n: int, how: str, after: int = 0) -> None:
+        self.plan[method] = [None] * after + [how] * n
 
     def request(self, method, url, **kwargs):
         self.calls.append(method)
@@ -410,7 +410,7 @@ def test_reads_retry_a_503_and_cancel_is_safe_to_repeat(flaky, server, capsys):
 
 def test_watch_rides_out_a_server_restart(flaky, server, engine, capsys):
     job_id = submit(capsys)
-    flaky.fail("GET", 6, "refuse")  # the first poll fails through its 4 tries, the next 2 more
+    flaky.fail("GET", 6, "refuse", after=1)  # seen once, then a poll fails through its 4
     thread = _drive(engine, "succeeded")
     rc, out, err = run(capsys, "watch", job_id, "--interval", "0.05")
     thread.join(5)
@@ -422,16 +422,28 @@ def test_watch_rides_out_a_server_restart(flaky, server, engine, capsys):
 
 
 def test_watch_gives_up_after_its_patience(server, capsys):
+    """Failed polls are tried again for ``patience`` seconds by the clock (each poll's own
+    retries and timeouts count); a first poll that fails is an error at once."""
+    from pruning.client import ClientError
+
     net = Flaky(server)
     job_id = submit(capsys)
+    api = ApiClient(token=server.token, client=net, sleep=lambda s: None)
+    now, notes = [0.0], []
+
+    def sleep(s):
+        now[0] += s + 5  # each failed poll also waits out its own retries
+
+    net.fail("GET", 4, "refuse")  # never seen (all 4 tries): a wrong address, not a restart
+    with pytest.raises(ClientError, match="Connection refused"):
+        next(api.watch(job_id))
+    polls = api.watch(job_id, interval=1, sleep=sleep, patience=20, on_retry=notes.append,
+                      clock=lambda: now[0])
+    assert next(polls)["status"] == "queued"
     net.fail("GET", 1000, "refuse")
-    api, waits, notes = ApiClient(token=server.token, client=net, sleep=lambda s: None), [], []
-    with pytest.raises(Exception, match="Connection refused") as e:
-        for _ in api.watch(job_id, interval=1, sleep=waits.append, patience=20,
-                           on_retry=notes.append):
-            pass
-    assert type(e.value).__name__ == "ClientError"
-    assert waits == [2.0] * 10 and len(notes) == 10  # 20 s of failed polls, then the error
+    with pytest.raises(ClientError, match="Connection refused"):
+        next(polls)
+    assert len(notes) == 3 and now[0] == 1 + 5 + 3 * 7  # failing since 6 s: 27 s ≥ 6 + 20
 
 
 def test_answers_that_are_not_the_api_are_one_line(capsys, monkeypatch):
