@@ -223,12 +223,13 @@ class UniformCrossover:
 
 def _strategy_identity(strategy) -> str:
     """A strategy as the state file names it: its ``repr`` (a dataclass's shows its settings),
-    or its class's path where the ``repr`` is the default one (it shows a memory address, which
-    differs in every process, so a resumed search would never match)."""
-    text = repr(strategy)
-    if type(strategy).__repr__ is object.__repr__:
-        text = f"{type(strategy).__module__}.{type(strategy).__qualname__}"
-    return text
+    or, where the ``repr`` is the default one (it shows a memory address, which differs in every
+    process, so a resumed search would never match), its class's path and attributes."""
+    if type(strategy).__repr__ is not object.__repr__:
+        return repr(strategy)
+    settings = ", ".join(f"{k}={v!r}" for k, v in sorted(getattr(strategy, "__dict__", {})
+                                                          .items()))
+    return f"{type(strategy).__module__}.{type(strategy).__qualname__}({settings})"
 
 
 def generation_rng(seed: int, generation: int) -> random.Random:

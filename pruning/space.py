@@ -373,6 +373,11 @@ def same_space(stored: dict, current: dict) -> bool:
     return stored == current
 
 
+def _positive_int(x) -> bool:
+    """An integer (numpy's too, not a bool) of at least 1."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
+
+
 def _validate_plan(plan: Plan, arch_args: dict | None = None) -> None:
     """Check that a plan describes one network, so every candidate builds, counts and runs as
     its figures say: layer settings in range; module names unique and usable; channels that
@@ -383,7 +388,7 @@ def _validate_plan(plan: Plan, arch_args: dict | None = None) -> None:
     names = [g.name for g in plan.groups]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate width group names in {names}")
-    if any(type(g.base) is not int or g.base < 1 for g in plan.groups):
+    if not all(_positive_int(g.base) for g in plan.groups):
         raise ValueError("every width group's base width must be a positive integer")
     known = set(names)
     used: set[str] = set()
@@ -393,7 +398,7 @@ def _validate_plan(plan: Plan, arch_args: dict | None = None) -> None:
             if c not in known:
                 raise ValueError(f"{where}: unknown width group {c!r}")
             used.add(c)
-        elif type(c) is not int or c < 1:
+        elif not _positive_int(c):
             raise ValueError(f"{where}: channel count must be a positive integer")
         return c
 
@@ -419,7 +424,7 @@ def _validate_plan(plan: Plan, arch_args: dict | None = None) -> None:
             if not isinstance(layer, ConvSpec):
                 raise ValueError(f"{at}: a {type(layer).__name__}, not a ConvSpec or MaxPoolSpec")
             for name in ("kernel", "stride"):
-                if type(getattr(layer, name)) is not int or getattr(layer, name) < 1:
+                if not _positive_int(getattr(layer, name)):
                     raise ValueError(f"{at}: {name} must be a positive integer")
             ref(layer.cin, at)
             ref(layer.cout, at)
@@ -437,7 +442,7 @@ def _validate_plan(plan: Plan, arch_args: dict | None = None) -> None:
         raise ValueError("the first layer must be a convolution (it takes the image)")
     stem = plan.blocks[0].body[0]
     in_hw = tuple(stem.in_hw)
-    if len(in_hw) != 2 or any(type(n) is not int or n < 1 for n in in_hw):
+    if len(in_hw) != 2 or not all(_positive_int(n) for n in in_hw):
         raise ValueError(f"the first layer's in_hw {stem.in_hw!r} is not a (height, width) "
                          "in pixels")
     module_names([*plan.blocks, plan.head], "the blocks and the head")
@@ -457,7 +462,7 @@ def _validate_plan(plan: Plan, arch_args: dict | None = None) -> None:
     if plan.head.cin != cur:
         raise ValueError(f"head input {plan.head.cin!r} does not follow {cur!r}")
     ref(plan.head.cin, "head")
-    if type(plan.head.cout) is not int or plan.head.cout < 1:
+    if not _positive_int(plan.head.cout):
         raise ValueError("the head's classes must be a positive integer")
     if known - used:
         raise ValueError(f"width groups never used: {sorted(known - used)}")
