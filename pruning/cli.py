@@ -920,7 +920,7 @@ def _write_summary(report: dict, out: str, timed: bool) -> None:
     from pruning.evaluate import entry_score
 
     mp, un = report["metapruning"], report["uniform"]
-    objective = report["search"]["objective"]
+    objective = report["search"].get("objective", "accuracy")  # older runs: the only one
 
     def line(name, e):
         acc = f"{100 * e['test_accuracy']:.2f}%" if "test_accuracy" in e else "not trained"

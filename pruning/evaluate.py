@@ -124,9 +124,9 @@ def score_of(estimates: dict, objective: str) -> float:
 
 def entry_score(entry: dict, objective: str) -> float:
     """:func:`score_of` a report entry's estimates (``estimated_val_accuracy`` and
-    ``estimated_val_loss``)."""
+    ``estimated_val_loss``; runs of versions before the loss objective have no loss)."""
     return score_of({"accuracy": entry["estimated_val_accuracy"],
-                     "loss": entry["estimated_val_loss"]}, objective)
+                     "loss": entry.get("estimated_val_loss")}, objective)
 
 
 def _take(iterator, n):

@@ -409,3 +409,23 @@ def test_a_run_records_where_it_began_and_a_resume_elsewhere_says_so(tmp_path):
                      f"{torch.get_num_threads()} now): its result can differ from an "
                      "uninterrupted run's"]
     assert read_json(out / "environment.json")["threads"] == 99  # the beginning is kept
+
+
+def test_a_run_of_a_version_before_the_loss_objective_exports(reference, tmp_path, capsys):
+    """Its evaluation.json has no estimated_val_loss and its report no search objective: the
+    export is written again (its artifacts gone) and `export` summarises it."""
+    old = tmp_path / "old"
+    shutil.copytree(reference[0], old)
+    evaluation = read_json(old / "evaluation.json")
+    for name in ("metapruning", "uniform"):
+        del evaluation[name]["estimated_val_loss"]
+    (old / "evaluation.json").write_bytes(json_bytes(evaluation))
+    shutil.rmtree(old / "artifacts")
+    status, out, errors = call(capsys, "export", "--out", str(old))
+    assert (status, errors) == (0, [])
+    report = read_json(old / "artifacts" / "report.json")
+    del report["search"]["objective"]
+    (old / "artifacts" / "report.json").write_bytes(json_bytes(report))
+    from pruning.cli import _write_summary
+    _write_summary(report, str(old), timed=False)
+    assert "MetaPruning" in capsys.readouterr().out
