@@ -330,6 +330,8 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
         _check_data(Path(spec.metanet_from), data_fingerprint, lender=True)
     meta = data.meta
     space = spec.search_space(meta.num_classes, meta.in_channels, meta.input_size)
+    if spec.metanet_from is not None and not (run_dir / METANET_FILE).exists():
+        _check_lender_space(Path(spec.metanet_from), space)  # before the folder is claimed
     table_path = run_dir / "latency_table.json"
     if spec.budget.is_latency and not table_path.exists():
         notify({"stage": "latency", "message": "latency table: from the cache, else measured "
@@ -730,10 +732,7 @@ def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
     """Copy the checked PruningNet of ``src`` (and its stats) into this run's folder, so the run
     stays complete if ``src`` changes or goes; ``metanet/source.json`` records the origin."""
     check_metanet_source(ctx.spec, ctx.run_dir)
-    meta = read_tensors_metadata(src / METANET_FILE)  # the space it was built for must be ours
-    if not same_space(meta.get("space"), ctx.space.to_dict()):
-        raise RunFolderError(f"metanet_from: the PruningNet of {src} was built for another "
-                             "search space")
+    _check_lender_space(src, ctx.space)
     stats = read_json(src / "metanet" / "stats.json")
     data = (src / METANET_FILE).read_bytes()
     atomic_write_json(ctx.path("metanet/stats.json"), stats)
@@ -741,6 +740,14 @@ def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
                       {"run": str(src.resolve()), "sha256": hashlib.sha256(data).hexdigest()})
     atomic_write_bytes(ctx.path(METANET_FILE), data)  # last: it marks the stage as done
     return stats
+
+
+def _check_lender_space(src: Path, space: SearchSpace) -> None:
+    """The PruningNet of ``src`` must have been built for ``space``."""
+    meta = read_tensors_metadata(src / METANET_FILE)
+    if not same_space(meta.get("space"), space.to_dict()):
+        raise RunFolderError(f"metanet_from: the PruningNet of {src} was built for another "
+                             "search space")
 
 
 def _differences(old: dict, new: dict, prefix: str = ""):
@@ -812,9 +819,10 @@ def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
         previous = read_spec(saved)
     except ValueError as e:
         raise RunFolderError(f"{e}; choose another folder") from None
-    lender = previous.metanet_from
-    if lender is not None and not os.path.isabs(lender):  # recorded as typed by older versions
-        previous = previous.model_copy(update={"metanet_from": os.path.abspath(lender)})
+    relative = {k: os.path.abspath(v) for k in ("metanet_from", "data_root")
+                if (v := getattr(previous, k)) is not None and not os.path.isabs(v)}
+    if relative:  # recorded as typed by older versions
+        previous = previous.model_copy(update=relative)
     old, new = previous.model_dump(exclude={"device"}), spec.model_dump(exclude={"device"})
     if old != new:
         diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in _differences(old, new))

@@ -475,16 +475,19 @@ def test_a_second_stop_signal_leaves_at_once_with_its_own_status(capsys, tmp_pat
     assert status == 143 and err.startswith("metaprune: interrupted")
 
 
-def test_a_run_recorded_with_a_relative_metanet_from_resumes(tmp_path, monkeypatch):
-    """Older versions stored ``--metanet-from`` as typed; resumed from the same folder, that
-    spec is the one the command line now gives with the path made absolute."""
+def test_a_run_recorded_with_relative_paths_resumes(tmp_path, monkeypatch):
+    """Older versions stored ``--metanet-from`` and ``--data-root`` as typed; resumed from the
+    same folder, that spec is the one the command line now gives with the paths made
+    absolute."""
     from pruning.checkpoint import atomic_write_json
     from pruning.pipeline import _check_run_dir
 
     monkeypatch.chdir(tmp_path)
-    spec = PipelineSpec(arch="test_mobilenet_v2", dataset="synthetic", metanet_from="ref")
+    spec = PipelineSpec(arch="test_mobilenet_v2", dataset="imagefolder", metanet_from="ref",
+                        data_root="images")
     atomic_write_json(tmp_path / "run" / "spec.json", spec.model_dump())
-    now = spec.model_copy(update={"metanet_from": str(tmp_path / "ref")})
+    now = spec.model_copy(update={"metanet_from": str(tmp_path / "ref"),
+                                  "data_root": str(tmp_path / "images")})
     _check_run_dir(tmp_path / "run", now, resume=True)  # no "different specification"
 
 

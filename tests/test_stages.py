@@ -429,3 +429,18 @@ def test_a_run_of_a_version_before_the_loss_objective_exports(reference, tmp_pat
     from pruning.cli import _write_summary
     _write_summary(report, str(old), timed=False)
     assert "MetaPruning" in capsys.readouterr().out
+
+
+def test_a_lender_built_for_another_space_is_refused_before_the_folder_is_claimed(
+        reference, tmp_path):
+    from pruning.checkpoint import load_tensors, save_tensors
+
+    lender = tmp_path / "lender"
+    shutil.copytree(reference[0], lender)
+    pnet = lender / "metanet" / "pruningnet.safetensors"
+    tensors, meta = load_tensors(pnet)
+    save_tensors(pnet, tensors, {**meta, "space": {**meta["space"], "min_channels": 1}})
+    out = tmp_path / "new"
+    with pytest.raises(RunFolderError, match="was built for another search space"):
+        prepare(spec(metanet_from=str(lender), budget=Budget(macs_ratio=0.3)), out)
+    assert not out.exists()  # nothing claimed: the same command without it starts afresh
