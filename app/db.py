@@ -89,13 +89,33 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def known_revision(revision: str) -> bool:
+    """Whether ``revision`` is one of this version's migrations (not a newer version's)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+NEWER_DATABASE = ("a newer metaprune has upgraded this database: run that version (this one "
+                  "cannot go back), or give this one another database")
+
+
 def upgrade(url: str, revision: str = "head") -> str | None:
     """Migrate the database at ``url`` to ``revision`` (``alembic upgrade head``); returns the
-    revision the database is at afterwards. Migrations are the only way the schema is made."""
+    revision the database is at afterwards. Migrations are the only way the schema is made.
+    ``ValueError`` for a database a newer version has upgraded."""
     from alembic import command
     from alembic.runtime.migration import MigrationContext
+    from alembic.util.exc import CommandError
 
-    command.upgrade(alembic_config(url), revision)
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except CommandError as e:
+        raise ValueError(f"database upgrade failed: {e}; {NEWER_DATABASE}") from None
     engine = make_engine(url)
     try:
         with engine.connect() as conn:

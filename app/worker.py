@@ -356,7 +356,7 @@ class Worker:
         backoff, when ``wait`` (until ``stop`` is set), else raise the error."""
         from alembic.runtime.migration import MigrationContext
 
-        from app.db import head_revision
+        from app.db import NEWER_DATABASE, head_revision, known_revision
 
         stop = stop or threading.Event()
         delay = 1.0
@@ -374,6 +374,9 @@ class Worker:
                     return
                 delay = min(2 * delay, MAX_BACKOFF_S)
         head = head_revision()
+        if revision is not None and not known_revision(revision):
+            raise ValueError(f"the database is at revision {revision}, which this version does "
+                             f"not know: {NEWER_DATABASE}")
         if revision != head:
             found = "has no metaprune schema" if revision is None else f"is at revision {revision}"
             raise ValueError(f"the database {found}; this version needs {head}: run "

@@ -542,3 +542,27 @@ def test_the_worker_command_once_on_an_unreachable_database_is_one_line(tmp_path
     err = capsys.readouterr().err
     assert err.startswith("metaprune: error: database: OperationalError: ") and \
         err.count("\n") == 1, err
+
+
+def test_a_database_a_newer_version_upgraded_is_one_line_everywhere(tmp_path, capsys):
+    """An older metaprune (this one) on a database at a revision it does not know: `db
+    upgrade`, `serve` and `worker` say a newer version upgraded it, not a traceback or "run
+    db upgrade"."""
+    from sqlalchemy import text
+
+    from pruning import cli
+
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    engine.dispose()
+    for argv in (["db", "upgrade", "--database-url", url],
+                 ["worker", "--once", "--database-url", url, "--artifact-dir",
+                  str(tmp_path / "a")],
+                 ["serve", "--database-url", url, "--artifact-dir", str(tmp_path / "a"),
+                  "--workers", "0", "--port", "8799"]):  # refused before it listens
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "a newer metaprune has upgraded this database" in err, err
