@@ -31,6 +31,7 @@ copies instead of training one, after checking that everything that determines i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -131,6 +132,21 @@ class RunContext:
     search_config_: SearchConfig | None = None
     trained: dict = field(default_factory=dict)
     locked: bool = False  # this context took the run folder's lock (lock_run_dir)
+
+    def check_recipe(self, stage: str) -> None:
+        """Before ``stage`` ("metanet", "search" or "final") trains or searches: its settings
+        must be those the run began with (``recipe.json``; older runs have none)."""
+        path = self.path(RECIPE_FILE)
+        if not path.exists():
+            return
+        then, now = read_json(path).get(stage), run_recipe(self.r)[stage]
+        difference = next(_differences(then or {}, now, f"{stage}."), None)
+        if difference is not None:
+            key, a, b = difference
+            raise RunFolderError(
+                f"{self.run_dir} began with other {stage} settings than this version's "
+                f"{self.spec.preset!r} preset gives ({key}: {a!r} then, {b!r} now): finish it "
+                "with the metaprune version that began it, or start a new run")
 
     def stop_if_asked(self, stage: str) -> None:
         _stop_if_asked(self.should_stop, stage)
@@ -261,6 +277,16 @@ def _discard_later_outputs(ctx: RunContext, stage: str) -> None:
 
 
 ENVIRONMENT_FILE = "environment.json"  # where the run began: see run_environment()
+RECIPE_FILE = "recipe.json"  # the settings its preset gave when it began: see run_recipe()
+
+
+def run_recipe(r: ResolvedSpec) -> dict:
+    """The settings a run's preset and overrides resolve to, per stage (``max_width_mult``
+    shapes the PruningNet). A preset may change between versions; a run keeps the recipe it
+    began with: :meth:`RunContext.check_recipe` refuses a stage that would train otherwise."""
+    return json.loads(json_bytes({"metanet": {"max_width_mult": r.max_width_mult,
+                                              **asdict(r.metanet)},
+                                  "search": r.search.to_dict(), "final": asdict(r.final)}))
 
 
 def run_environment(device: torch.device) -> dict:
@@ -356,6 +382,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
         if not (run_dir / "spec.json").exists():  # a new run: where it begins, kept on resume
             atomic_write_json(run_dir / "spec.json", spec.model_dump())
             atomic_write_json(run_dir / ENVIRONMENT_FILE, environment)
+            atomic_write_json(run_dir / RECIPE_FILE, run_recipe(r))
         if _data_record_outdated(run_dir, data_fingerprint):  # none yet, or an older version's
             atomic_write_json(run_dir / DATA_FILE, data_fingerprint)
         if latency is not None and not table_path.exists():
@@ -437,6 +464,7 @@ def stage_metanet(ctx: RunContext) -> dict:
     stats_path = ctx.path("metanet/stats.json")
     if final_path.exists():
         return read_json(stats_path)
+    ctx.check_recipe("metanet")
     _discard_later_outputs(ctx, "metanet")
     spec = ctx.spec
     if spec.metanet_from is not None:
@@ -462,6 +490,7 @@ def stage_search(ctx: RunContext) -> SearchResult:
     interrupted search; a finished one is read back)."""
     ctx.require(METANET_FILE, "train-metanet")
     if not _search_finished(ctx):
+        ctx.check_recipe("search")
         _discard_later_outputs(ctx, "search")
 
     start = time.perf_counter()
@@ -680,6 +709,7 @@ def _train_final(cand: Candidate, name: str, ctx: RunContext):
         state, _ = load_tensors(done, device)
         net.load_state_dict(state)
     else:
+        ctx.check_recipe("final")
         train_network(net, ctx.data.train, r.final, seed=r.spec.seed, device=device,
                       checkpoint=ctx.path(f"{name}/state.safetensors"), progress=ctx.notify,
                       stage=name, should_stop=ctx.should_stop)

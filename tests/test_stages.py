@@ -444,3 +444,21 @@ def test_a_lender_built_for_another_space_is_refused_before_the_folder_is_claime
     with pytest.raises(RunFolderError, match="was built for another search space"):
         prepare(spec(metanet_from=str(lender), budget=Budget(macs_ratio=0.3)), out)
     assert not out.exists()  # nothing claimed: the same command without it starts afresh
+
+
+def test_a_run_keeps_the_recipe_it_began_with(tmp_path, monkeypatch):
+    """A preset changed by a newer version does not silently retrain a run begun with the old
+    one: the stage that would train refuses in one line; finished stages are read back."""
+    out = tmp_path / "run"
+    ctx = prepare(spec(), out)
+    assert read_json(out / "recipe.json")["final"]["epochs"] == PRESETS["smoke"]["final"]["epochs"]
+    stage_metanet(ctx)
+    changed = {**PRESETS["smoke"], "final": {**PRESETS["smoke"]["final"], "epochs": 7},
+               "search": {**PRESETS["smoke"]["search"], "mutation_prob": 0.25}}
+    monkeypatch.setitem(PRESETS, "smoke", changed)
+    ctx = prepare(spec(), out, resume=True)
+    assert stage_metanet(ctx)  # done: read back, whatever the preset says now
+    with pytest.raises(RunFolderError, match=r"began with other search settings than this "
+                       r"version's 'smoke' preset gives \(search.mutation_prob: 0.1 then, 0.25 now\): "
+                       "finish it with the metaprune version that began it"):
+        stage_search(ctx)
