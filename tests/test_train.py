@@ -264,6 +264,14 @@ def _pruningnet() -> PruningNet:
     return PruningNet(space_for("test_mobilenet_v2"))
 
 
+def _interrupt_at(step: int):
+    """A progress callback that interrupts the training at ``step`` (as Ctrl-C would)."""
+    def progress(event):
+        if event["step"] == step:
+            raise KeyboardInterrupt
+    return progress
+
+
 def _plain_net() -> torch.nn.Module:
     space = space_for("test_resnet")
     torch.manual_seed(1)
@@ -301,14 +309,9 @@ def test_resume_after_a_failing_progress_callback_is_exact(data, tmp_path):
     ref = _plain_net()
     ref_stats = train_network(ref, data.train, RESUME_CONFIG, seed=5)  # no checkpoint at all
     ckpt = tmp_path / "state.safetensors"
-
-    def boom(event):
-        if event["step"] == 8:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         train_network(_plain_net(), data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt,
-                      progress=boom)
+                      progress=_interrupt_at(8))
     assert load_tensors(ckpt)[1]["step"] == 8
     net = _plain_net()
     stats = train_network(net, data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt)
@@ -615,13 +618,9 @@ def test_pruningnet_training_from_a_graph_equals_eager_training(data):
 def test_a_checkpoint_of_another_network_is_one_clear_error(data, tmp_path):
     """A run folder begun by a version whose preset gave other widths: not a traceback."""
     ckpt = tmp_path / "state.safetensors"
-    def stop_at_8(event):
-        if event["step"] == 8:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         train_network(_plain_net(), data.train, RESUME_CONFIG, seed=5, checkpoint=ckpt,
-                      progress=stop_at_8)
+                      progress=_interrupt_at(8))  # a checkpoint at step 8
     space = space_for("test_resnet")
     wider = build(space, space.uniform(30))
     with pytest.raises(ValueError, match="holds another network than this run trains "
