@@ -115,7 +115,8 @@ def upgrade(url: str, revision: str = "head") -> str | None:
     try:
         command.upgrade(alembic_config(url), revision)
     except CommandError as e:
-        raise ValueError(f"database upgrade failed: {e}; {NEWER_DATABASE}") from None
+        newer = f"; {NEWER_DATABASE}" if "Can't locate revision" in str(e) else ""
+        raise ValueError(f"database upgrade failed: {e}{newer}") from None
     engine = make_engine(url)
     try:
         with engine.connect() as conn:

@@ -560,8 +560,9 @@ class Worker:
         step that wrote the file. Named relative to the run folder: a client has no business
         with the server's paths, nor anything to do about them. Not deleted: a file of another
         job (a lent PruningNet), the records a run checks itself against (``spec.json``,
-        ``data.json``), or any file once the lease is lost or no attempt is left."""
-        from pruning.pipeline import DATA_FILE
+        ``data.json``, ``recipe.json``: written once, when the run begins), or any file once
+        the lease is lost or no attempt is left."""
+        from pruning.pipeline import DATA_FILE, RECIPE_FILE
 
         run_dir, root = self.run_dir(job.id).resolve(), self.artifact_dir.resolve()
         path = Path(e.path).resolve()
@@ -569,7 +570,7 @@ class Worker:
             where = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
         else:
             where = path.relative_to(run_dir)
-            redo = (str(where) not in ("spec.json", DATA_FILE)
+            redo = (str(where) not in ("spec.json", DATA_FILE, RECIPE_FILE)
                     and job.attempt < job.max_attempts and state.lease_held())
             if redo:
                 log.warning("job %s: %s; deleting it and retrying", job.id, e)

@@ -232,14 +232,14 @@ class ApiClient:
                 return
             sleep(interval)
             while True:
+                polled = clock()  # a poll's own retries and timeouts count too
                 try:
                     job = self.job(job_id)
                     failing_since = None
                     break
                 except ClientError as e:
-                    now = clock()
-                    failing_since = now if failing_since is None else failing_since
-                    if not e.transient or now - failing_since >= patience:
+                    failing_since = polled if failing_since is None else failing_since
+                    if not e.transient or clock() - failing_since >= patience:
                         raise
                     if on_retry is not None:
                         on_retry(e)

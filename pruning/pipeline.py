@@ -139,7 +139,10 @@ class RunContext:
         path = self.path(RECIPE_FILE)
         if not path.exists():
             return
-        then, now = read_json(path).get(stage), run_recipe(self.r)[stage]
+        recipe = read_json(path)
+        if not isinstance(recipe, dict):
+            raise UnreadableFileError(path, "not a recipe (an object of the stages' settings)")
+        then, now = recipe.get(stage), run_recipe(self.r)[stage]
         difference = next(_differences(then or {}, now, f"{stage}."), None)
         if difference is not None:
             key, a, b = difference
@@ -284,9 +287,12 @@ def run_recipe(r: ResolvedSpec) -> dict:
     """The settings a run's preset and overrides resolve to, per stage (``max_width_mult``
     shapes the PruningNet). A preset may change between versions; a run keeps the recipe it
     began with: :meth:`RunContext.check_recipe` refuses a stage that would train otherwise."""
-    return json.loads(json_bytes({"metanet": {"max_width_mult": r.max_width_mult,
-                                              **asdict(r.metanet)},
-                                  "search": r.search.to_dict(), "final": asdict(r.final)}))
+    widths = {"max_width_mult": r.max_width_mult}  # the space every stage works in
+    scoring = {"eval_images": r.eval_images, "calib_batches": r.calib_batches,
+               "calib_batch_size": r.calib_batch_size}
+    return json.loads(json_bytes({"metanet": {**widths, **asdict(r.metanet)},
+                                  "search": {**widths, **scoring, **r.search.to_dict()},
+                                  "final": {**widths, **asdict(r.final)}}))
 
 
 def run_environment(device: torch.device) -> dict:
@@ -305,9 +311,12 @@ def _environment_change(run_dir: Path, now: dict) -> str | None:
     """How the environment of a resumed run differs from the one it began in (``None``: it
     does not, or the run predates the record)."""
     path = run_dir / ENVIRONMENT_FILE
-    if not path.exists():
+    try:
+        then = read_json(path) if path.exists() else None
+    except UnreadableFileError:  # informational only: a damaged record stops nothing
+        then = None
+    if not isinstance(then, dict):
         return None
-    then = read_json(path)
     changes = [f"{k} {then.get(k)!r} then, {now[k]!r} now" for k in ("device", "device_name",
                                                                       "threads", "torch")
                if then.get(k) != now[k]]
@@ -701,6 +710,8 @@ def _train_final(cand: Candidate, name: str, ctx: RunContext):
     r, device = ctx.r, ctx.device
     torch.manual_seed(r.spec.seed)
     done = ctx.path(f"{name}/model.safetensors")
+    if not done.exists():
+        ctx.check_recipe("final")
     if r.spec.final_init == "generated" and not done.exists():
         net = ctx.evaluator.materialise(cand).to(device)
     else:
@@ -709,7 +720,6 @@ def _train_final(cand: Candidate, name: str, ctx: RunContext):
         state, _ = load_tensors(done, device)
         net.load_state_dict(state)
     else:
-        ctx.check_recipe("final")
         train_network(net, ctx.data.train, r.final, seed=r.spec.seed, device=device,
                       checkpoint=ctx.path(f"{name}/state.safetensors"), progress=ctx.notify,
                       stage=name, should_stop=ctx.should_stop)
@@ -770,6 +780,14 @@ def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
                       {"run": str(src.resolve()), "sha256": hashlib.sha256(data).hexdigest()})
     atomic_write_bytes(ctx.path(METANET_FILE), data)  # last: it marks the stage as done
     return stats
+
+
+def _absolute_paths(spec: PipelineSpec) -> PipelineSpec:
+    """``spec`` with a relative ``data_root`` or ``metanet_from`` (as older versions recorded
+    them, and as Python callers may give them) made absolute, for comparing two specs."""
+    relative = {k: os.path.abspath(v) for k in ("metanet_from", "data_root")
+                if (v := getattr(spec, k)) is not None and not os.path.isabs(v)}
+    return spec.model_copy(update=relative) if relative else spec
 
 
 def _check_lender_space(src: Path, space: SearchSpace) -> None:
@@ -849,11 +867,7 @@ def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
         previous = read_spec(saved)
     except ValueError as e:
         raise RunFolderError(f"{e}; choose another folder") from None
-    relative = {k: os.path.abspath(v) for k in ("metanet_from", "data_root")
-                if (v := getattr(previous, k)) is not None and not os.path.isabs(v)}
-    if relative:  # recorded as typed by older versions
-        previous = previous.model_copy(update=relative)
-    old, new = previous.model_dump(exclude={"device"}), spec.model_dump(exclude={"device"})
+    old, new = (_absolute_paths(s).model_dump(exclude={"device"}) for s in (previous, spec))
     if old != new:
         diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in _differences(old, new))
         raise RunFolderError(f"{run_dir} holds a run with a different specification ({diff}); "

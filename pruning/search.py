@@ -223,13 +223,12 @@ class UniformCrossover:
 
 def _strategy_identity(strategy) -> str:
     """A strategy as the state file names it: its ``repr`` (a dataclass's shows its settings),
-    or, where the ``repr`` is the default one (it shows a memory address, which differs in every
-    process, so a resumed search would never match), its class's path and attributes."""
+    or its class's path where the ``repr`` is the default one (it shows a memory address, which
+    differs in every process, so a resumed search would never match; such a strategy's own
+    settings are not compared: give it a ``repr`` that shows them)."""
     if type(strategy).__repr__ is not object.__repr__:
         return repr(strategy)
-    settings = ", ".join(f"{k}={v!r}" for k, v in sorted(getattr(strategy, "__dict__", {})
-                                                          .items()))
-    return f"{type(strategy).__module__}.{type(strategy).__qualname__}({settings})"
+    return f"{type(strategy).__module__}.{type(strategy).__qualname__}"
 
 
 def generation_rng(seed: int, generation: int) -> random.Random:

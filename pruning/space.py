@@ -374,8 +374,9 @@ def same_space(stored: dict, current: dict) -> bool:
 
 
 def _positive_int(x) -> bool:
-    """An integer (numpy's too, not a bool) of at least 1."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
+    """A plain ``int`` of at least 1 (not a bool, not numpy's: counts, JSON and the meta
+    forward take plain ints)."""
+    return type(x) is int and x >= 1
 
 
 def _validate_plan(plan: Plan, arch_args: dict | None = None) -> None:

@@ -217,6 +217,8 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor, object], torch.Tenso
         try:
             meta = load_training_state(ckpt, module, opt)
         except RuntimeError as e:  # load_state_dict: tensors of other shapes or names
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
             raise ValueError(f"{stage}: checkpoint {ckpt} holds another network than this run "
                              f"trains ({str(e).splitlines()[0].strip()[:200]}): it was begun by "
                              "a version whose preset gave other widths; finish it with that "

@@ -489,6 +489,7 @@ def test_a_run_recorded_with_relative_paths_resumes(tmp_path, monkeypatch):
     now = spec.model_copy(update={"metanet_from": str(tmp_path / "ref"),
                                   "data_root": str(tmp_path / "images")})
     _check_run_dir(tmp_path / "run", now, resume=True)  # no "different specification"
+    _check_run_dir(tmp_path / "run", spec, resume=True)  # as stage commands and Python give it
 
 
 def test_a_run_of_an_unknown_plugin_architecture_says_so(capsys, tmp_path):

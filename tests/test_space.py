@@ -9,6 +9,7 @@ import re
 import sys
 from fractions import Fraction
 
+import numpy as np
 import pytest
 from conftest import ALL_ARCHS, REAL_ARCHS, TEST_ARCHS, candidates, space_of
 from hypothesis import given, settings
@@ -431,6 +432,7 @@ def test_a_block_of_a_pool_alone_is_valid():
     ("stride0", "b.c1: stride must be a positive integer"),
     ("kernel0", "b.c1: kernel must be a positive integer"),
     ("pool_first", "the first layer must be a convolution"),
+    ("numpy", "b.c1: kernel must be a positive integer"),  # counts and JSON take plain ints
 ])
 def test_invalid_plans_raise(case, message):
     stem = Block("stem", (_conv("c", 3, "a"),))
@@ -472,6 +474,8 @@ def test_invalid_plans_raise(case, message):
         blocks[1] = Block("b", (ConvSpec("c1", "a", "b", 3, 0, (8, 8)),))
     elif case == "kernel0":
         blocks[1] = Block("b", (ConvSpec("c1", "a", "b", 0, 1, (8, 8)),))
+    elif case == "numpy":
+        blocks[1] = Block("b", (ConvSpec("c1", "a", "b", np.int64(3), 1, (8, 8)),))
     elif case == "pool_first":
         blocks[0] = Block("stem", (MaxPoolSpec("p", (16, 16)), _conv("c", 3, "a")))
     with pytest.raises(ValueError, match=re.escape(message)):

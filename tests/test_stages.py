@@ -9,6 +9,7 @@ PruningNet must never train one and, at the same budget, search exactly as it di
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -462,3 +463,10 @@ def test_a_run_keeps_the_recipe_it_began_with(tmp_path, monkeypatch):
                        r"version's 'smoke' preset gives \(search.mutation_prob: 0.1 then, 0.25 now\): "
                        "finish it with the metaprune version that began it"):
         stage_search(ctx)
+    # the widths every stage works in, and how the search scores, count for the later stages
+    for setting, value, was in (("max_width_mult", 1.4, 1.0), ("calib_batch_size", 32, 64)):
+        monkeypatch.setitem(PRESETS, "smoke", {**PRESETS["smoke"], "search": {
+            **PRESETS["smoke"]["search"], "mutation_prob": 0.1}, setting: value})
+        with pytest.raises(RunFolderError, match=re.escape(f"search.{setting}: {was} then, "
+                                                           f"{value} now")):
+            stage_search(prepare(spec(), out, resume=True))
