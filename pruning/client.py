@@ -102,9 +102,7 @@ class ApiClient:
     def _unreachable(self, e: Exception) -> ClientError:
         """One line for a request that got no answer; never the request's headers (the
         token), which some of httpx's messages quote."""
-        transient = isinstance(e, (httpx.TimeoutException, httpx.NetworkError,
-                                   httpx.RemoteProtocolError)) and not _tls_error(e)
-        if _tls_error(e):
+        if _tls_error(e):  # retrying will not help
             hint = ("its certificate is not trusted here: point SSL_CERT_FILE at the CA bundle "
                     "that signed it" if "CERTIFICATE_VERIFY_FAILED" in str(e)
                     else "does it speak plain HTTP? then use http://")
@@ -121,7 +119,8 @@ class ApiClient:
         hint = ("; if it serves HTTPS, use https://" if self.base_url.startswith("http://")
                 and "without sending a response" in str(e) else "")
         return ClientError(f"request to {self.base_url} failed: {type(e).__name__}: {e}{hint}",
-                           transient=transient)
+                           transient=isinstance(e, (httpx.NetworkError,
+                                                    httpx.RemoteProtocolError)))
 
     def _check(self, response: httpx.Response) -> httpx.Response:
         code = response.status_code
@@ -135,9 +134,9 @@ class ApiClient:
         return response
 
     def request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-                retry: bool = True, **kwargs) -> Any:
-        """The JSON body of a successful request; with ``retry``, a transient failure is
-        tried again up to ``retries`` times, after 0.5, 1, 2… s."""
+                **kwargs) -> Any:
+        """The JSON body of a successful request; a transient failure is tried again up to
+        ``retries`` times, after 0.5, 1, 2… s."""
         sent = False
         for attempt in range(self.retries + 1):
             try:
@@ -150,7 +149,7 @@ class ApiClient:
                 break
             except ClientError as e:
                 sent = e.sent = sent or e.sent
-                if not (retry and e.transient and attempt < self.retries):
+                if not (e.transient and attempt < self.retries):
                     raise
                 self.sleep(0.5 * 2 ** attempt)
         try:

@@ -341,7 +341,10 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     notify = progress or (lambda event: None)
     r = spec.resolved()
     _check_run_dir(run_dir, spec, resume)
-    if spec.metanet_from is not None and not (run_dir / METANET_FILE).exists():
+    # the PruningNet to adopt (not yet adopted): checked whole before the folder is claimed
+    lender = (Path(spec.metanet_from) if spec.metanet_from is not None
+              and not (run_dir / METANET_FILE).exists() else None)
+    if lender is not None:
         check_metanet_source(spec, run_dir)
     device = pick_device(spec.device)
     t_start = time.perf_counter()
@@ -361,12 +364,12 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     if change is not None:
         notify({"stage": "data", "message": f"this run continues elsewhere than it began "
                 f"({change}): its result can differ from an uninterrupted run's"})
-    if spec.metanet_from is not None and not (run_dir / METANET_FILE).exists():
-        _check_data(Path(spec.metanet_from), data_fingerprint, lender=True)
+    if lender is not None:
+        _check_data(lender, data_fingerprint, lender=True)
     meta = data.meta
     space = spec.search_space(meta.num_classes, meta.in_channels, meta.input_size)
-    if spec.metanet_from is not None and not (run_dir / METANET_FILE).exists():
-        _check_lender_space(Path(spec.metanet_from), space)  # before the folder is claimed
+    if lender is not None:
+        _check_lender_space(lender, space)
     table_path = run_dir / "latency_table.json"
     if spec.budget.is_latency and not table_path.exists():
         notify({"stage": "latency", "message": "latency table: from the cache, else measured "
@@ -769,10 +772,9 @@ def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
 
 
 def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
-    """Copy the checked PruningNet of ``src`` (and its stats) into this run's folder, so the run
-    stays complete if ``src`` changes or goes; ``metanet/source.json`` records the origin."""
-    check_metanet_source(ctx.spec, ctx.run_dir)
-    _check_lender_space(src, ctx.space)
+    """Copy the PruningNet of ``src`` (and its stats), checked by :func:`prepare`, into this
+    run's folder, so the run stays complete if ``src`` changes or goes;
+    ``metanet/source.json`` records the origin."""
     stats = read_json(src / "metanet" / "stats.json")
     data = (src / METANET_FILE).read_bytes()
     atomic_write_json(ctx.path("metanet/stats.json"), stats)

@@ -58,13 +58,22 @@ def list_archs(include_test: bool = False) -> list[str]:
 PLUGINS_ENV = "METAPRUNE_PLUGINS"
 
 
+def _default_plan(builder: ArchBuilder) -> Plan | None:
+    """``builder``'s plan at its default arguments; ``None`` where they do not build one."""
+    try:
+        return builder()
+    except Exception:  # noqa: BLE001 — a builder without usable defaults
+        return None
+
+
 def arch_family(name: str) -> str | None:
     """The family (:attr:`pruning.space.Plan.family`) of a registered architecture, from its
     plan at the builder's defaults; ``None`` when it has none or they do not build."""
     try:
-        return getattr(get_arch(name)(), "family", None)
-    except Exception:  # noqa: BLE001 — a builder without usable defaults
+        builder = get_arch(name)
+    except Exception:  # noqa: BLE001 — an unknown name, a plugin that does not import
         return None
+    return getattr(_default_plan(builder), "family", None)
 
 
 def arch_digest(name: str) -> str | None:
@@ -78,9 +87,10 @@ def arch_digest(name: str) -> str | None:
         return None
     if builder.__module__ == BUILTIN_MODULE:
         return None
-    try:
-        text = repr(builder())
-    except Exception:  # noqa: BLE001 — a builder without usable defaults
+    plan = _default_plan(builder)
+    if plan is not None:
+        text = repr(plan)
+    else:
         try:
             text = inspect.getsource(builder)
         except (OSError, TypeError):

@@ -61,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 import random
 import time
@@ -425,7 +426,7 @@ class _Search:
         except (KeyError, TypeError, ValueError):
             pass  # reported as a different config below
         for part in ("space", "constraints", "strategies", "config"):
-            same = (same_space if part == "space" else lambda a, b: a == b)
+            same = same_space if part == "space" else operator.eq
             if not same(state.get(part), self.header[part]):
                 raise SearchStateError(
                     f"search state {path} belongs to a different search: its {part} differs "

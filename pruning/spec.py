@@ -390,10 +390,11 @@ class PipelineSpec(BaseModel):
             raise ValueError(str(e).encode("utf-8", "backslashreplace").decode()) from None
         return overrides
 
-    def _configs(self) -> tuple[TrainConfig, SearchConfig, TrainConfig]:
-        """The metanet, search and final settings: the preset's, updated by this spec's."""
+    def _configs(self, family: str | None) -> tuple[TrainConfig, SearchConfig, TrainConfig]:
+        """The metanet, search and final settings: the preset's (for the ``paper`` preset,
+        ``family``'s), updated by this spec's."""
         p = PRESETS[self.preset]
-        if self.preset == "paper" and arch_family(self.arch) == "resnet":
+        if self.preset == "paper" and family == "resnet":
             p = {**p, **{name: {**p[name], **PAPER_RESNET[name]} for name in PAPER_RESNET}}
         return tuple(_settings(name, p, getattr(self, name), self.seed)
                      for name in ("metanet", "search", "final"))
@@ -427,10 +428,10 @@ class PipelineSpec(BaseModel):
     def resolved(self) -> ResolvedSpec:
         p = PRESETS[self.preset]
         pick = lambda name: getattr(self, name) if getattr(self, name) is not None else p.get(name)  # noqa: E731
-        metanet, search, final = self._configs()
+        family = arch_family(self.arch) if self.preset == "paper" else None  # builds a plan
+        metanet, search, final = self._configs(family)
         max_width_mult = pick("max_width_mult") or 1.0
-        if self.preset == "paper" and self.max_width_mult is None and \
-                arch_family(self.arch) != "mobilenet_v2":
+        if self.preset == "paper" and self.max_width_mult is None and family != "mobilenet_v2":
             max_width_mult = 1.0  # the official code widens MobileNetV2's PruningNet alone
         return ResolvedSpec(
             spec=self, max_width_mult=max_width_mult,
