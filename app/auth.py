@@ -9,7 +9,10 @@ A fast hash is right here: the token has 256 bits of entropy, nothing to brute-f
 When auth is not required (a server bound only to loopback), requests without a token belong
 to the owner ``"local"`` if they are addressed to loopback (``Host: localhost``, ``127.0.0.1``,
 ``[::1]``): a web page whose own name an attacker points at 127.0.0.1 (DNS rebinding) sends its
-name instead, and needs a token. A token that is sent is still checked.
+name instead, and needs a token. So does a request that a proxy says it forwarded (a
+``Forwarded``, ``X-Forwarded-For``, ``X-Forwarded-Host`` or ``X-Real-IP`` header); a proxy on the
+same machine that adds none of them needs ``METAPRUNE_REQUIRE_AUTH=true``. A token that is sent
+is still checked.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from app.models import ApiToken
 from app.services import NotFound
 
 LOCAL_OWNER = "local"
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 
 bearer = HTTPBearer(auto_error=False, description="an API token from `metaprune token create`")
 
@@ -107,6 +111,9 @@ def current_owner(request: Request,
         if not addressed_to_loopback(request.headers.get("host")):
             raise _unauthorized("without a token this server answers only requests addressed "
                                 "to localhost or a loopback address (e.g. http://127.0.0.1:8000)")
+        if any(name in request.headers for name in PROXY_HEADERS):
+            raise _unauthorized("without a token this server answers only requests made on "
+                                "its machine, not ones a proxy forwards")
         return LOCAL_OWNER
     with request.app.state.sessions() as session:
         owner = owner_of_token(session, credentials.credentials)
@@ -118,12 +125,12 @@ def current_owner(request: Request,
 Owner = Annotated[str, Depends(current_owner)]
 
 
-def job_id_of_path(job_id: Annotated[str, Path(description="the job id", max_length=64)],
+def job_id_of_path(job_id: Annotated[str, Path(description="the job id")],
                    _owner: Owner) -> str:
     """The ``{job_id}`` of a path, checked after auth (so a bad token is 401 first). One with a
-    NUL character is no job's (ids are UUIDs), and PostgreSQL refuses to compare text holding
-    one (a 500): 404 without a query."""
-    if "\x00" in job_id:
+    NUL character or over 64 characters is no job's (ids are UUIDs), and PostgreSQL refuses to
+    compare text holding a NUL (a 500): 404 without a query."""
+    if "\x00" in job_id or len(job_id) > 64:
         raise NotFound("job not found")
     return job_id
 

@@ -15,16 +15,31 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def make_engine(url: str, **kwargs) -> Engine:
+def database_url(url: str | URL) -> URL:
+    """``url`` parsed; a ``ValueError`` for one that is not a SQLite or PostgreSQL URL (the
+    text is not repeated: it may hold a password)."""
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise ValueError("the database URL cannot be read: give sqlite:///path/to/file.db or "
+                         "postgresql+psycopg://user@host/db") from None
+    if u.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported database {u.get_backend_name()!r}: use sqlite or "
+                         "postgresql")
+    return u
+
+
+def make_engine(url: str | URL, **kwargs) -> Engine:
     """An engine for ``url`` (``sqlite:///file.db`` or ``postgresql+psycopg://…``)."""
-    u = make_url(url)
+    u = database_url(url)
     if u.get_backend_name() == "sqlite":
         engine = create_engine(
             u, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
@@ -32,12 +47,10 @@ def make_engine(url: str, **kwargs) -> Engine:
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    if u.get_backend_name() == "postgresql":
-        if u.drivername == "postgresql":  # plain postgresql:// means psycopg 3 here
-            u = u.set(drivername="postgresql+psycopg")
-        kwargs.setdefault("pool_pre_ping", True)
-        return create_engine(u, **kwargs)
-    raise ValueError(f"unsupported database {u.get_backend_name()!r}: use sqlite or postgresql")
+    if u.drivername == "postgresql":  # plain postgresql:// means psycopg 3 here
+        u = u.set(drivername="postgresql+psycopg")
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(u, **kwargs)
 
 
 def _sqlite_connect(dbapi_conn, _record) -> None:

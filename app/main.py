@@ -15,17 +15,19 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db import make_engine, session_factory
 from app.deps import Database
-from app.metrics import HttpMetrics, Registry
-from app.middleware import RequestBodyGuard
+from app.metrics import HttpMetrics, Registry, api_routes
+from app.middleware import RequestBodyGuard, RequestLog
 from app.services import ServiceError
 from app.settings import Settings, get_settings
 from pruning import __version__
@@ -53,6 +55,21 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _shortened(value: Any, limit: int = 200) -> Any:
+    """``value`` with every string over ``limit`` characters cut to its first ``limit``."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + f"… ({len(value):,} characters)"
+    if isinstance(value, dict):
+        return {k: _shortened(v, limit if k != "msg" else 5 * limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shortened(v, limit) for v in value]
+    return value
+
+
+def _first_sentence(exc: Exception) -> str:
+    return str(exc).split(";")[0]
 
 
 def _housekeeping(engine, settings: Settings, stop: threading.Event) -> None:
@@ -100,7 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine.dispose()
 
     app = FastAPI(title="metaprune", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan,
+                  lifespan=lifespan, redirect_slashes=False,
                   openapi_tags=[{"name": "jobs", "description": "pruning jobs and their queue"},
                                 {"name": "artifacts", "description": "a job's artifacts, "
                                  "progress events and search history"},
@@ -115,9 +132,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler, except that an echoed NaN / Infinity (Python's json module
         # accepts them in a body) or lone surrogate cannot turn a 422 into a 500 (the body's
-        # nesting is bounded by RequestBodyGuard, so the echo's is too)
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))},
+        # nesting is bounded by RequestBodyGuard, so the echo's is too), and a long value is
+        # echoed cut short (a megabyte's field is not sent back twice)
+        return JSONResponse({"detail": _json_safe(_shortened(jsonable_encoder(exc.errors())))},
                             status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's "error parsing the body": a JSON that Python's json cannot read into
+            # values (an integer of more than 4,300 digits), a client's mistake like any other
+            return JSONResponse({"detail": [{"loc": ["body"], "type": "json_invalid",
+                                             "msg": f"the JSON body cannot be read: "
+                                                    f"{_first_sentence(exc.__cause__)}"}]},
+                                status_code=422)
+        if exc.status_code == 405:  # Starlette names the first matching route's methods only
+            methods = set().union(*api_routes(app, request.url.path).values())
+            if methods:
+                exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods))}
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        # a bug: the same {"detail"} shape as every other error (the log has the traceback;
+        # Starlette logs it after this answer)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
 
     async def _database_unreachable(_request: Request, exc: Exception) -> JSONResponse:
         # the database went away while serving: a 503 like /readyz's, not a plain-text 500 (a
@@ -144,7 +183,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes)
     app.state.metrics = Registry()
-    app.add_middleware(HttpMetrics, registry=app.state.metrics)  # outermost: counts 413s too
+    app.add_middleware(HttpMetrics, registry=app.state.metrics)  # counts 413s too
+    app.add_middleware(RequestLog)  # outermost: logs every request, with an id
     _keep_null_examples(app)
     return app
 

@@ -10,6 +10,7 @@ that match no route are labelled ``route="unmatched"``.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -134,7 +135,23 @@ def _route_template(scope) -> str:
     (``/docs``, ``/openapi.json``) leave only their endpoint, found among the app's routes."""
     template = getattr(scope.get("route"), "path_format", None)
     endpoint = scope.get("endpoint")
+    app = scope.get("app")
     if template is None and endpoint is not None:
-        template = next((r.path_format for r in getattr(scope.get("app"), "routes", ())
+        template = next((r.path_format for r in getattr(app, "routes", ())
                          if getattr(r, "endpoint", None) is endpoint), None)
+    if template is None and app is not None:
+        # answered before routing (a 413 or 415 of RequestBodyGuard): the route it was for
+        template = next(iter(api_routes(app, scope.get("path", ""))), None)
     return template or UNMATCHED
+
+
+def api_routes(app, path: str) -> dict[str, set[str]]:
+    """The API's route templates that match ``path`` (those of the OpenAPI document), each with
+    the methods it serves."""
+    table = getattr(app.state, "route_table", None)
+    if table is None:
+        table = app.state.route_table = [
+            (re.compile("^" + re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)) + "$"),
+             template, {m.upper() for m in operations})
+            for template, operations in app.openapi().get("paths", {}).items()]
+    return {template: methods for pattern, template, methods in table if pattern.match(path)}

@@ -1,4 +1,6 @@
-"""What a request body may be, enforced while it streams in (pure ASGI): at most ``max_bytes``,
+"""Pure ASGI middleware: :class:`RequestBodyGuard` and :class:`RequestLog`.
+
+What a request body may be, enforced while it streams in: at most ``max_bytes``,
 JSON only (``application/json`` or ``application/*+json``), UTF-8, nested at most
 ``MAX_JSON_DEPTH`` arrays and objects deep.
 
@@ -13,7 +15,11 @@ from __future__ import annotations
 import codecs
 import email.message
 import json
+import logging
 import re
+import time
+import uuid
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.exceptions import HTTPException
 
@@ -169,3 +175,50 @@ async def _send_error(send, exc: HTTPException) -> None:
                             (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+access_log = logging.getLogger("metaprune.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SECRET_PARAM = re.compile(r"token|key|secret|pass|auth|sig", re.IGNORECASE)
+
+
+def loggable_query(query: str) -> str:
+    """``query`` with the values of parameters that may hold a secret (``?token=…``, which the
+    API never reads, but a client may still send) replaced by ``REDACTED``."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return urlencode([(k, "REDACTED" if _SECRET_PARAM.search(k) else v) for k, v in pairs])
+
+
+class RequestLog:
+    """One log line a request (``metaprune.access``: method, path, status, milliseconds,
+    request id), written when its response ends; the request id is the client's
+    ``X-Request-ID`` when it is a plain one, else a new one, and is sent back in the response's
+    ``X-Request-ID``. A query parameter that may hold a secret is logged redacted."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            query = scope.get("query_string", b"").decode("latin-1")
+            path = scope.get("path", "") + ("?" + loggable_query(query) if query else "")
+            client = scope.get("client") or ("-", 0)
+            access_log.info("%s %s %s %d %.1fms id=%s", client[0], scope.get("method"), path,
+                            status, (time.perf_counter() - start) * 1000, request_id)

@@ -28,6 +28,7 @@ import re
 import signal
 import sys
 import threading
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -1112,7 +1113,7 @@ def cmd_serve(a) -> dict:
     update = {"database_url": url, "artifact_dir": artifact_dir}
     if not _is_loopback(a.host):
         update["require_auth"] = True
-    elif "METAPRUNE_REQUIRE_AUTH" not in os.environ:
+    elif "require_auth" not in settings.model_fields_set:  # not set, in any letter case
         update["require_auth"] = False
     settings = settings.model_copy(update=update)
     if a.workers:
@@ -1137,7 +1138,9 @@ def cmd_serve(a) -> dict:
             super().handle_exit(sig, frame)
 
     try:
-        Server(uvicorn.Config(app, host=a.host, port=a.port,
+        # uvicorn's lines go to the service's log (with the time), requests' lines come from
+        # app.middleware.RequestLog (with an id, a secret in a query string redacted)
+        Server(uvicorn.Config(app, host=a.host, port=a.port, log_config=None, access_log=False,
                               log_level="warning" if a.quiet else "info",
                               timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: a normal stop
@@ -1154,11 +1157,16 @@ def _token_session(a):
     from sqlalchemy.exc import IntegrityError, SQLAlchemyError
     from sqlalchemy.orm import Session
 
-    from app.db import make_engine
+    from app.db import database_url, make_engine
     from app.settings import get_settings
     from app.worker import database_error
 
-    engine = make_engine(a.database_url or get_settings().database_url)
+    url = database_url(a.database_url or get_settings().database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).exists():  # connecting would create an empty one
+        raise UserError(f"there is no database {url.database}: run `metaprune db upgrade` "
+                        "first (or give --database-url)")
+    engine = make_engine(url)
     try:
         with engine.connect():
             pass
@@ -1186,6 +1194,9 @@ def _owner_and_name(a, default_name: str | None = None) -> tuple[str, str]:
         raise UserError("--name must not be empty")
     if len(owner) > 64 or len(name) > 100:
         raise UserError("--owner takes 1–64 characters, --name 1–100")
+    for flag, value in (("--owner", owner), ("--name", name)):
+        if any(unicodedata.category(c)[0] == "C" for c in value):
+            raise UserError(f"{flag} {value!r} holds a control character")
     return owner, name
 
 

@@ -353,7 +353,7 @@ class PipelineSpec(BaseModel):
     def _count_or_fraction(cls, v):
         """One message for both forms (the union's branches would each report their own)."""
         ok = (v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)
-                            and math.isfinite(v)
+                            and (isinstance(v, numbers.Integral) or math.isfinite(v))
                             and (0 < v < 1 or (v == int(v) and 16 <= v <= MAX_IMAGES))))
         if not ok:
             raise ValueError(f"val_size must be a count of held-out images (16 to "

@@ -350,12 +350,66 @@ def test_health_and_ready(api, tmp_path):
         assert client.head("/readyz").status_code == 503
 
 
-def test_catalog(api):
+def test_client_mistakes_get_a_4xx_with_a_reason(api):
+    """Mistakes a client can make that FastAPI or Starlette answered with a 400, a 500, a
+    redirect or a partial ``Allow``: each a JSON error with the right status."""
+    r = api.post("/v1/jobs", content=b'{"seed": ' + b"9" * 5000 + b"}",
+                 headers={**api.alice, "Content-Type": "application/json"})
+    assert r.status_code == 422 and "4300 digits" in r.json()["detail"][0]["msg"]
+    r = api.post("/v1/jobs", json={**SPEC, "val_size": 10**400}, headers=api.alice)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "val_size"]
+    r = api.post("/v1/jobs", json={**SPEC, "arch": "x" * 100_000}, headers=api.alice)
+    assert r.status_code == 422 and len(r.content) < 3000  # the value is echoed cut short
+    assert "100,000 characters" in r.text
+    r = api.post("/v1/jobs", json={**SPEC, "dataset": "imagefolder"}, headers=api.alice)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "data_root"]
+    r = api.delete("/v1/jobs", headers=api.alice)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    r = api.post("/v1/jobs", json=SPEC, headers=[*api.alice.items(), ("Idempotency-Key", "a"),
+                                                  ("Idempotency-Key", "b")])
+    assert r.status_code == 422 and "one Idempotency-Key" in r.json()["detail"][0]["msg"]
+    for path in (f"/v1/jobs/{'x' * 65}", f"/v1/jobs/{uuid.uuid4()}/artifacts/{'y' * 300}"):
+        assert api.get(path, headers=api.alice).status_code == 404, path
+    r = api.get("/v1/jobs/", headers=api.alice, follow_redirects=False)
+    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}  # no redirect
+
+
+def test_every_request_is_logged_with_an_id_and_no_secret(api, caplog):
+    with caplog.at_level("INFO", logger="metaprune.access"):
+        r = api.get("/v1/jobs", params={"token": "s3cret", "limit": 2}, headers=api.alice)
+        mine = api.get("/v1/jobs", headers={**api.alice, "X-Request-ID": "trace-7.a"})
+        odd = api.get("/v1/jobs", headers={**api.alice, "X-Request-ID": "a b/c"})
+        api.post("/v1/jobs", content=b"x", headers={"Content-Type": "text/plain"})
+    new_id = r.headers["x-request-id"]
+    assert len(new_id) == 32 and mine.headers["x-request-id"] == "trace-7.a"
+    assert odd.headers["x-request-id"] not in ("a b/c", new_id)  # not a plain id: a new one
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "metaprune.access"]
+    assert len(lines) == 4 and "s3cret" not in caplog.text
+    assert "GET /v1/jobs?token=REDACTED&limit=2 200" in lines[0] and lines[0].endswith(new_id)
+    assert lines[1].endswith("id=trace-7.a")
+    assert "POST /v1/jobs 415" in lines[3]  # refused before routing, logged all the same
+
+
+def test_a_server_error_is_json(engine, sqlite_url, monkeypatch):
+    from app.routes import catalog
+
+    monkeypatch.setattr(catalog, "DatasetList", lambda **_: 1 / 0)
+    with TestClient(create_app(Settings(database_url=sqlite_url, require_auth=False)),
+                    base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        r = client.get("/v1/datasets")
+        assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+
+
+def test_catalog(api, sqlite_url):
     archs = api.get("/v1/archs", headers=api.alice).json()["archs"]
     assert "mobilenet_v2" in archs and not any(a.startswith("test_") for a in archs)
     assert "test_mobilenet_v1" in api.get("/v1/archs", params={"include_test": True},
                                           headers=api.alice).json()["archs"]
-    assert "fashion-mnist" in api.get("/v1/datasets", headers=api.alice).json()["datasets"]
+    assert api.get("/v1/datasets", headers=api.alice).json()["datasets"] == [
+        "fashion-mnist", "imagefolder", "synthetic"]
+    with client_for(sqlite_url) as client:  # no dataset roots: no folder to read images from
+        assert client.get("/v1/datasets", headers=api.alice).json()["datasets"] == [
+            "fashion-mnist", "synthetic"]
 
 
 def test_openapi_is_complete(api):

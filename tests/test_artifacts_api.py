@@ -138,6 +138,14 @@ def test_range_requests(api, engine):
     for header in ("bytes=0-1,5-6", "items=0-1", "bytes=9-3", "bytes=x-"):  # ignored: whole
         r = api.get(url, headers={**api.alice, "Range": header})
         assert r.status_code == 200 and r.content == data, header
+    huge = "9" * 5000  # more digits than int() takes
+    for header, code, body in ((f"bytes={huge}-", 416, None), (f"bytes=10-{huge}", 206, data[10:]),
+                               (f"bytes=-{huge}", 206, data)):
+        for method in ("GET", "HEAD"):
+            r = api.request(method, url, headers={**api.alice, "Range": header})
+            assert r.status_code == code, (method, header[:20], r.text[:200])
+            if method == "GET" and body is not None:
+                assert r.content == body
     # a resumed download names the version it has: the range only if the file is still that
     etag = f'"{_sha(data)}"'
     assert api.get(url, headers=api.alice).headers["etag"] == etag
@@ -145,6 +153,51 @@ def test_range_requests(api, engine):
         r = api.get(url, headers={**api.alice, "Range": "bytes=10-19", "If-Range": if_range})
         assert r.status_code == code, if_range
         assert r.content == (data[10:20] if code == 206 else data)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc/self/fd")
+def test_a_download_closes_its_file_however_it_ends(api, engine, tmp_path):
+    """Not one fd is kept: by downloads read whole, cut short, refused (416) or asked with
+    HEAD, nor by a response whose client left before its first chunk (its body's generator
+    never starts, so only the response can close the file)."""
+    import asyncio
+
+    from app.routes.artifacts import _FileStream
+
+    job_id, _ = _succeeded(api, engine)
+    url = f"/v1/jobs/{job_id}/artifacts/model.onnx"
+    api.get(url, headers=api.alice)  # warm: the digest cache, the thread pool
+    before = _open_fds()
+    for _ in range(5):
+        assert api.get(url, headers=api.alice).status_code == 200
+        assert api.head(url, headers=api.alice).status_code == 200
+        assert api.get(url, headers={**api.alice, "Range": "bytes=9999-"}).status_code == 416
+        with api.stream("GET", url, headers=api.alice) as r:
+            next(r.iter_bytes(100))  # and leave
+    assert _open_fds() == before
+
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(1 << 18))
+    fd = os.open(path, os.O_RDONLY)
+    f = artifacts_service.ArtifactFile("blob", fd, 1 << 18, "0" * 64, "application/octet-stream")
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        await asyncio.sleep(0.05)
+
+    response = _FileStream(f, 0, (1 << 18) - 1)
+    asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.0"}}, receive, send))
+    assert f.fd == -1 and len(sent) < 5
+    with pytest.raises(OSError):
+        os.fstat(fd)
 
 
 def test_corrupted_artifact_is_refused(api, engine):

@@ -5,7 +5,10 @@ the API tests did not; the map names every test that proves a rule, here or else
     - tests/test_api.py::test_token_is_stored_hashed: only the sha256 is stored
     - tests/test_api.py::test_401_without_or_with_a_wrong_token, ::test_without_auth_owner_is_local
     - test_token_is_looked_up_by_hash_and_compared_with_compare_digest
-    - test_serve_decides_auth_by_the_bound_address (the decision in `metaprune serve`)
+    - test_serve_decides_auth_by_the_bound_address (the decision in `metaprune serve`),
+      test_serve_reads_require_auth_in_any_letter_case
+    - test_without_auth_only_loopback_hosts_are_served (DNS rebinding),
+      test_without_auth_a_forwarded_request_needs_a_token (a reverse proxy on the machine)
     - test_serve_on_all_interfaces_refuses_requests_without_a_token (a real `serve` process)
     - test_token_commands_create_list_and_revoke: `token list` never shows a token or its hash;
       a revoked token gets 401 at once
@@ -149,16 +152,30 @@ def test_token_commands_create_list_and_revoke(engine, sqlite_url, capsys):
     assert run("list", "--owner", "dora", "--json")[:2] == (0, '{\n  "tokens": []\n}\n')
 
 
-def test_token_commands_tell_an_unreachable_database_from_one_without_tables(tmp_path, capsys):
+def test_token_commands_tell_a_missing_database_from_one_without_tables(tmp_path, capsys):
     from pruning import cli
 
-    assert cli.main(["token", "list", "--database-url",
-                     f"sqlite:///{tmp_path / 'no-such-folder' / 'x.db'}"]) == 2
-    assert capsys.readouterr().err.startswith("metaprune: error: the database is unreachable: "
-                                              "OperationalError: unable to open database file")
-    assert cli.main(["token", "list", "--database-url", f"sqlite:///{tmp_path / 'new.db'}"]) == 2
+    for db in (tmp_path / "no-such-folder" / "x.db", tmp_path / "new.db"):
+        assert cli.main(["token", "list", "--database-url", f"sqlite:///{db}"]) == 2
+        assert capsys.readouterr().err == (f"metaprune: error: there is no database {db}: run "
+                                           "`metaprune db upgrade` first (or give "
+                                           "--database-url)\n")
+        assert not db.exists()  # none made on the way
+    (tmp_path / "empty.db").touch()
+    assert cli.main(["token", "list", "--database-url", f"sqlite:///{tmp_path / 'empty.db'}"]) == 2
     assert capsys.readouterr().err == ("metaprune: error: the tokens' table is unreachable "
                                        "(OperationalError); run `metaprune db upgrade` first?\n")
+    assert cli.main(["token", "list", "--database-url", "not a url"]) == 2
+    assert "the database URL cannot be read" in capsys.readouterr().err
+
+
+def test_token_owners_and_names_hold_no_control_characters(sqlite_url, capsys):
+    from pruning import cli
+
+    for owner, name in (("a\nb", "ci"), ("dora", "c\ti"), ("dora\u200b", "ci")):
+        assert cli.main(["token", "create", "--owner", owner, "--name", name,
+                         "--database-url", sqlite_url]) == 2
+        assert "holds a control character" in capsys.readouterr().err
 
 
 def test_token_is_looked_up_by_hash_and_compared_with_compare_digest(api, engine,
@@ -217,11 +234,11 @@ def serve_settings(monkeypatch, sqlite_url, tmp_path):
     monkeypatch.setattr(signal, "signal", lambda *a: None)
     monkeypatch.setenv("METAPRUNE_ARTIFACT_DIR", str(tmp_path / "art"))
 
-    def serve(host: str, env_require_auth: str | None):
-        if env_require_auth is None:
-            monkeypatch.delenv("METAPRUNE_REQUIRE_AUTH", raising=False)
-        else:
-            monkeypatch.setenv("METAPRUNE_REQUIRE_AUTH", env_require_auth)
+    def serve(host: str, env_require_auth: str | None, name: str = "METAPRUNE_REQUIRE_AUTH"):
+        for any_case in ("METAPRUNE_REQUIRE_AUTH", "metaprune_require_auth"):
+            monkeypatch.delenv(any_case, raising=False)
+        if env_require_auth is not None:
+            monkeypatch.setenv(name, env_require_auth)
         get_settings.cache_clear()
         made.clear()
         args = make_parser().parse_args(["serve", "--host", host, "--port", "1", "--workers",
@@ -250,6 +267,27 @@ def test_serve_decides_auth_by_the_bound_address(serve_settings, host, env, requ
     with TestClient(served, base_url="http://127.0.0.1:8000") as client:  # what uvicorn serves
         r = client.get("/v1/jobs")
         assert r.status_code == (401 if required else 200), r.text
+
+
+def test_serve_reads_require_auth_in_any_letter_case(serve_settings):
+    """The settings read ``metaprune_require_auth`` as ``METAPRUNE_REQUIRE_AUTH``; so does
+    ``serve``'s loopback default (it turned auth off when only the lower-case name was set)."""
+    settings, _ = serve_settings("127.0.0.1", "true", name="metaprune_require_auth")
+    assert settings.require_auth is True
+
+
+def test_without_auth_a_forwarded_request_needs_a_token(engine, sqlite_url):
+    """A reverse proxy on the server's machine sends ``Host: 127.0.0.1``: a request it says it
+    forwarded is not taken for a local one."""
+    settings = Settings(database_url=sqlite_url, require_auth=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/v1/jobs").status_code == 200
+        for header in ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP"):
+            r = client.get("/v1/jobs", headers={header: "for=203.0.113.7"})
+            assert r.status_code == 401 and "proxy" in r.json()["detail"], header
+        r = client.get("/v1/jobs", headers={"X-Forwarded-For": "203.0.113.7",
+                                            **bearer(token_for(engine, "alice"))})
+        assert r.status_code == 200
 
 
 @pytest.mark.parametrize("host, loopback", [

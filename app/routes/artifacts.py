@@ -17,6 +17,8 @@ from app.services import artifacts
 from app.services.jobs import get_job, waiting_reasons
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], responses=errors(401))
+ArtifactName = Annotated[str, Path(description="an artifact's name, from the list (any other: "
+                                               "404)")]
 
 NOT_SUCCEEDED = {"model": ErrorOut, "description": "the job has not succeeded (no artifacts)",
                  "content": {"application/json": {"example": {
@@ -71,7 +73,7 @@ _DOWNLOAD_RESPONSES = {
 
 @router.get("/{job_id}/artifacts/{name}", summary="Download an artifact",
             response_class=StreamingResponse, responses=_DOWNLOAD_RESPONSES)
-def download_artifact(job_id: JobId, name: Annotated[str, Path(max_length=255)], owner: Owner,
+def download_artifact(job_id: JobId, name: ArtifactName, owner: Owner,
                       db: Db, settings: SettingsDep,
                       range_: Annotated[str | None, Header(
                           alias="Range", description="one range: `bytes=a-b`, `bytes=a-` or "
@@ -88,7 +90,7 @@ def download_artifact(job_id: JobId, name: Annotated[str, Path(max_length=255)],
 
 @router.head("/{job_id}/artifacts/{name}", summary="An artifact's headers (size, sha256)",
              responses=_DOWNLOAD_RESPONSES)
-def artifact_headers(job_id: JobId, name: Annotated[str, Path(max_length=255)], owner: Owner,
+def artifact_headers(job_id: JobId, name: ArtifactName, owner: Owner,
                      db: Db, settings: SettingsDep,
                      range_: Annotated[str | None, Header(alias="Range")] = None,
                      if_range: Annotated[str | None, Header(alias="If-Range")] = None):
@@ -110,7 +112,8 @@ def _artifact_response(db, settings, owner: str, job_id: str, name: str, range_:
                             headers={"Content-Range": f"bytes */{e.size}",
                                      "Accept-Ranges": "bytes"})
     headers = {"X-Content-SHA256": f.sha256, "ETag": etag, "Accept-Ranges": "bytes",
-               "Content-Disposition": f'attachment; filename="{f.name}"'}
+               "Content-Disposition": f'attachment; filename="{f.name}"',
+               "X-Content-Type-Options": "nosniff"}
     if span is None:
         start, end, code = 0, f.size - 1, status.HTTP_200_OK
     else:
@@ -120,8 +123,24 @@ def _artifact_response(db, settings, owner: str, job_id: str, name: str, range_:
     if not body:
         f.close()
         return Response(status_code=code, headers=headers, media_type=f.media_type)
-    return StreamingResponse(f.chunks(start, end), status_code=code, headers=headers,
-                             media_type=f.media_type)
+    return _FileStream(f, start, end, status_code=code, headers=headers)
+
+
+class _FileStream(StreamingResponse):
+    """Bytes ``start..end`` of an opened artifact, whose fd is closed however the response
+    ends: a client that leaves before the first chunk cancels the body's generator before it
+    starts, so the generator's own ``finally`` never runs (each read runs in a worker thread
+    that a cancellation waits for, so none is reading when the fd closes)."""
+
+    def __init__(self, f: artifacts.ArtifactFile, start: int, end: int, **kwargs):
+        super().__init__(f.chunks(start, end), media_type=f.media_type, **kwargs)
+        self.file = f
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.file.close()
 
 
 TOKEN_RECHECK_S = 5.0  # an event stream ends this soon after its token is revoked

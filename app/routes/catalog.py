@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.auth import Owner
+from app.deps import SettingsDep
 from app.schemas import ArchList, DatasetList, errors
 
 router = APIRouter(prefix="/v1", tags=["catalog"], responses=errors(401))
@@ -21,7 +22,10 @@ def archs(_owner: Owner, include_test: Annotated[bool, Query(
 
 
 @router.get("/datasets", response_model=DatasetList, summary="Available datasets")
-def datasets(_owner: Owner) -> DatasetList:
+def datasets(_owner: Owner, settings: SettingsDep) -> DatasetList:
+    """The datasets a job may name here: `imagefolder` reads a folder, so only a server with
+    dataset roots (`METAPRUNE_DATASET_ROOTS`) offers it."""
     from pruning.spec import list_datasets
 
-    return DatasetList(datasets=list_datasets())
+    return DatasetList(datasets=[d for d in list_datasets()
+                                 if d != "imagefolder" or settings.dataset_roots])

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Response, status
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 
 from app.auth import JobId, Owner
 from app.deps import Database, Db, SettingsDep
 from app.models import Job, JobStatus
 from app.schemas import JobOut, JobPage, errors
-from app.services import jobs
+from app.services import InvalidRequest, jobs
 from app.settings import Settings
 from pruning.spec import PipelineSpec
 
@@ -40,7 +40,8 @@ def _out(items: list[Job], db: Database, settings: Settings) -> list[JobOut]:
                         **errors(409, 413, 415, 422, 429, says={
                             409: "this Idempotency-Key was used with a different spec"})})
 def submit_job(spec: Annotated[PipelineSpec, Body(openapi_examples=SPEC_EXAMPLES)],
-               response: Response, owner: Owner, db: Db, settings: SettingsDep,
+               request: Request, response: Response, owner: Owner, db: Db,
+               settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(
                    min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$",
                    description="a client-chosen key (no control characters); the same key "
@@ -48,6 +49,9 @@ def submit_job(spec: Annotated[PipelineSpec, Body(openapi_examples=SPEC_EXAMPLES
                ] = None) -> JobOut:
     """Queue a job. The body is a pipeline spec (architecture, dataset, budget, preset and
     overrides, seed); it is validated in full, with every hyperparameter bounded."""
+    if len(request.headers.getlist("idempotency-key")) > 1:  # which one would be meant?
+        raise InvalidRequest([{"loc": ["header", "Idempotency-Key"], "type": "value_error",
+                               "msg": "send one Idempotency-Key, not several"}])
     job, created = jobs.submit_job(db, settings, owner, spec, idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK

@@ -151,6 +151,8 @@ class ArtifactFile:
             os.close(self.fd)
             self.fd = -1
 
+    __del__ = close  # a response that is never sent (the client left first) closes it too
+
 
 def _succeeded_job(db: Database, owner: str, job_id: str) -> Job:
     job = get_job(db, owner, job_id)
@@ -244,6 +246,12 @@ def _digits(text: str) -> bool:
     return text == "" or (text.isascii() and text.isdigit())
 
 
+def _offset(digits: str) -> int:
+    """A byte offset of a Range: past 18 digits, larger than any file (``int`` refuses
+    numbers over 4,300 digits, and nothing needs more than 18)."""
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The inclusive byte range a ``Range`` header asks of a ``size``-byte file; ``None`` for the
     whole file (no header, a malformed one, several ranges or another unit: RFC 9110 lets a
@@ -260,17 +268,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if first == "":
         if last == "":
             return None
-        n = int(last)
+        n = _offset(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable(f"range {header!r} is empty", size)
         return max(0, size - n), size - 1
-    start = int(first)
-    if last != "" and int(last) < start:
+    start = _offset(first)
+    if last != "" and _offset(last) < start:
         return None  # syntactically invalid: ignored
     if start >= size:
         raise RangeNotSatisfiable(f"range {header!r} starts beyond the file's {size} bytes",
                                   size)
-    end = size - 1 if last == "" else int(last)
+    end = size - 1 if last == "" else _offset(last)
     return start, min(end, size - 1)
 
 

@@ -27,6 +27,10 @@ def check_paths(spec: PipelineSpec, settings: Settings) -> None:
     service's business, not a path the client names)."""
     if spec.metanet_from is not None:
         raise _invalid("metanet_from", "metanet_from is not accepted over the API")
+    if spec.dataset == "imagefolder" and spec.data_root is None:
+        raise _invalid("data_root", "the imagefolder dataset needs a data_root: a folder of "
+                       "one sub-folder per class, under one of the server's dataset roots"
+                       + ("" if settings.dataset_roots else " (this server has none)"))
     problem = data_root_problem(spec.data_root, settings)
     if problem is not None:
         raise _invalid("data_root", problem)
