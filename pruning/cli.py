@@ -46,9 +46,12 @@ class UserError(Exception):
 
 def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("arch", help="architecture name (see `metaprune archs`)")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--in-channels", type=int, default=1)
-    p.add_argument("--input-size", type=int, default=28)
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="classifier outputs (default: %(default)s, as Fashion-MNIST)")
+    p.add_argument("--in-channels", type=int, default=1,
+                   help="image channels (default: %(default)s, grey; 3 for colour)")
+    p.add_argument("--input-size", type=int, default=28,
+                   help="image side in px (default: %(default)s; ImageNet's is 224)")
     p.add_argument("--width-mult", type=float, default=1.0,
                    help="scale the family's base widths (e.g. MobileNetV2 0.35)")
     p.add_argument("--max-width-mult", type=float, default=1.0,
@@ -119,8 +122,9 @@ def cmd_space(a) -> dict:
 def cmd_measure(a) -> dict:
     space = _space(a)
     cand = _candidate(space, a)
-    out = {"arch": space.arch, "candidate": cand.key(), "widths": space.widths_by_group(cand),
-           "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
+    out = {"arch": space.arch, "input_shape": list(space.input_shape), "candidate": cand.key(),
+           "widths": space.widths_by_group(cand), "macs": counting.macs(space, cand),
+           "params": counting.params(space, cand)}
     if getattr(a, "latency", False) or getattr(a, "latency_table", None):
         from pruning.latency import LatencyTable, predicted_and_measured
         from pruning.modules import build
@@ -173,6 +177,9 @@ def cmd_build(a) -> dict:
     if Path(a.out).is_dir():
         raise UserError(f"--out: {a.out} is a folder; name the file to write, e.g. "
                         f"{Path(a.out) / 'model.ts'}")
+    if os.path.lexists(a.out) and (os.path.islink(a.out) or not Path(a.out).is_file()):
+        raise UserError(f"--out: {a.out} is a symlink, a device or a pipe, which writing the "
+                        "model would replace; name a new file or a regular one")
     torch.manual_seed(a.seed)
     net = build(space, cand).eval()
     if Path(a.out).suffix.lower() == ".onnx":
@@ -183,8 +190,8 @@ def cmd_build(a) -> dict:
         atomic_write_bytes(a.out, data)
     except OSError as e:  # not the temporary file's name: the user named a.out
         raise UserError(f"--out: cannot write {a.out}: {e.strerror or e}") from None
-    return {"out": a.out, "candidate": cand.key(), "macs": counting.macs(space, cand),
-            "params": counting.params(space, cand)}
+    return {"out": a.out, "input_shape": list(space.input_shape), "candidate": cand.key(),
+            "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
 
 
 def _local_spec(a):
@@ -278,8 +285,8 @@ def cmd_prune(a) -> dict:
 
 
 def _saved_spec(a):
-    """The specification of the run in ``--out`` (its ``spec.json``), on ``--device`` if
-    given."""
+    """The specification of the run in ``--out`` (its ``spec.json``), on ``--device`` and with
+    the data in ``--data-root`` if given."""
     saved = Path(a.out) / "spec.json"
     if not saved.is_file():
         raise UserError(f"{a.out} holds no run (no spec.json): start one with `metaprune "
@@ -290,6 +297,10 @@ def _saved_spec(a):
         raise UserError(str(e)) from None
     if a.device is not None:
         spec = spec.model_copy(update={"device": a.device})
+    if a.data_root is not None:
+        if spec.dataset == "synthetic":
+            raise UserError("the synthetic dataset is generated and reads no folder")
+        spec = spec.model_copy(update={"data_root": a.data_root})
     return spec
 
 
@@ -928,7 +939,8 @@ def _write_summary(report: dict, out: str, timed: bool) -> None:
         latency = e.get("latency_ms")
         latency = (f"  latency {latency['predicted']:.2f} ms predicted, "
                    f"{latency['measured']:.2f} ms measured" if latency else "")
-        return (f"  {name:<12} MACs {e['macs'] / 1e6:8.2f}M  params {e['params'] / 1e3:8.1f}k  "
+        return (f"  {name:<12} MACs {format_count(e['macs'], 4):>6}  "
+                f"params {format_count(e['params'], 4):>6}  "
                 f"est. val {100 * e['estimated_val_accuracy']:.2f}%  test {acc}{latency}")
 
     print(f"\n{report['arch']} on {report['dataset']}, budget {_budget_text(report['budget'])}")
@@ -1352,6 +1364,9 @@ def make_parser() -> argparse.ArgumentParser:
                        help="the run folder (its spec.json is used)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                        help="run on another device than the run's")
+        p.add_argument("--data-root", type=_path,
+                       help="the run's data has moved here (the same images: checked, then "
+                            "recorded in spec.json)")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--json", action="store_true", help="print the result as JSON"
                        + (" (evaluate always does)" if name == "evaluate" else ""))

@@ -350,10 +350,14 @@ def _decode_image(path: str, size: int, mode: str) -> torch.Tensor:
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
-        if im.mode.startswith("I;16"):  # 16-bit grey: PIL's convert clips it to 255; scale
-            # 0…65535 to 0…255 instead (mode I, 32-bit, has no such range: converted as before)
-            grey = np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255)
-            im = Image.fromarray(np.round(grey).astype(np.uint8))
+        if im.mode == "I" or im.mode.startswith("I;16"):
+            # 16-bit grey (PIL opens 16-bit PGM and some PNG as mode I, 32-bit): its convert
+            # clips to 255; scale 0…65535 to 0…255 instead
+            grey = np.asarray(im, dtype=np.float64)
+            if grey.size and (grey.min() < 0 or grey.max() > 65535):
+                raise ValueError("32-bit integer pixels beyond 0–65535 have no known range; "
+                                 "save the images with 8- or 16-bit pixels")
+            im = Image.fromarray(np.round(grey / 257.0).astype(np.uint8))
         if im.mode == "F":
             raise ValueError("32-bit floating-point pixels (mode F) have no known range; "
                              "save the images with 8- or 16-bit pixels")
@@ -385,7 +389,9 @@ class _ImageFiles(torch.utils.data.Dataset):
                     self.labels[i], False)
 
 
-def _bad_files_error(bad: list[str], advice: str = "Remove or replace them.") -> DatasetError:
+def _bad_files_error(bad: list[str], advice: str = "Replace them with intact copies, or remove "
+                     "them (a run begun on them then refuses the changed data).",
+                     ) -> DatasetError:
     """Name (up to five of) the files that fail to decode, each with the reason (decoded again
     here: a worker process's exception does not come back)."""
     shown = []
@@ -492,11 +498,12 @@ class DataBundle:
         """What identifies the data a run trains on, is scored on and tested on, whatever the
         device: the classes, the image shape and each split's samples (positions in their
         source, labels, and the pixels of data held in memory or the file names of streamed
-        data). ``{"sha256", "train_val_sha256", "images": {"train", "val", "test"},
-        "version"}``: ``train_val_sha256`` leaves the test split out (what a PruningNet and a
-        search depend on); the version names what the hashes cover, and changes with it: 1 for
-        data held in memory, 2 for streamed data (1 hashed its absolute file names, 2 their
-        names below the split's folder and their sizes)."""
+        data). ``{"sha256", "train_val_sha256", "images": {"train", "val", "test"}, "shape",
+        "num_classes", "version"}``: ``train_val_sha256`` leaves the test split out (what a
+        PruningNet and a search depend on); the version names what the hashes cover, and
+        changes with it: 1 for data held in memory, 2 for streamed data (1 hashed its absolute
+        file names, 2 their names below the split's folder and their sizes); ``shape``
+        (channels, height, width) and ``num_classes`` compare across versions."""
         meta = {k: v for k, v in self.meta.to_dict().items() if k not in ("mean", "std")}
         h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
         splits = {"train": self.train, "val": self.val, "test": self.test}
@@ -507,6 +514,8 @@ class DataBundle:
         streamed = any(isinstance(s, StreamSplit) for s in splits.values())
         return {"sha256": h.hexdigest(), "train_val_sha256": train_val,
                 "images": {k: len(v) for k, v in splits.items()},
+                "shape": [self.meta.in_channels, self.meta.input_size, self.meta.input_size],
+                "num_classes": self.meta.num_classes,
                 "version": 2 if streamed else 1}
 
 
@@ -560,7 +569,7 @@ def _val_count(val_size: int | float, n: int) -> int:
     if k >= n:
         raise DatasetError(f"val_size={val_size!r} leaves no training data "
                            f"({n} training samples): hold out fewer, e.g. the fraction "
-                           f"val_size=0.2")
+                           f"val_size=0.2 (--set '{{\"val_size\": 0.2}}')")
     return k
 
 
@@ -626,6 +635,13 @@ def _fmnist_install_hint(where: str, missing: list[str]) -> str:
             f"folder containing the four files {files}.")
 
 
+def _fmnist_repair_hint(path: str) -> str:
+    """How to get an intact copy of a corrupt Fashion-MNIST file."""
+    if Path(path).resolve().is_relative_to(Path(FASHION_MNIST_DEFAULT_DIR).resolve()):
+        return "reinstall Fashion-MNIST (`apt-get install --reinstall dataset-fashion-mnist`)"
+    return "replace it with an intact copy"
+
+
 def _find_idx(folder: Path, stem: str) -> Path | None:
     for name in (stem + ".gz", stem):
         p = folder / name
@@ -636,18 +652,20 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 def _fmnist_files(root: str | os.PathLike | None) -> dict[str, Path]:
     if root is not None:
-        base = Path(root)
+        base, named_by = Path(root), ""
+    elif os.environ.get(FASHION_MNIST_ENV):
+        base, named_by = Path(os.environ[FASHION_MNIST_ENV]), f" (${FASHION_MNIST_ENV})"
     else:
-        base = Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DEFAULT_DIR)
-    first_missing: list[str] | None = None
+        base, named_by = Path(FASHION_MNIST_DEFAULT_DIR), ""
+    closest: tuple[Path, list[str]] | None = None
     for folder in (base, base / "fashion-mnist"):
         found = {stem: _find_idx(folder, stem) for stem in FASHION_MNIST_FILES}
         missing = [s + ".gz" for s, p in found.items() if p is None]
         if not missing:
             return found  # type: ignore[return-value]
-        if first_missing is None:
-            first_missing = missing
-    raise DatasetError(_fmnist_install_hint(str(base), first_missing or []))
+        if closest is None or len(missing) < len(closest[1]):
+            closest = (folder, missing)  # the folder that holds some of them, if one does
+    raise DatasetError(_fmnist_install_hint(f"{closest[0]}{named_by}", closest[1]))
 
 
 @functools.lru_cache(maxsize=4)
@@ -662,8 +680,7 @@ def _read_idx_cached(path: str, mtime_ns: int, size: int, ndim: int) -> torch.Te
                 data = f.read()
     except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"{path}: cannot read this idx file ({type(e).__name__}: {e}); the "
-                           f"file is corrupt — reinstall Fashion-MNIST "
-                           f"(`apt-get install --reinstall dataset-fashion-mnist`)") from None
+                           f"file is corrupt — {_fmnist_repair_hint(path)}") from None
     expected_magic = 0x0800 | ndim
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -875,6 +892,30 @@ def _split_folder(top: list[tuple[str, str]], split: str) -> str | None:
     return found[0][1] if found else None
 
 
+def _layout(scan: _Scan, root: str, top: list[tuple[str, str]],
+            ) -> tuple[str | None, str | None, str | None]:
+    """The split folders (train, test, val) of a tree; ``(None, None, None)`` for a tree of
+    class folders alone. A folder named like a split that holds images but no sub-folder is a
+    class (CIFAR-100 has a class "train"); a split folder beside class folders, or an unknown
+    folder beside split folders, is refused rather than guessed at."""
+    splits = {split: _split_folder(top, split) for split in _SPLIT_NAMES}
+    if all(path is None or not scan.subdirs(path) for path in splits.values()):
+        return None, None, None  # class folders only (some perhaps named like a split)
+    named = [name for name, _ in top
+             if any(name.lower() in names for names in _SPLIT_NAMES.values())]
+    others = [name for name, _ in top if name not in named]
+    if splits["train"] is None:
+        raise DatasetError(f"{root}: {', '.join(f'{n}/' for n in named)} holds class folders, "
+                           f"but there is no train/ folder beside it; put the training "
+                           f"classes in train/")
+    if others:
+        raise DatasetError(f"{root}: beside the split folders there are other folders "
+                           f"({', '.join(others[:5])}); the splits are train/, test/ and val/ "
+                           f"(also training/, testing/, valid/, validation/, in any case): "
+                           f"rename or move the others (a name starting with a dot is skipped)")
+    return splits["train"], splits["test"], splits["val"]
+
+
 def _scan_classes(scan: _Scan, folder: str) -> tuple[list[str], list[list[str]]]:
     """Class names and each class's image files. An image that symlinks make reachable from
     two classes is an error (it would carry both labels); reached twice in one class, it counts
@@ -904,7 +945,7 @@ def _read_headers(files: list[str]) -> list[tuple[tuple[int, int], str]]:
     for p in files:
         try:
             with Image.open(p) as im:
-                out.append((im.size, im.mode))
+                out.append((im.size, _palette_as_grey(im)))
         except Exception:  # noqa: BLE001
             bad.append(p)
     if bad:
@@ -912,10 +953,33 @@ def _read_headers(files: list[str]) -> list[tuple[tuple[int, int], str]]:
     return out
 
 
-def _stable_sample(files: list[str], k: int) -> list[str]:
+def _palette_as_grey(im) -> str:
+    """``im``'s mode, but ``L`` (``LA``) for a palette image whose colours are all grey: a grey
+    GIF or palette PNG does not make a grey dataset a colour one."""
+    if im.mode in ("P", "PA"):
+        palette = im.getpalette() or []
+        if all(palette[i] == palette[i + 1] == palette[i + 2]
+               for i in range(0, len(palette) - 2, 3)):
+            return "L" if im.mode == "P" else "LA"
+    return im.mode
+
+
+def _path_rank(path: str, root: str) -> bytes:
+    """A stable pseudo-random rank of ``path``: the sha1 of its name below ``root`` (so the same
+    tree ranks alike wherever it lies; a name that is not UTF-8 as the bytes it has)."""
+    return hashlib.sha1(os.fsencode(os.path.relpath(path, root))).digest()
+
+
+def _stable_sample(files: list[str], k: int, root: str) -> list[str]:
     if len(files) <= k:
         return files
-    return sorted(files, key=lambda p: hashlib.sha1(p.encode()).digest())[:k]
+    return sorted(files, key=lambda p: _path_rank(p, root))[:k]
+
+
+def _shown(name: str) -> str:
+    """A file name as text: a byte that is not UTF-8 (kept by the OS's surrogate escapes,
+    which JSON cannot carry) as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _decode_all(files: list[str], size: int, mode: str, num_workers: int) -> torch.Tensor:
@@ -937,18 +1001,16 @@ def _decode_all(files: list[str], size: int, mode: str, num_workers: int) -> tor
 def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, image_size,
                       in_memory_limit_mb, num_workers):
     if root is None:
-        raise DatasetError("imagefolder needs a root: a folder with one sub-folder per class "
-                           "(optionally inside train/ and test/ or val/)")
+        raise DatasetError("imagefolder needs a root (--data-root): a folder with one "
+                           "sub-folder per class (optionally inside train/ and test/ or val/)")
     root_real = os.path.realpath(os.fspath(root))
     if not os.path.isdir(root_real):
         raise DatasetError(f"image folder {os.fspath(root)} does not exist or is not a folder")
     scan = _Scan(root_real)
     top = scan.subdirs(root_real)
     scan.check()
-    train_dir = _split_folder(top, "train")
-    test_dir = val_dir = None
+    train_dir, test_dir, val_dir = _layout(scan, root_real, top)
     if train_dir is not None:
-        test_dir, val_dir = _split_folder(top, "test"), _split_folder(top, "val")
         if test_dir is None:
             test_dir, val_dir = val_dir, None
         # with both, the explicit validation folder replaces val_size
@@ -986,8 +1048,7 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
     else:  # hold out a stable share per class: by hash of the path, independent of `seed`
         test_files, test_labels, keep_f, keep_l = [], [], [], []
         for c, fl in enumerate(per_class):
-            ranked = sorted(fl, key=lambda p: hashlib.sha1(
-                os.path.relpath(p, root_real).encode()).digest())
+            ranked = sorted(fl, key=lambda p: _path_rank(p, root_real))
             k = max(1, round(IMAGEFOLDER_TEST_FRACTION * len(fl))) if len(fl) > 1 else 0
             held = set(ranked[:k])
             for p in fl:
@@ -1024,7 +1085,7 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
 
     # Size and channels from the headers (a stable sample of them for huge trees).
     all_files = sub_files + val_files + test_files
-    headers = _read_headers(_stable_sample(all_files, _HEADER_SCAN_LIMIT))
+    headers = _read_headers(_stable_sample(all_files, _HEADER_SCAN_LIMIT, root_real))
     if image_size is not None:
         size = int(image_size)
     else:
@@ -1040,7 +1101,7 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
 
     name = "imagefolder"
     placeholder = DatasetMeta(name, len(classes), channels, size, (0.5,) * channels,
-                              (0.5,) * channels, tuple(classes))
+                              (0.5,) * channels, tuple(map(_shown, classes)))
     nbytes = len(all_files) * channels * size * size
     if nbytes <= in_memory_limit_mb * 2**20:
         x = _decode_all(all_files, size, mode, num_workers)
@@ -1055,7 +1116,7 @@ def _load_imagefolder(root, device, val_size, train_limit, test_limit, seed, ima
             TensorSplit(xv, torch.as_tensor(val_labels), meta, indices=val_idx).to(device),
             TensorSplit(xt, te_lab[test_idx], meta, indices=test_idx).to(device))
 
-    sample = _stable_sample(sub_files, _STATS_SAMPLE)
+    sample = _stable_sample(sub_files, _STATS_SAMPLE, root_real)
     mean, std = _channel_stats(_decode_all(sample, size, mode, num_workers))
     meta = dataclasses.replace(placeholder, mean=mean, std=std,
                                crop_padding=4 if size >= 32 else 2)

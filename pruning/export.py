@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from pruning import counting
-from pruning.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
+from pruning.checkpoint import (atomic_write_bytes, atomic_write_json, load_tensors, read_json,
+                                read_tensors_metadata, save_tensors)
 from pruning.modules import PrunedNet, build
 from pruning.space import Candidate, ConvSpec, SearchSpace
 
@@ -64,6 +65,49 @@ def layer_widths(space: SearchSpace, candidate: Candidate) -> dict[str, dict[str
     return out
 
 
+def model_description(space: SearchSpace, candidate: Candidate) -> dict:
+    """What ``config.json`` says of the network (all of it follows from the space and the
+    candidate)."""
+    return {"format_version": FORMAT_VERSION, "space": space.to_dict(),
+            "candidate": candidate.key(), "widths": space.widths_by_group(candidate),
+            "layer_widths": layer_widths(space, candidate),
+            "macs": counting.macs(space, candidate), "params": counting.params(space, candidate),
+            "input_shape": list(space.input_shape)}
+
+
+def export_problem(folder: str | Path, *, whole: bool = True) -> str | None:
+    """Why the export in ``folder`` cannot be trusted (``None``: it can): a file that
+    ``config.json`` lists is missing or has another sha256, or ``model.safetensors`` records
+    another architecture or candidate than ``config.json``; ``whole``: or ``config.json`` does
+    not describe, as this version would, the network of its space and candidate (an edited
+    width, MACs count or input shape: a run's export is then written again; an older version's
+    export may describe it otherwise and still load)."""
+    folder = Path(folder)
+    try:
+        config = read_json(folder / "config.json")
+        files = config["files"]
+        for name, digest in files.items():
+            if not (folder / name).is_file():
+                return f"{name} is missing"
+            if sha256_file(folder / name) != digest:
+                return f"{name} does not have the sha256 config.json lists"
+        space = SearchSpace.from_dict(config["space"])
+        candidate = Candidate.from_key(config["candidate"])
+        recorded = read_tensors_metadata(folder / "model.safetensors")
+        if (recorded.get("arch"), recorded.get("candidate")) != (space.arch, config["candidate"]):
+            return "model.safetensors holds another network than config.json describes"
+        if whole:
+            described = model_description(space, candidate)
+            edited = next((k for k, v in described.items() if config.get(k) != v), None)
+            if edited is not None:
+                return f"config.json's {edited} is not its network's"
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"config.json is damaged ({type(e).__name__}: {e})"
+    return None
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -92,14 +136,25 @@ def _onnx(net: nn.Module, sample: torch.Tensor) -> bytes:
 
     Uses the TorchScript-based exporter (``dynamo=False``): it needs only the ``onnx`` package
     (the dynamo exporter also needs ``onnxscript``) and is exact for these plain conv nets."""
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    too_large = ValueError(f"the network's {weights / 2**30:.2f} GiB of weights do not fit "
+                           f"one ONNX file (at most 2 GiB): prune it further (TorchScript, "
+                           f".ts, has no such limit)")
+    if weights >= 2**31:
+        raise too_large
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated upstream
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(net, (sample,), buf, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                          dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
-                          do_constant_folding=True)
+        try:
+            torch.onnx.export(net, (sample,), buf, dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                              dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+                              do_constant_folding=True)
+        except RuntimeError as e:
+            if "2GiB" in str(e):  # just under the limit: the graph's own bytes tip it over
+                raise too_large from None
+            raise
     return buf.getvalue()
 
 
@@ -165,6 +220,10 @@ def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candida
         gen = torch.Generator().manual_seed(0)
         sample = torch.randn(4, *space.input_shape, generator=gen)
     sample = sample.detach().to("cpu", torch.float32)
+    if tuple(sample.shape[1:]) != tuple(space.input_shape):
+        raise ValueError(f"export: the sample is of {tuple(sample.shape[1:])} images, the "
+                         f"network's input is {tuple(space.input_shape)} (the ONNX graph would "
+                         f"take only the sample's)")
     with torch.inference_mode():
         expected = net(sample)
 
@@ -179,18 +238,8 @@ def export_model(folder: str | Path, net: PrunedNet, space: SearchSpace, candida
         _check_close("model.ts", expected, load_torchscript(folder / "model.ts")(sample))
     _verify_onnx(folder / "model.onnx", sample, expected)
 
-    config = {
-        "format_version": FORMAT_VERSION,
-        "space": space.to_dict(),
-        "candidate": candidate.key(),
-        "widths": space.widths_by_group(candidate),
-        "layer_widths": layer_widths(space, candidate),
-        "macs": counting.macs(space, candidate),
-        "params": counting.params(space, candidate),
-        "input_shape": list(space.input_shape),
-        "versions": library_versions(),
-        **(extra or {}),
-    }
+    config = {**model_description(space, candidate), "versions": library_versions(),
+              **(extra or {})}
     for name, data in (files or {}).items():
         atomic_write_bytes(folder / name, data)
     written = [*MODEL_FILES, *(files or {})]
@@ -204,16 +253,26 @@ def load_pruned(folder: str | Path, *, space: SearchSpace | None = None,
     """Rebuild a :class:`PrunedNet` from an exported folder (safetensors weights; no pickle):
     a run's ``artifacts/``, or the run folder itself."""
     folder = Path(folder)
+    if folder.is_file():  # a file of the export: its folder
+        folder = folder.parent
     if not (folder / "model.safetensors").is_file() and (folder / "artifacts").is_dir():
         folder = folder / "artifacts"
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} holds no exported model (no model.safetensors): give "
                                 "a run's artifacts folder, e.g. runs/NAME/artifacts")
     if space is None or candidate is None:
+        problem = export_problem(folder, whole=False)
+        if problem is not None:
+            raise ValueError(f"the export in {folder} cannot be loaded: {problem}; export it "
+                             "again (metaprune export --out RUN)")
         config = read_json(folder / "config.json")
         space = SearchSpace.from_dict(config["space"])
         candidate = Candidate.from_key(config["candidate"])
     net = build(space, candidate, device="meta")
     state, _ = load_tensors(folder / "model.safetensors")
-    net.load_state_dict(state, assign=True)
+    try:
+        net.load_state_dict(state, assign=True)
+    except RuntimeError as e:  # shapes or names of another network: the first line says which
+        raise ValueError(f"{folder / 'model.safetensors'} holds weights of another network: "
+                         f"{str(e).strip().splitlines()[-1].strip()}") from None
     return net.eval()

@@ -47,7 +47,7 @@ from pruning.checkpoint import (UnreadableFileError, atomic_write_bytes, atomic_
                                 check_write_fence, json_bytes, load_tensors, read_json,
                                 read_tensors_metadata, remove_stale_temporaries, save_tensors)
 from pruning.constraints import MacsConstraint, budget_use
-from pruning.data import DataBundle, DatasetError, load_dataset
+from pruning.data import DataBundle, DatasetError, DatasetMeta, load_dataset
 from pruning.evaluate import CandidateEvaluator, entry_score
 from pruning.export import export_model
 from pruning.machine import cpu_description
@@ -358,6 +358,7 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
         notify({"stage": "data", "message": f"eval_images {r.eval_images} is more than the "
                 f"{len(data.val)} held-out images: the search scores all {len(data.val)}"})
     data_fingerprint = data.fingerprint()
+    notify({"stage": "data", "message": _data_summary(data.meta, data_fingerprint)})
     _check_data(run_dir, data_fingerprint)
     environment = run_environment(device)
     change = _environment_change(run_dir, environment)
@@ -395,6 +396,8 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
             atomic_write_json(run_dir / "spec.json", spec.model_dump())
             atomic_write_json(run_dir / ENVIRONMENT_FILE, environment)
             atomic_write_json(run_dir / RECIPE_FILE, run_recipe(r))
+        else:
+            _record_moved_data(run_dir, spec, notify)
         if _data_record_outdated(run_dir, data_fingerprint):  # none yet, or an older version's
             atomic_write_json(run_dir / DATA_FILE, data_fingerprint)
         if latency is not None and not table_path.exists():
@@ -408,10 +411,37 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
                       should_stop=should_stop, t_start=t_start, locked=locked)
 
 
+def _record_moved_data(run_dir: Path, spec: PipelineSpec, notify) -> None:
+    """A resumed run whose data was found (and checked: the same images) under another
+    ``data_root``: its ``spec.json`` names the new place, for the commands that follow."""
+    saved = read_spec(run_dir / "spec.json")
+    then, now = (_absolute_paths(s).data_root for s in (saved, spec))
+    if then != now:
+        atomic_write_json(run_dir / "spec.json", saved.model_copy(
+            update={"data_root": now}).model_dump())
+        notify({"stage": "data", "message": f"the run's data has moved from {then} to {now} "
+                                            f"(the same images); spec.json now names {now}"})
+
+
+def _data_summary(meta: DatasetMeta, fingerprint: dict) -> str:
+    """What was loaded, e.g. ``imagefolder: 3 classes, 1 × 28 × 28 px, 900/100/250
+    train/val/test images (streamed from disk)``."""
+    n = fingerprint["images"]
+    return (f"{meta.name}: {meta.num_classes} classes, {' × '.join(map(str, fingerprint['shape']))}"
+            f" px, {n['train']}/{n['val']}/{n['test']} train/val/test images"
+            + (" (streamed from disk)" if fingerprint["version"] == 2 else ""))
+
+
 def _data_change(saved: dict, now: dict) -> str | None:
     """How the data of two :meth:`DataBundle.fingerprint` records differ (``None``: it does
-    not). A record of another version (streamed data recorded by an older version) hashed other
-    things: only its counts can be compared."""
+    not). Hashes of another version (streamed data recorded by an older version, or data that
+    is streamed now and was held in memory then) cover other things: then only the counts, the
+    image shape and the classes (records that have them) can be compared."""
+    for key, what in (("shape", "images of {} px"), ("num_classes", "{} classes")):
+        if saved.get(key, now[key]) != now[key]:
+            shown = [" × ".join(map(str, r[key])) if key == "shape" else r[key]
+                     for r in (saved, now)]
+            return f"{what.format(shown[0])} then, {what.format(shown[1])} now"
     same_version = saved.get("version", 1) == now["version"]
     if same_version and saved.get("sha256") == now["sha256"]:
         return None
@@ -428,9 +458,22 @@ def _data_change(saved: dict, now: dict) -> str | None:
     return f"train/val/test images: {then} then, {counts} now"
 
 
+def _read_data_record(path: Path) -> dict:
+    record = read_json(path)
+    if not (isinstance(record, dict) and isinstance(record.get("sha256"), str)
+            and isinstance(record.get("images"), dict)):
+        raise UnreadableFileError(path, "not a record of the run's data; deleted, the data "
+                                        "found next is taken for the run's own")
+    return record
+
+
 def _data_record_outdated(run_dir: Path, fingerprint: dict) -> bool:
+    """No record yet, or an older version's (one without what this version records)."""
     path = run_dir / DATA_FILE
-    return not path.exists() or read_json(path).get("version", 1) != fingerprint["version"]
+    if not path.exists():
+        return True
+    saved = _read_data_record(path)
+    return saved.get("version", 1) != fingerprint["version"] or fingerprint.keys() - saved.keys()
 
 
 class MetanetDataError(RunFolderError):
@@ -444,7 +487,7 @@ def _check_data(run_dir: Path, fingerprint: dict, *, lender: bool = False) -> No
     path = run_dir / DATA_FILE
     if not path.exists():
         return
-    saved = read_json(path)
+    saved = _read_data_record(path)
     if lender and saved.get("train_val_sha256") is not None and \
             saved["train_val_sha256"] == fingerprint["train_val_sha256"]:
         return  # the PruningNet never saw the test split: another one does not matter
@@ -674,14 +717,12 @@ def stage_export(ctx: RunContext) -> dict:
 
 
 def _export_intact(art: Path) -> bool:
-    from pruning.export import sha256_file
+    from pruning.export import export_problem
 
     try:
-        files = read_json(art / "config.json")["files"]
-        return "report.json" in files and all(
-            (art / name).is_file() and sha256_file(art / name) == digest
-            for name, digest in files.items())
-    except (OSError, UnreadableFileError, KeyError, TypeError):
+        return "report.json" in read_json(art / "config.json")["files"] \
+            and export_problem(art) is None
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -869,7 +910,10 @@ def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
         previous = read_spec(saved)
     except ValueError as e:
         raise RunFolderError(f"{e}; choose another folder") from None
-    old, new = (_absolute_paths(s).model_dump(exclude={"device"}) for s in (previous, spec))
+    # the data is compared itself once loaded (data.json): the same images may have moved
+    moved = {"data_root"} if (run_dir / DATA_FILE).exists() else set()
+    old, new = (_absolute_paths(s).model_dump(exclude={"device", *moved})
+                for s in (previous, spec))
     if old != new:
         diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in _differences(old, new))
         raise RunFolderError(f"{run_dir} holds a run with a different specification ({diff}); "

@@ -353,8 +353,11 @@ class SearchSpace:
     def from_dict(cls, d: dict) -> SearchSpace:
         """The space of :meth:`to_dict`; ``ValueError`` if its plugin architecture has changed
         since."""
-        from pruning.registry import arch_digest
+        from pruning.registry import PLUGINS_ENV, arch_digest, list_archs
 
+        if d.get("arch_sha256") is not None and d["arch"] not in list_archs(include_test=True):
+            raise ValueError(f"unknown architecture {d['arch']!r}: it is a plugin's; set "
+                             f"{PLUGINS_ENV} to the module that registers it")
         if d.get("arch_sha256") is not None and d["arch_sha256"] != arch_digest(d["arch"]):
             raise ValueError(f"architecture {d['arch']!r} is not the one this was made with: "
                              "its plugin has changed since (restore that version of it)")

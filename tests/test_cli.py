@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ def test_measure_widths_and_levels(capsys):
     # widths name the first level that has them (narrow groups repeat a width over levels)
     cand = space.from_widths(space.widths_by_group(Candidate((3, 30, 7, 12, 0))))
     widths = space.widths_by_group(cand)
-    expected = {"arch": "test_resnet", "candidate": cand.key(), "widths": widths,
+    expected = {"arch": "test_resnet", "input_shape": [1, 28, 28], "candidate": cand.key(),
+                "widths": widths,
                 "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
     status, by_widths, _ = call(capsys, "measure", "test_resnet", "--widths", json.dumps(widths))
     assert status == 0 and by_widths == expected
@@ -123,7 +125,7 @@ def test_build_writes_loadable_torchscript(capsys, tmp_path):
     status, info, _ = call(capsys, "build", "test_mobilenet_v2", "--levels", cand.key(),
                            "--out", str(out), "--seed", "3")
     assert status == 0
-    assert info == {"out": str(out), "candidate": cand.key(),
+    assert info == {"out": str(out), "input_shape": [1, 28, 28], "candidate": cand.key(),
                     "macs": counting.macs(space, cand), "params": counting.params(space, cand)}
     ts = torch.jit.load(str(out))
     expected = build(space, cand).state_dict()
@@ -137,6 +139,19 @@ def test_build_writes_loadable_torchscript(capsys, tmp_path):
     x = torch.randn(2, 1, 28, 28)
     with torch.inference_mode():
         torch.testing.assert_close(ts(x), net(x))
+
+
+def test_build_replaces_only_a_regular_file(capsys, tmp_path):
+    """``--out`` naming a symlink, a pipe (or, as root, /dev/null) is refused: the atomic write
+    would have replaced the link or the node itself with the model."""
+    (tmp_path / "target.ts").write_bytes(b"keep")
+    (tmp_path / "link.ts").symlink_to(tmp_path / "target.ts")
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("link.ts", "fifo"):
+        assert cli.main(["build", "test_resnet", "--out", str(tmp_path / name)]) == 2
+        assert "is a symlink, a device or a pipe" in capsys.readouterr().err
+    assert (tmp_path / "link.ts").is_symlink() and (tmp_path / "target.ts").read_bytes() == b"keep"
+    assert cli.main(["build", "test_resnet", "--out", str(tmp_path / "target.ts")]) == 0
 
 
 def test_build_writes_onnx_for_an_onnx_file(capsys, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import struct
@@ -205,8 +206,17 @@ def test_fmnist_missing_folder_says_how_to_install(tmp_path, monkeypatch):
     assert "--data-root" in msg and D.FASHION_MNIST_ENV in msg
     assert "train-images-idx3-ubyte.gz" in msg
     monkeypatch.setenv(D.FASHION_MNIST_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist") as e:
         load_dataset("fashion-mnist")
+    assert f"not found in {tmp_path / 'nowhere'} (${D.FASHION_MNIST_ENV})" in str(e.value)
+    # a copy in the usual sub-folder that lacks one file: that folder and that file are named
+    (tmp_path / "mine" / "fashion-mnist").mkdir(parents=True)
+    for stem in D.FASHION_MNIST_FILES[1:]:
+        (tmp_path / "mine" / "fashion-mnist" / f"{stem}.gz").write_bytes(b"")
+    with pytest.raises(DatasetError) as e:
+        load_dataset("fashion-mnist", root=tmp_path / "mine")
+    assert (f"not found in {tmp_path / 'mine' / 'fashion-mnist'} (missing: "
+            f"{D.FASHION_MNIST_FILES[0]}.gz)") in str(e.value)
 
 
 def _fmnist_copy(folder: Path) -> Path:
@@ -241,6 +251,7 @@ def test_fmnist_corrupt_file(tmp_path, damage, match):
     with pytest.raises(DatasetError, match=match) as e:
         load_dataset("fashion-mnist", root=folder, train_limit=100)
     assert "train-labels-idx1-ubyte.gz" in str(e.value)
+    assert "apt-get" not in str(e.value)  # the user's own copy: the package would not mend it
 
 
 # ---- image folders
@@ -273,6 +284,21 @@ def test_imagefolder_16_bit_grey_is_scaled_not_clipped(tmp_path):
     assert b.meta.in_channels == 1
     raw = torch.cat([b.train.images, b.test.images]).flatten()
     assert set(raw.tolist()) == {3, 200}
+    # 16-bit PGM, which PIL opens as mode I (32-bit): scaled too, not clipped to white
+    for c in ("a", "b"):
+        for i in range(4):
+            value = 771 if c == "a" else 51400
+            (tmp_path / c / f"{i}.png").unlink()
+            (tmp_path / c / f"{i}.pgm").write_bytes(
+                b"P5 8 8 65535\n" + np.full((8, 8), value + i, ">u2").tobytes())
+    assert Image.open(tmp_path / "a" / "0.pgm").mode == "I"
+    b = load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
+    assert set(torch.cat([b.train.images, b.test.images]).flatten().tolist()) == {3, 200}
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "a" / "big.tif")
+    with pytest.raises(DatasetError, match="big.tif") as e:
+        load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
+    assert "beyond 0–65535" in str(e.value)
+    (tmp_path / "a" / "big.tif").unlink()
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "a" / "f.tif")
     with pytest.raises(DatasetError, match="cannot be decoded") as e:
         load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
@@ -408,6 +434,21 @@ def test_imagefolder_layout_errors(tmp_path):
     write_tree(tmp_path / "one", classes=("only",), n=3)
     with pytest.raises(DatasetError, match="at least two classes"):
         load_dataset("imagefolder", root=tmp_path / "one", num_workers=0)
+    # split folders beside class folders, or unknown folders beside split folders: refused,
+    # where a class named "test" once took every test image, or tests/ was skipped unsaid
+    write_tree(tmp_path / "no-train", n=3)
+    write_tree(tmp_path / "no-train" / "test", n=1)
+    with pytest.raises(DatasetError, match="test/ holds class folders, but there is no train/"):
+        load_dataset("imagefolder", root=tmp_path / "no-train", num_workers=0)
+    write_tree(tmp_path / "extra" / "train", n=3)
+    write_tree(tmp_path / "extra" / "tests", n=1)
+    with pytest.raises(DatasetError, match=r"other folders \(tests\); the splits are train/"):
+        load_dataset("imagefolder", root=tmp_path / "extra", num_workers=0)
+    # a class folder named like a split (CIFAR-100 has "train"): images, no sub-folder
+    write_tree(tmp_path / "cifar", classes=("cat", "dog", "owl"), n=3)
+    (tmp_path / "cifar" / "owl").rename(tmp_path / "cifar" / "train")
+    b = load_dataset("imagefolder", root=tmp_path / "cifar", val_size=0, num_workers=0)
+    assert b.meta.classes == ("cat", "dog", "train")
 
 
 def test_stream_split_equals_tensor_split(tmp_path):
@@ -433,23 +474,60 @@ def test_stream_split_equals_tensor_split(tmp_path):
     assert "Restore intact copies of them to continue the run" in str(e.value)
 
 
-def test_stream_fingerprint_sees_edits_not_moves(tmp_path):
+def test_stream_fingerprint_sees_edits_not_moves(tmp_path, monkeypatch):
     """A streamed tree is hashed by file paths and sizes, not pixels: an image rewritten in
-    place changes the fingerprint, the same tree in another folder does not."""
+    place changes the fingerprint, the same tree in another folder does not; nor do the mean
+    and std, taken from a sample of its files (it was chosen by their absolute paths)."""
+    import pruning.data
+
+    monkeypatch.setattr(pruning.data, "_STATS_SAMPLE", 3)
     write_noise_tree(tmp_path / "a", n=6, size=10)
 
-    def fingerprint(root):
+    def load(root):
         return load_dataset("imagefolder", root=root, val_size=2, image_size=8,
-                            in_memory_limit_mb=0, num_workers=0).fingerprint()
+                            in_memory_limit_mb=0, num_workers=0)
+
+    def fingerprint(root):
+        return load(root).fingerprint()
 
     before = fingerprint(tmp_path / "a")
     assert before["images"] == {"train": 8, "val": 2, "test": 2}
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert fingerprint(tmp_path / "b") == before
+    for name in ("b", "c", "d"):
+        shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / name)
+    assert len({load(tmp_path / "elsewhere" / name).meta for name in ("b", "c", "d")}
+               | {load(tmp_path / "a").meta}) == 1
     edited = tmp_path / "b" / "a" / "3.png"
     Image.open(edited).convert("L").save(edited)  # same name, other pixels, other size
     after = fingerprint(tmp_path / "b")
     assert after["images"] == before["images"] and after["sha256"] != before["sha256"]
+
+
+def test_imagefolder_grey_palette_images_keep_a_grey_dataset_grey(tmp_path):
+    write_tree(tmp_path, classes=("cat", "dog"), n=4)
+    Image.open(tmp_path / "cat" / "000.png").convert("P").save(tmp_path / "cat" / "p.gif")
+    b = load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
+    assert b.meta.in_channels == 1
+    x = torch.cat([b.train.images, b.test.images])
+    assert set(x.flatten().tolist()) == {30, 90}  # the palette's grey, decoded as it is
+    Image.new("RGB", (12, 12), (200, 10, 10)).convert("P").save(tmp_path / "dog" / "red.gif")
+    assert load_dataset("imagefolder", root=tmp_path, val_size=0,
+                        num_workers=0).meta.in_channels == 3  # a colour palette is colour
+
+
+def test_imagefolder_names_that_are_not_utf8(tmp_path):
+    """A file or class folder whose name is not UTF-8 (Latin-1 from an old archive): the test
+    split's hash once failed on it; its class is named with U+FFFD, so config.json stays
+    strict JSON."""
+    write_tree(tmp_path, classes=("cat", "dog"), n=6)
+    cat = os.fsencode(tmp_path / "cat")
+    os.rename(cat + b"/000.png", cat + b"/caf\xe9.png")
+    os.rename(os.fsencode(tmp_path / "dog"), os.fsencode(tmp_path) + b"/d\xf6g")
+    b = load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
+    assert b.meta.classes == ("cat", "d\ufffdg")
+    assert len(b.train) + len(b.test) == 12
+    json.dumps(b.meta.to_dict(), ensure_ascii=False).encode("utf-8")  # no lone surrogate
 
 
 # ---- synthetic, TensorSplit helpers

@@ -123,6 +123,19 @@ def test_model_onnx_is_not_an_extra_file_name(tmp_path):
         export_model(tmp_path, net, space, cand, files={"model.onnx": b"x"})
 
 
+def test_an_export_refuses_a_sample_of_other_images_and_onnx_over_2_gib(tmp_path):
+    """A sample of another image size would fix the ONNX graph to it (config.json says
+    otherwise); weights over ONNX's 2 GiB are one clear error, not the exporter's traceback."""
+    space, cand, net = _net("test_resnet")
+    c, h, w = space.input_shape
+    with pytest.raises(ValueError, match=r"the sample is of \(1, 16, 16\) images"):
+        export_model(tmp_path, net, space, cand, sample=torch.randn(2, c, 16, 16))
+    assert not any(tmp_path.iterdir())
+    huge = torch.nn.Linear(1 << 16, 1 << 14, device="meta")  # 4 GiB of float32, not allocated
+    with pytest.raises(ValueError, match=r"4.00 GiB of weights do not fit one ONNX file"):
+        export_mod._onnx(huge, torch.zeros(1, 1 << 16, device="meta"))
+
+
 def test_plot_with_a_single_record_and_no_baseline(tmp_path):
     only = record(0, 2_000_000, 0.5)
     data = plot_pareto([only], only, None, None, tmp_path / "pareto.png")

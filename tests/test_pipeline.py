@@ -29,7 +29,7 @@ from tests.test_data import write_tree
 from metanet.bn import bn_statistics, recalibrate_bn
 from metanet.pruningnet import PruningNet
 from pruning import cli, counting
-from pruning.checkpoint import load_tensors, read_json
+from pruning.checkpoint import atomic_write_json, load_tensors, read_json
 from pruning.constraints import (InfeasibleBudgetError, LooseBudgetError, TightBudgetError,
                                  format_count)
 from pruning.data import load_dataset
@@ -527,12 +527,43 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, capsys):
     assert "train/val/test images" in _data_change(
         {**older, "images": {**record["images"], "train": 1}}, {**record, "version": 2})
     assert "other images or labels" in _data_change(older, record)
+    # held in memory then, streamed now (images resized or made colour, as many of them): the
+    # hashes cover other things, the shape still tells
+    c, h, w = record["shape"]
+    assert _data_change(record, {**record, "version": 2, "shape": [3, h, w]}) == (
+        f"images of {c} × {h} × {w} px then, images of 3 × {h} × {w} px now")
+    assert "3 classes then, 4 classes now" in _data_change(record, {**record, "num_classes": 4})
+    # a damaged record is said to be one, and is kept
+    for damaged in ("[]", "null", "{}"):
+        (run_dir / "data.json").write_text(damaged)
+        assert cli.main(["search", "--out", str(run_dir)]) == 2
+        (line,) = error_lines(capsys)
+        assert "data.json is unreadable" in line and "not a record of the run's data" in line
+        assert (run_dir / "data.json").read_text() == damaged
+    atomic_write_json(run_dir / "data.json", record)
     # the same images under another path are the same data: its PruningNet is reused
     shutil.copytree(tree, tmp_path / "copy")
     copy_options = [o if o != str(tree) else str(tmp_path / "copy") for o in options]
     assert cli.main(["prune", *copy_options, "--macs-ratio", "0.5", "--metanet-from",
                      str(run_dir), "--out", str(tmp_path / "reuse")]) == 0, capsys.readouterr()
     assert "metanet_from" in read_json(tmp_path / "reuse" / "artifacts" / "report.json")
+    # the data has moved: a stage command finds it where it is told (the same images, checked)
+    # and spec.json names the new place from then on; other images there are refused
+    tree.rename(tmp_path / "moved")
+    assert cli.main(["search", "--out", str(run_dir)]) == 2
+    assert "does not exist" in error_lines(capsys)[0]
+    assert cli.main(["search", "--out", str(run_dir), "--data-root", str(tmp_path / "copy"),
+                     "--quiet"]) == 0
+    assert read_json(run_dir / "spec.json")["data_root"] == str(tmp_path / "copy")
+    capsys.readouterr()
+    (tmp_path / "copy" / "cat" / "000.png").unlink()
+    assert cli.main(["train", "--out", str(run_dir), "--data-root", str(tmp_path / "moved")]) == 0
+    assert "the run's data has moved from" in capsys.readouterr().err
+    assert read_json(run_dir / "spec.json")["data_root"] == str(tmp_path / "moved")
+    assert cli.main(["evaluate", "--out", str(run_dir), "--data-root",
+                     str(tmp_path / "copy")]) == 2
+    assert "the data differs from the data the run" in error_lines(capsys)[0]
+    assert read_json(run_dir / "spec.json")["data_root"] == str(tmp_path / "moved")
 
 
 def test_image_size_resizes_an_image_folder(tmp_path, capsys):

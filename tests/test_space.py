@@ -626,6 +626,10 @@ def test_a_plugin_edited_under_the_same_name_is_told_apart(monkeypatch):
         SearchSpace.from_dict(saved)
     assert metanet_identity(spec)["arch_sha256"] != before["arch_sha256"]
     assert "arch_sha256" not in SearchSpace.create("mobilenet_v2").to_dict()  # built-in: none
+    monkeypatch.delitem(registry._ARCHS, "my_plugin")  # not loaded: said so, not "changed"
+    with pytest.raises(ValueError, match="unknown architecture 'my_plugin': it is a plugin's; "
+                                         "set METAPRUNE_PLUGINS"):
+        SearchSpace.from_dict(saved)
 
 
 def test_a_space_recorded_before_arch_sha256_still_matches(monkeypatch):

@@ -252,6 +252,40 @@ def test_redoing_a_step_redoes_the_steps_after_it(reference, tmp_path, capsys):
     assert {"model.onnx", "model.ts"} <= set(files)
     for name, digest in files.items():
         assert sha256_file(art / name) == digest, name
+    # config.json edited (the files it lists untouched): not the run's export, written again
+    from pruning.export import export_problem
+
+    def described() -> dict:  # all but the digests (report.json's elapsed_s is the export's)
+        return {k: v for k, v in read_json(art / "config.json").items() if k != "files"}
+
+    written = described()
+    for key, value in (("macs", 1), ("candidate", "0-0-0-0-0-0"), ("input_shape", [3, 8, 8]),
+                       ("files", ["report.json"])):  # the last: damaged
+        (art / "config.json").write_text(json.dumps({**read_json(art / "config.json"),
+                                                     key: value}))
+        assert export_problem(art) is not None
+        assert call(capsys, "export", "--out", str(run_dir), "--quiet")[0] == 0
+        assert described() == written and export_problem(art) is None, key
+
+
+def test_load_pruned_refuses_an_export_that_does_not_hold_together(reference, tmp_path):
+    """``load_pruned`` names what is wrong in one line: a model file replaced (its sha256),
+    weights of another network (the candidate model.safetensors records), a config.json naming
+    another candidate; it takes a file of the export for its folder."""
+    from pruning.export import load_pruned
+
+    art = tmp_path / "art"
+    shutil.copytree(reference[0] / "artifacts", art)
+    assert load_pruned(art / "model.safetensors") is not None  # a file: its folder
+    config = json.loads((art / "config.json").read_text())
+    other = {**config, "candidate": "-".join("0" * len(config["candidate"].split("-")))}
+    (art / "config.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="holds another network than config.json describes"):
+        load_pruned(art)
+    (art / "config.json").write_text(json.dumps(config))
+    (art / "model.ts").write_bytes(b"not the model")
+    with pytest.raises(ValueError, match="model.ts does not have the sha256 config.json lists"):
+        load_pruned(art)
 
 
 def test_resume_continues_a_run_from_its_spec_json(reference, tmp_path, capsys):
