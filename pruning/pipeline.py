@@ -688,7 +688,8 @@ def stage_export(ctx: RunContext) -> dict:
     if latency is not None:
         report["latency_table"] = {"device": latency.table.key["device"], "batch": 1,
                                    "limit_ms": latency.limit,
-                                   "measured_s": round(latency.table.measured_s, 3)}
+                                   "measured_s": round(latency.table.measured_s, 3),
+                                   "from_cache": latency.table.from_cache}
     full, top = space.full_network()
     report["full_network"] = {"macs": counting.macs(full, top),
                               "params": counting.params(full, top)}

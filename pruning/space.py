@@ -149,7 +149,10 @@ class Candidate:
     def from_key(cls, key: str) -> Candidate:
         """Parse :meth:`key` output, e.g. ``"30-12-4"``."""
         try:
-            return cls(tuple(int(c) for c in str(key).split("-")))
+            parts = str(key).split("-")
+            if not all(p.isascii() and p.isdigit() for p in parts):  # int() takes " 1", "+1", "١"
+                raise ValueError
+            return cls(tuple(int(c) for c in parts))
         except ValueError:
             raise CandidateError(f"not a candidate key: {key!r} (expected level indices joined "
                                  "by '-', e.g. '30-12-4')") from None

@@ -186,6 +186,8 @@ def test_build_writes_onnx_for_an_onnx_file(capsys, tmp_path):
      "a candidate needs 5 choices (one per width group), got 2"),
     (["measure", "test_resnet", "--levels", "1-2-3-4-31"], "level 31 is outside 0..30"),
     (["measure", "test_resnet", "--levels", "a-b"], "not a candidate key: 'a-b'"),
+    (["measure", "test_resnet", "--levels", "+1-2-3-4-5"], "not a candidate key: '+1-2-3-4-5'"),
+    (["measure", "test_resnet", "--levels", "\u0661-2-3-4-5"], "not a candidate key"),
     (["measure", "test_resnet", "--levels", "1-2-3-4-5", "--widths", "{}"],
      "give either --widths or --levels, not both"),
     (["space", "test_resnet", "--input-size", "2"], "input_size"),

@@ -234,6 +234,11 @@ def test_pipeline_reports_predicted_and_measured_latency(tmp_path, monkeypatch, 
     assert (tmp_path / "run" / "latency_table.json").exists()
     saved = json.loads((tmp_path / "run" / "artifacts" / "report.json").read_text())
     assert saved["metapruning"]["latency_ms"] == report["metapruning"]["latency_ms"]
+    assert report["latency_table"]["from_cache"] is False and \
+        report["latency_table"]["measured_s"] > 0
+    again = run(spec, tmp_path / "again")  # the table of this device and space is cached now
+    assert again["latency_table"]["from_cache"] is True
+    assert again["latency_table"]["measured_s"] == 0  # no time spent measuring
     # the CLI's summary names the budget in milliseconds and gives both latencies per network
     cli._print_summary(report, str(tmp_path / "run"))
     out = capsys.readouterr().out
