@@ -57,14 +57,20 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _shortened(value: Any, limit: int = 200) -> Any:
-    """``value`` with every string over ``limit`` characters cut to its first ``limit``."""
+MAX_ERRORS_SHOWN = 20  # of a 422's validation errors (a list of 50,000 bad items has as many)
+
+
+def _shortened(value: Any, limit: int = 200, items: int = 20) -> Any:
+    """``value`` with every string (keys too) over ``limit`` characters cut to its first
+    ``limit``, every list and object to its first ``items`` entries (a message: 5 × ``limit``)."""
     if isinstance(value, str) and len(value) > limit:
         return value[:limit] + f"… ({len(value):,} characters)"
     if isinstance(value, dict):
-        return {k: _shortened(v, limit if k != "msg" else 5 * limit) for k, v in value.items()}
+        return {_shortened(k, limit): _shortened(v, limit if k != "msg" else 5 * limit, items)
+                for k, v in list(value.items())[:items]}
     if isinstance(value, list):
-        return [_shortened(v, limit) for v in value]
+        head = [_shortened(v, limit, items) for v in value[:items]]
+        return head + ([f"… ({len(value):,} items)"] if len(value) > items else [])
     return value
 
 
@@ -134,8 +140,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # accepts them in a body) or lone surrogate cannot turn a 422 into a 500 (the body's
         # nesting is bounded by RequestBodyGuard, so the echo's is too), and a long value is
         # echoed cut short (a megabyte's field is not sent back twice)
-        return JSONResponse({"detail": _json_safe(_shortened(jsonable_encoder(exc.errors())))},
-                            status_code=422)
+        errors = jsonable_encoder(exc.errors())
+        shown = [_shortened(e) for e in errors[:MAX_ERRORS_SHOWN]]
+        if len(errors) > MAX_ERRORS_SHOWN:
+            shown.append({"loc": ["body"], "type": "more_errors",
+                          "msg": f"and {len(errors) - MAX_ERRORS_SHOWN:,} more errors"})
+        return JSONResponse({"detail": _json_safe(shown)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -153,10 +163,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
-    async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         # a bug: the same {"detail"} shape as every other error (the log has the traceback;
-        # Starlette logs it after this answer)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
+        # Starlette logs it after this answer), answered outside RequestLog: its id added here
+        request_id = request.scope.get("request_id")
+        return JSONResponse({"detail": "internal server error"}, status_code=500,
+                            headers={"X-Request-ID": request_id} if request_id else None)
 
     async def _database_unreachable(_request: Request, exc: Exception) -> JSONResponse:
         # the database went away while serving: a 503 like /readyz's, not a plain-text 500 (a

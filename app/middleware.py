@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import uuid
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import quote, unquote_plus
 
 from starlette.exceptions import HTTPException
 
@@ -177,16 +177,27 @@ async def _send_error(send, exc: HTTPException) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters percent-encoded (the raw path and query may hold any
+    byte but these)."""
+    return re.sub(r"[\x00-\x20\x7f-\xff]", lambda m: f"%{ord(m.group()):02X}", text)
+
+
 access_log = logging.getLogger("metaprune.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SECRET_PARAM = re.compile(r"token|key|secret|pass|auth|sig", re.IGNORECASE)
 
 
+_QUERY_PARAM = re.compile(r"(^|[&;])([^=&;]*)=([^&;]*)")
+
+
 def loggable_query(query: str) -> str:
-    """``query`` with the values of parameters that may hold a secret (``?token=…``, which the
-    API never reads, but a client may still send) replaced by ``REDACTED``."""
-    pairs = parse_qsl(query, keep_blank_values=True)
-    return urlencode([(k, "REDACTED" if _SECRET_PARAM.search(k) else v) for k, v in pairs])
+    """``query`` (as sent, percent-encoded) with the values of parameters that may hold a
+    secret (``?token=…``, which the API never reads, but a client may still send) replaced by
+    ``REDACTED``; ``&`` and ``;`` both separate parameters."""
+    return _QUERY_PARAM.sub(
+        lambda m: m.group(0) if not _SECRET_PARAM.search(unquote_plus(m.group(2)))
+        else f"{m.group(1)}{m.group(2)}=REDACTED", query)
 
 
 class RequestLog:
@@ -204,6 +215,7 @@ class RequestLog:
         start = time.perf_counter()
         given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope["request_id"] = request_id  # for the answer to a bug, sent from outside this
         status = 500
 
         async def send_with_id(message):
@@ -217,8 +229,11 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            # the path as sent (percent-encoded: a decoded %0A would start a forged line)
+            raw = scope.get("raw_path") or quote(scope.get("path", "")).encode()
             query = scope.get("query_string", b"").decode("latin-1")
-            path = scope.get("path", "") + ("?" + loggable_query(query) if query else "")
+            path = _printable(raw.decode("latin-1") + ("?" + loggable_query(query) if query
+                                                       else ""))
             client = scope.get("client") or ("-", 0)
             access_log.info("%s %s %s %d %.1fms id=%s", client[0], scope.get("method"), path,
                             status, (time.perf_counter() - start) * 1000, request_id)

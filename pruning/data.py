@@ -351,13 +351,15 @@ def _decode_image(path: str, size: int, mode: str) -> torch.Tensor:
 
     with Image.open(path) as im:
         if im.mode == "I" or im.mode.startswith("I;16"):
-            # 16-bit grey (PIL opens 16-bit PGM and some PNG as mode I, 32-bit): its convert
-            # clips to 255; scale 0…65535 to 0…255 instead
+            # 16-bit grey: PIL's convert clips it to 255; scale 0…65535 to 0…255 instead. Mode
+            # I (32-bit) is 16-bit in a PGM, and taken as 8-bit where its pixels are
             grey = np.asarray(im, dtype=np.float64)
             if grey.size and (grey.min() < 0 or grey.max() > 65535):
                 raise ValueError("32-bit integer pixels beyond 0–65535 have no known range; "
                                  "save the images with 8- or 16-bit pixels")
-            im = Image.fromarray(np.round(grey / 257.0).astype(np.uint8))
+            sixteen_bit = im.mode != "I" or im.format == "PPM" or grey.max(initial=0) > 255
+            im = Image.fromarray(np.round(grey / (257.0 if sixteen_bit else 1.0))
+                                 .astype(np.uint8))
         if im.mode == "F":
             raise ValueError("32-bit floating-point pixels (mode F) have no known range; "
                              "save the images with 8- or 16-bit pixels")
@@ -826,10 +828,11 @@ class _Scan:
         return real
 
     def subdirs(self, folder: str) -> list[tuple[str, str]]:
-        """(name, real path) of the visible sub-folders, sorted by name."""
+        """(name, real path) of the visible sub-folders, sorted by name (``__MACOSX``, the
+        resource forks of a zip made on a Mac, is not one)."""
         out = []
         for e in sorted(os.scandir(folder), key=lambda e: e.name):
-            if e.name.startswith("."):
+            if e.name.startswith(".") or e.name == "__MACOSX":
                 continue
             if e.is_symlink():
                 real = self.resolve(e.path)
@@ -895,19 +898,24 @@ def _split_folder(top: list[tuple[str, str]], split: str) -> str | None:
 def _layout(scan: _Scan, root: str, top: list[tuple[str, str]],
             ) -> tuple[str | None, str | None, str | None]:
     """The split folders (train, test, val) of a tree; ``(None, None, None)`` for a tree of
-    class folders alone. A folder named like a split that holds images but no sub-folder is a
-    class (CIFAR-100 has a class "train"); a split folder beside class folders, or an unknown
-    folder beside split folders, is refused rather than guessed at."""
+    class folders alone. Without a ``train/`` of class folders, a folder named like a split is
+    a class (CIFAR-100 has a class "train"), unless it holds the class folders beside it (a
+    split without its ``train/``: refused); an unknown folder beside split folders is refused
+    rather than skipped unsaid."""
     splits = {split: _split_folder(top, split) for split in _SPLIT_NAMES}
-    if all(path is None or not scan.subdirs(path) for path in splits.values()):
-        return None, None, None  # class folders only (some perhaps named like a split)
     named = [name for name, _ in top
              if any(name.lower() in names for names in _SPLIT_NAMES.values())]
     others = [name for name, _ in top if name not in named]
-    if splits["train"] is None:
-        raise DatasetError(f"{root}: {', '.join(f'{n}/' for n in named)} holds class folders, "
-                           f"but there is no train/ folder beside it; put the training "
-                           f"classes in train/")
+    if splits["train"] is None or not scan.subdirs(splits["train"]):
+        # class folders only (some perhaps named like a split), unless a test/ or val/ holds
+        # the very classes beside it: a split whose train/ is missing
+        misplaced = [name for name, real in top if name in named and (
+            inner := {n for n, _ in scan.subdirs(real)}) and inner <= set(others)]
+        if misplaced:
+            raise DatasetError(f"{root}: {', '.join(f'{n}/' for n in misplaced)} holds the "
+                               f"class folders that lie beside it, but there is no train/ "
+                               f"folder; put the training classes in train/")
+        return None, None, None
     if others:
         raise DatasetError(f"{root}: beside the split folders there are other folders "
                            f"({', '.join(others[:5])}); the splits are train/, test/ and val/ "

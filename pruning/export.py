@@ -75,36 +75,45 @@ def model_description(space: SearchSpace, candidate: Candidate) -> dict:
             "input_shape": list(space.input_shape)}
 
 
-def export_problem(folder: str | Path, *, whole: bool = True) -> str | None:
-    """Why the export in ``folder`` cannot be trusted (``None``: it can): a file that
-    ``config.json`` lists is missing or has another sha256, or ``model.safetensors`` records
-    another architecture or candidate than ``config.json``; ``whole``: or ``config.json`` does
-    not describe, as this version would, the network of its space and candidate (an edited
-    width, MACs count or input shape: a run's export is then written again; an older version's
-    export may describe it otherwise and still load)."""
+def export_problem(folder: str | Path) -> str | None:
+    """Why the export in ``folder`` is not this run's whole export (``None``: it is): a file
+    that ``config.json`` lists is missing or has another sha256, ``model.safetensors`` records
+    another network, or ``config.json`` does not describe, as this version would, the network
+    of its space and candidate (an edited width, MACs count or input shape). A run's export
+    with a problem is written again."""
     folder = Path(folder)
     try:
         config = read_json(folder / "config.json")
-        files = config["files"]
-        for name, digest in files.items():
+        for name, digest in config["files"].items():
             if not (folder / name).is_file():
                 return f"{name} is missing"
             if sha256_file(folder / name) != digest:
                 return f"{name} does not have the sha256 config.json lists"
         space = SearchSpace.from_dict(config["space"])
         candidate = Candidate.from_key(config["candidate"])
-        recorded = read_tensors_metadata(folder / "model.safetensors")
-        if (recorded.get("arch"), recorded.get("candidate")) != (space.arch, config["candidate"]):
-            return "model.safetensors holds another network than config.json describes"
-        if whole:
-            described = model_description(space, candidate)
-            edited = next((k for k, v in described.items() if config.get(k) != v), None)
-            if edited is not None:
-                return f"config.json's {edited} is not its network's"
+        problem = _weights_problem(folder, config, space)
+        if problem is not None:
+            return problem
+        described = model_description(space, candidate)
+        edited = next((k for k, v in described.items() if config.get(k) != v), None)
+        if edited is not None:
+            return f"config.json's {edited} is not its network's"
     except FileNotFoundError as e:
         return f"{Path(e.filename).name} is missing"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"config.json is damaged ({type(e).__name__}: {e})"
+    return None
+
+
+def _weights_problem(folder: Path, config: dict, space: SearchSpace) -> str | None:
+    """Whether ``model.safetensors`` is the one ``config.json`` describes: its sha256 (where
+    listed) and the architecture and candidate it records."""
+    digest = (config.get("files") or {}).get("model.safetensors")
+    if digest is not None and sha256_file(folder / "model.safetensors") != digest:
+        return "model.safetensors does not have the sha256 config.json lists"
+    recorded = read_tensors_metadata(folder / "model.safetensors")
+    if (recorded.get("arch"), recorded.get("candidate")) != (space.arch, config["candidate"]):
+        return "model.safetensors holds another network than config.json describes"
     return None
 
 
@@ -261,13 +270,19 @@ def load_pruned(folder: str | Path, *, space: SearchSpace | None = None,
         raise FileNotFoundError(f"{folder} holds no exported model (no model.safetensors): give "
                                 "a run's artifacts folder, e.g. runs/NAME/artifacts")
     if space is None or candidate is None:
-        problem = export_problem(folder, whole=False)
-        if problem is not None:
-            raise ValueError(f"the export in {folder} cannot be loaded: {problem}; export it "
-                             "again (metaprune export --out RUN)")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} holds no config.json beside its "
+                                    "model.safetensors: give a run's artifacts folder")
         config = read_json(folder / "config.json")
-        space = SearchSpace.from_dict(config["space"])
-        candidate = Candidate.from_key(config["candidate"])
+        try:
+            space = SearchSpace.from_dict(config["space"])
+            candidate = Candidate.from_key(config["candidate"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{folder / 'config.json'} is damaged ({type(e).__name__}: "
+                             f"{e})") from None
+        problem = _weights_problem(folder, config, space)
+        if problem is not None:
+            raise ValueError(f"the export in {folder} cannot be loaded: {problem}")
     net = build(space, candidate, device="meta")
     state, _ = load_tensors(folder / "model.safetensors")
     try:

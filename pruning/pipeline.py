@@ -416,7 +416,7 @@ def _record_moved_data(run_dir: Path, spec: PipelineSpec, notify) -> None:
     ``data_root``: its ``spec.json`` names the new place, for the commands that follow."""
     saved = read_spec(run_dir / "spec.json")
     then, now = (_absolute_paths(s).data_root for s in (saved, spec))
-    if then != now:
+    if now is not None and then != now:
         atomic_write_json(run_dir / "spec.json", saved.model_copy(
             update={"data_root": now}).model_dump())
         notify({"stage": "data", "message": f"the run's data has moved from {then} to {now} "
@@ -911,8 +911,10 @@ def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
         previous = read_spec(saved)
     except ValueError as e:
         raise RunFolderError(f"{e}; choose another folder") from None
-    # the data is compared itself once loaded (data.json): the same images may have moved
-    moved = {"data_root"} if (run_dir / DATA_FILE).exists() else set()
+    # a data_root named anew: the data is compared itself once loaded (data.json), the same
+    # images may have moved there (none named: the recorded one, compared as any setting)
+    moved = {"data_root"} if spec.data_root is not None and (run_dir / DATA_FILE).exists() \
+        else set()
     old, new = (_absolute_paths(s).model_dump(exclude={"device", *moved})
                 for s in (previous, spec))
     if old != new:

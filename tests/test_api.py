@@ -361,6 +361,8 @@ def test_client_mistakes_get_a_4xx_with_a_reason(api):
     r = api.post("/v1/jobs", json={**SPEC, "arch": "x" * 100_000}, headers=api.alice)
     assert r.status_code == 422 and len(r.content) < 3000  # the value is echoed cut short
     assert "100,000 characters" in r.text
+    r = api.post("/v1/jobs", json={**SPEC, "levels": ["z" * 10] * 50_000}, headers=api.alice)
+    assert r.status_code == 422 and len(r.content) < 20_000
     r = api.post("/v1/jobs", json={**SPEC, "dataset": "imagefolder"}, headers=api.alice)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "data_root"]
     r = api.delete("/v1/jobs", headers=api.alice)
@@ -380,14 +382,19 @@ def test_every_request_is_logged_with_an_id_and_no_secret(api, caplog):
         mine = api.get("/v1/jobs", headers={**api.alice, "X-Request-ID": "trace-7.a"})
         odd = api.get("/v1/jobs", headers={**api.alice, "X-Request-ID": "a b/c"})
         api.post("/v1/jobs", content=b"x", headers={"Content-Type": "text/plain"})
+        api.get("/v1/jobs?a=1;access_token=s3cret", headers=api.alice)
+        api.get("/v1/jobs/%0A127.0.0.1%20GET%20/v1/x%20200", headers=api.alice)  # a forged line?
     new_id = r.headers["x-request-id"]
     assert len(new_id) == 32 and mine.headers["x-request-id"] == "trace-7.a"
     assert odd.headers["x-request-id"] not in ("a b/c", new_id)  # not a plain id: a new one
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "metaprune.access"]
-    assert len(lines) == 4 and "s3cret" not in caplog.text
+    assert len(lines) == 6 and "s3cret" not in caplog.text
     assert "GET /v1/jobs?token=REDACTED&limit=2 200" in lines[0] and lines[0].endswith(new_id)
     assert lines[1].endswith("id=trace-7.a")
     assert "POST /v1/jobs 415" in lines[3]  # refused before routing, logged all the same
+    assert "GET /v1/jobs?a=1;access_token=REDACTED 200" in lines[4]
+    assert "GET /v1/jobs/%0A127.0.0.1%20GET%20/v1/x%20200 404" in lines[5]  # as sent, one line
+    assert all("\n" not in line for line in lines)
 
 
 def test_a_server_error_is_json(engine, sqlite_url, monkeypatch):
@@ -396,8 +403,9 @@ def test_a_server_error_is_json(engine, sqlite_url, monkeypatch):
     monkeypatch.setattr(catalog, "DatasetList", lambda **_: 1 / 0)
     with TestClient(create_app(Settings(database_url=sqlite_url, require_auth=False)),
                     base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
-        r = client.get("/v1/datasets")
+        r = client.get("/v1/datasets", headers={"X-Request-ID": "bug-1"})
         assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+        assert r.headers["x-request-id"] == "bug-1"
 
 
 def test_catalog(api, sqlite_url):

@@ -294,6 +294,11 @@ def test_imagefolder_16_bit_grey_is_scaled_not_clipped(tmp_path):
     assert Image.open(tmp_path / "a" / "0.pgm").mode == "I"
     b = load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
     assert set(torch.cat([b.train.images, b.test.images]).flatten().tolist()) == {3, 200}
+    # a 32-bit TIFF of 8-bit values stays as it is (a PGM's mode I is 16-bit whatever it holds)
+    Image.fromarray(np.full((8, 8), 200, np.int32)).save(tmp_path / "a" / "eight.tif")
+    assert Image.open(tmp_path / "a" / "eight.tif").mode == "I"
+    assert int(D._decode_image(str(tmp_path / "a" / "eight.tif"), 8, "L").max()) == 200
+    (tmp_path / "a" / "eight.tif").unlink()
     Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "a" / "big.tif")
     with pytest.raises(DatasetError, match="big.tif") as e:
         load_dataset("imagefolder", root=tmp_path, val_size=0, num_workers=0)
@@ -438,17 +443,25 @@ def test_imagefolder_layout_errors(tmp_path):
     # where a class named "test" once took every test image, or tests/ was skipped unsaid
     write_tree(tmp_path / "no-train", n=3)
     write_tree(tmp_path / "no-train" / "test", n=1)
-    with pytest.raises(DatasetError, match="test/ holds class folders, but there is no train/"):
+    with pytest.raises(DatasetError, match="test/ holds the class folders that lie beside it, "
+                                           "but there is no train/"):
         load_dataset("imagefolder", root=tmp_path / "no-train", num_workers=0)
     write_tree(tmp_path / "extra" / "train", n=3)
+    write_tree(tmp_path / "extra" / "test", n=1)
+    (tmp_path / "extra" / "__MACOSX" / "train").mkdir(parents=True)  # a Mac's zip: skipped
     write_tree(tmp_path / "extra" / "tests", n=1)
     with pytest.raises(DatasetError, match=r"other folders \(tests\); the splits are train/"):
         load_dataset("imagefolder", root=tmp_path / "extra", num_workers=0)
-    # a class folder named like a split (CIFAR-100 has "train"): images, no sub-folder
+    shutil.rmtree(tmp_path / "extra" / "tests")
+    assert len(load_dataset("imagefolder", root=tmp_path / "extra", num_workers=0).test) == 3
+    # class folders named like a split (CIFAR-100 has "train"), images in sub-folders or not
     write_tree(tmp_path / "cifar", classes=("cat", "dog", "owl"), n=3)
     (tmp_path / "cifar" / "owl").rename(tmp_path / "cifar" / "train")
+    (tmp_path / "cifar" / "dog").rename(tmp_path / "val")
+    (tmp_path / "cifar" / "val").mkdir()
+    (tmp_path / "val").rename(tmp_path / "cifar" / "val" / "sub")
     b = load_dataset("imagefolder", root=tmp_path / "cifar", val_size=0, num_workers=0)
-    assert b.meta.classes == ("cat", "dog", "train")
+    assert b.meta.classes == ("cat", "train", "val")
 
 
 def test_stream_split_equals_tensor_split(tmp_path):

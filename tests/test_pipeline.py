@@ -564,6 +564,13 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, capsys):
                      str(tmp_path / "copy")]) == 2
     assert "the data differs from the data the run" in error_lines(capsys)[0]
     assert read_json(run_dir / "spec.json")["data_root"] == str(tmp_path / "moved")
+    # prune --resume without --data-root: the recorded one, not "moved to None"
+    no_root = [o for i, o in enumerate(options)
+               if o != "--data-root" and (i == 0 or options[i - 1] != "--data-root")]
+    assert cli.main(["prune", *no_root, "--macs-ratio", "0.5", "--resume", "--out",
+                     str(run_dir)]) == 2
+    assert "data_root: " in error_lines(capsys)[0]
+    assert read_json(run_dir / "spec.json")["data_root"] == str(tmp_path / "moved")
 
 
 def test_image_size_resizes_an_image_folder(tmp_path, capsys):

@@ -269,9 +269,9 @@ def test_redoing_a_step_redoes_the_steps_after_it(reference, tmp_path, capsys):
 
 
 def test_load_pruned_refuses_an_export_that_does_not_hold_together(reference, tmp_path):
-    """``load_pruned`` names what is wrong in one line: a model file replaced (its sha256),
-    weights of another network (the candidate model.safetensors records), a config.json naming
-    another candidate; it takes a file of the export for its folder."""
+    """``load_pruned`` names what is wrong in one line: weights replaced (their sha256), or of
+    another network than config.json names (the candidate model.safetensors records); it takes
+    a file of the export for its folder, and needs only config.json and the weights."""
     from pruning.export import load_pruned
 
     art = tmp_path / "art"
@@ -283,9 +283,15 @@ def test_load_pruned_refuses_an_export_that_does_not_hold_together(reference, tm
     with pytest.raises(ValueError, match="holds another network than config.json describes"):
         load_pruned(art)
     (art / "config.json").write_text(json.dumps(config))
-    (art / "model.ts").write_bytes(b"not the model")
-    with pytest.raises(ValueError, match="model.ts does not have the sha256 config.json lists"):
+    safetensors = (art / "model.safetensors").read_bytes()
+    (art / "model.safetensors").write_bytes(safetensors + b"\0")  # changed since the export
+    with pytest.raises(ValueError, match="model.safetensors does not have the sha256 config.json"):
         load_pruned(art)
+    (art / "model.safetensors").write_bytes(safetensors)
+    # what a deployment copies: config.json and the weights (the other files are not needed)
+    for name in ("model.ts", "model.onnx", "report.json", "search.json", "pareto.png"):
+        (art / name).unlink()
+    assert load_pruned(art) is not None
 
 
 def test_resume_continues_a_run_from_its_spec_json(reference, tmp_path, capsys):

@@ -224,7 +224,7 @@ def open_artifact(db: Database, settings: Settings, owner: str, job_id: str,
     os.close(cfd)
     expected = _known_files(config).get(name)
     if expected is None:
-        raise NotFound(f"no artifact named {name!r}")
+        raise NotFound(f"no artifact named {name[:100]!r}" + ("…" if len(name) > 100 else ""))
     opened = open_inside(folder, name)
     if opened is None:
         raise NotFound(f"artifact {name} is missing")
@@ -249,6 +249,7 @@ def _digits(text: str) -> bool:
 def _offset(digits: str) -> int:
     """A byte offset of a Range: past 18 digits, larger than any file (``int`` refuses
     numbers over 4,300 digits, and nothing needs more than 18)."""
+    digits = digits.lstrip("0") or "0"
     return int(digits) if len(digits) <= 18 else 10**18
 
 
