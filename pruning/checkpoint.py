@@ -185,3 +185,14 @@ def load_training_state(path: str | os.PathLike, module: nn.Module,
             name, _, state_key = key[6:].rpartition(".")
             optimizer.state[params[name]][state_key] = value
     return meta
+
+
+def differences(old: dict, new: dict, prefix: str = ""):
+    """``(dotted key, old value, new value)`` of every setting that differs between two records,
+    nested ones by their own key (``budget.macs_ratio``) rather than as whole dictionaries."""
+    for k in sorted(old.keys() | new.keys()):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            yield f"{prefix}{k}", a, b

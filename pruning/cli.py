@@ -66,10 +66,16 @@ def _space_args(p: argparse.ArgumentParser) -> None:
 
 
 def _space(a) -> SearchSpace:
-    return SearchSpace.create(a.arch, num_classes=a.num_classes, in_channels=a.in_channels,
-                              input_size=a.input_size, width_mult=a.width_mult,
-                              max_width_mult=a.max_width_mult, levels=_scales(a.scales),
-                              channel_divisor=a.channel_divisor, min_channels=a.min_channels)
+    try:
+        return SearchSpace.create(a.arch, num_classes=a.num_classes, in_channels=a.in_channels,
+                                  input_size=a.input_size, width_mult=a.width_mult,
+                                  max_width_mult=a.max_width_mult, levels=_scales(a.scales),
+                                  channel_divisor=a.channel_divisor,
+                                  min_channels=a.min_channels)
+    except ValueError as e:  # the space's "levels" are this command's --scales
+        if str(e).startswith("levels "):
+            raise UserError(f"--scales: {e}") from None
+        raise
 
 
 def _scales(text: str | None) -> tuple[float, ...]:
@@ -939,9 +945,11 @@ def _write_summary(report: dict, out: str, timed: bool) -> None:
         latency = e.get("latency_ms")
         latency = (f"  latency {latency['predicted']:.2f} ms predicted, "
                    f"{latency['measured']:.2f} ms measured" if latency else "")
+        estimate = f"est. val {100 * e['estimated_val_accuracy']:.2f}%"
+        if objective == "loss" and e.get("estimated_val_loss") is not None:  # what was ranked
+            estimate = f"est. val loss {e['estimated_val_loss']:.4f} ({estimate[9:]})"
         return (f"  {name:<12} MACs {format_count(e['macs'], 4):>6}  "
-                f"params {format_count(e['params'], 4):>6}  "
-                f"est. val {100 * e['estimated_val_accuracy']:.2f}%  test {acc}{latency}")
+                f"params {format_count(e['params'], 4):>6}  {estimate}  test {acc}{latency}")
 
     print(f"\n{report['arch']} on {report['dataset']}, budget {_budget_text(report['budget'])}")
     print(line("MetaPruning", mp))

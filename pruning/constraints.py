@@ -48,7 +48,10 @@ class TightBudgetError(BudgetError):
 _UNITS = (("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3))
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 MAX_COUNT = 10**18
-_COUNT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([kKmMgGtT]?)\s*$")
+# ASCII digits (\d takes any script's), "_" only between digits as in Python's literals
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_COUNT_RE = re.compile(rf"^\s*\+?({_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})"
+                       rf"(?:[eE]([+-]?{_DIGITS}))?\s*([kKmMgGtT]?)\s*$")
 
 
 def format_count(n: float, digits: int = 3) -> str:
@@ -66,7 +69,10 @@ def format_count(n: float, digits: int = 3) -> str:
             return f"{sign}{_plain(text)}{suffix}"
     if n == int(n):
         return f"{sign}{int(n)}"
-    return f"{sign}{_plain(f'{n:.{digits}g}')}"
+    text = _plain(f"{n:.{digits}g}")
+    if float(text) >= 1000:  # 999.5 rounds up to the next unit: "1k"
+        return f"{sign}{_plain(f'{n / 1000:.{digits}g}')}k"
+    return f"{sign}{text}"
 
 
 def _plain(text: str) -> str:
@@ -90,14 +96,17 @@ def parse_count(text: str | int) -> int:
         return text
     if not isinstance(text, str):
         raise ValueError(f"not a count: {text!r} (expected a string like '10M' or '250k')")
-    m = _COUNT_RE.match(text.replace("_", ""))
-    if not m and _COUNT_RE.match(text.replace("_", "").strip().removeprefix("-")):
-        raise ValueError(f"a count cannot be negative: {text!r}")
+    m = _COUNT_RE.match(text)
+    negative = not m and _COUNT_RE.match(text.strip().removeprefix("-"))
+    if negative:
+        m = negative
+        if any(c in "123456789" for c in m.group(1)):  # "-0" is zero
+            raise ValueError(f"a count cannot be negative: {text!r}")
     if not m:
         raise ValueError(
             f"not a count: {text!r} (expected a number with an optional k/M/G/T suffix, "
             f"e.g. '12345', '250k', '10M', '1.5G')")
-    number, exp, suffix = m.groups()
+    number, exp, suffix = (g.replace("_", "") if g else g for g in m.groups())
     if len(number) > 40 or (exp is not None and abs(int(exp)) > 40):
         raise ValueError(f"not a count: {text!r} (too many digits)")
     with localcontext() as ctx:
@@ -282,13 +291,21 @@ def check_binding(space: SearchSpace, constraints: Constraint | Iterable[Constra
     return constraints
 
 
-def _check_room(space: SearchSpace, constraints: tuple[Constraint, ...]) -> None:
+def one_step_wider(space: SearchSpace) -> list[Candidate]:
+    """The smallest network with one group at its next wider width, for each group that has
+    one: a budget that admits none of them admits the smallest network alone."""
     smallest = space.smallest()
-    steps = []  # the smallest network with one group at its next wider width
+    steps = []
     for g, table in enumerate(space.width_table):
         level = next((i for i, w in enumerate(table) if w > table[smallest.choices[g]]), None)
         if level is not None:
             steps.append(Candidate(smallest.choices[:g] + (level,) + smallest.choices[g + 1:]))
+    return steps
+
+
+def _check_room(space: SearchSpace, constraints: tuple[Constraint, ...]) -> None:
+    smallest = space.smallest()
+    steps = one_step_wider(space)
     if not steps or any(satisfies(space, c, constraints) for c in steps):
         return
     needs = "; ".join(f"{c.label} budget {c.format_limit()}: the smallest network needs "

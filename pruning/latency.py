@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruning.checkpoint import atomic_write_json, read_json
+from pruning.checkpoint import atomic_write_json, differences, read_json
 from pruning.constraints import Constraint, _check_limit, register_constraint
 from pruning.machine import MachineBusyError, cpu_description
 from pruning.modules import Classifier, ConvBNAct, activation
@@ -352,7 +352,8 @@ class LatencyTable:
     """Per-layer latency of a space on one device (see the module docstring).
 
     Build (or load from the cache) with :meth:`build`; :meth:`predict` gives milliseconds.
-    ``measured_s`` is the time spent measuring (0 when loaded), ``from_cache`` says which.
+    ``measured_s`` is the time its measurement took (when it was measured, loaded from the
+    file too), ``from_cache`` whether it was loaded rather than measured now.
     """
 
     def __init__(self, space: SearchSpace, key: dict, measurements: dict[str, list],
@@ -365,7 +366,10 @@ class LatencyTable:
         self.measured_s, self.from_cache, self.path = measured_s, from_cache, path
         self._space_dict = json.loads(json.dumps(space.to_dict()))
         if not same_space(key["space"], self._space_dict):
-            raise LatencyTableError("latency table belongs to another search space")
+            stored = key["space"] if isinstance(key["space"], dict) else {}
+            what = "; ".join(f"{k}: {a!r} in the table, {b!r} here" for k, a, b in
+                             list(differences(stored, self._space_dict))[:3])
+            raise LatencyTableError(f"latency table belongs to another search space ({what})")
         self.digest = hashlib.sha256(
             json.dumps([measurements, self.overhead_ms], sort_keys=True).encode()
         ).hexdigest()[:16]
@@ -483,7 +487,8 @@ class LatencyTable:
             if space is None:
                 space = SearchSpace.from_dict(key["space"])
             table = cls(space, key, measurements, from_cache=True, path=path,
-                        overhead_ms=d.get("overhead_ms", 0.0))
+                        overhead_ms=d.get("overhead_ms", 0.0),
+                        measured_s=float(d.get("measured_s", 0.0)))
         except LatencyTableError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -44,8 +44,9 @@ import torch
 from metanet.pruningnet import PruningNet
 from pruning import counting
 from pruning.checkpoint import (UnreadableFileError, atomic_write_bytes, atomic_write_json,
-                                check_write_fence, json_bytes, load_tensors, read_json,
-                                read_tensors_metadata, remove_stale_temporaries, save_tensors)
+                                check_write_fence, differences, json_bytes, load_tensors,
+                                read_json, read_tensors_metadata, remove_stale_temporaries,
+                                save_tensors)
 from pruning.constraints import MacsConstraint, budget_use
 from pruning.data import DataBundle, DatasetError, DatasetMeta, load_dataset
 from pruning.evaluate import CandidateEvaluator, entry_score
@@ -96,6 +97,7 @@ def resolve_budget(space: SearchSpace, budget: Budget, *, device: torch.device |
     if budget.is_latency:
         from pruning.latency import LatencyConstraint, LatencyTable
 
+        budget.check_ratio_base(space.max_width_mult)  # before a table is measured
         if table_path is not None and Path(table_path).exists():
             table = LatencyTable.load(table_path, space)
         else:
@@ -143,7 +145,7 @@ class RunContext:
         if not isinstance(recipe, dict):
             raise UnreadableFileError(path, "not a recipe (an object of the stages' settings)")
         then, now = recipe.get(stage), run_recipe(self.r)[stage]
-        difference = next(_differences(then or {}, now, f"{stage}."), None)
+        difference = next(differences(then or {}, now, f"{stage}."), None)
         if difference is not None:
             key, a, b = difference
             raise RunFolderError(
@@ -677,7 +679,8 @@ def stage_export(ctx: RunContext) -> dict:
         "metanet": read_json(ctx.path("metanet/stats.json")),
         "final": {"init": spec.final_init, "epochs": ctx.r.final.epochs,
                   "steps": ctx.r.final.total_steps(len(ctx.data.train))},
-        "search": {"evaluated": len(result.history), "generations": result.config.generations,
+        "search": {"evaluated": len(result.history), "generations": result.generations,
+                   "stopped_early": result.stopped_early,
                    "objective": result.config.objective, "best_score": result.best.score,
                    "val_images": min(ctx.r.eval_images or len(ctx.data.val), len(ctx.data.val))},
         "elapsed_s": None,
@@ -688,8 +691,7 @@ def stage_export(ctx: RunContext) -> dict:
     if latency is not None:
         report["latency_table"] = {"device": latency.table.key["device"], "batch": 1,
                                    "limit_ms": latency.limit,
-                                   "measured_s": round(latency.table.measured_s, 3),
-                                   "from_cache": latency.table.from_cache}
+                                   "measured_s": round(latency.table.measured_s, 3)}
     full, top = space.full_network()
     report["full_network"] = {"macs": counting.macs(full, top),
                               "params": counting.params(full, top)}
@@ -803,7 +805,7 @@ def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
         identity["metanet"].pop("checkpoint_every", None)
         if (src / DATA_FILE).exists():  # the data itself is compared once loaded (data.json):
             identity.pop("data_root")   # the same images under another path are the same data
-    difference = next(_differences(theirs, ours), None)  # nested: the setting itself
+    difference = next(differences(theirs, ours), None)  # nested: the setting itself
     if difference is not None:
         key, there, here = difference
         raise RunFolderError(
@@ -840,17 +842,6 @@ def _check_lender_space(src: Path, space: SearchSpace) -> None:
     if not same_space(meta.get("space"), space.to_dict()):
         raise RunFolderError(f"metanet_from: the PruningNet of {src} was built for another "
                              "search space")
-
-
-def _differences(old: dict, new: dict, prefix: str = ""):
-    """``(dotted key, old value, new value)`` of every setting that differs, nested ones by
-    their own key (``budget.macs_ratio``) rather than as whole dictionaries."""
-    for k in sorted(old.keys() | new.keys()):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            yield from _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            yield f"{prefix}{k}", a, b
 
 
 LOCK_FILE = ".lock"  # hidden: a folder holding only it holds no run (holds_other_files)
@@ -918,6 +909,6 @@ def _check_run_dir(run_dir: Path, spec: PipelineSpec, resume: bool) -> None:
     old, new = (_absolute_paths(s).model_dump(exclude={"device", *moved})
                 for s in (previous, spec))
     if old != new:
-        diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in _differences(old, new))
+        diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in differences(old, new))
         raise RunFolderError(f"{run_dir} holds a run with a different specification ({diff}); "
                              "resume it with the same settings or choose another folder")

@@ -66,12 +66,12 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Protocol
 
 from pruning import counting
-from pruning.checkpoint import UnreadableFileError, atomic_write_json
+from pruning.checkpoint import UnreadableFileError, atomic_write_json, differences
 from pruning.constraints import (
     Constraint,
     InfeasibleBudgetError,
@@ -95,6 +95,7 @@ class SearchStateError(ValueError):
 
 MAX_COUNT = 10_000  # bound of population, keep_top, parents, mutants, crossovers, generations
 MAX_ATTEMPTS = 10**6  # bound of max_attempts
+MAX_BUDGET_USE = 0.95  # of min_budget_use: at 0.99 few mutants or crossovers meet it
 
 
 OBJECTIVES = ("accuracy", "loss")
@@ -163,11 +164,13 @@ class SearchConfig:
             raise ValueError("include_uniform must be true or false, got "  # noqa: TRY004
                              f"{self.include_uniform!r}")
         u = self.min_budget_use
-        if isinstance(u, bool) or not isinstance(u, int | float) or not 0 <= u <= 1:
-            raise ValueError(f"min_budget_use must be a share of the budget in [0, 1], got {u!r}")
+        if isinstance(u, bool) or not isinstance(u, int | float) or not 0 <= u <= MAX_BUDGET_USE:
+            raise ValueError(f"min_budget_use must be a share of the budget in [0, "
+                             f"{MAX_BUDGET_USE}], got {u!r} (nearer the budget too few networks "
+                             f"are left for mutation and crossover: the search turns random)")
         if self.max_attempts is not None and (not _is_int(self.max_attempts)
                                               or not 1 <= self.max_attempts <= MAX_ATTEMPTS):
-            raise ValueError(f"max_attempts must be an integer in [1, {MAX_ATTEMPTS}] or None, "
+            raise ValueError(f"max_attempts must be an integer in [1, {MAX_ATTEMPTS}] or null, "
                              f"got {self.max_attempts!r}")
 
     def attempts(self, wanted: int) -> int:
@@ -183,7 +186,8 @@ class SearchConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown search settings: {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(known))})")
+                             f"(known: {', '.join(sorted(known - {'seed'}))}; the seed is the "
+                             "run's)")
         return cls(**d)
 
 
@@ -446,6 +450,17 @@ class _Search:
                 raise SearchStateError(f"search state {path}: {e}") from e
             if r.key != r.candidate.key() or r.key in keys or not 0 <= r.generation <= completed:
                 raise SearchStateError(f"search state {path}: inconsistent record {r.key!r}")
+            if isinstance(r.score, bool) or not isinstance(r.score, int | float) \
+                    or not math.isfinite(r.score):
+                raise SearchStateError(f"search state {path}: record {r.key!r} has no finite "
+                                       f"score ({r.score!r})")
+            again = self.record(r.candidate, r.score, r.generation)  # what it says of its network
+            if not r.costs:  # a state written before the costs were recorded
+                again = replace(again, costs={})
+            if again != r or not satisfies(self.space, r.candidate, self.constraints):
+                raise SearchStateError(f"search state {path}: record {r.key!r} does not hold "
+                                       f"(its widths, MACs, params or costs are not its "
+                                       f"network's, or it exceeds the budget)")
             keys.add(r.key)
         self.records = [r for r in records if r.generation < completed]
         self.pending = [r for r in records if r.generation == completed]
@@ -560,9 +575,7 @@ class _Search:
 
 def _diff(old, new) -> str:
     if isinstance(old, dict) and isinstance(new, dict):
-        parts = [f"{k}: {old.get(k)!r} in the file, {new.get(k)!r} now"
-                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        return "; ".join(parts)
+        return "; ".join(f"{k}: {a!r} in the file, {b!r} now" for k, a, b in differences(old, new))
     return f"{old!r} in the file, {new!r} now"
 
 

@@ -19,8 +19,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_valida
 
 from pruning import counting
 from pruning.checkpoint import json_bytes
-from pruning.constraints import (InfeasibleBudgetError, MacsConstraint, ParamsConstraint,
-                                 check_binding, check_feasible)
+from pruning.constraints import (BudgetError, InfeasibleBudgetError, MacsConstraint,
+                                 ParamsConstraint, TightBudgetError, check_binding,
+                                 check_feasible, one_step_wider)
 from pruning.archs import INPUT_SIZE_RANGE
 from pruning.registry import arch_digest, arch_family, get_arch
 from pruning.search import SearchConfig
@@ -231,6 +232,15 @@ class Budget(BaseModel):
     def is_latency(self) -> bool:
         return self.latency_ms is not None or self.latency_ratio is not None
 
+    def check_ratio_base(self, max_width_mult: float) -> None:
+        """A latency ratio is relative to the full (1.0×) network, whose latency the space's
+        table measures only if the space holds it (``max_width_mult`` at least 1)."""
+        if self.latency_ratio is not None and max_width_mult < 1:
+            raise BudgetError(
+                f"a latency_ratio is relative to the full (1.0×) network, which a space of "
+                f"max_width_mult {max_width_mult:g} does not hold (its latency table measures "
+                f"no wider): give latency_ms (--max-latency-ms) instead")
+
     def count_constraint(self, space: SearchSpace) -> MacsConstraint | ParamsConstraint:
         """The MACs or params constraint of this budget on ``space``; ratios are of the full
         1.0× network (:meth:`SearchSpace.full_network`). Latency budgets need a device's
@@ -253,7 +263,8 @@ class Budget(BaseModel):
         gives the smallest ratio that is feasible (rounded up), in the terms it was given."""
         try:
             check_feasible(space, constraints)
-        except InfeasibleBudgetError as e:
+            check_binding(space, constraints)
+        except (InfeasibleBudgetError, TightBudgetError) as e:
             name = next((k for k in ("macs_ratio", "params_ratio", "latency_ratio")
                          if getattr(self, k) is not None), None)
             if name is None:
@@ -262,11 +273,11 @@ class Budget(BaseModel):
             full, top = space.full_network()
             whole = (c.table.predict_widths(full.widths(top)) if name == "latency_ratio"
                      else c.value(full, top))  # (a latency table belongs to the run's space)
-            least = c.value(space, space.smallest()) / whole
-            raise InfeasibleBudgetError(
-                f"{e}; as a {name} (--{name.replace('_', '-')}): at least "
-                f"{math.ceil(least * 1000) / 1000:g}") from None
-        check_binding(space, constraints)
+            # what admits a network beside the smallest: something to search
+            least = min((c.value(space, s) for s in one_step_wider(space)),
+                        default=c.value(space, space.smallest())) / whole
+            raise type(e)(f"{e}; as a {name} (--{name.replace('_', '-')}): at least "
+                          f"{math.ceil(least * 1000) / 1000:g}") from None
 
 
 class PipelineSpec(BaseModel):
@@ -415,6 +426,7 @@ class PipelineSpec(BaseModel):
         submitted; the pipeline checks every budget once its data is loaded. A ``ValueError``
         for an architecture whose plan does not hold together (a plugin's), on such a dataset
         with any budget."""
+        self.budget.check_ratio_base(self.resolved().max_width_mult)
         shape = DATASET_SHAPES.get(self.dataset)
         if shape is None:
             return

@@ -520,3 +520,21 @@ def test_a_run_of_an_unknown_plugin_architecture_says_so(capsys, tmp_path):
         status, _, err = call(capsys, *argv)
         assert status == 2 and err.count("\n") == 1
         assert "unknown architecture 'my_gone_plugin'" in err and "METAPRUNE_PLUGINS" in err
+
+
+def test_the_summary_shows_what_the_search_ranked(capsys):
+    """With ``objective: loss`` the pick can estimate a lower accuracy than the uniform network
+    and still have won: the summary gives the loss it ranked by; counts take their unit."""
+    def entry(candidate, macs, params, acc, loss):
+        return {"candidate": candidate, "macs": macs, "params": params, "test_accuracy": 0.5,
+                "estimated_val_accuracy": acc, "estimated_val_loss": loss}
+
+    report = {"arch": "test_resnet", "dataset": "synthetic", "budget": {"macs": 200_000},
+              "search": {"objective": "loss"}, "elapsed_s": 1.0,
+              "metapruning": entry("1-1", 13_250, 445, 0.09375, 2.1),
+              "uniform": entry("2-2", 199_000, 999.5, 0.1172, 2.3)}
+    cli._print_summary(report, "runs/x")
+    out = capsys.readouterr().out
+    assert "MetaPruning  MACs 13.25k  params    445  est. val loss 2.1000 (9.38%)" in out
+    assert "uniform      MACs   199k  params  999.5  est. val loss 2.3000 (11.72%)" in out
+    assert "scores below the uniform" not in out  # it won on loss

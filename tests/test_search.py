@@ -250,6 +250,23 @@ def test_resume_rejects_a_different_search(resnet, tmp_path, change):
     assert ev.keys == []
 
 
+@pytest.mark.parametrize("edit, words", [
+    ({"score": "0.9"}, "has no finite score"), ({"score": float("nan")}, "has no finite score"),
+    ({"macs": 1}, "does not hold"), ({"widths": {}}, "does not hold"),
+])
+def test_resume_rejects_a_record_that_does_not_hold(resnet, tmp_path, edit, words):
+    """A state file edited by hand (or damaged) is not resumed with a record whose score is
+    not a number or whose MACs are not its network's: the pick would be reported wrong."""
+    target, budget = target_budget(resnet)
+    state = tmp_path / "state.json"
+    evolve(resnet, peak_score(target), budget, SMALL, state_path=state)
+    data = json.loads(state.read_text())
+    data["records"][0].update(edit)
+    state.write_text(json.dumps(data))
+    with pytest.raises(SearchStateError, match=words):
+        evolve(resnet, peak_score(target), budget, SMALL, state_path=state)
+
+
 def test_resume_rejects_a_corrupt_file(resnet, tmp_path):
     _, budget = target_budget(resnet)
     state = tmp_path / "state.json"
@@ -515,6 +532,7 @@ def test_strategies(resnet):
     ({"max_attempts": 0}, "max_attempts"),
     ({"population": True}, "population"),
     ({"min_budget_use": 1.5}, "min_budget_use"),
+    ({"min_budget_use": 0.99}, "the search turns random"),
     ({"min_budget_use": True}, "min_budget_use"),
     ({"objective": "top5"}, "objective must be one of accuracy, loss"),
     ({"include_uniform": 1}, "include_uniform must be true or false"),
