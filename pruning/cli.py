@@ -469,8 +469,9 @@ class _StopOnCtrlC:
         self.requested, self.signum = True, signum
         try:
             print(f"\nmetaprune: {signal.Signals(signum).name}: stopping at the next training "
-                  "step or search generation, after saving a checkpoint (Ctrl-C again to stop "
-                  "at once)", file=sys.stderr, flush=True)
+                  "step or search generation, after saving a checkpoint (a second "
+                  f"{'Ctrl-C' if signum == signal.SIGINT else 'signal'} stops it at once)",
+                  file=sys.stderr, flush=True)
         except OSError:  # stderr gone (a log reader that died): stop all the same
             pass
 
@@ -728,7 +729,8 @@ def cmd_cancel(a, api) -> dict:
     job = api.cancel(a.job)
     if a.json:
         return job
-    state = ("cancel requested (the worker stops at its next checkpoint)"
+    state = ("cancel requested (the worker stops at its next training step or search "
+             "generation)"
              if job["status"] == "running" else job["status"])
     print(f"{job['id']}: {state}")
     return {}

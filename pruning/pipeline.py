@@ -352,9 +352,15 @@ def prepare(spec: PipelineSpec, run_dir: str | Path, *, resume: bool = False,
     t_start = time.perf_counter()
 
     notify({"stage": "data", "message": f"loading {spec.dataset}"})
-    data = load_dataset(spec.dataset, root=spec.data_root, image_size=spec.image_size,
-                        device=device, val_size=r.val_size,
-                        train_limit=r.train_limit, test_limit=r.test_limit, seed=spec.seed)
+    try:
+        data = load_dataset(spec.dataset, root=spec.data_root, image_size=spec.image_size,
+                            device=device, val_size=r.val_size,
+                            train_limit=r.train_limit, test_limit=r.test_limit, seed=spec.seed)
+    except DatasetError as e:
+        if not (run_dir / "spec.json").is_file():
+            raise
+        raise DatasetError(f"{e} If this run's data has moved, give its new folder: "
+                           f"--data-root NEW") from None
     _check_batches(data, r)
     if r.eval_images is not None and r.eval_images > len(data.val):
         notify({"stage": "data", "message": f"eval_images {r.eval_images} is more than the "
@@ -421,8 +427,9 @@ def _record_moved_data(run_dir: Path, spec: PipelineSpec, notify) -> None:
     if now is not None and then != now:
         atomic_write_json(run_dir / "spec.json", saved.model_copy(
             update={"data_root": now}).model_dump())
-        notify({"stage": "data", "message": f"the run's data has moved from {then} to {now} "
-                                            f"(the same images); spec.json now names {now}"})
+        notify({"stage": "data", "message": f"the run's data has moved from "
+                                            f"{then or 'its default place'} to {now} (the same "
+                                            f"images); spec.json now names {now}"})
 
 
 def _data_summary(meta: DatasetMeta, fingerprint: dict) -> str:
@@ -591,13 +598,14 @@ def stage_train(ctx: RunContext) -> dict:
 
 
 def _chance_warning(test_accuracy: float, chance: float, steps: int, preset: str) -> str:
-    """Why a trained network is at chance level: too few steps to learn, or a collapse."""
+    """Why a trained network is at or below chance level: too few steps to learn, or a
+    collapse."""
     step_count = f"{steps} step" if steps == 1 else f"{steps} steps"
     why = (f"the training was too short to learn ({step_count} with the {preset} preset's "
            "final.epochs and data); train longer" if steps < SHORT_TRAINING_STEPS else
            "its training collapsed; a larger budget, a higher min_channels or final_init "
            "'generated' may help")
-    return (f"test accuracy {100 * test_accuracy:.2f}% is at chance level "
+    return (f"test accuracy {100 * test_accuracy:.2f}% is at or below chance level "
             f"({100 * chance:.1f}%): {why}")
 
 
