@@ -8,6 +8,9 @@
    batch size. Target ≤ 1.5×. Random candidates are smaller than the max-width net on
    average, so the generators' own overhead is also reported: the same candidates trained
    through the PruningNet vs as plain nets.
+3. The plain nets' layout (:func:`pruning.modules.computing_layout`): the max-width net's
+   training step and forward pass in NCHW against the layout the pipeline computes in
+   (channels-last on a CPU); the limits of 1 and 2 are measured in that layout.
 
     python bench/bench_engine.py [--arch mobilenet_v2] [--device cpu|cuda] [--threads 2]
 """
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from metanet import PruningNet
 from pruning import SearchSpace, build, macs
+from pruning.modules import computing_layout
 from pruning.evaluate import CandidateEvaluator
 from timing import median_seconds  # bench/timing.py (the script's folder is on sys.path)
 
@@ -90,7 +94,8 @@ def main() -> None:
                 net(x)
 
         t_eval = median_seconds(lambda: evaluator(cand), device, a.repeat)
-        t_limit = median_seconds(forward_only, device, a.repeat)
+        with computing_layout(net, device):
+            t_limit = median_seconds(forward_only, device, a.repeat)
         eval_s.append(t_eval)
         limit_s.append(t_limit)
         eval_ratios.append(t_eval / t_limit)
@@ -115,10 +120,21 @@ def main() -> None:
         loss.backward()
         opt_plain.step()
 
-    for fn in (meta_step, plain_step):
-        fn()
+    @torch.inference_mode()
+    def plain_forward():
+        plain.eval()
+        for x_val, _ in evaluator.validation:
+            plain(x_val)
+        plain.train()
+
+    meta_step()
     t_meta = median_seconds(meta_step, device, a.repeat * 2)
-    t_plain = median_seconds(plain_step, device, a.repeat * 2)
+    t_nchw = {fn.__name__: median_seconds(fn, device, a.repeat * 2, warmup=1)
+              for fn in (plain_step, plain_forward)}
+    with computing_layout(plain, device):
+        t_fast = {fn.__name__: median_seconds(fn, device, a.repeat * 2, warmup=1)
+                  for fn in (plain_step, plain_forward)}
+    t_plain = t_fast["plain_step"]
 
     # the generators' own overhead: the same candidates as plain nets vs through the PruningNet
     same = [space.random(random.Random(100 + i)) for i in range(a.repeat * 2)]
@@ -140,7 +156,8 @@ def main() -> None:
             o.step()
 
         t_meta_same += median_seconds(cand_meta_step, device, 2)
-        t_plain_same += median_seconds(cand_plain_step, device, 2)
+        with computing_layout(net, device):
+            t_plain_same += median_seconds(cand_plain_step, device, 2)
 
     images = a.calib_batches * a.batch_size + len(val)
     print(json.dumps({
@@ -162,6 +179,10 @@ def main() -> None:
                           "ratio": round(t_meta / t_plain, 3), "target": 1.5,
                           "same_candidates": len(same),
                           "ratio_vs_same_candidate_plain": round(t_meta_same / t_plain_same, 3)},
+        "layout": {"computing": ("channels_last" if device.type == "cpu" else "default"),
+                   "nchw_s": {k: round(v, 4) for k, v in t_nchw.items()},
+                   "computing_s": {k: round(v, 4) for k, v in t_fast.items()},
+                   "speedup": {k: round(t_nchw[k] / t_fast[k], 3) for k in t_nchw}},
     }, indent=1))
 
 

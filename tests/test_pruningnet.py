@@ -488,6 +488,7 @@ def test_evaluator_objectives_accuracy_and_loss():
     assert len(y) == 50
     for cand in random_candidates(pn.space, 3, seed=8):
         net = by_loss.materialise(cand).eval()
+        assert all(t.is_contiguous() for t in net.state_dict().values())  # the default layout
         with torch.no_grad():
             logits = net(x)
         estimates = by_loss.estimates(cand)
