@@ -262,13 +262,17 @@ def finish(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
 
 def fail(engine: Engine, job_id: str, worker_id: str, attempt: int, *, error_kind: str,
          error_message: str, retry: bool = False, now: datetime | None = None) -> bool:
-    """The attempt failed. ``retry``: re-queue while attempts are left (a transient error),
-    else the job fails for good. Whether this worker still held the job."""
+    """The attempt failed. ``retry``: re-queue while attempts are left (a transient error) —
+    or, if a cancel was requested meanwhile, cancel it —, else the job fails for good. Whether
+    this worker still held the job."""
     now = now or utcnow()
+    # a cancel requested meanwhile wins over a retry: re-queued, the job's next claim would
+    # clear ``cancel_requested`` and run it again although its owner was told it would stop
     again = and_(literal(retry), Job.attempt < Job.max_attempts)
-    values = {"status": case((again, QUEUED), else_=FAILED), "error_kind": error_kind,
-              "error_message": error_message, **_end(now),
-              "finished_at": case((again, None), else_=_ts(now))}
+    requeue = and_(again, ~Job.cancel_requested)
+    values = {"status": case((requeue, QUEUED), (again, CANCELLED), else_=FAILED),
+              "error_kind": error_kind, "error_message": error_message, **_end(now),
+              "finished_at": case((requeue, None), else_=_ts(now))}
     return _worker_write(engine, job_id, worker_id, attempt, values)
 
 

@@ -333,6 +333,23 @@ def test_cancel_running(engine):
     assert (row.status, row.lease_owner) == ("cancelled", None)
 
 
+def test_cancel_requested_then_attempt_fails_with_retry(engine):
+    """A cancel asked of a running job whose attempt then fails with a transient error (a full
+    disk, a crash in export) is not lost: the job is cancelled, not re-queued (its next claim
+    would clear ``cancel_requested`` and run it again)."""
+    job = submit(engine, max_attempts=3)
+    c = queue.claim(engine, "w")
+    with Session(engine) as s:
+        assert queue.request_cancel(s, job.id, "alice").status == "running"
+        s.commit()
+    assert queue.fail(engine, job.id, "w", c.attempt, error_kind="internal",
+                      error_message="OSError: [Errno 28] No space left on device", retry=True)
+    row = job_row(engine, job.id)
+    assert (row.status, row.lease_owner) == ("cancelled", None)
+    assert row.finished_at is not None
+    assert queue.claim(engine, "w2") is None
+
+
 def test_cancel_requested_then_lease_expires(engine):
     job = submit(engine)
     queue.claim(engine, "w", lease_seconds=10, now=T0)
