@@ -53,7 +53,6 @@ One job at a time, in the calling thread::
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import socket
@@ -593,9 +592,14 @@ class Worker:
         from pruning.pipeline import RunFolderError, check_metanet_source
         from pruning.spec import metanet_fingerprint
 
+        from pruning.checkpoint import UnreadableFileError, read_json
+
         saved = self.run_dir(job.id) / "spec.json"
-        if saved.exists():
-            return json.loads(saved.read_text()).get("metanet_from")
+        if saved.exists():  # damaged: named, and the job failed (_unreadable), not retried
+            recorded = read_json(saved)
+            if not isinstance(recorded, dict):
+                raise UnreadableFileError(saved, "not a job specification (a JSON object)")
+            return recorded.get("metanet_from")
         if spec.metanet_from is not None:  # not over the API; a job queued by other means
             return spec.metanet_from
         for lender in queue.metanet_lenders(self.engine, job.owner, metanet_fingerprint(spec),

@@ -271,6 +271,22 @@ def test_a_corrupt_file_is_kept_when_it_cannot_be_redone(clean, settings, monkey
     assert (Path(settings.artifact_dir) / "jobs" / job_id / name).exists()
 
 
+@pytest.mark.parametrize("text", ['{"arch": "test_mob', "[]"])
+def test_a_damaged_spec_json_fails_the_job_naming_it(clean, settings, text):
+    """The worker reads a resumed job's ``spec.json`` before the pipeline does (which PruningNet
+    it adopted): a damaged one fails the job at once as ``corrupt_file``, naming the file, as
+    the README says — not retried as an ``internal`` JSONDecodeError up to max_attempts."""
+    job_id = submit(clean, SPEC, max_attempts=3)
+    run_dir = Path(settings.artifact_dir) / "jobs" / job_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.json").write_text(text)
+    assert Worker(settings, "w1", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.error_kind, job.attempt) == ("failed", "corrupt_file", 1)
+    assert job.error_message == "spec.json is unreadable, corrupt or truncated"
+    assert (run_dir / "spec.json").read_text() == text  # kept for the operator
+
+
 # --- cancel, shutdown -----------------------------------------------------------------------
 
 
