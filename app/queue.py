@@ -254,7 +254,9 @@ def finish(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
            detail: dict[str, Any] | None = None, now: datetime | None = None) -> bool:
     """The job succeeded; whether this worker still held it (exactly one completion)."""
     now = now or utcnow()
-    values = {"status": SUCCEEDED, "stage": "done", "progress": 1.0, **_end(now)}
+    # an earlier attempt's error (a retried one) is no longer why anything failed
+    values = {"status": SUCCEEDED, "stage": "done", "progress": 1.0, "error_kind": None,
+              "error_message": None, **_end(now)}
     if detail is not None:
         values["detail"] = detail
     return _worker_write(engine, job_id, worker_id, attempt, values)
@@ -281,7 +283,7 @@ def mark_cancelled(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
     """The worker stopped on a cancel request; whether it still held the job."""
     now = now or utcnow()
     stmt = (update(Job).where(_fence(job_id, worker_id, attempt), Job.cancel_requested)
-            .values(status=CANCELLED, **_end(now)))
+            .values(status=CANCELLED, error_kind=None, error_message=None, **_end(now)))
     with write_transaction(engine) as conn:
         return conn.execute(stmt).rowcount == 1
 

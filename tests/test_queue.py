@@ -300,6 +300,28 @@ def test_fail_with_retry(engine):
     assert row.finished_at is not None
 
 
+@pytest.mark.parametrize("end", ["finish", "mark_cancelled"])
+def test_an_earlier_attempt_s_error_is_cleared_when_the_job_succeeds_or_is_cancelled(engine,
+                                                                                     end):
+    """``error_kind``/``error_message`` say why a job failed (else null): a job that succeeded
+    (or was cancelled) on its retry does not keep the retried attempt's error."""
+    job = submit(engine, max_attempts=3)
+    c = queue.claim(engine, "w")
+    assert queue.fail(engine, job.id, "w", c.attempt, error_kind="internal",
+                      error_message="OSError: [Errno 28] No space left on device", retry=True)
+    row = job_row(engine, job.id)
+    assert (row.status, row.error_kind) == ("queued", "internal")  # while it is retried
+    c = queue.claim(engine, "w")
+    if end == "mark_cancelled":
+        with Session(engine) as s:
+            queue.request_cancel(s, job.id, "alice")
+            s.commit()
+    assert getattr(queue, end)(engine, job.id, "w", c.attempt)
+    row = job_row(engine, job.id)
+    assert row.status == ("succeeded" if end == "finish" else "cancelled")
+    assert (row.error_kind, row.error_message) == (None, None)
+
+
 # --- cancel -----------------------------------------------------------------------------------
 
 
