@@ -24,6 +24,9 @@ interleave badly:
 Functions for the API take a :class:`~sqlalchemy.orm.Session` (the caller commits); functions
 for workers and the reaper take the :class:`~sqlalchemy.Engine` and commit their one statement.
 Every time is an aware UTC datetime; ``now`` defaults to the current time and exists for tests.
+Lease and presence times (:func:`claim`, :func:`heartbeat`, :func:`reap`, the workers' rows) are
+read from the database server's clock on PostgreSQL, so that workers and the API on machines
+whose clocks differ agree on when a lease ends (:func:`_lease_clock`).
 
 Workers also record their presence (:func:`worker_seen`, :func:`worker_gone`) so that the API can
 say why a queued job waits (:func:`live_workers`): no worker at all, or none that takes CUDA jobs.
@@ -32,7 +35,7 @@ say why a queued job waits (:func:`live_workers`): no worker at all, or none tha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (BigInteger, Engine, and_, case, cast, delete, func, literal, select, true,
@@ -77,6 +80,17 @@ def _insert(dialect: str):
     from sqlalchemy.dialects import postgresql, sqlite
 
     return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+
+
+def _lease_clock(conn) -> datetime:
+    """The clock leases and workers' presence are measured by. On PostgreSQL, the database
+    server's: workers and the API run on machines of their own (README, Scaling out), and a
+    worker whose clock ran behind the reaper's by more than a lease had its job reaped while it
+    heartbeat (failed ``lease_expired`` after ``max_attempts``; a clock ahead kept a dead
+    worker's job ``running`` as much longer). On SQLite every process is on one machine."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(select(func.clock_timestamp())).scalar_one().astimezone(timezone.utc)
+    return utcnow()
 
 
 def _ts(value: datetime):
@@ -184,8 +198,6 @@ def claim(engine: Engine, worker_id: str, *, lease_seconds: float = 60.0, cuda: 
           now: datetime | None = None) -> Claimed | None:
     """Atomically take the oldest queued job (``None`` when there is none); ``cuda=False``:
     the oldest whose spec does not ask for ``cuda`` (a worker without a GPU leaves those)."""
-    now = now or utcnow()
-    expires = now + timedelta(seconds=lease_seconds)
     claimable = Job.status == QUEUED
     if not cuda:
         claimable = and_(claimable, Job.spec["device"].as_string().is_distinct_from("cuda"))
@@ -193,15 +205,17 @@ def claim(engine: Engine, worker_id: str, *, lease_seconds: float = 60.0, cuda: 
               .order_by(Job.created_at, Job.id).limit(1)
               .with_for_update(skip_locked=True)  # PostgreSQL; SQLite: BEGIN IMMEDIATE
               .scalar_subquery())
-    stmt = (update(Job)
-            .where(Job.id == oldest, Job.status == QUEUED)
-            .values(status=RUNNING, attempt=Job.attempt + 1, lease_owner=worker_id,
-                    lease_expires_at=expires, cancel_requested=False,
-                    started_at=func.coalesce(Job.started_at, _ts(now)),
-                    updated_at=now)
-            .returning(Job.id, Job.owner, Job.spec, Job.attempt, Job.max_attempts, Job.stage,
-                       Job.detail, Job.lease_expires_at))
     with write_transaction(engine) as conn:
+        now = now or _lease_clock(conn)
+        stmt = (update(Job)
+                .where(Job.id == oldest, Job.status == QUEUED)
+                .values(status=RUNNING, attempt=Job.attempt + 1, lease_owner=worker_id,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                        cancel_requested=False,
+                        started_at=func.coalesce(Job.started_at, _ts(now)),
+                        updated_at=now)
+                .returning(Job.id, Job.owner, Job.spec, Job.attempt, Job.max_attempts,
+                           Job.stage, Job.detail, Job.lease_expires_at))
         row = conn.execute(stmt).one_or_none()
     return None if row is None else Claimed(*row)
 
@@ -220,10 +234,12 @@ def heartbeat(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
     """Renew the lease if (``worker_id``, ``attempt``) still hold it. A falsy result means the
     lease is lost: stop, write nothing more. ``cancel_requested``: stop and
     :func:`mark_cancelled`."""
-    now = now or utcnow()
-    row = _worker_write(engine, job_id, worker_id, attempt,
-                        {"lease_expires_at": now + timedelta(seconds=lease_seconds),
-                         "updated_at": now}, returning=(Job.cancel_requested,))
+    with write_transaction(engine) as conn:
+        now = now or _lease_clock(conn)
+        row = conn.execute(update(Job).where(_fence(job_id, worker_id, attempt))
+                           .values(lease_expires_at=now + timedelta(seconds=lease_seconds),
+                                   updated_at=now)
+                           .returning(Job.cancel_requested)).one_or_none()
     return Beat(False) if row is None else Beat(True, bool(row[0]))
 
 
@@ -312,7 +328,11 @@ def release(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
 def reap(engine: Engine, now: datetime | None = None) -> dict[str, str]:
     """Settle running jobs whose lease expired: re-queue (attempts left), fail
     (``lease_expired``), or cancel (cancel requested). Returns ``{job id: new status}``."""
-    now = now or utcnow()
+    with write_transaction(engine) as conn:
+        return _reap(conn, now or _lease_clock(conn))
+
+
+def _reap(conn, now: datetime) -> dict[str, str]:
     cancelled = Job.cancel_requested
     retry = Job.attempt < Job.max_attempts
     stmt = (update(Job)
@@ -326,8 +346,7 @@ def reap(engine: Engine, now: datetime | None = None) -> dict[str, str]:
                     finished_at=case((and_(~cancelled, retry), None), else_=_ts(now)),
                     lease_owner=None, lease_expires_at=None, updated_at=now)
             .returning(Job.id, Job.status))
-    with write_transaction(engine) as conn:
-        return {job_id: status for job_id, status in conn.execute(stmt)}
+    return {job_id: status for job_id, status in conn.execute(stmt)}
 
 
 def housekeeping(engine: Engine, *, lease_seconds: float) -> dict[str, str]:
@@ -346,12 +365,12 @@ def worker_seen(engine: Engine, worker_id: str, *, cuda: bool,
                 now: datetime | None = None) -> None:
     """Record that ``worker_id`` is running (``cuda``: it claims the jobs that ask for CUDA):
     its row is made or renewed, in one upsert."""
-    now = now or utcnow()
-    stmt = _insert(engine.dialect.name)(WorkerPresence).values(
-        id=worker_id, cuda=cuda, started_at=now, seen_at=now)
-    stmt = stmt.on_conflict_do_update(index_elements=[WorkerPresence.id],
-                                      set_={"seen_at": now, "cuda": cuda})
     with write_transaction(engine) as conn:
+        now = now or _lease_clock(conn)
+        stmt = _insert(engine.dialect.name)(WorkerPresence).values(
+            id=worker_id, cuda=cuda, started_at=now, seen_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=[WorkerPresence.id],
+                                          set_={"seen_at": now, "cuda": cuda})
         conn.execute(stmt)
 
 
@@ -364,8 +383,8 @@ def worker_gone(engine: Engine, worker_id: str) -> None:
 def forget_workers(engine: Engine, *, unseen_s: float, now: datetime | None = None) -> int:
     """Delete the rows of workers not seen for ``unseen_s`` seconds (killed, machine lost);
     how many."""
-    since = (now or utcnow()) - timedelta(seconds=unseen_s)
     with write_transaction(engine) as conn:
+        since = (now or _lease_clock(conn)) - timedelta(seconds=unseen_s)
         return conn.execute(delete(WorkerPresence).where(WorkerPresence.seen_at < since)).rowcount
 
 
@@ -373,7 +392,7 @@ def live_workers(session: Session, *, within_s: float,
                  now: datetime | None = None) -> tuple[int, int]:
     """How many workers reported within the last ``within_s`` seconds: ``(all, those that
     claim CUDA jobs)``."""
-    since = (now or utcnow()) - timedelta(seconds=within_s)
+    since = (now or _lease_clock(session.connection())) - timedelta(seconds=within_s)
     cuda = func.count().filter(WorkerPresence.cuda)
     row = session.execute(select(func.count(), cuda)
                           .where(WorkerPresence.seen_at >= since)).one()

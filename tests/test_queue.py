@@ -272,6 +272,32 @@ def test_expired_lease_requeued_and_old_worker_fenced_out(engine):
     assert not queue.finish(engine, job.id, "w2", 2)  # exactly one completion
 
 
+@pytest.mark.postgres
+def test_leases_and_presence_follow_the_database_clock_not_the_worker_s(postgres_url,
+                                                                         monkeypatch):
+    """Workers and the API may run on different machines: a worker whose clock is ten minutes
+    behind the reaper's still holds the lease it renews, and is seen as running (on PostgreSQL
+    leases are measured by the database server's clock)."""
+    import app.queue as q
+
+    engine = emptied_engine(postgres_url)
+    try:
+        job = submit(engine)
+        real = q.utcnow
+        monkeypatch.setattr(q, "utcnow", lambda: real() - timedelta(minutes=10))  # the worker
+        c = queue.claim(engine, "w", lease_seconds=60)
+        assert queue.heartbeat(engine, job.id, "w", c.attempt, lease_seconds=60)
+        queue.worker_seen(engine, "w", cuda=False)
+        monkeypatch.setattr(q, "utcnow", real)  # the API, or a worker on another machine
+        assert queue.reap(engine) == {}
+        assert job_row(engine, job.id).status == "running"
+        with Session(engine) as s:
+            assert queue.live_workers(s, within_s=60) == (1, 0)
+        assert queue.forget_workers(engine, unseen_s=120) == 0
+    finally:
+        engine.dispose()
+
+
 def test_poison_job_fails_after_max_attempts(engine):
     job = submit(engine, max_attempts=3)
     now = T0
