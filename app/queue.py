@@ -195,12 +195,16 @@ def _fence(job_id: str, worker_id: str, attempt: int):
 
 
 def claim(engine: Engine, worker_id: str, *, lease_seconds: float = 60.0, cuda: bool = True,
-          now: datetime | None = None) -> Claimed | None:
+          data_root: bool = True, now: datetime | None = None) -> Claimed | None:
     """Atomically take the oldest queued job (``None`` when there is none); ``cuda=False``:
-    the oldest whose spec does not ask for ``cuda`` (a worker without a GPU leaves those)."""
+    the oldest whose spec does not ask for ``cuda`` (a worker without a GPU leaves those);
+    ``data_root=False``: the oldest without a ``data_root`` (a worker without dataset roots
+    leaves those to one that has them)."""
     claimable = Job.status == QUEUED
     if not cuda:
         claimable = and_(claimable, Job.spec["device"].as_string().is_distinct_from("cuda"))
+    if not data_root:
+        claimable = and_(claimable, Job.spec["data_root"].as_string().is_(None))
     oldest = (select(Job.id).where(claimable)
               .order_by(Job.created_at, Job.id).limit(1)
               .with_for_update(skip_locked=True)  # PostgreSQL; SQLite: BEGIN IMMEDIATE
@@ -305,19 +309,24 @@ def mark_cancelled(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
 
 
 def release(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
+            error_kind: str | None = None, error_message: str | None = None,
             now: datetime | None = None) -> bool:
-    """The worker is shutting down and stopped the job at a checkpoint: give it back to the
-    queue without using up an attempt (the next claim resumes it from its run folder). A job
-    whose cancel was requested meanwhile becomes ``cancelled`` instead (a queued job's cancel
-    would otherwise be lost: claiming clears ``cancel_requested``). Fenced like every worker
-    write; whether this worker still held the job."""
+    """The worker is shutting down and stopped the job at a checkpoint, or cannot run it but
+    another worker can (``error_kind``/``error_message`` then say why: a worker set up
+    otherwise than the API): give it back to the queue without using up an attempt (the next
+    claim resumes it from its run folder). A job whose cancel was requested meanwhile becomes
+    ``cancelled`` instead (a queued job's cancel would otherwise be lost: claiming clears
+    ``cancel_requested``). Fenced like every worker write; whether this worker still held the
+    job."""
     now = now or utcnow()
     cancelled = Job.cancel_requested
+    why = {} if error_kind is None else {"error_kind": error_kind,
+                                         "error_message": error_message}
     stmt = (update(Job).where(_fence(job_id, worker_id, attempt))
             .values(status=case((cancelled, CANCELLED), else_=QUEUED),
                     attempt=case((cancelled, Job.attempt), else_=Job.attempt - 1),
                     finished_at=case((cancelled, _ts(now)), else_=None),
-                    lease_owner=None, lease_expires_at=None, updated_at=now))
+                    lease_owner=None, lease_expires_at=None, updated_at=now, **why))
     with write_transaction(engine) as conn:
         return conn.execute(stmt).rowcount == 1
 

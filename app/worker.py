@@ -462,7 +462,8 @@ class Worker:
         if self.stopping.is_set():
             return False
         job = queue.claim(self.engine, self.worker_id, lease_seconds=self.settings.lease_seconds,
-                          cuda=self.accepts_cuda_jobs)
+                          cuda=self.accepts_cuda_jobs,
+                          data_root=bool(self.settings.dataset_roots))
         if job is None:
             return False
         log.info("job %s: claimed (attempt %d of %d)", job.id, job.attempt, job.max_attempts)
@@ -504,8 +505,12 @@ class Worker:
             spec = PipelineSpec.model_validate(job.spec)
             problem = data_root_problem(spec.data_root, self.settings)
             if problem is not None and not self.settings.dataset_roots:
-                return self._fenced(  # the API accepted it: this worker is set up otherwise
-                    queue.fail, job, "retry", error_kind="worker", retry=True,
+                # the API accepted it: this worker is set up otherwise (it claims no such job,
+                # but one may have been claimed by other means). Given back without using up an
+                # attempt, for a worker with the roots; not failed: a misconfigured worker
+                # would fail it in seconds
+                return self._fenced(
+                    queue.release, job, "retry", error_kind="worker",
                     error_message="this worker has no dataset roots (METAPRUNE_DATASET_ROOTS, "
                                   "as the API's) to read a data_root from")
             if problem is not None:  # e.g. a symlink pointed out of the roots since submission
@@ -515,10 +520,10 @@ class Worker:
             if device == "cuda":
                 import torch
 
-                if not torch.cuda.is_available():  # another worker may have a GPU
-                    return self._fenced(queue.fail, job, "retry", error_kind="device",
+                if not torch.cuda.is_available():  # another worker may have a GPU: given
+                    return self._fenced(queue.release, job, "retry", error_kind="device",
                                         error_message="the job asks for CUDA and this worker "
-                                                      "has no CUDA device", retry=True)
+                                                      "has no CUDA device")  # back, as above
             spec = spec.model_copy(update={"device": device,
                                            "metanet_from": self._metanet_source(job, spec)})
             state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))

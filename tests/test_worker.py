@@ -198,6 +198,34 @@ def test_a_worker_waits_a_backoff_after_a_failed_attempt(clean, settings, monkey
     assert job_row(clean, job_id).attempt == 3
 
 
+def test_a_worker_without_dataset_roots_leaves_a_data_root_job_for_one_that_has_them(
+        clean, settings, tmp_path):
+    """The API (with dataset roots) accepted a job naming a data_root; a worker set up without
+    roots does not take it (it used to claim it and fail it, ``worker``, in seconds: one
+    misconfigured worker lost the job) but runs the jobs behind it; a worker that got one
+    anyway gives it back without using up an attempt."""
+    roots = tmp_path / "datasets"
+    (roots / "fashion-mnist").mkdir(parents=True)
+    job_id = submit(clean, {**SPEC, "dataset": "fashion-mnist",
+                            "data_root": str(roots / "fashion-mnist")}, max_attempts=1)
+    other = submit(clean, {"arch": "no_such_arch"})
+    w = Worker(settings, "w-no-roots", device="cpu")
+    assert w.run_once()  # the other job, not the data_root one
+    assert job_row(clean, other).status == "failed"
+    assert not w.run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt) == ("queued", 0)
+    # claimed by other means (e.g. a worker of an older version): given back, attempt kept
+    claimed = queue.claim(clean, "w-no-roots", lease_seconds=10)
+    assert claimed.id == job_id
+    assert w.process(claimed) == "retry"
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.error_kind) == ("queued", 0, "worker")
+    with Session(clean) as s:
+        queue.request_cancel(s, job_id, "alice")
+        s.commit()
+
+
 def test_a_worker_refuses_an_artifact_folder_it_cannot_write(settings, tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
