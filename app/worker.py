@@ -491,10 +491,29 @@ class Worker:
         log.info("job %s: %s", job.id, outcome)
         return outcome
 
-    def _fenced(self, write, job: queue.Claimed, outcome: str, **kwargs) -> str:
-        if write(self.engine, job.id, self.worker_id, job.attempt, **kwargs):
+    def _fenced(self, write, job: queue.Claimed, outcome: str, *, state: _JobRun | None = None,
+                **kwargs) -> str:
+        if self._write(write, job, state, **kwargs):
             return outcome
         return "lost"
+
+    def _write(self, write, job: queue.Claimed, state: _JobRun | None, **kwargs) -> bool:
+        """A fenced write of the attempt's end (``queue.finish``, ``fail``, ``release``…). With
+        ``state``, a database error is retried while the lease holds (the heartbeat thread runs
+        on meanwhile): a database blip as the job ends would otherwise leave it ``running``
+        until its lease expired, and the reaper re-queue it — or, on its last attempt, fail it
+        ``lease_expired`` with its artifacts written."""
+        delay = 0.25
+        while True:
+            try:
+                return write(self.engine, job.id, self.worker_id, job.attempt, **kwargs)
+            except SQLAlchemyError as e:
+                if state is None or not state.lease_held():
+                    raise
+                log.warning("job %s: recording its end failed (%s); trying again in %.2g s",
+                            job.id, _reason(e), delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     def _run(self, job: queue.Claimed, state: _JobRun) -> str:
         from pruning.checkpoint import UnreadableFileError, WriteRefused, write_fence
@@ -510,18 +529,20 @@ class Worker:
                 # attempt, for a worker with the roots; not failed: a misconfigured worker
                 # would fail it in seconds
                 return self._fenced(
-                    queue.release, job, "retry", error_kind="worker",
+                    queue.release, job, "retry", state=state, error_kind="worker",
                     error_message="this worker has no dataset roots (METAPRUNE_DATASET_ROOTS, "
                                   "as the API's) to read a data_root from")
             if problem is not None:  # e.g. a symlink pointed out of the roots since submission
-                return self._fenced(queue.fail, job, "failed", error_kind="invalid_spec",
+                return self._fenced(queue.fail, job, "failed", state=state,
+                                    error_kind="invalid_spec",
                                     error_message=f"data_root: {problem}", retry=False)
             device = self.device if self.device != "auto" else spec.device
             if device == "cuda":
                 import torch
 
                 if not torch.cuda.is_available():  # another worker may have a GPU: given
-                    return self._fenced(queue.release, job, "retry", error_kind="device",
+                    return self._fenced(queue.release, job, "retry", state=state,
+                                        error_kind="device",
                                         error_message="the job asks for CUDA and this worker "
                                                       "has no CUDA device")  # back, as above
             spec = spec.model_copy(update={"device": device,
@@ -552,11 +573,12 @@ class Worker:
             for form in sorted({str(self.artifact_dir), str(self.artifact_dir.resolve())},
                                key=len, reverse=True):  # the server's paths are not the client's
                 message = message.replace(form + os.sep, "<artifact folder>" + os.sep)
-            return self._fenced(queue.fail, job, "retry" if retry else "failed",
+            return self._fenced(queue.fail, job, "retry" if retry else "failed", state=state,
                                 error_kind=kind, error_message=message, retry=retry)
         if state.lost.is_set():
             return "lost"
-        return self._fenced(queue.finish, job, "succeeded", detail=summary(report, job.attempt))
+        return self._fenced(queue.finish, job, "succeeded", state=state,
+                            detail=summary(report, job.attempt))
 
     def _unreadable(self, job: queue.Claimed, state: _JobRun, e) -> str:
         """A file of the job's run folder that cannot be read back (a disk error: the atomic
@@ -579,13 +601,14 @@ class Worker:
             if redo:
                 log.warning("job %s: %s; deleting it and retrying", job.id, e)
                 path.unlink(missing_ok=True)
-                return self._fenced(queue.fail, job, "retry", error_kind="corrupt_file",
+                return self._fenced(queue.fail, job, "retry", state=state,
+                                    error_kind="corrupt_file",
                                     error_message=f"{where} was unreadable (corrupt or truncated) "
                                                   f"and was deleted; the step that wrote it runs "
                                                   f"again", retry=True)
         if state.lost.is_set():
             return "lost"
-        return self._fenced(queue.fail, job, "failed", error_kind="corrupt_file",
+        return self._fenced(queue.fail, job, "failed", state=state, error_kind="corrupt_file",
                             error_message=f"{where} is unreadable, corrupt or truncated",
                             retry=False)
 
@@ -624,10 +647,10 @@ class Worker:
         """The pipeline stopped on request: cancelled, given back (shutdown) or lost."""
         if state.lost.is_set():
             return "lost"
-        if queue.mark_cancelled(self.engine, job.id, self.worker_id, job.attempt):
+        if self._write(queue.mark_cancelled, job, state):
             return "cancelled"
         if self.stopping.is_set():
-            return self._fenced(queue.release, job, "released")
+            return self._fenced(queue.release, job, "released", state=state)
         return "lost"  # should_stop found the fence closed
 
     def _progress_of(self, job_id: str) -> float:

@@ -226,6 +226,31 @@ def test_a_worker_without_dataset_roots_leaves_a_data_root_job_for_one_that_has_
         s.commit()
 
 
+def test_a_database_blip_as_the_job_ends_does_not_lose_its_result(clean, settings,
+                                                                   monkeypatch):
+    """The job's work is done, but the database does not answer the write that records it for
+    a moment (shorter than the lease): the worker tries again instead of leaving the job
+    ``running`` until its lease expires — re-queued then, or on its last attempt failed
+    ``lease_expired`` with its artifacts all written."""
+    from sqlalchemy.exc import OperationalError
+
+    real, calls = queue.finish, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "finish", flaky)
+    job_id = submit(clean, SPEC, max_attempts=1)
+    w = Worker(settings, "w1", device="cpu")
+    assert w.run_once()
+    assert w.last_outcome == "succeeded" and len(calls) == 3
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.lease_owner) == ("succeeded", 1, None)
+
+
 def test_a_worker_refuses_an_artifact_folder_it_cannot_write(settings, tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
