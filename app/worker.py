@@ -617,10 +617,9 @@ class Worker:
         (same :func:`~pruning.spec.metanet_fingerprint`, checked by
         :func:`~pruning.pipeline.check_metanet_source`), or ``None``: train one. Decided at the
         first attempt; later attempts resume with the same decision (saved in ``spec.json``)."""
+        from pruning.checkpoint import UnreadableFileError, read_json
         from pruning.pipeline import RunFolderError, check_metanet_source
         from pruning.spec import metanet_fingerprint
-
-        from pruning.checkpoint import UnreadableFileError, read_json
 
         saved = self.run_dir(job.id) / "spec.json"
         if saved.exists():  # damaged: named, and the job failed (_unreadable), not retried
