@@ -21,7 +21,8 @@ One job at a time, in the calling thread::
   gives it back to the queue (shutdown: :func:`app.queue.release`, resumed by the next claim), or
   drops it (lease lost: someone else owns it now).
 * **Resume.** The run folder of a job is the same for every attempt, and ``run(...,
-  resume=True)`` continues from the last stage checkpoint there.
+  resume=True)`` continues from the last stage checkpoint there (a folder that lost its
+  ``spec.json``, deleted under a running attempt, is started over).
 * **PruningNet reuse.** A job whose :func:`~pruning.spec.metanet_fingerprint` (architecture,
   widths, data and split, seed, PruningNet recipe; stored on the row at submission) equals one of
   the same owner's succeeded jobs adopts that job's trained PruningNet (``metanet_from``, checked
@@ -545,6 +546,7 @@ class Worker:
                                         error_kind="device",
                                         error_message="the job asks for CUDA and this worker "
                                                       "has no CUDA device")  # back, as above
+            self._start_over_if_lost(job)
             spec = spec.model_copy(update={"device": device,
                                            "metanet_from": self._metanet_source(job, spec)})
             state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))
@@ -611,6 +613,21 @@ class Worker:
         return self._fenced(queue.fail, job, "failed", state=state, error_kind="corrupt_file",
                             error_message=f"{where} is unreadable, corrupt or truncated",
                             retry=False)
+
+    def _start_over_if_lost(self, job: queue.Claimed) -> None:
+        """A run folder holding files but no ``spec.json`` lost its record (deleted while an
+        attempt ran, which then wrote on into a new one): it cannot be resumed, and the pipeline
+        would refuse it as a folder of someone else's files; it is the job's own, so the job
+        starts over in an empty one."""
+        import shutil
+
+        from pruning.pipeline import holds_other_files
+
+        run_dir = self.run_dir(job.id)
+        if not (run_dir / "spec.json").exists() and holds_other_files(run_dir):
+            log.warning("job %s: its run folder lost its spec.json (deleted?); starting the job "
+                        "over", job.id)
+            shutil.rmtree(run_dir)
 
     def _metanet_source(self, job: queue.Claimed, spec) -> str | None:
         """The run folder of the owner's newest succeeded job whose PruningNet this job can reuse

@@ -730,7 +730,7 @@ def cmd_cancel(a, api) -> dict:
     if a.json:
         return job
     state = ("cancel requested (the worker stops at its next training step or search "
-             "generation)"
+             "generation; a job already evaluating or exporting finishes: it succeeds)"
              if job["status"] == "running" else job["status"])
     print(f"{job['id']}: {state}")
     return {}

@@ -301,6 +301,22 @@ def test_a_corrupt_file_in_the_job_s_folder_is_deleted_and_its_step_redone(clean
         s.commit()
 
 
+def test_a_run_folder_deleted_while_the_job_ran_starts_the_job_over(clean, settings, caplog):
+    """The folder removed under a running attempt, which wrote on into a new one (a checkpoint
+    but no spec.json): the next attempt cannot resume it and does not blame the job's spec; it
+    starts over and succeeds."""
+    job_id = submit(clean, SPEC)
+    run_dir = Path(settings.artifact_dir) / "jobs" / job_id
+    (run_dir / "metanet").mkdir(parents=True)
+    (run_dir / "metanet" / "state.safetensors").write_bytes(b"left by the attempt that ran on")
+    with caplog.at_level("WARNING", logger="metaprune.worker"):
+        assert Worker(settings, "w1", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.error_kind, job.attempt) == ("succeeded", None, 1)
+    assert "lost its spec.json" in caplog.text
+    assert read_json(run_dir / "spec.json")["arch"] == SPEC["arch"]
+
+
 @pytest.mark.parametrize("name, max_attempts", [("metanet/state.safetensors", 1),
                                                 ("data.json", 3)])
 def test_a_corrupt_file_is_kept_when_it_cannot_be_redone(clean, settings, monkeypatch, name,

@@ -87,7 +87,9 @@ def get_job(job_id: JobId, owner: Owner, db: Db, settings: SettingsDep) -> JobOu
                         **errors(404, 409, 422)})
 def cancel_job(job_id: JobId, response: Response, owner: Owner, db: Db) -> JobOut:
     """A queued job is cancelled at once (200); a running one is asked to stop (202) and
-    becomes ``cancelled`` when its worker acknowledges; a finished one is a conflict (409)."""
+    becomes ``cancelled`` when its worker acknowledges (at its next training step or search
+    generation: a job already evaluating or exporting, seconds from its end, succeeds instead);
+    a finished one is a conflict (409)."""
     job = jobs.cancel_job(db, owner, job_id)
     if job.status == JobStatus.RUNNING.value:
         response.status_code = status.HTTP_202_ACCEPTED
