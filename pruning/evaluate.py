@@ -21,15 +21,13 @@ The calibration batches keep ``batch_size``: BN statistics are averaged over the
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from metanet.bn import recalibrate_bn
 from metanet.pruningnet import PruningNet, fixed_shapes_default
-from pruning.modules import computing_layout
+from pruning.modules import inference_layout
 from pruning.search import check_objective
 from pruning.space import Candidate
 
@@ -90,15 +88,7 @@ class CandidateEvaluator:
     def materialise(self, candidate: Candidate, fixed_shapes: bool = False):
         """The candidate's plain net with recalibrated BN (full width when
         ``fixed_shapes``)."""
-        with self._calibrated(candidate, fixed_shapes) as net:
-            return net
-
-    @contextlib.contextmanager
-    def _calibrated(self, candidate: Candidate, fixed_shapes: bool):
-        """:meth:`materialise` computing in :func:`computing_layout` while inside."""
-        net = self.pnet.materialise(candidate, fixed_shapes=fixed_shapes)
-        with computing_layout(net, self.device):
-            yield recalibrate_bn(net, self.calibration)
+        return self.pnet.materialise(candidate, self.calibration, fixed_shapes)
 
     @torch.inference_mode()
     def measure(self, net) -> dict:
@@ -120,7 +110,8 @@ class CandidateEvaluator:
         try:
             with torch.autocast(self.device.type, torch.bfloat16,
                                 enabled=self.device.type == "cuda"):
-                with self._calibrated(candidate, self.fixed_shapes) as net:
+                net = self.materialise(candidate, self.fixed_shapes)
+                with inference_layout(net, self.device):
                     return self.measure(net)
         finally:
             self.pnet.train(was_training)

@@ -97,14 +97,17 @@ def conv_path(block: Block, spec: ConvSpec, in_shortcut: bool = False) -> str:
 
 
 @contextmanager
-def computing_layout(net: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+def inference_layout(net: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
     """``net`` with its conv weights channels-last (NHWC) while inside, on the CPU only; back in
-    the default layout on leaving (what is saved and exported never changes).
+    the default layout on leaving (what is saved, trained and exported never changes). For
+    eval-mode forward passes (scoring candidates, testing).
 
     A conv whose weight is channels-last computes, and hands on, channels-last activations: on
-    the CPU oneDNN's NHWC kernels train the MobileNets 1.3–1.5× and run them 1.4–2× faster
-    than NCHW (``docs/benchmarks.md``). The same function, rounded differently. Elsewhere the
-    layout is left alone (not measured on a GPU).
+    the CPU oneDNN's NHWC kernels run pruned MobileNets in eval mode 1.2–2.3× faster than NCHW
+    (19 of 20 nets measured; ``docs/benchmarks.md``), the same function rounded differently.
+    Not for training: with the odd channel counts of pruned nets, NHWC training steps were as
+    often slower (0.74×) as faster (1.6×). Elsewhere the layout is left alone (not measured on
+    a GPU).
     """
     if torch.device(device).type != "cpu":
         yield net

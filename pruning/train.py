@@ -32,7 +32,7 @@ from torch import nn
 from metanet.pruningnet import fixed_shapes_default
 from pruning.checkpoint import load_training_state, save_training_state
 from pruning.constraints import Constraint
-from pruning.modules import computing_layout
+from pruning.modules import inference_layout
 from pruning.search import random_feasible
 from pruning.space import Candidate, SearchSpace
 from pruning.spec import TrainConfig  # the recipe lives with the spec; re-exported here
@@ -343,23 +343,22 @@ def train_pruningnet(pnet, split, config: TrainConfig, *, seed: int = 0,
 def train_network(net: nn.Module, split, config: TrainConfig, *, seed: int = 0,
                   cuda_graphs: bool | None = None, **kwargs) -> dict:
     """Train a plain (pruned) network; from a CUDA graph by default on CUDA
-    (:func:`cuda_graphs_default`), channels-last on the CPU (:func:`computing_layout`)."""
-    device = kwargs.get("device", "cpu")
+    (:func:`cuda_graphs_default`)."""
     if cuda_graphs is None:
-        cuda_graphs = cuda_graphs_default(device)
-    with computing_layout(net, device):
-        return fit(net, lambda x, _: net(x), split, config, inputs=lambda step: None,
-                   seed=seed, cuda_graphs=cuda_graphs, **kwargs)
+        cuda_graphs = cuda_graphs_default(kwargs.get("device", "cpu"))
+    return fit(net, lambda x, _: net(x), split, config, inputs=lambda step: None, seed=seed,
+               cuda_graphs=cuda_graphs, **kwargs)
 
 
 @torch.inference_mode()
 def accuracy(net: nn.Module, split, *, batch_size: int = 512,
              device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy of ``net`` (in eval mode) on ``split``."""
+    """Top-1 accuracy of ``net`` (in eval mode, channels-last on the CPU:
+    :func:`~pruning.modules.inference_layout`) on ``split``."""
     net.eval()
     device = torch.device(device)
     correct = seen = 0
-    with (computing_layout(net, device),
+    with (inference_layout(net, device),
           torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")):
         for x, y in split.batches(batch_size, device=device):
             correct += (net(x).argmax(1) == y).sum().item()
