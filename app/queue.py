@@ -20,6 +20,8 @@ interleave badly:
 * **cancel** — cooperative: a queued job is cancelled at once, a running one gets
   ``cancel_requested`` which its worker sees in :func:`heartbeat`'s result (or
   :func:`should_stop`) and acknowledges with :func:`mark_cancelled`.
+* **retry** — a failed or cancelled job is queued again with fresh attempts
+  (:func:`retry`); it resumes from its checkpoints.
 
 Functions for the API take a :class:`~sqlalchemy.orm.Session` (the caller commits); functions
 for workers and the reaper take the :class:`~sqlalchemy.Engine` and commit their one statement.
@@ -180,6 +182,29 @@ def request_cancel(session: Session, job_id: str, owner: str | None,
                     cancel_requested=true(),
                     finished_at=case((was_queued, _ts(now)), else_=Job.finished_at),
                     updated_at=now)
+            .returning(Job))
+    if owner is not None:
+        stmt = stmt.where(Job.owner == owner)
+    return session.scalars(stmt, execution_options={"populate_existing": True}).one_or_none()
+
+
+def retry(session: Session, job_id: str, owner: str | None, *, max_attempts: int,
+          now: datetime | None = None) -> Job | None:
+    """Queue a ``failed`` or ``cancelled`` job again; its next claim resumes it from the
+    checkpoints in its run folder. It gets ``max_attempts`` claims more: ``attempt`` counts on
+    (never back to 0), as it is the fencing token of every worker write. ``cancel_requested`` is
+    cleared; the error stays until the next outcome (:func:`finish` clears it). A job a worker
+    holds is ``running``, never failed or cancelled, so no lease is taken from a worker.
+
+    Returns the job as it is afterwards, or ``None`` when no job of ``owner`` with this id is
+    failed or cancelled (unknown → 404, queued, running or succeeded → 409: the caller tells
+    them apart)."""
+    now = now or utcnow()
+    stmt = (update(Job)
+            .where(Job.id == job_id, Job.status.in_((FAILED, CANCELLED)))
+            .values(status=QUEUED, max_attempts=Job.attempt + max_attempts,
+                    cancel_requested=False, finished_at=None, lease_owner=None,
+                    lease_expires_at=None, updated_at=now)
             .returning(Job))
     if owner is not None:
         stmt = stmt.where(Job.owner == owner)

@@ -55,7 +55,8 @@ class JobOut(BaseModel):
                                                "on success the `result`")
     spec: dict[str, Any] = Field(description="the validated job spec, defaults filled in")
     attempt: int = Field(description="how many times a worker has claimed the job")
-    max_attempts: int = Field(description="claims allowed before a lost lease fails the job")
+    max_attempts: int = Field(description="claims allowed before a lost lease or a retried "
+                                          "error fails the job (a retry allows as many more)")
     cancel_requested: bool = Field(description="a cancel was asked for; a running job stops "
                                                "at its next checkpoint of progress")
     error_kind: str | None = Field(description="why the job failed (a short code), else null")

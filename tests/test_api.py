@@ -248,6 +248,50 @@ def test_queue_limit_429(api):
     assert api.post("/v1/jobs", json={**SPEC, "seed": 9}, headers=api.alice).status_code == 201
 
 
+def test_retry_a_failed_or_cancelled_job(api, engine):
+    """Only a failed or cancelled job is queued again (fresh attempts, its error kept until it
+    ends again); anything else is a 409 saying its status; another owner's a 404."""
+    job = api.post("/v1/jobs", json=SPEC, headers=api.alice).json()
+    url = f"/v1/jobs/{job['id']}/retry"
+    r = api.post(url, headers=api.alice)
+    assert r.status_code == 409 and r.json() == {
+        "detail": "job is queued: only a failed or cancelled job can be retried"}
+    api.post(f"/v1/jobs/{job['id']}/cancel", headers=api.alice)
+    assert api.post(url, headers=api.bob).status_code == 404
+    assert api.get(f"/v1/jobs/{job['id']}", headers=api.alice).json()["status"] == "cancelled"
+    r = api.post(url, headers=api.alice)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert (got["status"], got["cancel_requested"], got["finished_at"]) == ("queued", False,
+                                                                           None)
+    with engine.begin() as conn:  # its attempts used up by a full disk
+        conn.execute(update(Job).where(Job.id == job["id"]).values(
+            status="failed", attempt=3, max_attempts=3, error_kind="storage",
+            error_message="the server's storage failed"))
+    got = api.post(url, headers=api.alice).json()
+    assert (got["status"], got["attempt"], got["max_attempts"]) == ("queued", 3, 6)
+    assert got["error_kind"] == "storage"  # until the job ends again
+    for status in ("running", "succeeded"):
+        with engine.begin() as conn:
+            conn.execute(update(Job).where(Job.id == job["id"]).values(status=status))
+        r = api.post(url, headers=api.alice)
+        assert r.status_code == 409 and r.json()["detail"].startswith(f"job is {status}:")
+    assert api.post(f"/v1/jobs/{uuid.uuid4()}/retry", headers=api.alice).json() == {
+        "detail": "job not found"}
+
+
+def test_a_retry_counts_against_the_queue_limit(api):
+    ids = [api.post("/v1/jobs", json={**SPEC, "seed": seed}, headers=api.alice).json()["id"]
+           for seed in range(3)]
+    api.post(f"/v1/jobs/{ids[0]}/cancel", headers=api.alice)
+    assert api.post("/v1/jobs", json={**SPEC, "seed": 9}, headers=api.alice).status_code == 201
+    r = api.post(f"/v1/jobs/{ids[0]}/retry", headers=api.alice)  # 3 queued already
+    assert r.status_code == 429 and "queue limit" in r.json()["detail"]
+    assert api.get(f"/v1/jobs/{ids[0]}", headers=api.alice).json()["status"] == "cancelled"
+    api.post(f"/v1/jobs/{ids[1]}/cancel", headers=api.alice)
+    assert api.post(f"/v1/jobs/{ids[0]}/retry", headers=api.alice).status_code == 200
+
+
 def test_oversized_body_413(engine, sqlite_url):
     with client_for(sqlite_url, require_auth=False, max_body_bytes=2048) as client:
         big = {**SPEC, "search": {"x": "y" * 4000}}
@@ -423,12 +467,14 @@ def test_catalog(api, sqlite_url):
 def test_openapi_is_complete(api):
     doc = api.get("/openapi.json").json()
     assert {"/healthz", "/readyz", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
-            "/v1/archs", "/v1/datasets"} <= set(doc["paths"])
+            "/v1/jobs/{job_id}/retry", "/v1/archs", "/v1/datasets"} <= set(doc["paths"])
     submit = doc["paths"]["/v1/jobs"]["post"]
     assert {"201", "200", "401", "409", "413", "422", "429"} <= set(submit["responses"])
     assert submit["requestBody"]["content"]["application/json"]["examples"]
     assert {"404", "409", "202"} <= set(doc["paths"]["/v1/jobs/{job_id}/cancel"]["post"]
                                         ["responses"])
+    assert {"200", "404", "409", "429"} <= set(doc["paths"]["/v1/jobs/{job_id}/retry"]["post"]
+                                               ["responses"])
     schemas = doc["components"]["schemas"]
     for name in ("JobOut", "JobPage", "ErrorOut", "ArchList", "DatasetList"):
         assert schemas[name].get("examples"), name

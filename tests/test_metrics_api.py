@@ -116,6 +116,18 @@ def test_metrics_format_and_job_gauges(api, engine):
     assert "alice" not in r.text and "bob" not in r.text  # counts only
 
 
+def test_a_retry_is_counted_under_its_route_template(api, engine):
+    failed = run_job(engine, "alice", fail=True)
+    for code in (200, 409):  # queued again, then nothing to retry
+        assert api.post(f"/v1/jobs/{failed}/retry", headers=api.alice).status_code == code
+    samples = parse(api.get("/metrics").text)
+    for code in ("200", "409"):
+        assert sample(samples, "metaprune_http_requests_total", method="POST",
+                      route="/v1/jobs/{job_id}/retry", status=code) == 1
+    assert sample(samples, "metaprune_jobs", status="queued") == 1
+    assert not any(failed in str(key) for key in samples)
+
+
 def test_request_counter_uses_route_templates(api, engine):
     job_id = run_job(engine, "alice", result=result_of(1000))
     for _ in range(3):

@@ -406,3 +406,99 @@ def test_cancel_requested_then_lease_expires(engine):
         s.commit()
     assert queue.reap(engine, now=T0 + timedelta(seconds=11)) == {job.id: "cancelled"}
     assert queue.claim(engine, "w2") is None
+
+
+# --- retry ------------------------------------------------------------------------------------
+
+
+def retry(engine, job_id, owner="alice", max_attempts=2):
+    with Session(engine, expire_on_commit=False) as s:
+        job = queue.retry(s, job_id, owner, max_attempts=max_attempts)
+        s.commit()
+        return job
+
+
+def test_retry_a_failed_job_with_fresh_attempts(engine):
+    """A job whose attempts were used up (a full disk: seconds) is queued again with as many
+    more; its error stays until it ends again; ``attempt`` counts on."""
+    job = submit(engine, max_attempts=2)
+    for attempt in (1, 2):
+        c = queue.claim(engine, "w")
+        assert queue.fail(engine, job.id, "w", c.attempt, error_kind="storage",
+                          error_message="disk full", retry=True)
+    assert job_row(engine, job.id).status == "failed"
+    assert retry(engine, job.id, owner="bob") is None  # not bob's job
+    assert job_row(engine, job.id).status == "failed"
+    got = retry(engine, job.id)
+    assert (got.status, got.attempt, got.max_attempts) == ("queued", 2, 4)
+    assert (got.finished_at, got.lease_owner, got.lease_expires_at) == (None, None, None)
+    assert (got.error_kind, got.error_message) == ("storage", "disk full")
+    assert retry(engine, job.id) is None  # queued: nothing to retry
+    c = queue.claim(engine, "w")
+    assert (c.id, c.attempt, c.max_attempts) == (job.id, 3, 4)
+    assert queue.fail(engine, job.id, "w", c.attempt, error_kind="storage",
+                      error_message="disk full", retry=True)
+    assert job_row(engine, job.id).status == "queued"  # the fresh attempts retry it again
+    c = queue.claim(engine, "w")
+    assert queue.finish(engine, job.id, "w", c.attempt)
+    row = job_row(engine, job.id)
+    assert (row.status, row.attempt, row.error_kind, row.error_message) == ("succeeded", 4,
+                                                                          None, None)
+
+
+@pytest.mark.parametrize("state", ["queued", "running", "succeeded"])
+def test_only_a_failed_or_cancelled_job_is_retried(engine, state):
+    job = submit(engine)
+    if state != "queued":
+        c = queue.claim(engine, "w")
+        if state == "succeeded":
+            assert queue.finish(engine, job.id, "w", c.attempt)
+    before = job_row(engine, job.id)
+    assert retry(engine, job.id) is None
+    after = job_row(engine, job.id)
+    assert (after.status, after.attempt, after.max_attempts, after.lease_owner) == (
+        before.status, before.attempt, before.max_attempts, before.lease_owner)
+    assert after.status == state
+
+
+@pytest.mark.parametrize("when", ["queued", "running"])
+def test_a_retried_cancelled_job_is_not_cancelled_again(engine, when):
+    """A cancelled job keeps ``cancel_requested``; its retry clears it: the queued job no
+    longer reads as being cancelled, and the worker that claims it runs it (no cancel in its
+    heartbeat or should_stop; given back at a shutdown, it is queued, not cancelled)."""
+    job = submit(engine)
+    if when == "running":
+        c = queue.claim(engine, "w")
+    with Session(engine) as s:
+        queue.request_cancel(s, job.id, "alice")
+        s.commit()
+    if when == "running":
+        assert queue.mark_cancelled(engine, job.id, "w", c.attempt)
+    assert job_row(engine, job.id).cancel_requested
+    got = retry(engine, job.id)
+    assert (got.status, got.cancel_requested, got.finished_at) == ("queued", False, None)
+    c = queue.claim(engine, "w2")
+    beat = queue.heartbeat(engine, job.id, "w2", c.attempt)
+    assert beat and not beat.cancel_requested
+    assert not queue.should_stop(engine, job.id, "w2", c.attempt)
+    assert queue.release(engine, job.id, "w2", c.attempt)  # a shutdown: queued, not cancelled
+    assert job_row(engine, job.id).status == "queued"
+
+
+def test_a_stale_worker_stays_fenced_out_after_a_retry(engine):
+    """``attempt`` is the fencing token, so a retry never sets it back: a worker that lost its
+    lease (paused past it; the job failed ``lease_expired``) writes nothing into the attempt
+    the retried job's next claim makes — not even when that claim is its own worker id's
+    (``--worker-id`` names a worker, and a restarted one takes the same)."""
+    job = submit(engine, max_attempts=1)
+    stale = queue.claim(engine, "w", lease_seconds=10, now=T0)
+    assert queue.reap(engine, now=T0 + timedelta(seconds=11)) == {job.id: "failed"}
+    retry(engine, job.id, max_attempts=1)
+    fresh = queue.claim(engine, "w")
+    assert fresh.attempt == stale.attempt + 1
+    assert not queue.heartbeat(engine, job.id, "w", stale.attempt)
+    assert not queue.fail(engine, job.id, "w", stale.attempt, error_kind="internal",
+                          error_message="stale")
+    assert not queue.finish(engine, job.id, "w", stale.attempt)
+    row = job_row(engine, job.id)
+    assert (row.status, row.attempt, row.error_kind) == ("running", 2, "lease_expired")

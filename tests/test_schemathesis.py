@@ -257,6 +257,7 @@ def test_every_operation_was_called_and_answered_2xx(run, service):
 @pytest.mark.parametrize("label, codes", [
     ("GET /v1/jobs/{job_id}", {200, 404}),
     ("POST /v1/jobs/{job_id}/cancel", {200, 202, 404, 409}),
+    ("POST /v1/jobs/{job_id}/retry", {200, 404, 409}),
     ("GET /v1/jobs/{job_id}/artifacts", {200, 404, 409}),
     (f"GET {ARTIFACT}", {200, 404, 409}),
     (f"HEAD {ARTIFACT}", {200, 404, 409}),
@@ -290,9 +291,9 @@ def test_event_streams_of_finished_jobs_ended_with_done(run):
 def test_job_id_with_nul_is_404_not_500(service):
     """PostgreSQL refuses text holding NUL: every job-scoped operation answered 500."""
     with schemathesis_asgi.get_client(service.app) as client:
-        for method, path in (("get", ""), ("post", "/cancel"), ("get", "/artifacts"),
-                             ("get", "/artifacts/config.json"), ("get", "/search"),
-                             ("get", "/events")):
+        for method, path in (("get", ""), ("post", "/cancel"), ("post", "/retry"),
+                             ("get", "/artifacts"), ("get", "/artifacts/config.json"),
+                             ("get", "/search"), ("get", "/events")):
             r = client.request(method, f"/v1/jobs/a%00b{path}", headers=service.headers)
             assert r.status_code == 404 and r.json() == {"detail": "job not found"}, path
         r = client.get("/v1/jobs/a%00b")  # auth still comes first

@@ -19,7 +19,7 @@ the API tests did not; the map names every test that proves a rule, here or else
     - tests/test_metrics_api.py::test_configurations_filters_and_owner_scope (/v1/configurations)
     - test_every_job_endpoint_hides_other_owners_jobs: every endpoint, with the job in the state
       where its owner gets 2xx, answers another owner exactly as for a job that does not exist,
-      and changes nothing (a cancel of a queued or a running job)
+      and changes nothing (a cancel of a queued or a running job, a retry of a failed one)
     - test_job_lists_show_only_ones_own (both owners with jobs, status filters, paging)
 (c) no client-supplied filesystem paths
     - tests/test_api.py::test_data_root_only_under_dataset_roots (absolute elsewhere, `..`, a
@@ -44,6 +44,7 @@ the API tests did not; the map names every test that proves a rule, here or else
       accepts in a body) anywhere: 422, not queued, and not a 500 from echoing them back
 (f) per-owner limit on queued jobs (429)
     - tests/test_api.py::test_queue_limit_429 (per owner; a cancel frees a place)
+    - tests/test_api.py::test_a_retry_counts_against_the_queue_limit (a job queued again)
     - test_queue_limit_holds_under_concurrent_submissions
 (g) nothing a client sends is unpickled
     - test_pickle_bodies_are_refused_unread: a pickle whose loading would write a file, sent as
@@ -375,6 +376,7 @@ def _search_json(folder: Path) -> None:
     ("GET", "", "queued", 200),
     ("POST", "/cancel", "queued", 200),
     ("POST", "/cancel", "running", 202),
+    ("POST", "/retry", "failed", 200),
     ("GET", "/events", "succeeded", 200),
     ("GET", "/search", "succeeded", 200),
     ("GET", "/artifacts", "succeeded", 200),
@@ -390,6 +392,8 @@ def test_every_job_endpoint_hides_other_owners_jobs(api, engine, method, path, s
         job_id = api.post("/v1/jobs", json=SPEC, headers=api.alice).json()["id"]
         if state == "running":
             _set(engine, job_id, status="running", attempt=1, lease_owner="w")
+        if state == "failed":
+            _set(engine, job_id, status="failed", attempt=3, error_kind="storage")
     before = api.get(f"/v1/jobs/{job_id}", headers=api.alice).json()
 
     theirs = api.request(method, f"/v1/jobs/{job_id}{path}", headers=api.bob)
@@ -398,7 +402,7 @@ def test_every_job_endpoint_hides_other_owners_jobs(api, engine, method, path, s
     assert theirs.json() == nobodys.json() == {"detail": "job not found"}  # no oracle
     assert b"onnx" not in theirs.content and FILES["model.onnx"] not in theirs.content
     after = api.get(f"/v1/jobs/{job_id}", headers=api.alice).json()
-    assert after == before  # bob's cancel changed nothing
+    assert after == before  # bob's cancel or retry changed nothing
 
     mine = api.request(method, f"/v1/jobs/{job_id}{path}", headers=api.alice)
     assert mine.status_code == ok, mine.text  # the same request is fine for the owner

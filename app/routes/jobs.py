@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, get, list, cancel."""
+"""``/v1/jobs``: submit, get, list, cancel, retry."""
 
 from __future__ import annotations
 
@@ -94,3 +94,15 @@ def cancel_job(job_id: JobId, response: Response, owner: Owner, db: Db) -> JobOu
     if job.status == JobStatus.RUNNING.value:
         response.status_code = status.HTTP_202_ACCEPTED
     return JobOut.of(job)
+
+
+@router.post("/{job_id}/retry", response_model=JobOut, summary="Retry a failed or cancelled job",
+             responses=errors(404, 409, 422, 429, says={
+                 409: "the job is queued, running or succeeded: only a failed or cancelled job "
+                      "can be retried"}))
+def retry_job(job_id: JobId, owner: Owner, db: Db, settings: SettingsDep) -> JobOut:
+    """Queue a failed or cancelled job again, with a fresh set of attempts: its worker resumes
+    it from the last checkpoint in its run folder (at most one checkpoint interval is redone).
+    Its error stays until it ends again; a queued, running or succeeded job is a conflict
+    (409); the per-owner queue limit applies (429)."""
+    return _out([jobs.retry_job(db, settings, owner, job_id)], db, settings)[0]

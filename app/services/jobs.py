@@ -1,4 +1,5 @@
-"""Jobs: submission (path rules, idempotency, the per-owner queue limit), reads and cancel."""
+"""Jobs: submission (path rules, idempotency, the per-owner queue limit), reads, cancel and
+retry."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from app import queue
 from app.deps import Database
@@ -72,9 +74,8 @@ def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
     """Queue ``spec`` for ``owner``; returns the job and whether it is new (an
     ``idempotency_key`` already used by ``owner`` gives that job back, if the spec is the same).
 
-    The limit check and the insert run in one write transaction, serialised per owner (SQLite:
-    ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock on the owner), so that
-    concurrent submissions cannot overshoot the limit."""
+    The limit check and the insert run in one write transaction, serialised per owner
+    (:func:`_lock_owner`)."""
     check_paths(spec, settings)
     try:
         spec.check_budget()
@@ -84,23 +85,34 @@ def submit_job(db: Database, settings: Settings, owner: str, spec: PipelineSpec,
         raise _invalid("arch", str(e)) from None
     spec_json = spec.model_dump(mode="json")
     with db.write() as session:
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"),
-                            {"owner": owner})
+        _lock_owner(session, owner)
         if idempotency_key is not None:
             existing = queue.get_by_idempotency_key(session, owner, idempotency_key)
             if existing is not None:
                 if _as_now(existing.spec) != spec_json:
                     raise Conflict("this Idempotency-Key was used with a different spec")
                 return existing, False
-        if queue.count_queued(session, owner) >= settings.max_queued_per_owner:
-            raise QuotaExceeded(f"queue limit reached: {settings.max_queued_per_owner} queued "
-                                "jobs per owner; wait for some to start or cancel them")
+        _check_queue_limit(session, settings, owner, adding=1)
         job = queue.submit(session, owner, spec_json, idempotency_key,
                            max_attempts=settings.max_attempts,
                            metanet_key=metanet_fingerprint(spec))
         session.commit()
         return job, True
+
+
+def _lock_owner(session: Session, owner: str) -> None:
+    """Serialise the write transactions that add to ``owner``'s queue (SQLite: ``BEGIN
+    IMMEDIATE`` already; PostgreSQL: a transaction-scoped advisory lock on the owner), so that
+    concurrent ones cannot overshoot the queue limit."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
+
+
+def _check_queue_limit(session: Session, settings: Settings, owner: str, adding: int) -> None:
+    """429 when ``owner``'s queued jobs and ``adding`` more would exceed the per-owner limit."""
+    if queue.count_queued(session, owner) + adding > settings.max_queued_per_owner:
+        raise QuotaExceeded(f"queue limit reached: {settings.max_queued_per_owner} queued "
+                            "jobs per owner; wait for some to start or cancel them")
 
 
 def live_workers(db: Database, settings: Settings) -> tuple[int, int]:
@@ -151,5 +163,22 @@ def cancel_job(db: Database, owner: str, job_id: str) -> Job:
                 raise NotFound("job not found")
             assert job.status in TERMINAL
             raise Conflict(f"job already {job.status}")
+        session.commit()
+        return job
+
+
+def retry_job(db: Database, settings: Settings, owner: str, job_id: str) -> Job:
+    """Queue a failed or cancelled job again, to resume from its checkpoints; any other is a
+    conflict. The queue limit holds as for a submission (checked after the one ``UPDATE``, in
+    its transaction: an unknown or unfinished job is still a 404 or 409, not a 429)."""
+    with db.write() as session:
+        _lock_owner(session, owner)
+        job = queue.retry(session, job_id, owner, max_attempts=settings.max_attempts)
+        if job is None:
+            job = queue.get_job(session, job_id, owner)
+            if job is None:
+                raise NotFound("job not found")
+            raise Conflict(f"job is {job.status}: only a failed or cancelled job can be retried")
+        _check_queue_limit(session, settings, owner, adding=0)  # it is queued now
         session.commit()
         return job
