@@ -10,8 +10,8 @@
     metaprune resume --out RUN            every stage still to do, with the run's spec.json
     metaprune db upgrade [--database-url URL]   create or migrate the service's database
     metaprune serve | worker | token create|list|revoke   run the job service
-    metaprune submit [prune options] | status JOB | jobs | cancel JOB | watch JOB |
-              download JOB [--dest DIR]    the service's client (--server, --token)
+    metaprune submit [prune options] | status JOB | jobs | cancel JOB | retry JOB |
+              watch JOB | download JOB [--dest DIR]    the service's client (--server, --token)
 
 Errors in what the user typed are reported in one line with exit status 2, never a traceback.
 """
@@ -675,13 +675,18 @@ def cmd_submit(a, api) -> dict:
         print(f"metaprune: note: --idempotency-key {a.idempotency_key!r} already queued job "
               f"{job.get('id')}, now {job.get('status')}; no new job was queued (another key "
               f"queues one)", file=sys.stderr)
-    if job.get("waiting_reason"):
-        print(f"metaprune: note: the job is queued, but {job['waiting_reason']}",
-              file=sys.stderr)
+    _note_waiting(job)
     if a.json:
         return job
     print(job["id"])
     return {}
+
+
+def _note_waiting(job: dict) -> None:
+    """Why a job just queued cannot start now (no worker running…), on stderr."""
+    if job.get("waiting_reason"):
+        print(f"metaprune: note: the job is queued, but {job['waiting_reason']}",
+              file=sys.stderr)
 
 
 @_client_command
@@ -733,6 +738,17 @@ def cmd_cancel(a, api) -> dict:
              "generation; a job already evaluating or exporting finishes: it succeeds)"
              if job["status"] == "running" else job["status"])
     print(f"{job['id']}: {state}")
+    return {}
+
+
+@_client_command
+def cmd_retry(a, api) -> dict:
+    """``retry``: queue a failed or cancelled job again; prints its new status."""
+    job = api.retry(a.job)
+    _note_waiting(job)
+    if a.json:
+        return job
+    print(f"{job['id']}: {job['status']}")
     return {}
 
 
@@ -1448,6 +1464,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_submit)
     for name, fn, help_ in (("status", cmd_status, "a job's status on one line (or --json)"),
                             ("cancel", cmd_cancel, "cancel a job"),
+                            ("retry", cmd_retry, "queue a failed or cancelled job again; it "
+                                                 "resumes from its last checkpoint"),
                             ("watch", cmd_watch, "follow a job until it ends (exit 0: "
                                                  "succeeded, 1: failed or cancelled)"),
                             ("download", cmd_download, "download a job's artifacts, verifying "

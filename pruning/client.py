@@ -1,12 +1,13 @@
-"""A client of the job service's REST API (``metaprune submit | status | jobs | cancel | watch |
-download``).
+"""A client of the job service's REST API (``metaprune submit | status | jobs | cancel | retry |
+watch | download``).
 
 :class:`ApiClient` wraps an :class:`httpx.Client` (one of its own, or one given, e.g. FastAPI's
 ``TestClient``). Every failure is a :class:`ClientError` with a one-line message: the server
 unreachable, or an HTTP error with its status and the server's ``detail``. Requests that are
 safe to repeat are retried after transient failures (the connection lost, a timeout, HTTP
-502/503/504): every GET, a cancel, and a submit, which always carries an ``Idempotency-Key``
-(one of its own when none is given), so a retry can never queue a second job.
+502/503/504): every GET, a cancel, a job's retry, and a submit, which always carries an
+``Idempotency-Key`` (one of its own when none is given), so trying again can never queue a
+second job.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ STALE_PART_S = 600  # a download's temporary file untouched this long was left b
 class ClientError(Exception):
     """A failed request, as one line for the user. ``status``: the HTTP status, if any;
     ``transient``: the failure may pass (the connection lost, a timeout, HTTP 502/503/504);
-    ``sent``: the request (or one of its tries) may have reached the server."""
+    ``sent``: the request (or one of its tries) may have reached the server; ``sent_before``:
+    a try before the last one may have."""
 
     def __init__(self, message: str, status: int | None = None, transient: bool = False,
                  sent: bool = True):
         super().__init__(message)
         self.status, self.transient, self.sent = status, transient, sent
+        self.sent_before = False
 
 
 def _detail(response: httpx.Response) -> str:
@@ -148,6 +151,7 @@ class ApiClient:
                 self._check(response)
                 break
             except ClientError as e:
+                e.sent_before = sent
                 sent = e.sent = sent or e.sent
                 if not (e.transient and attempt < self.retries):
                     raise
@@ -210,6 +214,20 @@ class ApiClient:
                 raise
             job = self.job(job_id)
             if job["status"] != "cancelled":
+                raise
+            return job
+
+    def retry(self, job_id: str) -> dict:
+        """Queue a failed or cancelled job again (it resumes from its last checkpoint). A 409
+        after an earlier try that may have reached the server (its answer lost) is no error
+        when the job is queued or running now: that try queued it."""
+        try:
+            return self._job(self.request("POST", f"/v1/jobs/{_segment(job_id)}/retry"))
+        except ClientError as e:
+            if not (e.status == 409 and e.sent_before):
+                raise
+            job = self.job(job_id)
+            if job["status"] not in ("queued", "running"):
                 raise
             return job
 

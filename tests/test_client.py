@@ -1,6 +1,6 @@
-"""The service's client commands (``metaprune submit | status | jobs | cancel | watch |
-download``): against the real app in-process (a migrated temporary SQLite file, tokens on), and
-``download`` against a small fake server implementing the artifact contract."""
+"""The service's client commands (``metaprune submit | status | jobs | cancel | retry |
+watch | download``): against the real app in-process (a migrated temporary SQLite file, tokens
+on), and ``download`` against a small fake server implementing the artifact contract."""
 
 from __future__ import annotations
 
@@ -395,6 +395,36 @@ def test_a_submit_whose_answer_is_lost_is_retried_without_a_second_job(flaky, se
     assert rc == 2 and "Connection refused" in err and "may have been queued" not in err
 
 
+def test_retry_a_cancelled_job(server, capsys):
+    job_id = submit(capsys)
+    rc, _, err = run(capsys, "retry", job_id)  # queued: nothing to retry
+    assert rc == 2 and err == ("metaprune: error: HTTP 409: job is queued: only a failed or "
+                               "cancelled job can be retried\n")
+    run(capsys, "cancel", job_id)
+    rc, out, err = run(capsys, "retry", job_id)
+    assert (rc, out) == (0, f"{job_id}: queued\n"), err
+    run(capsys, "cancel", job_id)
+    rc, out, _ = run(capsys, "retry", job_id, "--json")
+    job = json.loads(out)
+    assert rc == 0 and (job["id"], job["status"], job["cancel_requested"]) == (job_id, "queued",
+                                                                              False)
+    rc, _, err = run(capsys, "retry", "no-such-job")
+    assert rc == 2 and err == "metaprune: error: HTTP 404: job not found\n"
+
+
+def test_a_retry_whose_answer_is_lost_is_no_error(flaky, server, capsys):
+    """The first try queued the job, its answer was lost: the next try's 409 (the job is
+    queued now) is that retry's success, not an error; a 409 at the first try still is one."""
+    job_id = submit(capsys)
+    run(capsys, "cancel", job_id)
+    flaky.fail("POST", 1, "drop")
+    rc, out, err = run(capsys, "retry", job_id)
+    assert (rc, out) == (0, f"{job_id}: queued\n"), err
+    assert flaky.calls[-3:] == ["POST", "POST", "GET"]  # the 409, then a look at the job
+    rc, _, err = run(capsys, "retry", job_id)
+    assert rc == 2 and "HTTP 409: job is queued" in err
+
+
 def test_reads_retry_a_503_and_cancel_is_safe_to_repeat(flaky, server, capsys):
     job_id = submit(capsys)
     flaky.fail("GET", 2, "503")
@@ -461,6 +491,7 @@ def test_answers_that_are_not_the_api_are_one_line(capsys, monkeypatch):
                           (["status", "J2"], "an answer that is not a job"),
                           (["watch", "J1"], "an answer that is not a job"),
                           (["cancel", "J1"], "an answer that is not a job"),
+                          (["retry", "J1"], "an answer that is not a job"),
                           (["jobs"], "an answer that is not a page of jobs"),
                           ([*SUBMIT], "an answer that is not a job"),
                           (["status", "J3"], "redirects to https://api.example/v1/jobs/J3 "
