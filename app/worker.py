@@ -31,9 +31,11 @@ One job at a time, in the calling thread::
 * **Errors.** A bad spec or a user error (validation, a budget that is infeasible or prunes
   nothing, missing data, unusable ``metanet_from``, diverged training) fails the job for good;
   a damaged file in the job's folder (``corrupt_file``) is deleted and the job retried, which
-  redoes the step that wrote it; a machine too busy to measure a latency table (``busy``) and
-  anything else are retried (the attempt fails with that ``error_kind``, else ``"internal"``,
-  and the job is re-queued while attempts are left).
+  redoes the step that wrote it; a machine too busy to measure a latency table (``busy``), the
+  server's storage failing (``storage``: full, over quota, read-only or not writable; the
+  message says the job is not at fault and can be retried once that is fixed:
+  :func:`app.queue.retry`) and anything else are retried (the attempt fails with that
+  ``error_kind``, else ``"internal"``, and the job is re-queued while attempts are left).
 * **Reaper.** Every worker (and the API) calls :func:`app.queue.housekeeping` every
   ``lease_seconds / 2`` (idle or busy): expired leases are reaped, workers not seen for two
   leases forgotten.
@@ -53,6 +55,7 @@ One job at a time, in the calling thread::
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -82,6 +85,8 @@ CANCEL_POLL_S = 1.0         # how often should_stop reads the job between heartb
 MAX_MESSAGE = 500           # error messages stored, in characters
 MAX_BACKOFF_S = 30.0        # the longest wait between tries of an unreachable database
 LEASE_MARGIN = 0.1          # a worker's own deadline for its lease comes this share earlier
+# the server's storage, not the job: full, over quota, read-only, or not ours to write
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -109,7 +114,21 @@ def classify(exc: BaseException) -> tuple[str, bool]:
         return "diverged", False
     if isinstance(exc, UnreadableFileError):  # as is, a retry would read it again (the worker
         return "corrupt_file", False          # deletes one of the job's own first: _unreadable)
+    if storage_error(exc) is not None:  # another worker may have another disk: retried
+        return "storage", True
     return "internal", True
+
+
+def storage_error(exc: BaseException) -> OSError | None:
+    """The :data:`STORAGE_ERRNOS` error in ``exc`` or what it was raised from or while handling
+    (``__cause__``/``__context__``), if any: the server's storage failed, not the job."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def database_error(exc: SQLAlchemyError) -> str:
@@ -142,8 +161,14 @@ def one_line(exc: BaseException) -> str:
     from pruning.spec import error_message
 
     text = error_message(exc)
-    if classify(exc)[0] == "internal":
+    kind = classify(exc)[0]
+    if kind == "internal":
         text = f"{type(exc).__name__}: {text}"
+    elif kind == "storage":  # the remedy before the detail, which a long path may cut short
+        text = ("the server's storage failed, not the job; once that is fixed, a job failed "
+                "for it can be retried (`metaprune retry <job id>`, or POST "
+                "/v1/jobs/<job id>/retry) and resumes from its last checkpoint: "
+                + error_message(storage_error(exc)))
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
 
 

@@ -8,6 +8,7 @@ The jobs are the ``smoke`` preset on the tiny ``test_mobilenet_v2`` (seconds on 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -173,6 +174,66 @@ def test_an_unexpected_error_is_retried_up_to_max_attempts(clean, settings, monk
     assert worker.run_once()
     job = job_row(clean, job_id)
     assert (job.status, job.attempt, job.error_kind) == ("failed", 2, "internal")
+
+
+def _raised_while(outer: BaseException, inner: BaseException, cause: bool) -> BaseException:
+    """``outer`` raised from ``inner`` (``cause``), or while handling it."""
+    try:
+        try:
+            raise inner
+        except BaseException as e:
+            if cause:
+                raise outer from e
+            raise outer
+    except BaseException as e:
+        return e
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM"])
+def test_a_storage_failure_is_its_own_error_kind(code):
+    """The server's storage failing (full, over quota, read-only, not writable) is ``storage``,
+    retried like ``internal``: whether raised as is, or anywhere in the exception's chain."""
+    from app.worker import classify
+
+    number = getattr(errno, code)
+    err = OSError(number, os.strerror(number), "/srv/x")
+    assert classify(err) == ("storage", True)
+    assert classify(_raised_while(RuntimeError("save failed"), err, cause=True)) == ("storage",
+                                                                                      True)
+    assert classify(_raised_while(RuntimeError("cleanup"), err, cause=False)) == ("storage", True)
+
+
+def test_other_os_errors_stay_internal_and_a_data_error_stays_data():
+    from app.worker import classify, one_line
+    from pruning.data import DatasetError
+
+    for number in (errno.ENOENT, errno.EIO, errno.EMFILE, None):
+        err = OSError(number, "boom") if number is not None else OSError("no errno")
+        assert classify(err) == ("internal", True)
+        assert one_line(err) == f"{type(err).__name__}: {err}"  # as before: no storage advice
+    denied = PermissionError(errno.EACCES, "Permission denied", "/data/train")
+    assert classify(_raised_while(DatasetError("cannot read /data"), denied, cause=True)) == (
+        "data", False)
+
+
+def test_a_storage_failure_says_it_is_the_server_s_and_how_to_retry(clean, settings,
+                                                                      monkeypatch):
+    folder = Path(settings.artifact_dir)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device",
+                      str(folder / "jobs" / "x" / "state.json"))
+
+    monkeypatch.setattr("pruning.pipeline.run", full)
+    job_id = submit(clean, SPEC, max_attempts=2)
+    assert Worker(settings, "w1", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.error_kind) == ("queued", 1, "storage")  # retried
+    assert job.error_message == (
+        "the server's storage failed, not the job; once that is fixed, a job failed for it can "
+        "be retried (`metaprune retry <job id>`, or POST /v1/jobs/<job id>/retry) and resumes "
+        "from its last checkpoint: [Errno 28] No space left on device: "
+        f"'<artifact folder>{os.sep}jobs{os.sep}x{os.sep}state.json'")
 
 
 def test_a_worker_waits_a_backoff_after_a_failed_attempt(clean, settings, monkeypatch):
@@ -354,6 +415,49 @@ def test_a_damaged_spec_json_fails_the_job_naming_it(clean, settings, text):
     assert (job.status, job.error_kind, job.attempt) == ("failed", "corrupt_file", 1)
     assert job.error_message == "spec.json is unreadable, corrupt or truncated"
     assert (run_dir / "spec.json").read_text() == text  # kept for the operator
+
+
+def test_a_job_failed_for_a_full_disk_is_retried_and_resumes_from_its_checkpoint(
+        reference, clean, settings, monkeypatch):
+    """The disk fills at the PruningNet's second checkpoint and the job's one attempt fails
+    (``storage``); once retried, the next worker resumes it from the first checkpoint (one
+    interval lost, not the job) and it ends as the uninterrupted run does."""
+    import pruning.checkpoint
+
+    job_id = submit(clean, SPEC, max_attempts=1)
+    state = Path(settings.artifact_dir) / "jobs" / job_id / "metanet" / "state.safetensors"
+    original, writes = pruning.checkpoint.atomic_write_bytes, []
+
+    def disk_fills(path, data):
+        if Path(path).parts[-2:] == ("metanet", "state.safetensors"):
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        original(path, data)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(pruning.checkpoint, "atomic_write_bytes", disk_fills)
+        assert Worker(settings, "w1", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.error_kind, job.attempt) == ("failed", "storage", 1)
+    assert state.exists() and len(writes) == 2
+
+    with Session(clean) as s:
+        assert queue.retry(s, job_id, "alice", max_attempts=settings.max_attempts)
+        s.commit()
+    progress = record_progress(monkeypatch)
+    assert Worker(settings, "w2", device="cpu").run_once()
+    job = job_row(clean, job_id)
+    assert (job.status, job.attempt, job.error_kind, job.error_message) == ("succeeded", 2,
+                                                                          None, None)
+    first_metanet = next(w for w in progress if w["stage"] == "metanet")
+    assert first_metanet["detail"]["step"] >= 3  # from the checkpoint (every 3 steps), not 0
+    ref_id, ref_row = reference[:2]
+    art = Path(settings.artifact_dir) / "jobs"
+    assert read_json(art / job_id / "artifacts" / "search.json")["history"] == \
+        read_json(art / ref_id / "artifacts" / "search.json")["history"]
+    assert job.detail["result"] == ref_row.detail["result"] | {
+        "elapsed_s": job.detail["result"]["elapsed_s"]}
 
 
 # --- cancel, shutdown -----------------------------------------------------------------------
