@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(
         15.0, gt=0, le=600, description="how often a worker renews its lease and its presence")
     max_attempts: int = Field(3, ge=1, le=100,
-                              description="claims of a job before a lost lease fails it")
+                              description="claims of a job (and of each retry) before a "
+                                          "failing attempt or a lost lease fails it")
     max_queued_per_owner: int = Field(20, ge=1, le=10_000,
                                       description="queued jobs one owner may have (429 beyond)")
     require_auth: bool = Field(True,

@@ -64,6 +64,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -157,7 +158,10 @@ def _reason(exc: BaseException) -> str:
     return database_error(exc) if isinstance(exc, SQLAlchemyError) else repr(exc)
 
 
-def one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException, hide: Sequence[str] = ()) -> str:
+    """The job's error message: one line, at most :data:`MAX_MESSAGE` characters, each folder
+    of ``hide`` (the server's paths are not the client's) shown as ``<artifact folder>`` before
+    the cut, so a cut cannot leave part of one."""
     from pruning.spec import error_message
 
     text = error_message(exc)
@@ -169,6 +173,8 @@ def one_line(exc: BaseException) -> str:
                 "for it can be retried (`metaprune retry <job id>`, or POST "
                 "/v1/jobs/<job id>/retry) and resumes from its last checkpoint: "
                 + error_message(storage_error(exc)))
+    for folder in sorted(set(hide), key=len, reverse=True):
+        text = text.replace(folder + os.sep, "<artifact folder>" + os.sep)
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
 
 
@@ -596,10 +602,8 @@ class Worker:
             kind, retry = classify(e)
             if retry:
                 log.exception("job %s: attempt %d failed", job.id, job.attempt)
-            message = one_line(e)
-            for form in sorted({str(self.artifact_dir), str(self.artifact_dir.resolve())},
-                               key=len, reverse=True):  # the server's paths are not the client's
-                message = message.replace(form + os.sep, "<artifact folder>" + os.sep)
+            message = one_line(e, hide=(str(self.artifact_dir),
+                                        str(self.artifact_dir.resolve())))
             return self._fenced(queue.fail, job, "retry" if retry else "failed", state=state,
                                 error_kind=kind, error_message=message, retry=retry)
         if state.lost.is_set():

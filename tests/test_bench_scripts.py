@@ -335,3 +335,25 @@ def test_gpu_benchmarks_driver_runs_the_quality_benchmark(tmp_path):
     assert d["status"] == "complete" and d["seeds_done"] == [0] and d["tiny"] is True
     assert d["settings"]["time_budget_s"] < 150  # the driver leaves time to write the JSON
     assert (out / "nvidia-smi.txt").is_file() and (out / "quality.log").is_file()
+
+
+def test_engine_tiny():
+    d = run_script("bench_engine.py", "--arch", "test_mobilenet_v2", "--input-size", "16",
+                   "--threads", "1", "--candidates", "1", "--repeat", "1", "--val-images", "64",
+                   "--batch-size", "32", "--calib-batches", "1", "--train-batch", "16")
+    ev = d["evaluation"]
+    assert len(ev["seconds_per_candidate"]) == len(ev["nchw_seconds_per_candidate"]) == 1
+    assert ev["median_ratio"] > 0 and ev["speedup_vs_nchw"] > 0
+    assert d["layout"]["inference"] == "channels_last"  # on the CPU
+    assert set(d["layout"]["speedup"]) == {"plain_step", "plain_forward"}
+
+
+def test_layout_tiny():
+    d = run_script("bench_layout.py", "--archs", "test_mobilenet_v2:1.0,test_resnet:1.0",
+                   "--input-size", "16", "--threads", "1")
+    assert len(d["nets"]) == 10 and d["threads"] == 1
+    for key in ("train_step_speedup", "eval_forward_speedup"):
+        s = d["summary"][key]
+        assert s["of"] == 10 and 0 < s["min"] <= s["median"] <= s["max"]
+        assert 0 <= s["faster_in"] <= 10
+    assert all(r["macs"] > 0 and r["nchw_s"]["eval_forward"] > 0 for r in d["nets"])

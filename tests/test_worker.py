@@ -334,6 +334,16 @@ def test_a_job_s_error_does_not_show_the_server_s_paths(clean, settings, monkeyp
                        "state.json (artifacts.1)")
 
 
+def test_a_long_message_is_cut_after_the_server_s_paths_are_hidden():
+    from app.worker import MAX_MESSAGE, one_line
+
+    folder = "/srv/metaprune/artifacts"
+    long = RuntimeError("x" * (MAX_MESSAGE - 40) + f" {folder}/jobs/x/state.json")
+    message = one_line(long, hide=(folder,))
+    assert len(message) <= MAX_MESSAGE and "/srv/" not in message
+    assert " <artifact folder>/jobs/x" in message and message.endswith("…")
+
+
 def test_a_corrupt_file_in_the_job_s_folder_is_deleted_and_its_step_redone(clean, settings):
     """A checkpoint damaged on disk (truncated here, after a graceful stop): the worker deletes
     it and retries; the retry redoes that step and the job succeeds. The client is told which

@@ -1,0 +1,96 @@
+"""NCHW vs channels-last (NHWC) on the CPU, over pruned networks; prints JSON.
+
+For each architecture, the uniform networks at three widths and two random candidates (odd
+channel counts, as the search picks them): one training step at batch 64 and one eval-mode
+forward pass over 256 images, in each layout (the better of two timings each). The pipeline
+scores and tests in channels-last on a CPU (:func:`pruning.modules.inference_layout`) and
+trains in NCHW; this is the measurement behind that choice.
+
+    python bench/bench_layout.py [--threads 2] [--archs mobilenet_v1:0.25,mobilenet_v2:1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pruning import SearchSpace, build, macs
+from pruning.machine import cpu_description
+from pruning.modules import inference_layout
+
+ARCHS = "mobilenet_v1:0.25,mobilenet_v2:0.35,mobilenet_v2:1.0,resnet18:0.25"
+
+
+def seconds(fn, repeat: int) -> float:
+    fn()  # warm-up: oneDNN builds its kernels for these shapes
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        best = min(best, (time.perf_counter() - t) / repeat)
+    return best
+
+
+def timings(net, channels_last: bool, x, y, images) -> dict:
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step():
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    def eval_forward():
+        net.eval()
+        with torch.inference_mode():
+            net(images)
+
+    with inference_layout(net, "cpu") if channels_last else contextlib.nullcontext():
+        return {"train_step": seconds(train_step, 3), "eval_forward": seconds(eval_forward, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--archs", default=ARCHS, help="arch:width_mult, comma-separated")
+    ap.add_argument("--input-size", type=int, default=28)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, a.input_size, a.input_size, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    images = torch.randn(256, 1, a.input_size, a.input_size, generator=g)
+    rows = []
+    for item in a.archs.split(","):
+        arch, width_mult = item.split(":")
+        space = SearchSpace.create(arch, num_classes=10, in_channels=1,
+                                   input_size=a.input_size, width_mult=float(width_mult))
+        rng = random.Random(0)
+        top = space.num_levels - 1
+        for cand in [space.uniform(top // 6), space.uniform(top // 2), space.uniform(top),
+                     space.random(rng), space.random(rng)]:
+            torch.manual_seed(0)
+            net = build(space, cand)
+            nchw, nhwc = timings(net, False, x, y, images), timings(net, True, x, y, images)
+            rows.append({"arch": arch, "width_mult": float(width_mult), "candidate": cand.key(),
+                         "macs": macs(space, cand),
+                         **{f"{k}_speedup": round(nchw[k] / nhwc[k], 3) for k in nchw},
+                         "nchw_s": {k: round(v, 5) for k, v in nchw.items()}})
+    summary = {k: {"median": statistics.median(r[k] for r in rows),
+                   "min": min(r[k] for r in rows), "max": max(r[k] for r in rows),
+                   "faster_in": sum(r[k] > 1 for r in rows), "of": len(rows)}
+               for k in ("train_step_speedup", "eval_forward_speedup")}
+    print(json.dumps({"bench": "layout", "machine": cpu_description(), "threads": a.threads,
+                      "torch": torch.__version__, "summary": summary, "nets": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
