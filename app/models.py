@@ -144,5 +144,7 @@ class WorkerPresence(Base):
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid:random
     cuda: Mapped[bool] = mapped_column(Boolean)  # claims the jobs that ask for CUDA
+    # claims the jobs that name a data_root (it has METAPRUNE_DATASET_ROOTS)
+    dataset_roots: Mapped[bool] = mapped_column(Boolean, server_default=false())
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

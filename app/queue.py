@@ -31,14 +31,15 @@ read from the database server's clock on PostgreSQL, so that workers and the API
 whose clocks differ agree on when a lease ends (:func:`_lease_clock`).
 
 Workers also record their presence (:func:`worker_seen`, :func:`worker_gone`) so that the API can
-say why a queued job waits (:func:`live_workers`): no worker at all, or none that takes CUDA jobs.
+say why a queued job waits (:func:`live_workers`): no worker at all, or none that takes CUDA jobs
+(or jobs that name a ``data_root``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (BigInteger, Engine, and_, case, cast, delete, func, literal, select, true,
                         update)
@@ -180,6 +181,8 @@ def request_cancel(session: Session, job_id: str, owner: str | None,
             .where(Job.id == job_id, Job.status.in_((QUEUED, RUNNING)))
             .values(status=case((was_queued, CANCELLED), else_=Job.status),
                     cancel_requested=true(),
+                    error_kind=case((was_queued, None), else_=Job.error_kind),
+                    error_message=case((was_queued, None), else_=Job.error_message),
                     finished_at=case((was_queued, _ts(now)), else_=Job.finished_at),
                     updated_at=now)
             .returning(Job))
@@ -318,7 +321,9 @@ def fail(engine: Engine, job_id: str, worker_id: str, attempt: int, *, error_kin
     again = and_(literal(retry), Job.attempt < Job.max_attempts)
     requeue = and_(again, ~Job.cancel_requested)
     values = {"status": case((requeue, QUEUED), (again, CANCELLED), else_=FAILED),
-              "error_kind": error_kind, "error_message": error_message, **_end(now),
+              "error_kind": case((and_(again, ~requeue), None), else_=error_kind),
+              "error_message": case((and_(again, ~requeue), None), else_=error_message),
+              **_end(now),
               "finished_at": case((requeue, None), else_=_ts(now))}
     return _worker_write(engine, job_id, worker_id, attempt, values)
 
@@ -345,13 +350,15 @@ def release(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
     job."""
     now = now or utcnow()
     cancelled = Job.cancel_requested
-    why = {} if error_kind is None else {"error_kind": error_kind,
-                                         "error_message": error_message}
+    kind, message = ((Job.error_kind, Job.error_message) if error_kind is None
+                     else (literal(error_kind), literal(error_message)))
     stmt = (update(Job).where(_fence(job_id, worker_id, attempt))
             .values(status=case((cancelled, CANCELLED), else_=QUEUED),
                     attempt=case((cancelled, Job.attempt), else_=Job.attempt - 1),
                     finished_at=case((cancelled, _ts(now)), else_=None),
-                    lease_owner=None, lease_expires_at=None, updated_at=now, **why))
+                    error_kind=case((cancelled, None), else_=kind),
+                    error_message=case((cancelled, None), else_=message),
+                    lease_owner=None, lease_expires_at=None, updated_at=now))
     with write_transaction(engine) as conn:
         return conn.execute(stmt).rowcount == 1
 
@@ -372,10 +379,10 @@ def _reap(conn, now: datetime) -> dict[str, str]:
     stmt = (update(Job)
             .where(Job.status == RUNNING, Job.lease_expires_at < now)
             .values(status=case((cancelled, CANCELLED), (retry, QUEUED), else_=FAILED),
-                    error_kind=case((cancelled, Job.error_kind), (retry, Job.error_kind),
+                    error_kind=case((cancelled, None), (retry, Job.error_kind),
                                     else_="lease_expired"),
                     error_message=case(
-                        (cancelled, Job.error_message), (retry, Job.error_message),
+                        (cancelled, None), (retry, Job.error_message),
                         else_=literal("the worker's lease expired on the last allowed attempt")),
                     finished_at=case((and_(~cancelled, retry), None), else_=_ts(now)),
                     lease_owner=None, lease_expires_at=None, updated_at=now)
@@ -395,16 +402,18 @@ def housekeeping(engine: Engine, *, lease_seconds: float) -> dict[str, str]:
 # --- workers' presence ------------------------------------------------------------------------
 
 
-def worker_seen(engine: Engine, worker_id: str, *, cuda: bool,
+def worker_seen(engine: Engine, worker_id: str, *, cuda: bool, dataset_roots: bool = False,
                 now: datetime | None = None) -> None:
-    """Record that ``worker_id`` is running (``cuda``: it claims the jobs that ask for CUDA):
-    its row is made or renewed, in one upsert."""
+    """Record that ``worker_id`` is running (``cuda``: it claims the jobs that ask for CUDA;
+    ``dataset_roots``: those that name a ``data_root``): its row is made or renewed, in one
+    upsert."""
     with write_transaction(engine) as conn:
         now = now or _lease_clock(conn)
         stmt = _insert(engine.dialect.name)(WorkerPresence).values(
-            id=worker_id, cuda=cuda, started_at=now, seen_at=now)
-        stmt = stmt.on_conflict_do_update(index_elements=[WorkerPresence.id],
-                                          set_={"seen_at": now, "cuda": cuda})
+            id=worker_id, cuda=cuda, dataset_roots=dataset_roots, started_at=now, seen_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[WorkerPresence.id],
+            set_={"seen_at": now, "cuda": cuda, "dataset_roots": dataset_roots})
         conn.execute(stmt)
 
 
@@ -422,15 +431,22 @@ def forget_workers(engine: Engine, *, unseen_s: float, now: datetime | None = No
         return conn.execute(delete(WorkerPresence).where(WorkerPresence.seen_at < since)).rowcount
 
 
+class LiveWorkers(NamedTuple):
+    """Workers that reported recently: all of them, those that claim the jobs that ask for
+    CUDA, those that claim the jobs that name a ``data_root``."""
+    total: int
+    cuda: int
+    dataset_roots: int
+
+
 def live_workers(session: Session, *, within_s: float,
-                 now: datetime | None = None) -> tuple[int, int]:
-    """How many workers reported within the last ``within_s`` seconds: ``(all, those that
-    claim CUDA jobs)``."""
+                 now: datetime | None = None) -> LiveWorkers:
+    """How many workers reported within the last ``within_s`` seconds."""
     since = (now or _lease_clock(session.connection())) - timedelta(seconds=within_s)
-    cuda = func.count().filter(WorkerPresence.cuda)
-    row = session.execute(select(func.count(), cuda)
+    row = session.execute(select(func.count(), func.count().filter(WorkerPresence.cuda),
+                                 func.count().filter(WorkerPresence.dataset_roots))
                           .where(WorkerPresence.seen_at >= since)).one()
-    return int(row[0]), int(row[1])
+    return LiveWorkers(*(int(n) for n in row))
 
 
 # --- reads for /metrics and /v1/configurations ------------------------------------------------

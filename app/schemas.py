@@ -59,11 +59,14 @@ class JobOut(BaseModel):
                                           "error fails the job (a retry allows as many more)")
     cancel_requested: bool = Field(description="a cancel was asked for; a running job stops "
                                                "at its next checkpoint of progress")
-    error_kind: str | None = Field(description="why the job failed (a short code), else null")
-    error_message: str | None = Field(description="the failure's message, else null")
+    error_kind: str | None = Field(description="why the job failed, or while it is retried why "
+                                               "its last attempt did (a short code); null once "
+                                               "it succeeds or is cancelled")
+    error_message: str | None = Field(description="that failure's message, else null")
     waiting_reason: str | None = Field(
         None, description="why a queued job cannot start now: no worker is running, or none "
-                          "that takes jobs asking for CUDA; null otherwise")
+                          "that takes jobs asking for CUDA, or naming a data_root; null "
+                          "otherwise")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

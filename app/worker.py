@@ -68,7 +68,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from app import queue
 from app.db import make_engine
@@ -128,7 +128,7 @@ def storage_error(exc: BaseException) -> OSError | None:
         if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
 
 
@@ -171,8 +171,9 @@ def one_line(exc: BaseException, hide: Sequence[str] = ()) -> str:
     elif kind == "storage":  # the remedy before the detail, which a long path may cut short
         text = ("the server's storage failed, not the job; once that is fixed, a job failed "
                 "for it can be retried (`metaprune retry <job id>`, or POST "
-                "/v1/jobs/<job id>/retry) and resumes from its last checkpoint: "
-                + error_message(storage_error(exc)))
+                "/v1/jobs/<job id>/retry) and resumes from its last checkpoint: " + text)
+        if (cause := storage_error(exc)) is not exc:  # what failed, then the storage's error
+            text += f" ({error_message(cause)})"
     for folder in sorted(set(hide), key=len, reverse=True):
         text = text.replace(folder + os.sep, "<artifact folder>" + os.sep)
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
@@ -443,7 +444,8 @@ class Worker:
         cuda = self.device != "auto"
         while True:
             try:
-                queue.worker_seen(self.engine, self.worker_id, cuda=cuda)
+                queue.worker_seen(self.engine, self.worker_id, cuda=cuda,
+                                  dataset_roots=bool(self.settings.dataset_roots))
             except SQLAlchemyError:  # the claim loop reports an unreachable database
                 log.debug("presence write failed", exc_info=True)
             if cuda != self.accepts_cuda_jobs:
@@ -534,13 +536,14 @@ class Worker:
         ``state``, a database error is retried while the lease holds (the heartbeat thread runs
         on meanwhile): a database blip as the job ends would otherwise leave it ``running``
         until its lease expired, and the reaper re-queue it — or, on its last attempt, fail it
-        ``lease_expired`` with its artifacts written."""
-        delay = 0.25
+        ``lease_expired`` with its artifacts written. Only a lost connection is tried again, for
+        at most a lease: the database refusing the write itself would refuse it every time."""
+        delay, give_up = 0.25, time.monotonic() + self.settings.lease_seconds
         while True:
             try:
                 return write(self.engine, job.id, self.worker_id, job.attempt, **kwargs)
-            except SQLAlchemyError as e:
-                if state is None or not state.lease_held():
+            except (OperationalError, InterfaceError) as e:
+                if state is None or not state.lease_held() or time.monotonic() > give_up:
                     raise
                 log.warning("job %s: recording its end failed (%s); trying again in %.2g s",
                             job.id, _reason(e), delay)
@@ -577,7 +580,7 @@ class Worker:
                                         error_kind="device",
                                         error_message="the job asks for CUDA and this worker "
                                                       "has no CUDA device")  # back, as above
-            self._start_over_if_lost(job)
+            self._start_over_if_lost(job, state)
             spec = spec.model_copy(update={"device": device,
                                            "metanet_from": self._metanet_source(job, spec)})
             state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))
@@ -643,7 +646,7 @@ class Worker:
                             error_message=f"{where} is unreadable, corrupt or truncated",
                             retry=False)
 
-    def _start_over_if_lost(self, job: queue.Claimed) -> None:
+    def _start_over_if_lost(self, job: queue.Claimed, state: _JobRun) -> None:
         """A run folder holding files but no ``spec.json`` lost its record (deleted while an
         attempt ran, which then wrote on into a new one): it cannot be resumed, and the pipeline
         would refuse it as a folder of someone else's files; it is the job's own, so the job
@@ -654,6 +657,7 @@ class Worker:
 
         run_dir = self.run_dir(job.id)
         if not (run_dir / "spec.json").exists() and holds_other_files(run_dir):
+            state.check_write()  # the folder may be another attempt's by now
             log.warning("job %s: its run folder lost its spec.json (deleted?); starting the job "
                         "over", job.id)
             shutil.rmtree(run_dir)

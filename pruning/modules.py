@@ -98,8 +98,8 @@ def conv_path(block: Block, spec: ConvSpec, in_shortcut: bool = False) -> str:
 
 @contextmanager
 def inference_layout(net: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
-    """``net`` with its conv weights channels-last (NHWC) while inside, on the CPU only; back in
-    the default layout on leaving (what is saved, trained and exported never changes). For
+    """``net`` with its conv weights channels-last (NHWC) while inside, on the CPU only; in the
+    default layout on leaving (what is saved, trained and exported never changes). For
     eval-mode forward passes (scoring candidates, testing).
 
     A conv whose weight is channels-last computes, and hands on, channels-last activations: on
@@ -112,9 +112,9 @@ def inference_layout(net: nn.Module, device: torch.device | str) -> Iterator[nn.
     if torch.device(device).type != "cpu":
         yield net
         return
-    with torch.inference_mode(False):  # weights made in inference mode could not train again
-        net.to(memory_format=torch.channels_last)
     try:
+        with torch.inference_mode(False):  # weights made in inference mode could not train on
+            net.to(memory_format=torch.channels_last)
         yield net
     finally:
         with torch.inference_mode(False):

@@ -313,8 +313,8 @@ def test_oversized_body_413(engine, sqlite_url):
 
 
 def test_a_queued_job_says_why_it_waits(api, engine):
-    """``waiting_reason``: no worker reported within a lease, or (a job asking for CUDA) none
-    that claims such jobs; null once one runs, and for jobs that are not queued. The reason is
+    """``waiting_reason``: no worker reported within a lease, or (a job asking for CUDA, or
+    naming a data_root) none that claims such jobs; null once one runs, and for jobs that are not queued. The reason is
     in submit's answer, a job's, the list's and the event stream's."""
     from app import queue
 
@@ -342,6 +342,14 @@ def test_a_queued_job_says_why_it_waits(api, engine):
 
     queue.worker_seen(engine, "gpu", cuda=True)
     assert reasons() == {job["id"]: None, on_gpu["id"]: None}
+    with engine.begin() as conn:  # a job that names a data_root, and no worker has roots
+        spec = conn.execute(select(Job.spec).where(Job.id == job["id"])).scalar_one()
+        conn.execute(update(Job).where(Job.id == job["id"])
+                     .values(spec={**spec, "data_root": "/datasets/shoes"}))
+    assert "names a data_root" in reasons()[job["id"]]
+    queue.worker_seen(engine, "with-roots", cuda=False, dataset_roots=True)
+    assert reasons() == {job["id"]: None, on_gpu["id"]: None}
+    queue.worker_gone(engine, "with-roots")
     queue.worker_gone(engine, "cpu-only")
     queue.worker_gone(engine, "gpu")
     with engine.begin() as conn:  # a job that is not queued never waits for a worker

@@ -501,6 +501,41 @@ def test_evaluator_objectives_accuracy_and_loss():
         CandidateEvaluator(pn, data.train, data.val, objective="top5", **kwargs)
 
 
+def test_evaluator_scores_channels_last_on_the_cpu_and_puts_the_layout_back(monkeypatch):
+    """The scoring pass runs channels-last (faster on the CPU); calibration and the net left
+    behind stay in the default layout, also when scoring raises."""
+    from pruning.data import load_dataset
+    from pruning.evaluate import CandidateEvaluator
+
+    pn = make_pn("test_mobilenet_v2")
+    data = load_dataset("synthetic", val_size=64, train_limit=256, test_limit=32)
+    evaluator = CandidateEvaluator(pn, data.train, data.val, calib_batches=2, batch_size=32)
+    cand = random_candidates(pn.space, 1, seed=3)[0]
+    layouts, nets = [], []
+    real = evaluator.measure
+
+    def spy(net):
+        nets.append(net)
+        conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+        conv.register_forward_hook(lambda m, i, out: layouts.append(
+            out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+        return real(net)
+
+    monkeypatch.setattr(evaluator, "measure", spy)
+    evaluator.estimates(cand)
+    assert layouts and all(layouts)  # every validation batch
+
+    def boom(net):
+        nets.append(net)
+        raise RuntimeError("scoring failed")
+
+    monkeypatch.setattr(evaluator, "measure", boom)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        evaluator.estimates(cand)
+    for net in nets:
+        assert all(t.is_contiguous() for t in net.state_dict().values())
+
+
 def test_evaluator_validation_batch_size_changes_only_the_chunks():
     """The validation pass is in eval mode (each image on its own), so its batch size splits
     the same images differently and gives the same score; on a CPU it defaults to the

@@ -189,19 +189,19 @@ def test_worker_presence(engine):
             return queue.live_workers(s, within_s=60, now=at)
 
     queue.worker_seen(engine, "cpu", cuda=False, now=T0)
-    queue.worker_seen(engine, "gpu", cuda=True, now=T0)
-    assert live(T0 + timedelta(seconds=30)) == (2, 1)
-    assert live(T0 + timedelta(seconds=61)) == (0, 0)  # neither renewed within a minute
+    queue.worker_seen(engine, "gpu", cuda=True, dataset_roots=True, now=T0)
+    assert live(T0 + timedelta(seconds=30)) == (2, 1, 1)
+    assert live(T0 + timedelta(seconds=61)) == (0, 0, 0)  # neither renewed within a minute
     queue.worker_seen(engine, "cpu", cuda=False, now=T0 + timedelta(seconds=60))
-    assert live(T0 + timedelta(seconds=90)) == (1, 0)
+    assert live(T0 + timedelta(seconds=90)) == (1, 0, 0)
     with Session(engine) as s:
         row = s.get(WorkerPresence, "cpu")
         assert (row.started_at, row.seen_at) == (T0, T0 + timedelta(seconds=60))
     assert queue.forget_workers(engine, unseen_s=60, now=T0 + timedelta(seconds=90)) == 1  # gpu
-    assert live(T0) == (1, 0)
+    assert live(T0) == (1, 0, 0)
     queue.worker_gone(engine, "cpu")
     queue.worker_gone(engine, "cpu")  # already gone: nothing to do
-    assert live(T0) == (0, 0)
+    assert live(T0) == (0, 0, 0)
 
 
 def test_many_workers_claim_each_job_once(engine, db_url):
@@ -292,7 +292,7 @@ def test_leases_and_presence_follow_the_database_clock_not_the_worker_s(postgres
         assert queue.reap(engine) == {}
         assert job_row(engine, job.id).status == "running"
         with Session(engine) as s:
-            assert queue.live_workers(s, within_s=60) == (1, 0)
+            assert queue.live_workers(s, within_s=60) == (1, 0, 0)
         assert queue.forget_workers(engine, unseen_s=120) == 0
     finally:
         engine.dispose()
@@ -326,23 +326,41 @@ def test_fail_with_retry(engine):
     assert row.finished_at is not None
 
 
-@pytest.mark.parametrize("end", ["finish", "mark_cancelled"])
+@pytest.mark.parametrize("end", ["finish", "mark_cancelled", "cancel_queued", "fail", "reap",
+                                 "release"])
 def test_an_earlier_attempt_s_error_is_cleared_when_the_job_succeeds_or_is_cancelled(engine,
                                                                                      end):
-    """``error_kind``/``error_message`` say why a job failed (else null): a job that succeeded
-    (or was cancelled) on its retry does not keep the retried attempt's error."""
+    """``error_kind``/``error_message`` say why a job failed (or why its last attempt did,
+    while it is retried): a job that succeeded on its retry, or was cancelled by any route,
+    does not keep an attempt's error."""
     job = submit(engine, max_attempts=3)
-    c = queue.claim(engine, "w")
+    c = queue.claim(engine, "w", lease_seconds=10, now=T0)
     assert queue.fail(engine, job.id, "w", c.attempt, error_kind="internal",
                       error_message="OSError: [Errno 28] No space left on device", retry=True)
     row = job_row(engine, job.id)
     assert (row.status, row.error_kind) == ("queued", "internal")  # while it is retried
-    c = queue.claim(engine, "w")
-    if end == "mark_cancelled":
+
+    def cancel():
         with Session(engine) as s:
-            queue.request_cancel(s, job.id, "alice")
+            queue.request_cancel(s, job.id, "alice", now=T0)
             s.commit()
-    assert getattr(queue, end)(engine, job.id, "w", c.attempt)
+
+    if end == "cancel_queued":
+        cancel()
+    else:
+        c = queue.claim(engine, "w", lease_seconds=10, now=T0)
+        if end != "finish":
+            cancel()
+        if end == "fail":
+            assert queue.fail(engine, job.id, "w", c.attempt, error_kind="storage",
+                              error_message="disk full", retry=True)
+        elif end == "reap":
+            assert queue.reap(engine, now=T0 + timedelta(seconds=11)) == {job.id: "cancelled"}
+        elif end == "release":
+            assert queue.release(engine, job.id, "w", c.attempt, error_kind="worker",
+                                 error_message="no dataset roots")
+        else:
+            assert getattr(queue, end)(engine, job.id, "w", c.attempt)
     row = job_row(engine, job.id)
     assert row.status == ("succeeded" if end == "finish" else "cancelled")
     assert (row.error_kind, row.error_message) == (None, None)

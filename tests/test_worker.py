@@ -201,6 +201,22 @@ def test_a_storage_failure_is_its_own_error_kind(code):
     assert classify(_raised_while(RuntimeError("save failed"), err, cause=True)) == ("storage",
                                                                                       True)
     assert classify(_raised_while(RuntimeError("cleanup"), err, cause=False)) == ("storage", True)
+    try:  # ``from None``: raised while handling it, but not because of it
+        try:
+            raise err
+        except OSError:
+            raise RuntimeError("unrelated") from None
+    except RuntimeError as e:
+        assert classify(e) == ("internal", True)
+
+
+def test_a_storage_failure_s_message_keeps_what_failed():
+    from app.worker import one_line
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    message = one_line(_raised_while(RuntimeError("saving the checkpoint"), full, cause=True))
+    assert message.startswith("the server's storage failed, not the job;")
+    assert message.endswith(": saving the checkpoint ([Errno 28] No space left on device)")
 
 
 def test_other_os_errors_stay_internal_and_a_data_error_stays_data():
@@ -310,6 +326,25 @@ def test_a_database_blip_as_the_job_ends_does_not_lose_its_result(clean, setting
     assert w.last_outcome == "succeeded" and len(calls) == 3
     job = job_row(clean, job_id)
     assert (job.status, job.attempt, job.lease_owner) == ("succeeded", 1, None)
+
+
+def test_a_write_the_database_refuses_is_not_tried_again(clean, settings, monkeypatch):
+    """The database up but refusing the write itself (a value it cannot store) would refuse it
+    every time: the error reaches the claim loop at once instead of holding the worker, its
+    lease renewed by the heartbeat, forever."""
+    from sqlalchemy.exc import DataError
+
+    calls = []
+
+    def refused(*args, **kwargs):
+        calls.append(1)
+        raise DataError("UPDATE jobs", {}, Exception("invalid byte sequence"))
+
+    monkeypatch.setattr(queue, "finish", refused)
+    submit(clean, SPEC, max_attempts=1)
+    with pytest.raises(DataError):
+        Worker(settings, "w1", device="cpu").run_once()
+    assert len(calls) == 1
 
 
 def test_a_worker_refuses_an_artifact_folder_it_cannot_write(settings, tmp_path):
@@ -677,9 +712,9 @@ def test_a_worker_is_seen_before_pytorch_says_whether_it_has_cuda(clean, setting
             return queue.live_workers(s, within_s=60)
 
     try:
-        wait_for(lambda: seen() == (1, 0), timeout=10)
+        wait_for(lambda: seen() == (1, 0, 0), timeout=10)
         asked.set()
-        wait_for(lambda: seen() == (1, 1), timeout=10)
+        wait_for(lambda: seen() == (1, 1, 0), timeout=10)
     finally:
         asked.set()
         over.set()
@@ -765,3 +800,16 @@ def test_a_database_a_newer_version_upgraded_is_one_line_everywhere(tmp_path, ca
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "a newer metaprune has upgraded this database" in err, err
+
+
+def test_a_worker_with_dataset_roots_says_so_in_its_presence(clean, settings, tmp_path):
+    """So that the API can tell a job that names a data_root whether any worker can take it."""
+    over = threading.Event()
+    over.set()  # one record, then the loop ends
+    roots = settings.model_copy(update={"dataset_roots": [tmp_path]})
+    Worker(roots, "w-roots", device="cpu")._presence_loop(over)
+    try:
+        with Session(clean) as s:
+            assert queue.live_workers(s, within_s=60) == (1, 1, 1)
+    finally:
+        queue.worker_gone(clean, "w-roots")

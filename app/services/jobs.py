@@ -115,28 +115,34 @@ def _check_queue_limit(session: Session, settings: Settings, owner: str, adding:
                             "jobs per owner; wait for some to start or cancel them")
 
 
-def live_workers(db: Database, settings: Settings) -> tuple[int, int]:
-    """Workers that reported within a lease: ``(all, those that claim CUDA jobs)``."""
+def live_workers(db: Database, settings: Settings) -> queue.LiveWorkers:
+    """Workers that reported within a lease."""
     with db.read() as session:
         return queue.live_workers(session, within_s=settings.lease_seconds)
 
 
 def waiting_reasons(db: Database, settings: Settings, jobs: list[Job]) -> dict[str, str]:
     """Why each queued job of ``jobs`` cannot start now (job id → reason; absent: it can):
-    no worker reported within a lease, or none of them claims the jobs that ask for CUDA."""
+    no worker reported within a lease, or none of them claims the jobs that ask for CUDA, or
+    those that name a ``data_root``."""
     queued = [job for job in jobs if job.status == queue.QUEUED]
     if not queued:
         return {}
-    n, n_cuda = live_workers(db, settings)
-    if n == 0:
+    workers = live_workers(db, settings)
+    if workers.total == 0:
         reason = ("no worker is running: start one with `metaprune worker` (or `metaprune "
                   "serve`, which starts its own)")
         return {job.id: reason for job in queued}
-    if n_cuda == 0:
-        reason = ("the job asks for CUDA and no running worker has a CUDA device: start "
-                  "`metaprune worker` on a machine with a GPU")
-        return {job.id: reason for job in queued if job.spec.get("device") == "cuda"}
-    return {}
+    reasons = {}
+    for job in queued:
+        if job.spec.get("device") == "cuda" and workers.cuda == 0:
+            reasons[job.id] = ("the job asks for CUDA and no running worker has a CUDA device: "
+                               "start `metaprune worker` on a machine with a GPU")
+        elif job.spec.get("data_root") is not None and workers.dataset_roots == 0:
+            reasons[job.id] = ("the job names a data_root and no running worker has dataset "
+                               "roots: start `metaprune worker` with METAPRUNE_DATASET_ROOTS "
+                               "set as the API's")
+    return reasons
 
 
 def get_job(db: Database, owner: str, job_id: str) -> Job:
