@@ -28,8 +28,8 @@ for workers and the reaper take the :class:`~sqlalchemy.Engine` and commit their
 Every time is an aware UTC datetime; ``now`` defaults to the current time and exists for tests.
 Lease and presence times (:func:`claim`, :func:`heartbeat`, :func:`reap`, the workers' rows) are
 read from the database server's clock on PostgreSQL, so that workers and the API on machines
-whose clocks differ agree on when a lease ends (:func:`_lease_clock`; a job's start too); the other
-times (a job's end, its updates) are the writer's.
+whose clocks differ agree on when a lease ends (:func:`_lease_clock`; a job's start too); the
+other times (a job's end, its updates) are the writer's.
 
 Workers also record their presence (:func:`worker_seen`, :func:`worker_gone`) so that the API can
 say why a queued job waits (:func:`live_workers`): no worker at all, or none that takes CUDA jobs

@@ -35,7 +35,8 @@ async def prometheus(request: Request, db: Db, settings: SettingsDep) -> PlainTe
     try:
         counts = await run_in_threadpool(job_counts, db)
         workers = await run_in_threadpool(live_workers, db, settings)
-        queue = metrics.render_jobs(counts, STATUSES) + metrics.render_workers(workers.total, workers.cuda)
+        queue = (metrics.render_jobs(counts, STATUSES)
+                 + metrics.render_workers(workers.total, workers.cuda))
     except SQLAlchemyError:  # the HTTP metrics still tell what the outage does to the API
         queue = []
     lines = (metrics.render_database_up(bool(queue)) + queue + request.app.state.metrics.render()
