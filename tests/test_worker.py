@@ -810,6 +810,7 @@ def test_a_worker_with_dataset_roots_says_so_in_its_presence(clean, settings, tm
     Worker(roots, "w-roots", device="cpu")._presence_loop(over)
     try:
         with Session(clean) as s:
-            assert queue.live_workers(s, within_s=60) == (1, 1, 1)
+            row = s.get(WorkerPresence, "w-roots")
+            assert (row.cuda, row.dataset_roots) == (True, True)
     finally:
         queue.worker_gone(clean, "w-roots")
