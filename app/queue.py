@@ -253,13 +253,12 @@ def claim(engine: Engine, worker_id: str, *, lease_seconds: float = 60.0, cuda: 
     return None if row is None else Claimed(*row)
 
 
-def _worker_write(engine: Engine, job_id: str, worker_id: str, attempt: int, values: dict,
-                  returning=None):
+def _worker_write(engine: Engine, job_id: str, worker_id: str, attempt: int,
+                  values: dict) -> bool:
+    """A fenced update of the job; whether (``worker_id``, ``attempt``) still held it."""
     stmt = update(Job).where(_fence(job_id, worker_id, attempt)).values(**values)
     with write_transaction(engine) as conn:
-        if returning is None:
-            return conn.execute(stmt).rowcount == 1
-        return conn.execute(stmt.returning(*returning)).one_or_none()
+        return conn.execute(stmt).rowcount == 1
 
 
 def heartbeat(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
