@@ -2,9 +2,10 @@
 
 For each architecture, the uniform networks at three widths and two random candidates (odd
 channel counts, as the search picks them): one training step at batch 64 and one eval-mode
-forward pass over 256 images, in each layout (the better of two timings each). The pipeline
-scores and tests in channels-last on a CPU (:func:`pruning.modules.inference_layout`) and
-trains in NCHW; this is the measurement behind that choice.
+forward pass over 256 images, in each layout (the median of six timed calls after one
+warm-up). The pipeline scores and tests in channels-last on a CPU
+(:func:`pruning.modules.inference_layout`) and trains in NCHW; this is the measurement behind
+that choice.
 
     python bench/bench_layout.py [--threads 2] [--archs mobilenet_v1:0.25,mobilenet_v2:1.0]
 """
@@ -16,27 +17,16 @@ import contextlib
 import json
 import random
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import median_seconds  # bench/timing.py (the script's folder is on sys.path)
 
 from pruning import SearchSpace, build, macs
 from pruning.machine import cpu_description
 from pruning.modules import inference_layout
 
 ARCHS = "mobilenet_v1:0.25,mobilenet_v2:0.35,mobilenet_v2:1.0,resnet18:0.25"
-
-
-def seconds(fn, repeat: int) -> float:
-    fn()  # warm-up: oneDNN builds its kernels for these shapes
-    best = float("inf")
-    for _ in range(2):
-        t = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        best = min(best, (time.perf_counter() - t) / repeat)
-    return best
 
 
 def timings(net, channels_last: bool, x, y, images) -> dict:
@@ -53,8 +43,10 @@ def timings(net, channels_last: bool, x, y, images) -> dict:
         with torch.inference_mode():
             net(images)
 
-    with inference_layout(net, "cpu") if channels_last else contextlib.nullcontext():
-        return {"train_step": seconds(train_step, 3), "eval_forward": seconds(eval_forward, 3)}
+    cpu = torch.device("cpu")  # a warm-up first: oneDNN builds its kernels for these shapes
+    with inference_layout(net, cpu) if channels_last else contextlib.nullcontext():
+        return {fn.__name__: median_seconds(fn, cpu, 6, warmup=1)
+                for fn in (train_step, eval_forward)}
 
 
 def main() -> None:

@@ -103,10 +103,10 @@ def inference_layout(net: nn.Module, device: torch.device | str) -> Iterator[nn.
     eval-mode forward passes (scoring candidates, testing).
 
     A conv whose weight is channels-last computes, and hands on, channels-last activations: on
-    the CPU oneDNN's NHWC kernels ran all 20 pruned nets measured in eval mode faster than NCHW
-    (1.05–3.4×, median 1.5×; ``bench/bench_layout.py``), the same function rounded
+    the CPU oneDNN's NHWC kernels ran 19 of 20 pruned nets measured in eval mode faster than
+    NCHW (median 1.46×, 0.98–2.9×; ``bench/bench_layout.py``), the same function rounded
     differently. Not for training: with the odd channel counts of pruned nets, NHWC training
-    steps were faster for only 8 of the 20 (0.66–1.46×). Elsewhere the layout is left alone
+    steps were faster for only 8 of the 20 (0.63–1.33×). Elsewhere the layout is left alone
     (not measured on a GPU).
     """
     if torch.device(device).type != "cpu":
