@@ -369,25 +369,23 @@ def release(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
 def reap(engine: Engine, now: datetime | None = None) -> dict[str, str]:
     """Settle running jobs whose lease expired: re-queue (attempts left), fail
     (``lease_expired``), or cancel (cancel requested). Returns ``{job id: new status}``."""
-    with write_transaction(engine) as conn:
-        return _reap(conn, now or _lease_clock(conn))
-
-
-def _reap(conn, now: datetime) -> dict[str, str]:
     cancelled = Job.cancel_requested
     retry = Job.attempt < Job.max_attempts
-    stmt = (update(Job)
-            .where(Job.status == RUNNING, Job.lease_expires_at < now)
-            .values(status=case((cancelled, CANCELLED), (retry, QUEUED), else_=FAILED),
-                    error_kind=case((cancelled, None), (retry, Job.error_kind),
-                                    else_="lease_expired"),
-                    error_message=case(
-                        (cancelled, None), (retry, Job.error_message),
-                        else_=literal("the worker's lease expired on the last allowed attempt")),
-                    finished_at=case((and_(~cancelled, retry), None), else_=_ts(now)),
-                    lease_owner=None, lease_expires_at=None, updated_at=now)
-            .returning(Job.id, Job.status))
-    return {job_id: status for job_id, status in conn.execute(stmt)}
+    with write_transaction(engine) as conn:
+        now = now or _lease_clock(conn)
+        stmt = (update(Job)
+                .where(Job.status == RUNNING, Job.lease_expires_at < now)
+                .values(status=case((cancelled, CANCELLED), (retry, QUEUED), else_=FAILED),
+                        error_kind=case((cancelled, None), (retry, Job.error_kind),
+                                        else_="lease_expired"),
+                        error_message=case(
+                            (cancelled, None), (retry, Job.error_message),
+                            else_=literal("the worker's lease expired on the last allowed "
+                                          "attempt")),
+                        finished_at=case((and_(~cancelled, retry), None), else_=_ts(now)),
+                        lease_owner=None, lease_expires_at=None, updated_at=now)
+                .returning(Job.id, Job.status))
+        return {job_id: status for job_id, status in conn.execute(stmt)}
 
 
 def housekeeping(engine: Engine, *, lease_seconds: float) -> dict[str, str]:
