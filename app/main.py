@@ -81,14 +81,17 @@ def _first_sentence(exc: Exception) -> str:
 def _housekeeping(engine, settings: Settings, stop: threading.Event) -> None:
     """Every half lease, :func:`app.queue.housekeeping`, as workers do: the job of a worker
     that died is re-queued (or cancelled, or failed) even when no worker is left to do it, and
-    then says why it waits instead of showing ``running`` for ever."""
+    then says why it waits instead of showing ``running`` for ever. And what deleted jobs left
+    in the trash is removed."""
     from app import queue
+    from app.services.jobs import empty_trash
 
     while not stop.wait(settings.lease_seconds / 2):
         try:
             for job_id, status in queue.housekeeping(
                     engine, lease_seconds=settings.lease_seconds).items():
                 log.info("job %s: lease expired; now %s", job_id, status)
+            empty_trash(settings.trash_dir)
         except Exception:  # noqa: BLE001 — the next round tries again
             log.warning("housekeeping failed", exc_info=True)
 

@@ -22,6 +22,7 @@ interleave badly:
   :func:`should_stop`) and acknowledges with :func:`mark_cancelled`.
 * **retry** — a failed or cancelled job is queued again with fresh attempts
   (:func:`retry`); it resumes from its checkpoints.
+* **delete** — a finished job's row goes (:func:`delete_job`); the API removes its run folder.
 
 Functions for the API take a :class:`~sqlalchemy.orm.Session` (the caller commits); functions
 for workers and the reaper take the :class:`~sqlalchemy.Engine` and commit their one statement.
@@ -213,6 +214,17 @@ def retry(session: Session, job_id: str, owner: str | None, *, max_attempts: int
     if owner is not None:
         stmt = stmt.where(Job.owner == owner)
     return session.scalars(stmt, execution_options={"populate_existing": True}).one_or_none()
+
+
+def delete_job(session: Session, job_id: str, owner: str | None) -> bool:
+    """Delete a finished (``succeeded``, ``failed`` or ``cancelled``) job's row; whether one
+    was deleted (``False``: unknown → 404, queued or running → 409: the caller tells them
+    apart). No worker holds a finished job, so none loses its lease; one whose lease had expired
+    and that still runs is fenced out of every write by the row's absence."""
+    stmt = delete(Job).where(Job.id == job_id, Job.status.in_((SUCCEEDED, FAILED, CANCELLED)))
+    if owner is not None:
+        stmt = stmt.where(Job.owner == owner)
+    return session.execute(stmt).rowcount == 1
 
 
 # --- worker side (engine; one statement, committed) -------------------------------------------

@@ -92,6 +92,17 @@ class JobPage(BaseModel):
     next_offset: int | None = Field(description="offset of the next page; null on the last")
 
 
+class JobDeleted(BaseModel):
+    """A deleted job: its record and its run folder (checkpoints and artifacts) are gone."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"id": JOB_EXAMPLE["id"], "deleted": True, "freed_bytes": 312_475_648}]})
+
+    id: str
+    deleted: bool = True
+    freed_bytes: int = Field(ge=0, description="bytes of files removed with the run folder")
+
+
 class ErrorOut(BaseModel):
     """An error: ``detail`` is a message, or for 422 a list of {loc, msg, type} entries."""
 

@@ -59,6 +59,15 @@ class Settings(BaseSettings):
                                             description="a comment line keeps an idle event "
                                                         "stream open this often")
 
+    def run_dir(self, job_id: str) -> Path:
+        """A job's run folder: its checkpoints, and its artifacts in ``artifacts/``."""
+        return self.artifact_dir / "jobs" / job_id
+
+    @property
+    def trash_dir(self) -> Path:
+        """Run folders of deleted jobs, moved here at once and removed in the background."""
+        return self.artifact_dir / "trash"
+
     @field_validator("dataset_roots", mode="before")
     @classmethod
     def _dataset_roots_from_text(cls, value):

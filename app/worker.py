@@ -59,6 +59,7 @@ import errno
 import functools
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -354,7 +355,7 @@ class Worker:
         return Path(self.settings.artifact_dir)
 
     def run_dir(self, job_id: str) -> Path:
-        return self.artifact_dir / "jobs" / job_id
+        return self.settings.run_dir(job_id)
 
     def maybe_reap(self) -> dict[str, str]:
         """Re-queue (or fail) jobs whose lease expired, at most every ``lease_seconds / 2``."""
@@ -552,7 +553,7 @@ class Worker:
 
     def _run(self, job: queue.Claimed, state: _JobRun) -> str:
         from pruning.checkpoint import UnreadableFileError, WriteRefused, write_fence
-        from pruning.pipeline import MetanetDataError, PipelineSpec, run
+        from pruning.pipeline import MetanetDataError, MetanetGoneError, PipelineSpec, run
         from pruning.train import Cancelled
 
         try:
@@ -581,8 +582,9 @@ class Worker:
                                         error_message="the job asks for CUDA and this worker "
                                                       "has no CUDA device")  # back, as above
             self._start_over_if_lost(job, state)
-            spec = spec.model_copy(update={"device": device,
-                                           "metanet_from": self._metanet_source(job, spec)})
+            spec = spec.model_copy(update={"device": device})
+            asked = spec
+            spec = asked.model_copy(update={"metanet_from": self._metanet_source(job, asked)})
             state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))
 
             def run_job(spec):
@@ -595,6 +597,10 @@ class Worker:
             except MetanetDataError as e:  # found only once the data is loaded: train one
                 log.info("job %s: %s; training its own", job.id, e)
                 report = run_job(spec.model_copy(update={"metanet_from": None}))
+            except MetanetGoneError as e:  # its lender was deleted before the copy
+                self._start_over(job, state, f"{e}")
+                report = run_job(asked.model_copy(
+                    update={"metanet_from": self._metanet_source(job, asked)}))
         except (Cancelled, WriteRefused):
             return self._stopped(job, state)
         except UnreadableFileError as e:
@@ -651,16 +657,19 @@ class Worker:
         attempt ran, which then wrote on into a new one): it cannot be resumed, and the pipeline
         would refuse it as a folder of someone else's files; it is the job's own, so the job
         starts over in an empty one."""
-        import shutil
-
         from pruning.pipeline import holds_other_files
 
         run_dir = self.run_dir(job.id)
         if not (run_dir / "spec.json").exists() and holds_other_files(run_dir):
-            state.check_write()  # the folder may be another attempt's by now
-            log.warning("job %s: its run folder lost its spec.json (deleted?); starting the job "
-                        "over", job.id)
-            shutil.rmtree(run_dir)
+            self._start_over(job, state, "its run folder lost its spec.json (deleted?)")
+
+    def _start_over(self, job: queue.Claimed, state: _JobRun, why: str) -> None:
+        """Empty the job's run folder, so that it starts over (lease held: the folder may be
+        another attempt's by now)."""
+        state.check_write()
+        log.warning("job %s: %s; starting the job over", job.id, why)
+        if self.run_dir(job.id).exists():
+            shutil.rmtree(self.run_dir(job.id))
 
     def _metanet_source(self, job: queue.Claimed, spec) -> str | None:
         """The run folder of the owner's newest succeeded job whose PruningNet this job can reuse

@@ -10,7 +10,7 @@
     metaprune resume --out RUN            every stage still to do, with the run's spec.json
     metaprune db upgrade [--database-url URL]   create or migrate the service's database
     metaprune serve | worker | token create|list|revoke   run the job service
-    metaprune submit [prune options] | status JOB | jobs | cancel JOB | retry JOB |
+    metaprune submit [prune options] | status JOB | jobs | cancel JOB | retry JOB | delete JOB |
               watch JOB | download JOB [--dest DIR]    the service's client (--server, --token)
 
 Errors in what the user typed are reported in one line with exit status 2, never a traceback.
@@ -752,6 +752,18 @@ def cmd_retry(a, api) -> dict:
     return {}
 
 
+@_client_command
+def cmd_delete(a, api) -> dict:
+    """``delete``: delete a finished job and its files on the server."""
+    gone = api.delete(a.job)
+    if a.json:
+        return gone
+    freed = gone.get("freed_bytes")
+    print(f"{gone['id']}: deleted" + (f" ({freed / 1e6:.1f} MB freed)" if freed is not None
+                                      else ""))
+    return {}
+
+
 class _StderrPrinter:
     """Progress on stderr: tqdm bars on a terminal, plain lines otherwise, nothing if quiet."""
 
@@ -1148,7 +1160,7 @@ def cmd_serve(a) -> dict:
     settings = get_settings()
     url = a.database_url or settings.database_url
     artifact_dir = str(Path(a.artifact_dir or settings.artifact_dir).resolve())
-    update = {"database_url": url, "artifact_dir": artifact_dir}
+    update = {"database_url": url, "artifact_dir": Path(artifact_dir)}  # unvalidated: typed
     if not _is_loopback(a.host):
         update["require_auth"] = True
     elif "require_auth" not in settings.model_fields_set:  # not set, in any letter case
@@ -1466,6 +1478,8 @@ def make_parser() -> argparse.ArgumentParser:
                             ("cancel", cmd_cancel, "cancel a job"),
                             ("retry", cmd_retry, "queue a failed or cancelled job again; it "
                                                  "resumes from its last checkpoint"),
+                            ("delete", cmd_delete, "delete a finished job with its checkpoints "
+                                                   "and artifacts (download them first)"),
                             ("watch", cmd_watch, "follow a job until it ends (exit 0: "
                                                  "succeeded, 1: failed or cancelled)"),
                             ("download", cmd_download, "download a job's artifacts, verifying "

@@ -1,11 +1,11 @@
 """A client of the job service's REST API (``metaprune submit | status | jobs | cancel | retry |
-watch | download``).
+delete | watch | download``).
 
 :class:`ApiClient` wraps an :class:`httpx.Client` (one of its own, or one given, e.g. FastAPI's
 ``TestClient``). Every failure is a :class:`ClientError` with a one-line message: the server
 unreachable, or an HTTP error with its status and the server's ``detail``. Requests that are
 safe to repeat are retried after transient failures (the connection lost, a timeout, HTTP
-502/503/504): every GET, a cancel, a job's retry, and a submit, which always carries an
+502/503/504): every GET, a cancel, a job's retry or deletion, and a submit, which always carries an
 ``Idempotency-Key`` (one of its own when none is given), so trying again can never queue a
 second job.
 """
@@ -230,6 +230,21 @@ class ApiClient:
             if job["status"] not in ("queued", "running"):
                 raise
             return job
+
+    def delete(self, job_id: str) -> dict:
+        """Delete a finished job and its files (``{"id", "deleted", "freed_bytes"}``). A 404
+        after an earlier try that may have reached the server (its answer lost) is no error:
+        that try deleted it (``freed_bytes`` is then unknown: ``None``)."""
+        try:
+            body = self.request("DELETE", f"/v1/jobs/{_segment(job_id)}")
+        except ClientError as e:
+            if not (e.status == 404 and e.sent_before):
+                raise
+            return {"id": job_id, "deleted": True, "freed_bytes": None}
+        if not (isinstance(body, dict) and body.get("deleted") is True):
+            raise ClientError(f"the server at {self.base_url} sent an answer that is not a "
+                              "deleted job (is that address the metaprune API?)")
+        return body
 
     def watch(self, job_id: str, interval: float = 1.0,
               sleep: Callable[[float], None] | None = None, patience: float = 600.0,

@@ -489,6 +489,10 @@ class MetanetDataError(RunFolderError):
     """``metanet_from`` names a run whose PruningNet was trained on other data."""
 
 
+class MetanetGoneError(RunFolderError):
+    """The run ``metanet_from`` names is gone (deleted before its PruningNet was copied)."""
+
+
 def _check_data(run_dir: Path, fingerprint: dict, *, lender: bool = False) -> None:
     """A run continues only on the data it started with (``data.json``; runs of older versions
     have none): the PruningNet, the search scores and the trained networks all came from it.
@@ -791,6 +795,8 @@ def check_metanet_source(spec: PipelineSpec, run_dir: Path) -> Path:
     src = Path(spec.metanet_from)
     if src.resolve() == run_dir.resolve():
         raise RunFolderError(f"metanet_from: {src} is this run's own folder")
+    if not src.exists():
+        raise MetanetGoneError(f"metanet_from: {src} does not exist")
     if not (src / "spec.json").is_file():
         raise RunFolderError(f"metanet_from: {src} is not a run folder (no spec.json)")
     try:
@@ -827,8 +833,12 @@ def _adopt_metanet(ctx: RunContext, src: Path) -> dict:
     """Copy the PruningNet of ``src`` (and its stats), checked by :func:`prepare`, into this
     run's folder, so the run stays complete if ``src`` changes or goes;
     ``metanet/source.json`` records the origin."""
-    stats = read_json(src / "metanet" / "stats.json")
-    data = (src / METANET_FILE).read_bytes()
+    try:
+        stats = read_json(src / "metanet" / "stats.json")
+        data = (src / METANET_FILE).read_bytes()
+    except FileNotFoundError:
+        raise MetanetGoneError(f"metanet_from: {src} was deleted before its PruningNet could "
+                               "be copied") from None
     atomic_write_json(ctx.path("metanet/stats.json"), stats)
     atomic_write_json(ctx.path("metanet/source.json"),
                       {"run": str(src.resolve()), "sha256": hashlib.sha256(data).hexdigest()})
@@ -846,7 +856,10 @@ def _absolute_paths(spec: PipelineSpec) -> PipelineSpec:
 
 def _check_lender_space(src: Path, space: SearchSpace) -> None:
     """The PruningNet of ``src`` must have been built for ``space``."""
-    meta = read_tensors_metadata(src / METANET_FILE)
+    try:
+        meta = read_tensors_metadata(src / METANET_FILE)
+    except FileNotFoundError:
+        raise MetanetGoneError(f"metanet_from: {src} was deleted") from None
     if not same_space(meta.get("space"), space.to_dict()):
         raise RunFolderError(f"metanet_from: the PruningNet of {src} was built for another "
                              "search space")

@@ -292,6 +292,50 @@ def test_a_retry_counts_against_the_queue_limit(api):
     assert api.post(f"/v1/jobs/{ids[0]}/retry", headers=api.alice).status_code == 200
 
 
+def test_delete_a_finished_job_and_its_files(engine, sqlite_url, tmp_path):
+    """Only a finished job is deleted, with its run folder (a symlink in it is removed, never
+    followed); it is then a 404; a queued or running one is a 409, another owner's a 404."""
+    from app.services.jobs import empty_trash
+
+    with client_for(sqlite_url, artifact_dir=tmp_path / "store") as api:
+        alice = bearer(token_for(engine, "alice"))
+        job = api.post("/v1/jobs", json=SPEC, headers=alice).json()
+        url = f"/v1/jobs/{job['id']}"
+        for status in ("queued", "running"):
+            with engine.begin() as conn:
+                conn.execute(update(Job).where(Job.id == job["id"]).values(status=status))
+            r = api.delete(url, headers=alice)
+            assert r.status_code == 409 and r.json()["detail"].startswith(
+                f"job is {status}: cancel it first")
+        run_dir = tmp_path / "store" / "jobs" / job["id"]
+        (run_dir / "artifacts").mkdir(parents=True)
+        (run_dir / "artifacts" / "model.ts").write_bytes(b"m" * 1000)
+        (run_dir / "spec.json").write_bytes(b"{}")
+        kept = tmp_path / "kept.txt"
+        kept.write_text("not the job's")
+        (run_dir / "link").symlink_to(kept)
+        for status in ("succeeded", "failed", "cancelled"):
+            with engine.begin() as conn:
+                conn.execute(update(Job).where(Job.id == job["id"]).values(status=status))
+            bob = bearer(token_for(engine, "bob", name=f"b-{status}"))
+            assert api.delete(url, headers=bob).status_code == 404
+        assert run_dir.exists()
+        r = api.delete(url, headers=alice)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"id": job["id"], "deleted": True,
+                            "freed_bytes": 1002 + len(str(kept))}
+        assert not run_dir.exists() and kept.read_text() == "not the job's"
+        assert list((tmp_path / "store" / "trash").iterdir()) == []
+        assert api.get(url, headers=alice).status_code == 404
+        assert api.delete(url, headers=alice).json() == {"detail": "job not found"}
+        # a removal cut short (an API stopped halfway) is finished by the housekeeping
+        left = tmp_path / "store" / "trash" / "x-1234" / "metanet"
+        left.mkdir(parents=True)
+        (left / "state.safetensors").write_bytes(b"s")
+        empty_trash(tmp_path / "store" / "trash")
+        assert list((tmp_path / "store" / "trash").iterdir()) == []
+
+
 def test_oversized_body_413(engine, sqlite_url):
     with client_for(sqlite_url, require_auth=False, max_body_bytes=2048) as client:
         big = {**SPEC, "search": {"x": "y" * 4000}}

@@ -1,4 +1,4 @@
-"""The service's client commands (``metaprune submit | status | jobs | cancel | retry |
+"""The service's client commands (``metaprune submit | status | jobs | cancel | retry | delete |
 watch | download``): against the real app in-process (a migrated temporary SQLite file, tokens
 on), and ``download`` against a small fake server implementing the artifact contract."""
 
@@ -423,6 +423,35 @@ def test_a_retry_whose_answer_is_lost_is_no_error(flaky, server, capsys):
     assert flaky.calls[-3:] == ["POST", "POST", "GET"]  # the 409, then a look at the job
     rc, _, err = run(capsys, "retry", job_id)
     assert rc == 2 and "HTTP 409: job is queued" in err
+
+
+def test_delete_a_finished_job(server, capsys):
+    job_id = submit(capsys)
+    rc, _, err = run(capsys, "delete", job_id)
+    assert rc == 2 and err.startswith("metaprune: error: HTTP 409: job is queued: cancel it "
+                                      "first")
+    run(capsys, "cancel", job_id)
+    rc, out, err = run(capsys, "delete", job_id)
+    assert (rc, out) == (0, f"{job_id}: deleted (0.0 MB freed)\n"), err
+    rc, _, err = run(capsys, "status", job_id)
+    assert rc == 2 and err == "metaprune: error: HTTP 404: job not found\n"
+    other = submit(capsys, "--seed", "1")
+    run(capsys, "cancel", other)
+    rc, out, _ = run(capsys, "delete", other, "--json")
+    assert rc == 0 and json.loads(out) == {"id": other, "deleted": True, "freed_bytes": 0}
+
+
+def test_a_delete_whose_answer_is_lost_is_no_error(flaky, server, capsys):
+    """The first try deleted the job, its answer was lost: the next try's 404 is no error;
+    a 404 at the first try still is one."""
+    job_id = submit(capsys)
+    run(capsys, "cancel", job_id)
+    flaky.fail("DELETE", 1, "drop")
+    rc, out, err = run(capsys, "delete", job_id)
+    assert (rc, out) == (0, f"{job_id}: deleted\n"), err
+    assert flaky.calls[-2:] == ["DELETE", "DELETE"]
+    rc, _, err = run(capsys, "delete", job_id)
+    assert rc == 2 and "HTTP 404: job not found" in err
 
 
 def test_reads_retry_a_503_and_cancel_is_safe_to_repeat(flaky, server, capsys):

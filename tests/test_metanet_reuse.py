@@ -124,3 +124,58 @@ def test_a_resumed_attempt_keeps_its_first_decision(setup):
         row = queue.get_job(s, job.id, None)
     assert row.status == "succeeded", row.error_message
     assert trained_here(run_dir) and "metanet_reused_from" not in row.detail["result"]
+
+
+def delete_job(setup, job_id: str) -> None:
+    """``DELETE /v1/jobs/{id}``'s service: the row, then the run folder."""
+    from app.db import session_factory
+    from app.deps import Database
+    from app.services import jobs
+
+    engine, settings, _ = setup
+    db = Database(engine=engine, read=session_factory(engine), write=session_factory(engine))
+    jobs.delete_job(db, settings, "alice", job_id)
+
+
+def test_a_lender_deleted_before_the_copy_is_survived(setup, monkeypatch):
+    """The lender is deleted (``DELETE /v1/jobs/{id}``) after the worker chose it and before
+    its PruningNet was copied: the job starts over and trains its own instead of failing."""
+    import pruning.pipeline
+
+    spec = BASE.model_copy(update={"seed": 10})
+    lender, lender_dir = run_job(setup, spec)
+    adopt = pruning.pipeline._adopt_metanet
+
+    def deleted_first(ctx, src):
+        delete_job(setup, lender.id)
+        return adopt(ctx, src)
+
+    monkeypatch.setattr(pruning.pipeline, "_adopt_metanet", deleted_first)
+    job, run_dir = run_job(setup, spec.model_copy(update={"budget": Budget(macs_ratio=0.7)}))
+    assert not lender_dir.exists()
+    assert trained_here(run_dir) and "metanet_reused_from" not in job.detail["result"]
+    assert json.loads((run_dir / "spec.json").read_text())["metanet_from"] is None
+
+
+def test_a_resumed_attempt_whose_lender_was_deleted_starts_over(setup):
+    """An attempt chose a lender (its spec.json says so) and stopped before copying it; the
+    lender is deleted; the next attempt starts the job over, with the owner's other lender."""
+    engine, settings, _ = setup
+    spec = BASE.model_copy(update={"seed": 11})
+    gone, gone_dir = run_job(setup, spec)
+    other, other_dir = run_job(setup, spec.model_copy(update={"budget": Budget(macs_ratio=0.6)}))
+    later = spec.model_copy(update={"budget": Budget(macs_ratio=0.7)})
+    with Session(engine, expire_on_commit=False) as s:
+        job = queue.submit(s, "alice", later.model_dump(mode="json"),
+                           metanet_key=metanet_fingerprint(later))
+        s.commit()
+    run_dir = Path(settings.artifact_dir) / "jobs" / job.id
+    run_dir.mkdir(parents=True)  # what the first attempt left
+    (run_dir / "spec.json").write_text(json.dumps(
+        later.model_copy(update={"metanet_from": str(gone_dir)}).model_dump()))
+    delete_job(setup, gone.id)
+    assert setup[2].run_once()
+    with Session(engine) as s:
+        row = queue.get_job(s, job.id, None)
+    assert row.status == "succeeded", row.error_message
+    assert row.detail["result"]["metanet_reused_from"] == other.id

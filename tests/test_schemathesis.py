@@ -72,28 +72,36 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+DELETE = "DELETE /v1/jobs/{job_id}"
+DOOMED = tuple(f"doomed-{i}" for i in range(4))  # finished jobs only DELETE is given
+
+
 def seed_jobs(engine, artifact_dir) -> dict[str, str]:
-    """``alice``'s jobs in every state and a succeeded one of ``bob``'s; their ids by name."""
+    """``alice``'s jobs in every state and a succeeded one of ``bob``'s; their ids by name.
+    And the :data:`DOOMED` ones, for DELETE, so that it leaves the others in place."""
     ids = {}
     with Session(engine) as s:
         for name, owner in (("queued", "alice"), ("running", "alice"), ("succeeded", "alice"),
-                            ("failed", "alice"), ("cancelled", "alice"), ("others", "bob")):
+                            ("failed", "alice"), ("cancelled", "alice"), ("others", "bob"),
+                            *((name, "alice") for name in DOOMED)):
             ids[name] = queue.submit(s, owner, {**SPEC, "seed": len(ids)}).id
         s.commit()
+    done = dict(status="succeeded", stage="done", progress=1.0, attempt=1,
+                detail={"result": RESULT})
     values = {
         "running": dict(status="running", stage="search", progress=0.4, attempt=1,
                         lease_owner="w", detail={"generation": 0}),
-        "succeeded": dict(status="succeeded", stage="done", progress=1.0, attempt=1,
-                          detail={"result": RESULT}),
+        "succeeded": done,
         "failed": dict(status="failed", stage="metanet", attempt=3, error_kind="oom",
                        error_message="out of memory"),
         "cancelled": dict(status="cancelled", cancel_requested=True),
         "others": dict(status="succeeded", stage="done", progress=1.0, detail={"result": RESULT}),
+        **{name: done for name in DOOMED},
     }
     with engine.begin() as conn:
         for name, vals in values.items():
             conn.execute(update(Job).where(Job.id == ids[name]).values(**vals))
-    for name in ("succeeded", "others"):
+    for name in ("succeeded", "others", *DOOMED):
         folder = artifact_dir / "jobs" / ids[name] / "artifacts"
         folder.mkdir(parents=True)
         for file, data in FILES.items():
@@ -171,7 +179,9 @@ def load_schema(service: Service):
                          for method in ("GET", "HEAD"))],
     })
     schema = schemathesis.openapi.from_asgi("/openapi.json", service.app, config=config)
-    seeded = list(service.ids.values())
+    kept = [i for name, i in service.ids.items() if name not in DOOMED]
+    # DELETE: the doomed jobs, and those it must refuse (unfinished: 409; bob's: 404)
+    to_delete = [service.ids[name] for name in (*DOOMED, "queued", "running", "others")]
 
     def schema_valid(params) -> bool:  # a negative case keeps its invalid value
         return all(isinstance(params.get(k, ""), str) and len(params.get(k, "")) <= limit
@@ -186,12 +196,13 @@ def load_schema(service: Service):
         if not path_parameters or "job_id" not in path_parameters or not schema_valid(
                 path_parameters):
             return st.just(path_parameters)
+        label = context.operation.label if context.operation is not None else ""
+        seeded = to_delete if label == DELETE else kept
         choices = [path_parameters] + [{**path_parameters, "job_id": i} for i in seeded]
         if "name" in path_parameters:  # every seeded job with a real name too
             choices += [{**path_parameters, "job_id": i, "name": "model.onnx"} for i in seeded]
             choices += [{**path_parameters, "job_id": service.ids["succeeded"], "name": name}
                         for name in ("config.json", *FILES)]
-        label = context.operation.label if context.operation is not None else ""
         turns[label] += 1
         return st.just(choices[turns[label] % len(choices)])
 
@@ -263,17 +274,19 @@ def test_every_operation_was_called_and_answered_2xx(run, service):
     (f"HEAD {ARTIFACT}", {200, 404, 409}),
     ("GET /v1/jobs/{job_id}/search", {200, 404}),
     (EVENTS, {200, 404}),
+    (DELETE, {200, 404, 409}),
 ])
 def test_job_operations_met_the_seeded_jobs(run, label, codes):
     """Called with seeded jobs in several states, not only with unknown ids."""
-    assert {"queued", "running", "succeeded"} <= run.seeded[label], run.seeded[label]
+    finished = {"doomed-0"} if label == DELETE else {"succeeded"}
+    assert {"queued", "running", *finished} <= run.seeded[label], run.seeded[label]
     assert codes <= set(run.statuses[label]), run.statuses[label]
 
 
 def test_job_operations_met_every_seeded_job(run):
     """Between them: jobs of every state, and one of another owner's."""
     assert set().union(*run.seeded.values()) == {"queued", "running", "succeeded", "failed",
-                                                  "cancelled", "others"}
+                                                  "cancelled", "others", *DOOMED}
 
 
 def test_event_streams_of_finished_jobs_ended_with_done(run):
@@ -291,7 +304,7 @@ def test_event_streams_of_finished_jobs_ended_with_done(run):
 def test_job_id_with_nul_is_404_not_500(service):
     """PostgreSQL refuses text holding NUL: every job-scoped operation answered 500."""
     with schemathesis_asgi.get_client(service.app) as client:
-        for method, path in (("get", ""), ("post", "/cancel"), ("post", "/retry"),
+        for method, path in (("get", ""), ("delete", ""), ("post", "/cancel"), ("post", "/retry"),
                              ("get", "/artifacts"), ("get", "/artifacts/config.json"),
                              ("get", "/search"), ("get", "/events")):
             r = client.request(method, f"/v1/jobs/a%00b{path}", headers=service.headers)

@@ -377,6 +377,7 @@ def _search_json(folder: Path) -> None:
     ("POST", "/cancel", "queued", 200),
     ("POST", "/cancel", "running", 202),
     ("POST", "/retry", "failed", 200),
+    ("DELETE", "", "succeeded", 200),
     ("GET", "/events", "succeeded", 200),
     ("GET", "/search", "succeeded", 200),
     ("GET", "/artifacts", "succeeded", 200),
@@ -402,7 +403,7 @@ def test_every_job_endpoint_hides_other_owners_jobs(api, engine, method, path, s
     assert theirs.json() == nobodys.json() == {"detail": "job not found"}  # no oracle
     assert b"onnx" not in theirs.content and FILES["model.onnx"] not in theirs.content
     after = api.get(f"/v1/jobs/{job_id}", headers=api.alice).json()
-    assert after == before  # bob's cancel or retry changed nothing
+    assert after == before  # bob's cancel, retry or delete changed nothing
 
     mine = api.request(method, f"/v1/jobs/{job_id}{path}", headers=api.alice)
     assert mine.status_code == ok, mine.text  # the same request is fine for the owner

@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, get, list, cancel, retry."""
+"""``/v1/jobs``: submit, get, list, cancel, retry, delete."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from app.auth import JobId, Owner
 from app.deps import Database, Db, SettingsDep
 from app.models import Job, JobStatus
-from app.schemas import JobOut, JobPage, errors
+from app.schemas import JobDeleted, JobOut, JobPage, errors
 from app.services import InvalidRequest, jobs
 from app.settings import Settings
 from pruning.spec import PipelineSpec
@@ -106,3 +106,14 @@ def retry_job(job_id: JobId, owner: Owner, db: Db, settings: SettingsDep) -> Job
     Its error stays until it ends again; a queued, running or succeeded job is a conflict
     (409); the per-owner queue limit applies (429)."""
     return _out([jobs.retry_job(db, settings, owner, job_id)], db, settings)[0]
+
+
+@router.delete("/{job_id}", response_model=JobDeleted, summary="Delete a finished job",
+               responses=errors(404, 409, 422, says={
+                   409: "the job is queued or running: cancel it first"}))
+def delete_job(job_id: JobId, owner: Owner, db: Db, settings: SettingsDep) -> JobDeleted:
+    """Delete a succeeded, failed or cancelled job with its run folder: checkpoints, PruningNet
+    and artifacts (download what you keep first). Its id is then unknown (404), its
+    configuration leaves ``/v1/configurations``, and later jobs no longer reuse its PruningNet.
+    A queued or running job is a conflict (409): cancel it first."""
+    return JobDeleted(id=job_id, freed_bytes=jobs.delete_job(db, settings, owner, job_id))

@@ -49,12 +49,8 @@ class RangeNotSatisfiable(ServiceError):
 # --- files ------------------------------------------------------------------------------------
 
 
-def run_dir(settings: Settings, job_id: str) -> Path:
-    return Path(settings.artifact_dir) / "jobs" / job_id
-
-
 def artifacts_dir(settings: Settings, job_id: str) -> Path:
-    return run_dir(settings, job_id) / "artifacts"
+    return settings.run_dir(job_id) / "artifacts"
 
 
 def content_type(name: str) -> str:
@@ -319,7 +315,7 @@ def search_history(db: Database, settings: Settings, owner: str, job_id: str) ->
     """Every evaluated candidate and the Pareto front, from ``artifacts/search.json`` (a
     finished job) or ``search/state.json`` (a search in progress). 404 when neither exists."""
     job = get_job(db, owner, job_id)
-    root = run_dir(settings, job_id)
+    root = settings.run_dir(job_id)
     data, source = _read_json_inside(root / "artifacts", "search.json"), "artifacts"
     if data is None or not isinstance(data.get("history"), list):
         state = _read_json_inside(root / "search", "state.json")

@@ -1,9 +1,12 @@
-"""Jobs: submission (path rules, idempotency, the per-owner queue limit), reads, cancel and
-retry."""
+"""Jobs: submission (path rules, idempotency, the per-owner queue limit), reads, cancel, retry
+and deletion."""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 from sqlalchemy import text
@@ -16,6 +19,8 @@ from app.services import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from app.settings import Settings
 from pruning.constraints import BudgetError
 from pruning.spec import PipelineSpec, metanet_fingerprint
+
+log = logging.getLogger("metaprune.api")
 
 
 def _invalid(field: str, msg: str) -> InvalidRequest:
@@ -188,3 +193,55 @@ def retry_job(db: Database, settings: Settings, owner: str, job_id: str) -> Job:
         _check_queue_limit(session, settings, owner, adding=0)  # it is queued now
         session.commit()
         return job
+
+
+def delete_job(db: Database, settings: Settings, owner: str, job_id: str) -> int:
+    """Delete a finished job: its row, then its run folder (checkpoints, PruningNet, artifacts);
+    returns the bytes freed. A queued or running job is a conflict (cancel it first). A job that
+    was reusing this one's PruningNet has copied it, or copies another's or trains its own
+    (the worker's fallback)."""
+    with db.write() as session:
+        if not queue.delete_job(session, job_id, owner):
+            job = queue.get_job(session, job_id, owner)
+            if job is None:
+                raise NotFound("job not found")
+            raise Conflict(f"job is {job.status}: cancel it first (POST /v1/jobs/{job_id}/cancel"
+                           "), then delete it once it is cancelled")
+        session.commit()
+    return _discard(settings.run_dir(job_id), settings.trash_dir)
+
+
+def _discard(folder: Path, trash: Path) -> int:
+    """Move ``folder`` into ``trash`` (one rename: it is gone from its place at once, whatever
+    happens next) and remove it; returns the bytes of its files. What cannot be removed now
+    stays in ``trash`` for :func:`empty_trash`."""
+    if not os.path.lexists(folder):
+        return 0
+    size = sum(os.lstat(os.path.join(top, name)).st_size
+               for top, _, names in os.walk(folder) for name in names)
+    trash.mkdir(parents=True, exist_ok=True)
+    moved = trash / f"{folder.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(folder, moved)
+    except OSError:  # e.g. jobs/ mounted from another filesystem: removed where it is
+        moved = folder
+    _remove(moved)
+    return size
+
+
+def empty_trash(trash: Path) -> None:
+    """Remove what :func:`_discard` left in ``trash`` (an API stopped in between, a file that
+    could not be removed); the API's housekeeping calls it every half lease."""
+    if trash.is_dir():
+        for entry in trash.iterdir():
+            _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as e:
+        log.warning("cannot remove %s yet: %s", path, e)
