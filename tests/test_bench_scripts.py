@@ -352,7 +352,14 @@ def test_layout_tiny():
     d = run_script("bench_layout.py", "--archs", "test_mobilenet_v2:1.0,test_resnet:1.0",
                    "--input-size", "16", "--threads", "1")
     assert len(d["nets"]) == 10 and d["threads"] == 1
-    for key in ("train_step_speedup", "eval_forward_speedup"):
+    timed = ["eval_forward_speedup"]
+    if d["channels_last_training_fault"] is None:
+        timed.append("train_step_speedup")
+    else:  # e.g. torch 2.14.1 on an AMD EPYC (Zen 3): the probe's child process aborted
+        assert "crashes PyTorch" in d["channels_last_training_fault"]
+        assert "train_step_speedup" not in d["summary"]
+        assert all("train_step_speedup" not in r for r in d["nets"])
+    for key in timed:
         s = d["summary"][key]
         assert s["of"] == 10 and 0 < s["min"] <= s["median"] <= s["max"]
         assert s["faster_in"] == sum(r[key] > 1 for r in d["nets"])
