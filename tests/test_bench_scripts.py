@@ -271,6 +271,24 @@ def test_quality_checks_cuda_graphs_before_trusting_them():
     assert min(bad["plain"]["relative_distance"], bad["pruningnet"]["relative_distance"]) > 0.1
 
 
+def test_cuda_graphs_check_fails_when_the_capture_fails():
+    """A capture that raises falls back to eager steps, whose weights match the eager runs: the
+    check must still say no (the seeds' own processes would otherwise try the capture)."""
+    from tests.conftest import EagerGraphs
+
+    class BrokenGraphs(EagerGraphs):
+        @classmethod
+        def capture(cls, body):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    v = import_bench_quality().check_cuda_graphs("test_mobilenet_v2", device="cpu", steps=6,
+                                                 graphs=BrokenGraphs)
+    assert not v["ok"], v
+    for part in ("plain", "pruningnet"):
+        assert not v[part]["ok"] and v[part]["relative_distance"] == 0.0
+        assert v[part]["error"].startswith("CUDA graph capture failed (operation not permitted")
+
+
 def test_pruningnet_fit_tiny(tmp_path):
     out = tmp_path / "fit.json"
     d = run_script("bench_pruningnet_fit.py", "--tiny", "--epochs", "1,2", "--seeds", "0,1",
