@@ -62,6 +62,12 @@ T0 = time.perf_counter()
 # The pipeline's own requirements (export writes TorchScript and ONNX and verifies them).
 REQUIRED = ("numpy", "pydantic", "safetensors", "onnx", "onnxruntime")
 
+# Seeds at once: how long past the time budget their processes may still run (a stage stops at
+# its next check: a training step, a search generation) before they are stopped and what they
+# wrote is merged; with the driver's 40 s between --time-budget-s and its kill, the merged JSON
+# is written before the kill.
+CHILD_GRACE_S = 20.0
+
 # GPU defaults: MobileNetV2 on Fashion-MNIST, the `standard` preset with shorter schedules and
 # a smaller search (3 seeds × 3 budgets + tau: ~13 min on an H200, see docs/benchmarks.md). The
 # learning rate follows the batch (the preset's 0.1 at 256 → 0.2 at 512).
@@ -446,7 +452,8 @@ class Bench:
         threads = a.threads or max(1, (os.cpu_count() or 1) // len(seeds))
         children = []
         for seed in seeds:
-            out = self.work / f"seed{seed}.json"
+            out = self.child_out(seed)
+            out.unlink(missing_ok=True)  # an earlier benchmark's: not to be merged
             argv = [sys.executable, __file__, *self.child_args(), "--seeds", str(seed),
                     "--out", str(out), "--work-dir", str(self.work), "--jobs", "1",
                     "--threads", str(threads), "--time-budget-s", f"{budget:.0f}",
@@ -457,7 +464,8 @@ class Bench:
             first_budget = floats(a.budgets)[0]
             first = self.work / f"seed{seeds[0]}" / f"macs{first_budget:g}"
             pnet_file = first / "metanet" / "pruningnet.safetensors"
-            while not pnet_file.is_file() and children[0][2].poll() is None:
+            while (not pnet_file.is_file() and children[0][2].poll() is None
+                   and not self.over_time()):
                 time.sleep(1.0)
             if pnet_file.is_file():
                 try:
@@ -466,10 +474,23 @@ class Bench:
                     self.tau = {"error": repr(e)}
                     log(f"tau failed:\n{traceback.format_exc()}")
             else:
-                self.tau = {"skipped": f"seed {seeds[0]} ended before its PruningNet was trained"}
+                self.tau = {"skipped": f"seed {seeds[0]} ended before its PruningNet was trained"
+                            if children[0][2].poll() is not None else
+                            f"time budget {a.time_budget_s:.0f} s exceeded before seed "
+                            f"{seeds[0]}'s PruningNet was trained"}
+            self.emit(partial=True)  # tau in --out before the seeds end
+        deadline = a.time_budget_s + CHILD_GRACE_S
         for seed, out, child in children:
-            code = child.wait()
-            if code != 0:  # what it finished before (its partial JSON) is still merged
+            try:
+                code = child.wait(timeout=max(0.0, deadline - self.elapsed()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                code = None
+                self.failures.append({"seed": seed, "error": f"its process still ran "
+                                      f"{CHILD_GRACE_S:g} s after the time budget: stopped"})
+                log(f"seed {seed}: {self.failures[-1]['error']}")
+            if code:  # what it finished before (its partial JSON) is still merged
                 self.failures.append({"seed": seed, "error": f"its process exited with {code}"})
             if not out.is_file():
                 continue
@@ -486,6 +507,15 @@ class Bench:
         if self.runs:
             first = self.runs[0]
             self.first_run_dir = self.work / f"seed{first['seed']}" / f"macs{first['macs_ratio']:g}"
+
+    def child_out(self, seed: int) -> Path:
+        """Where a seed's own process writes its JSON, rewritten after each of its runs: beside
+        ``--out`` (``quality.seed0.json``), so that a benchmark killed before it merged them
+        still leaves the seeds' finished runs there; without ``--out``, in the work folder."""
+        if not self.a.out:
+            return self.work / f"seed{seed}.json"
+        out = Path(self.a.out)
+        return out.with_name(f"{out.stem}.seed{seed}{out.suffix}")
 
     def child_args(self) -> list[str]:
         """This run's settings as command-line options (those a child sets itself left out)."""

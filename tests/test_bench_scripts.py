@@ -91,6 +91,8 @@ def test_quality_tiny(tmp_path, jobs):
         args += ["--dataset", "synthetic"]
     d = run_script("bench_quality.py", *args, timeout=170)
     assert json.loads((tmp_path / "quality.json").read_text()) == d
+    for seed in (0, 1):  # each seed's process wrote its own JSON beside --out
+        assert (tmp_path / f"quality.seed{seed}.json").is_file() is (jobs > 1)
     assert d["bench"] == "quality" and d["tiny"] is True and d["status"] == "complete"
     assert d["device"] == "cpu" and d["device_name"].endswith(f"{os.cpu_count()} cores")
     assert sorted(d["seeds_done"]) == [0, 1] and not d["seeds_skipped"]
@@ -123,6 +125,42 @@ def test_quality_tiny(tmp_path, jobs):
     assert max(ratios) > 2 * min(ratios)  # spread over the MACs range, not one cluster
     for row in k["rows"]:
         assert 0 <= row["estimated_val_accuracy"] <= 1 and 0 <= row["trained_test_accuracy"] <= 1
+
+
+def test_quality_seeds_at_once_write_beside_out_and_stop_past_the_budget(tmp_path,
+                                                                          monkeypatch):
+    """Seeds at once: each process writes its JSON beside --out (a benchmark killed before the
+    merge still leaves their finished runs there; an earlier benchmark's is removed first), and
+    processes still running CHILD_GRACE_S past the time budget are stopped, so the merged JSON
+    is written before the driver's kill."""
+    import time
+
+    bench = import_bench_quality()
+    out = tmp_path / "out" / "quality.json"
+    stale = out.with_name("quality.seed1.json")
+    stale.parent.mkdir()
+    stale.write_text(json.dumps({"runs": [{"seed": 1}]}))
+    budget = time.perf_counter() - bench.T0 + 1.0
+    a = bench.parse_args(["--tiny", "--seeds", "0,1", "--jobs", "2", "--tau-candidates", "0",
+                          "--out", str(out), "--work-dir", str(tmp_path / "w"),
+                          "--time-budget-s", str(budget)])
+    argvs, real_popen = [], subprocess.Popen
+
+    def hanging_child(argv, **kwargs):
+        argvs.append(argv)
+        return real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "Popen", hanging_child)
+    monkeypatch.setattr(bench, "CHILD_GRACE_S", 0.5)
+    b = bench.Bench(a)
+    t = time.perf_counter()
+    b.seeds_in_parallel()
+    assert time.perf_counter() - t < 15
+    assert [argv[argv.index("--out") + 1] for argv in argvs] == [
+        str(out.with_name(f"quality.seed{seed}.json")) for seed in (0, 1)]
+    assert [f["seed"] for f in b.failures] == [0, 1]
+    assert all(f["error"].endswith("after the time budget: stopped") for f in b.failures)
+    assert not stale.exists() and b.runs == []
 
 
 def import_bench_quality():
