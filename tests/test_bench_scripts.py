@@ -393,6 +393,19 @@ def test_gpu_benchmarks_driver_runs_the_quality_benchmark(tmp_path):
     assert (out / "nvidia-smi.txt").is_file() and (out / "quality.log").is_file()
 
 
+def test_gpu_benchmarks_driver_skips_quality_without_time_left(tmp_path):
+    """With no time budget left for the quality benchmark the driver skips it: `timeout 0` would
+    never kill it, and a negative one fails."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu_benchmarks.sh"), str(out), "45",
+                           "quality", "--tiny"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "quality: skipped, " in proc.stdout and "left of 45" in proc.stdout, proc.stdout
+    assert not (out / "quality.json").exists() and not (out / "quality.log").exists()
+
+
 def test_engine_tiny():
     d = run_script("bench_engine.py", "--arch", "test_mobilenet_v2", "--input-size", "16",
                    "--threads", "1", "--candidates", "1", "--repeat", "1", "--val-images", "64",
