@@ -35,6 +35,6 @@ if [ "$what" != speed ]; then
     timeout $((left - 5)) python3 bench/bench_quality.py --time-budget-s $((left - 45)) \
       --out "$out/quality.json" "$@" 2> "$out/quality.log" > /dev/null
     echo "quality: exit $? after $((SECONDS - start)) s"
-    grep -E "MetaPruning|tau|skip|fail|cancel|started" "$out/quality.log" | tail -n 40
+    grep -E "MetaPruning|tau|skip|fail|cancel|started|stopped" "$out/quality.log" | tail -n 40
   fi
 fi
