@@ -205,8 +205,9 @@ def delete_job(db: Database, settings: Settings, owner: str, job_id: str) -> int
             job = queue.get_job(session, job_id, owner)
             if job is None:
                 raise NotFound("job not found")
-            raise Conflict(f"job is {job.status}: cancel it first (POST /v1/jobs/{job_id}/cancel"
-                           "), then delete it once it is cancelled")
+            raise Conflict(f"job is {job.status}: cancel it first (`metaprune cancel {job_id}`"
+                           f", or POST /v1/jobs/{job_id}/cancel), then delete it once it is "
+                           "cancelled")
         session.commit()
     return _discard(settings.run_dir(job_id), settings.trash_dir)
 
