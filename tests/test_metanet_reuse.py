@@ -53,6 +53,26 @@ def run_job(setup, spec: PipelineSpec, owner: str = "alice"):
     return row, Path(settings.artifact_dir) / "jobs" / job.id
 
 
+def run_resumed(setup, spec: PipelineSpec, recorded: PipelineSpec, before=lambda: None):
+    """Queue ``spec`` as if an attempt had begun it and stopped early (its run folder holds only
+    ``recorded`` as ``spec.json``), call ``before``, let the worker run the next attempt, and
+    return the succeeded row and the run folder."""
+    engine, settings, worker = setup
+    with Session(engine, expire_on_commit=False) as s:
+        job = queue.submit(s, "alice", spec.model_dump(mode="json"),
+                           metanet_key=metanet_fingerprint(spec))
+        s.commit()
+    run_dir = Path(settings.artifact_dir) / "jobs" / job.id
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.json").write_text(json.dumps(recorded.model_dump()))
+    before()
+    assert worker.run_once()
+    with Session(engine, expire_on_commit=False) as s:
+        row = queue.get_job(s, job.id, None)
+    assert row.status == "succeeded", row.error_message
+    return row, run_dir
+
+
 def trained_here(run_dir: Path) -> bool:
     """Whether the run trained its own PruningNet (training leaves its step checkpoint)."""
     return (run_dir / "metanet" / "state.safetensors").exists()
@@ -108,21 +128,10 @@ def test_a_lender_trained_on_other_data_is_passed_over(setup):
 def test_a_resumed_attempt_keeps_its_first_decision(setup):
     """An attempt that began training before a lender finished resumes its own training (its run
     folder's spec.json says so) instead of switching PruningNets halfway."""
-    engine, settings, _ = setup
     spec = BASE.model_copy(update={"seed": 9})
     run_job(setup, spec)  # the lender
     later = spec.model_copy(update={"budget": Budget(macs_ratio=0.7)})
-    with Session(engine, expire_on_commit=False) as s:
-        job = queue.submit(s, "alice", later.model_dump(mode="json"),
-                           metanet_key=metanet_fingerprint(later))
-        s.commit()
-    run_dir = Path(settings.artifact_dir) / "jobs" / job.id
-    run_dir.mkdir(parents=True)  # what the first attempt, begun before the lender, claimed
-    (run_dir / "spec.json").write_text(json.dumps(later.model_dump()))
-    assert setup[2].run_once()
-    with Session(engine) as s:
-        row = queue.get_job(s, job.id, None)
-    assert row.status == "succeeded", row.error_message
+    row, run_dir = run_resumed(setup, later, recorded=later)  # begun before the lender
     assert trained_here(run_dir) and "metanet_reused_from" not in row.detail["result"]
 
 
@@ -160,22 +169,10 @@ def test_a_lender_deleted_before_the_copy_is_survived(setup, monkeypatch):
 def test_a_resumed_attempt_whose_lender_was_deleted_starts_over(setup):
     """An attempt chose a lender (its spec.json says so) and stopped before copying it; the
     lender is deleted; the next attempt starts the job over, with the owner's other lender."""
-    engine, settings, _ = setup
     spec = BASE.model_copy(update={"seed": 11})
     gone, gone_dir = run_job(setup, spec)
     other, other_dir = run_job(setup, spec.model_copy(update={"budget": Budget(macs_ratio=0.6)}))
     later = spec.model_copy(update={"budget": Budget(macs_ratio=0.7)})
-    with Session(engine, expire_on_commit=False) as s:
-        job = queue.submit(s, "alice", later.model_dump(mode="json"),
-                           metanet_key=metanet_fingerprint(later))
-        s.commit()
-    run_dir = Path(settings.artifact_dir) / "jobs" / job.id
-    run_dir.mkdir(parents=True)  # what the first attempt left
-    (run_dir / "spec.json").write_text(json.dumps(
-        later.model_copy(update={"metanet_from": str(gone_dir)}).model_dump()))
-    delete_job(setup, gone.id)
-    assert setup[2].run_once()
-    with Session(engine) as s:
-        row = queue.get_job(s, job.id, None)
-    assert row.status == "succeeded", row.error_message
+    row, _ = run_resumed(setup, later, recorded=later.model_copy(
+        update={"metanet_from": str(gone_dir)}), before=lambda: delete_job(setup, gone.id))
     assert row.detail["result"]["metanet_reused_from"] == other.id
