@@ -29,8 +29,8 @@ for workers and the reaper take the :class:`~sqlalchemy.Engine` and commit their
 Every time is an aware UTC datetime; ``now`` defaults to the current time and exists for tests.
 Lease and presence times (:func:`claim`, :func:`heartbeat`, :func:`reap`, the workers' rows) are
 read from the database server's clock on PostgreSQL, so that workers and the API on machines
-whose clocks differ agree on when a lease ends (:func:`_lease_clock`; a job's start too); the
-other times (a job's end, its updates) are the writer's.
+whose clocks differ agree on when a lease ends (:func:`_lease_clock`, read inside the
+statements; a job's start too); the other times (a job's end, its updates) are the writer's.
 
 Workers also record their presence (:func:`worker_seen`, :func:`worker_gone`) so that the API can
 say why a queued job waits (:func:`live_workers`): no worker at all, or none that takes CUDA jobs
@@ -40,11 +40,11 @@ say why a queued job waits (:func:`live_workers`): no worker at all, or none tha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import (BigInteger, Engine, and_, case, cast, delete, func, literal, select, true,
-                        update)
+from sqlalchemy import (BigInteger, Engine, Interval, and_, case, cast, delete, func, literal,
+                        select, true, update)
 from sqlalchemy.orm import Session
 
 from app.db import write_transaction
@@ -87,15 +87,23 @@ def _insert(dialect: str):
     return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
 
 
-def _lease_clock(conn) -> datetime:
-    """The clock leases and workers' presence are measured by. On PostgreSQL, the database
-    server's: workers and the API run on machines of their own (README, Scaling out), and a
-    worker whose clock ran behind the reaper's by more than a lease had its job reaped while it
-    heartbeat (failed ``lease_expired`` after ``max_attempts``; a clock ahead kept a dead
-    worker's job ``running`` as much longer). On SQLite every process is on one machine."""
-    if conn.dialect.name == "postgresql":
-        return conn.execute(select(func.clock_timestamp())).scalar_one().astimezone(timezone.utc)
-    return utcnow()
+def _lease_clock(dialect: str, now: datetime | None = None):
+    """The clock leases and workers' presence are measured by, as ``at(seconds=0)``: the SQL
+    value of that clock plus ``seconds``. On PostgreSQL, the database server's
+    (``statement_timestamp()``, read inside the statement: no round trip of its own): workers
+    and the API run on machines of their own (README, Scaling out), and a worker whose clock
+    ran behind the reaper's by more than a lease had its job reaped while it heartbeat (failed
+    ``lease_expired`` after ``max_attempts``; a clock ahead kept a dead worker's job
+    ``running`` as much longer). On SQLite every process is on one machine, and its time text
+    takes no SQL arithmetic: this process's clock. ``now`` (tests) replaces either."""
+    server = func.statement_timestamp(type_=UTCDateTime())
+    base = now or utcnow()
+
+    def at(seconds: float = 0.0):
+        if now is None and dialect == "postgresql":
+            return server + literal(timedelta(seconds=seconds), Interval()) if seconds else server
+        return _ts(base + timedelta(seconds=seconds))
+    return at
 
 
 def _ts(value: datetime):
@@ -250,17 +258,15 @@ def claim(engine: Engine, worker_id: str, *, lease_seconds: float = 60.0, cuda: 
               .order_by(Job.created_at, Job.id).limit(1)
               .with_for_update(skip_locked=True)  # PostgreSQL; SQLite: BEGIN IMMEDIATE
               .scalar_subquery())
+    at = _lease_clock(engine.dialect.name, now)
+    stmt = (update(Job)
+            .where(Job.id == oldest, Job.status == QUEUED)
+            .values(status=RUNNING, attempt=Job.attempt + 1, lease_owner=worker_id,
+                    lease_expires_at=at(lease_seconds), cancel_requested=False,
+                    started_at=func.coalesce(Job.started_at, at()), updated_at=at())
+            .returning(Job.id, Job.owner, Job.spec, Job.attempt, Job.max_attempts,
+                       Job.stage, Job.detail, Job.lease_expires_at))
     with write_transaction(engine) as conn:
-        now = now or _lease_clock(conn)
-        stmt = (update(Job)
-                .where(Job.id == oldest, Job.status == QUEUED)
-                .values(status=RUNNING, attempt=Job.attempt + 1, lease_owner=worker_id,
-                        lease_expires_at=now + timedelta(seconds=lease_seconds),
-                        cancel_requested=False,
-                        started_at=func.coalesce(Job.started_at, _ts(now)),
-                        updated_at=now)
-                .returning(Job.id, Job.owner, Job.spec, Job.attempt, Job.max_attempts,
-                           Job.stage, Job.detail, Job.lease_expires_at))
         row = conn.execute(stmt).one_or_none()
     return None if row is None else Claimed(*row)
 
@@ -278,12 +284,12 @@ def heartbeat(engine: Engine, job_id: str, worker_id: str, attempt: int, *,
     """Renew the lease if (``worker_id``, ``attempt``) still hold it. A falsy result means the
     lease is lost: stop, write nothing more. ``cancel_requested``: stop and
     :func:`mark_cancelled`."""
+    at = _lease_clock(engine.dialect.name, now)
+    stmt = (update(Job).where(_fence(job_id, worker_id, attempt))
+            .values(lease_expires_at=at(lease_seconds), updated_at=at())
+            .returning(Job.cancel_requested))
     with write_transaction(engine) as conn:
-        now = now or _lease_clock(conn)
-        row = conn.execute(update(Job).where(_fence(job_id, worker_id, attempt))
-                           .values(lease_expires_at=now + timedelta(seconds=lease_seconds),
-                                   updated_at=now)
-                           .returning(Job.cancel_requested)).one_or_none()
+        row = conn.execute(stmt).one_or_none()
     return Beat(False) if row is None else Beat(True, bool(row[0]))
 
 
@@ -383,20 +389,20 @@ def reap(engine: Engine, now: datetime | None = None) -> dict[str, str]:
     (``lease_expired``), or cancel (cancel requested). Returns ``{job id: new status}``."""
     cancelled = Job.cancel_requested
     retry = Job.attempt < Job.max_attempts
+    at = _lease_clock(engine.dialect.name, now)
+    stmt = (update(Job)
+            .where(Job.status == RUNNING, Job.lease_expires_at < at())
+            .values(status=case((cancelled, CANCELLED), (retry, QUEUED), else_=FAILED),
+                    error_kind=case((cancelled, None), (retry, Job.error_kind),
+                                    else_="lease_expired"),
+                    error_message=case(
+                        (cancelled, None), (retry, Job.error_message),
+                        else_=literal("the worker's lease expired on the last allowed "
+                                      "attempt")),
+                    finished_at=case((and_(~cancelled, retry), None), else_=at()),
+                    lease_owner=None, lease_expires_at=None, updated_at=at())
+            .returning(Job.id, Job.status))
     with write_transaction(engine) as conn:
-        now = now or _lease_clock(conn)
-        stmt = (update(Job)
-                .where(Job.status == RUNNING, Job.lease_expires_at < now)
-                .values(status=case((cancelled, CANCELLED), (retry, QUEUED), else_=FAILED),
-                        error_kind=case((cancelled, None), (retry, Job.error_kind),
-                                        else_="lease_expired"),
-                        error_message=case(
-                            (cancelled, None), (retry, Job.error_message),
-                            else_=literal("the worker's lease expired on the last allowed "
-                                          "attempt")),
-                        finished_at=case((and_(~cancelled, retry), None), else_=_ts(now)),
-                        lease_owner=None, lease_expires_at=None, updated_at=now)
-                .returning(Job.id, Job.status))
         return {job_id: status for job_id, status in conn.execute(stmt)}
 
 
@@ -417,13 +423,13 @@ def worker_seen(engine: Engine, worker_id: str, *, cuda: bool, dataset_roots: bo
     """Record that ``worker_id`` is running (``cuda``: it claims the jobs that ask for CUDA;
     ``dataset_roots``: those that name a ``data_root``): its row is made or renewed, in one
     upsert."""
+    at = _lease_clock(engine.dialect.name, now)
+    stmt = _insert(engine.dialect.name)(WorkerPresence).values(
+        id=worker_id, cuda=cuda, dataset_roots=dataset_roots, started_at=at(), seen_at=at())
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[WorkerPresence.id],
+        set_={"seen_at": at(), "cuda": cuda, "dataset_roots": dataset_roots})
     with write_transaction(engine) as conn:
-        now = now or _lease_clock(conn)
-        stmt = _insert(engine.dialect.name)(WorkerPresence).values(
-            id=worker_id, cuda=cuda, dataset_roots=dataset_roots, started_at=now, seen_at=now)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[WorkerPresence.id],
-            set_={"seen_at": now, "cuda": cuda, "dataset_roots": dataset_roots})
         conn.execute(stmt)
 
 
@@ -436,8 +442,8 @@ def worker_gone(engine: Engine, worker_id: str) -> None:
 def forget_workers(engine: Engine, *, unseen_s: float, now: datetime | None = None) -> int:
     """Delete the rows of workers not seen for ``unseen_s`` seconds (killed, machine lost);
     how many."""
+    since = _lease_clock(engine.dialect.name, now)(-unseen_s)
     with write_transaction(engine) as conn:
-        since = (now or _lease_clock(conn)) - timedelta(seconds=unseen_s)
         return conn.execute(delete(WorkerPresence).where(WorkerPresence.seen_at < since)).rowcount
 
 
@@ -452,7 +458,7 @@ class LiveWorkers(NamedTuple):
 def live_workers(session: Session, *, within_s: float,
                  now: datetime | None = None) -> LiveWorkers:
     """How many workers reported within the last ``within_s`` seconds."""
-    since = (now or _lease_clock(session.connection())) - timedelta(seconds=within_s)
+    since = _lease_clock(session.get_bind().dialect.name, now)(-within_s)
     row = session.execute(select(func.count(), func.count().filter(WorkerPresence.cuda),
                                  func.count().filter(WorkerPresence.dataset_roots))
                           .where(WorkerPresence.seen_at >= since)).one()
