@@ -50,8 +50,8 @@ def _sync_every(device: torch.device) -> int:
 
 def cuda_graphs_default(device: torch.device | str) -> bool:
     """Graphs for static-shape training: on CUDA unless ``METAPRUNE_CUDA_GRAPHS=0``."""
-    return (torch.device(device).type == "cuda"
-            and os.environ.get("METAPRUNE_CUDA_GRAPHS", "1").strip() not in ("0", "false", "no"))
+    off = os.environ.get("METAPRUNE_CUDA_GRAPHS", "1").strip().lower() in ("0", "false", "no")
+    return torch.device(device).type == "cuda" and not off
 
 
 @torch.no_grad()

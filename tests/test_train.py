@@ -603,8 +603,9 @@ def test_cuda_graphs_default(monkeypatch):
     assert not cuda_graphs_default("cpu")
     monkeypatch.delenv("METAPRUNE_CUDA_GRAPHS", raising=False)
     assert cuda_graphs_default("cuda")
-    monkeypatch.setenv("METAPRUNE_CUDA_GRAPHS", "0")
-    assert not cuda_graphs_default("cuda")
+    for off in ("0", "false", "False", " NO "):
+        monkeypatch.setenv("METAPRUNE_CUDA_GRAPHS", off)
+        assert not cuda_graphs_default("cuda"), off
 
 
 def test_graphed_step_warms_up_eagerly_before_capturing():
