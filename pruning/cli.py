@@ -1304,10 +1304,12 @@ def cmd_token_revoke(a) -> dict:
 
 
 class _Parser(argparse.ArgumentParser):
-    """A mistake on the command line in one line, like every other error (not the usage)."""
+    """A mistake on the command line in one line, like every other error (not the usage). No
+    abbreviated options: ``--macs 0.3`` is an error, not ``--macs-ratio 0.3`` (a typo for
+    ``--max-macs`` would otherwise start a long run under another budget)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
         # `--max-macs -5k` is a (bad) value, not an unknown option: the option's own check
         # then says what is wrong with it (argparse takes only plain numbers for values)
         self._negative_number_matcher = re.compile(r"^-(\d[\d_.]*|\.\d+)([eE][-+]?\d+)?[a-zA-Z]?$")

@@ -247,6 +247,9 @@ def test_bad_input_is_a_one_line_error(capsys, tmp_path, argv, message):
     (["search"], "the following arguments are required: --out"),
     (["search", "--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
     (["token", "create", "--owner", "a", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    # no abbreviations: a typo for --max-macs does not run under --macs-ratio
+    (["prune", "--arch", "test_resnet", "--macs", "0.3"], "unrecognized arguments: --macs 0.3"),
+    (["jobs", "--lim", "3"], "unrecognized arguments: --lim 3"),
 ])
 def test_command_line_mistakes_are_one_line_too(capsys, argv, message):
     """What argparse itself refuses: one line naming the --help to read (of the subcommand
