@@ -601,15 +601,18 @@ def stage_train(ctx: RunContext) -> dict:
     return dict(ctx.trained)
 
 
+CHANCE_MARGIN = 0.01  # a test accuracy within this of chance level gets a warning
+
+
 def _chance_warning(test_accuracy: float, chance: float, steps: int, preset: str) -> str:
-    """Why a trained network is at or below chance level: too few steps to learn, or a
-    collapse."""
+    """Why a trained network is at or near chance level (within :data:`CHANCE_MARGIN`): too
+    few steps to learn, or a collapse."""
     step_count = f"{steps} step" if steps == 1 else f"{steps} steps"
     why = (f"the training was too short to learn ({step_count} with the {preset} preset's "
            "final.epochs and data); train longer" if steps < SHORT_TRAINING_STEPS else
            "its training collapsed; a larger budget, a higher min_channels or final_init "
            "'generated' may help")
-    return (f"test accuracy {100 * test_accuracy:.2f}% is at or below chance level "
+    return (f"test accuracy {100 * test_accuracy:.2f}% is at or near chance level "
             f"({100 * chance:.1f}%): {why}")
 
 
@@ -645,7 +648,7 @@ def stage_evaluate(ctx: RunContext) -> dict:
         if net is not None:
             entry["test_accuracy"] = accuracy(net, ctx.data.test, device=ctx.device)
             chance = 1 / meta.num_classes
-            if entry["test_accuracy"] <= chance + 0.01:
+            if entry["test_accuracy"] <= chance + CHANCE_MARGIN:
                 entry["warning"] = _chance_warning(entry["test_accuracy"], chance, steps,
                                                    ctx.spec.preset)
         if latency is not None:

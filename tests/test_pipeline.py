@@ -700,15 +700,25 @@ def test_a_collapsed_training_is_reported(tmp_path, monkeypatch, capsys):
                                             "generations": 1}})]
     assert cli.main([*argv, "--out", str(tmp_path / "short")]) == 0
     warning = read_json(tmp_path / "short" / "artifacts" / "report.json")["metapruning"]["warning"]
-    assert "at or below chance level (10.0%): the training was too short to learn (1 step with the " \
+    assert "at or near chance level (10.0%): the training was too short to learn (1 step with the " \
         "smoke preset" in warning, warning
-    assert "warning: MetaPruning: test accuracy 10.00% is at or below chance" in capsys.readouterr().err
+    assert "warning: MetaPruning: test accuracy 10.00% is at or near chance" in capsys.readouterr().err
     # a training long enough to have learnt (here: declared so) that ends at chance collapsed
     monkeypatch.setattr(pipeline, "SHORT_TRAINING_STEPS", 1)
     assert cli.main([*argv, "--out", str(tmp_path / "long"),
                      "--metanet-from", str(tmp_path / "short")]) == 0
     warning = read_json(tmp_path / "long" / "artifacts" / "report.json")["metapruning"]["warning"]
-    assert "at or below chance level (10.0%): its training collapsed" in warning, warning
+    assert "at or near chance level (10.0%): its training collapsed" in warning, warning
+
+
+def test_the_chance_warning_does_not_call_an_accuracy_above_chance_below_it():
+    """The warning covers accuracies up to a point above chance (10.16% of 256 test images is
+    26 right): its message must not say such an accuracy is at or below chance."""
+    import pruning.pipeline as pipeline
+
+    warning = pipeline._chance_warning(0.1015625, 0.1, 6, "smoke")
+    assert warning.startswith("test accuracy 10.16% is at or near chance level (10.0%)"), warning
+    assert "below" not in warning
 
 
 # --- regressions: engine defects ------------------------------------------------------------
