@@ -1535,7 +1535,7 @@ def _run(args) -> int:
         out = _run_pipeline(args) if args.fn in _PIPELINE_COMMANDS else args.fn(args)
     except (UserError, ValueError, KeyError, OSError, MachineBusyError,
             FloatingPointError) as e:  # FloatingPointError: training diverged (it says so)
-        message = error_message(e)
+        message = error_message(e, _setting_names(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             message = f"no space left on the device ({message}){_how_to_continue(args)}"
         print(f"metaprune: error: {message}", file=sys.stderr)
@@ -1551,6 +1551,17 @@ def _run(args) -> int:
         except BrokenPipeError:  # `metaprune space … | head`: the reader left; not an error
             sys.stderr = open(os.devnull, "w")
     return 0
+
+
+def _setting_names(e: BaseException) -> dict[str, str] | None:
+    """A service setting that does not validate is named by the environment variable that gave
+    it (``METAPRUNE_LEASE_SECONDS``, not ``lease_seconds``)."""
+    if type(e).__name__ != "ValidationError" or getattr(e, "title", None) != "Settings":
+        return None
+    from app.settings import Settings
+
+    prefix = Settings.model_config["env_prefix"]
+    return {name: prefix + name.upper() for name in Settings.model_fields}
 
 
 def _how_to_continue(args) -> str:

@@ -262,6 +262,17 @@ def test_command_line_mistakes_are_one_line_too(capsys, argv, message):
                                        f"{command} --help`)\n")
 
 
+def test_a_bad_service_setting_is_named_by_its_environment_variable(capsys, tmp_path,
+                                                                    monkeypatch):
+    """What the user typed was METAPRUNE_MAX_ATTEMPTS, not the field max_attempts."""
+    monkeypatch.setenv("METAPRUNE_MAX_ATTEMPTS", "0")
+    status, _, err = call(capsys, "worker", "--once", "--database-url",
+                          f"sqlite:///{tmp_path / 'm.db'}", "--artifact-dir", str(tmp_path))
+    assert status == 2 and "Traceback" not in err
+    assert err == ("metaprune: error: METAPRUNE_MAX_ATTEMPTS: Input should be greater than or "
+                   "equal to 1\n")
+
+
 def test_missing_dataset_folder_is_a_one_line_error(capsys, tmp_path):
     out = tmp_path / "run"
     status, _, err = call(capsys, "prune", "--arch", "test_resnet", "--preset", "smoke",
