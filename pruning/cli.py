@@ -702,6 +702,8 @@ def cmd_status(a, api) -> dict:
 def cmd_jobs(a, api) -> dict:
     if not 1 <= a.limit <= 100:
         raise UserError(f"--limit must be 1–100, got {a.limit}")
+    if a.offset < 0:
+        raise UserError(f"--offset must be 0 or more, got {a.offset}")
     page = api.jobs(a.status, limit=a.limit, offset=a.offset)
     if a.json:
         return page

@@ -80,6 +80,8 @@ def test_submit_status_jobs_cancel(server, capsys):
     rc, out, err = run(capsys, "jobs", "--limit", "1", "--json")
     page = json.loads(out)
     assert [j["id"] for j in page["items"]] == [first["id"]] and page["next_offset"] == 1
+    rc, out, err = run(capsys, "jobs", "--offset", "-1")  # named as typed, not query.offset
+    assert rc == 2 and err == "metaprune: error: --offset must be 0 or more, got -1\n"
 
     rc, out, _ = run(capsys, "cancel", job_id)
     assert rc == 0 and out.strip() == f"{job_id}: cancelled"
