@@ -220,6 +220,9 @@ def _spec(a):
     if not isinstance(overrides, dict):
         raise UserError('--set must be a JSON object like \'{"metanet": {"epochs": 2}}\'')
     clash = sorted(set(overrides) & _PRUNE_OPTIONS)
+    if "metanet_from" in clash and not hasattr(a, "metanet_from"):  # submit has no such option
+        raise UserError("--set may not give metanet_from: the service reuses a PruningNet by "
+                        "itself, that of a job of yours with the same network, data and seed")
     if clash:
         raise UserError(f"--set may not give {', '.join(clash)}: use the command-line options")
     known = set(PipelineSpec.model_fields) - _PRUNE_OPTIONS

@@ -96,6 +96,10 @@ def test_submit_status_jobs_cancel(server, capsys):
     assert rc == 0 and out.strip() == first["id"]
     assert f"--idempotency-key 'k1' already queued job {first['id']}, now cancelled; " \
            "no new job was queued" in err
+    rc, _, err = run(capsys, *SUBMIT, "--set", '{"metanet_from": "runs/a"}')
+    assert rc == 2 and "use the command-line options" not in err  # submit has none for it
+    assert err.startswith("metaprune: error: --set may not give metanet_from: the service "
+                          "reuses a PruningNet by itself") and err.count("\n") == 1
     rc, _, err = run(capsys, "status", "no-such-job")
     assert rc == 2 and "HTTP 404" in err and "Traceback" not in err
 
