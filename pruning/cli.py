@@ -881,8 +881,11 @@ def cmd_download(a, api) -> dict:
     """``download``: fetch a job's artifacts into ``--dest``, each verified by its sha256."""
     dest = Path(a.dest)
     items = api.artifacts(a.job)
-    if a.only:
+    if a.only is not None:
         wanted = [n.strip() for n in a.only.split(",") if n.strip()]
+        if not wanted:  # not "the job has none": the option named none
+            raise UserError(f"--only names no artifact ({a.only!r}); give comma-separated "
+                            "names, e.g. model.onnx,report.json")
         names = {str(i.get("name")) for i in items}
         missing = [n for n in wanted if n not in names]
         if missing:

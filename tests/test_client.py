@@ -237,6 +237,11 @@ def test_download_all_and_only(fake, tmp_path, capsys):
     rc, _, err = run(capsys, "download", "J1", "--dest", str(tmp_path / "x"),
                      "--only", "model.ts")
     assert rc == 2 and "no artifact named model.ts" in err and not (tmp_path / "x").exists()
+    for empty in ("", ","):  # names nothing: not every file, nor "the job has no artifacts"
+        rc, _, err = run(capsys, "download", "J1", "--dest", str(tmp_path / "x"),
+                         "--only", empty)
+        assert rc == 2 and err.startswith("metaprune: error: --only names no artifact"), err
+        assert not (tmp_path / "x").exists()
     rc, _, err = run(capsys, "download", "J2", "--dest", str(tmp_path / "y"))
     assert rc == 2 and "HTTP 404: job not found" in err
 
