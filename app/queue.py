@@ -96,13 +96,16 @@ def _lease_clock(dialect: str, now: datetime | None = None):
     ``lease_expired`` after ``max_attempts``; a clock ahead kept a dead worker's job
     ``running`` as much longer). On SQLite every process is on one machine, and its time text
     takes no SQL arithmetic: this process's clock. ``now`` (tests) replaces either."""
-    server = func.statement_timestamp(type_=UTCDateTime())
-    base = now or utcnow()
+    if now is None and dialect == "postgresql":
+        server = func.statement_timestamp(type_=UTCDateTime())
 
-    def at(seconds: float = 0.0):
-        if now is None and dialect == "postgresql":
+        def at(seconds: float = 0.0):
             return server + literal(timedelta(seconds=seconds), Interval()) if seconds else server
-        return _ts(base + timedelta(seconds=seconds))
+    else:
+        base = now or utcnow()
+
+        def at(seconds: float = 0.0):
+            return _ts(base + timedelta(seconds=seconds))
     return at
 
 
