@@ -172,8 +172,11 @@ def test_metanet_from_refuses_another_pruningnet(reference, tmp_path, capsys):
     status, _, errors = call(capsys, "prune", *OPTIONS, "--seed", "3", "--metanet-from",
                              str(ref), "--out", str(out))
     assert status == 2 and len(errors) == 1 and "seed: 0 there, 3 here" in errors[0]
-    with pytest.raises(RunFolderError, match="is not a run folder"):
+    with pytest.raises(RunFolderError, match="missing does not exist"):
         prepare(spec(metanet_from=str(tmp_path / "missing")), out)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(RunFolderError, match="is not a run folder"):
+        prepare(spec(metanet_from=str(tmp_path / "other")), out)
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     shutil.copy(ref / "spec.json", unfinished / "spec.json")
