@@ -531,6 +531,7 @@ def cmd_worker(a) -> dict:
     overrides = {k: v for k, v in (("database_url", a.database_url),
                                    ("artifact_dir", a.artifact_dir)) if v is not None}
     settings = Settings(**overrides)
+    _existing_database(settings.database_url)
     if a.poll_seconds <= 0:
         raise UserError(f"--poll-seconds must be positive, got {a.poll_seconds}")
     if not 0 <= a.nice <= 19:
@@ -1208,6 +1209,20 @@ def cmd_serve(a) -> dict:
     return {}
 
 
+def _existing_database(url_text: str):
+    """The parsed URL of the service's database, for a command that does not make it: a SQLite
+    file that is not there is one line (connecting would create an empty one, in the wrong
+    place if the URL has a typo)."""
+    from app.db import database_url
+
+    url = database_url(url_text)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).exists():
+        raise UserError(f"there is no database {url.database}: run `metaprune db upgrade` "
+                        "first (or give --database-url)")
+    return url
+
+
 @contextlib.contextmanager
 def _token_session(a):
     """A session on the tokens' database, committed at the end; a database error (other than a
@@ -1215,15 +1230,11 @@ def _token_session(a):
     from sqlalchemy.exc import IntegrityError, SQLAlchemyError
     from sqlalchemy.orm import Session
 
-    from app.db import database_url, make_engine
+    from app.db import make_engine
     from app.settings import get_settings
     from app.worker import database_error
 
-    url = database_url(a.database_url or get_settings().database_url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-            and not Path(url.database).exists():  # connecting would create an empty one
-        raise UserError(f"there is no database {url.database}: run `metaprune db upgrade` "
-                        "first (or give --database-url)")
+    url = _existing_database(a.database_url or get_settings().database_url)
     engine = make_engine(url)
     try:
         with engine.connect():

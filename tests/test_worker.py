@@ -758,9 +758,15 @@ def test_a_worker_stops_when_its_database_has_lost_the_schema(settings, tmp_path
 def test_the_worker_command_refuses_a_database_without_the_schema(tmp_path, capsys):
     from pruning import cli
 
-    url = f"sqlite:///{tmp_path / 'never-upgraded.db'}"
-    assert cli.main(["worker", "--once", "--database-url", url,
-                     "--artifact-dir", str(tmp_path / "a")]) == 2
+    db = tmp_path / "never-upgraded.db"
+    worker = ["worker", "--once", "--database-url", f"sqlite:///{db}",
+              "--artifact-dir", str(tmp_path / "a")]
+    assert cli.main(worker) == 2  # a typo in the path must not leave an empty file there
+    assert capsys.readouterr().err == (f"metaprune: error: there is no database {db}: run "
+                                       "`metaprune db upgrade` first (or give --database-url)\n")
+    assert not db.exists()
+    db.touch()  # a database without the tables
+    assert cli.main(worker) == 2
     err = capsys.readouterr().err
     assert err.startswith("metaprune: error: the database has no metaprune schema; this "
                           "version needs "), err
