@@ -531,12 +531,12 @@ def cmd_worker(a) -> dict:
     overrides = {k: v for k, v in (("database_url", a.database_url),
                                    ("artifact_dir", a.artifact_dir)) if v is not None}
     settings = Settings(**overrides)
-    _existing_database(settings.database_url)
     if a.poll_seconds <= 0:
         raise UserError(f"--poll-seconds must be positive, got {a.poll_seconds}")
     if not 0 <= a.nice <= 19:
         raise UserError(f"--nice must be in [0, 19], got {a.nice}")
     list_archs()  # a broken $METAPRUNE_PLUGINS fails the start, not every job
+    _existing_database(settings.database_url)
     _log_to_stderr(a.quiet)
     log = logging.getLogger("metaprune.worker")
     if a.nice:
