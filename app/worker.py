@@ -582,8 +582,7 @@ class Worker:
                                         error_message="the job asks for CUDA and this worker "
                                                       "has no CUDA device")  # back, as above
             self._start_over_if_lost(job, state)
-            spec = spec.model_copy(update={"device": device})
-            asked = spec
+            asked = spec.model_copy(update={"device": device})
             spec = asked.model_copy(update={"metanet_from": self._metanet_source(job, asked)})
             state.progress = Progress(spec.train_baseline, start=self._progress_of(job.id))
 
@@ -598,7 +597,7 @@ class Worker:
                 log.info("job %s: %s; training its own", job.id, e)
                 report = run_job(spec.model_copy(update={"metanet_from": None}))
             except MetanetGoneError as e:  # its lender was deleted before the copy
-                self._start_over(job, state, f"{e}")
+                self._start_over(job, state, str(e))
                 report = run_job(asked.model_copy(
                     update={"metanet_from": self._metanet_source(job, asked)}))
         except (Cancelled, WriteRefused):

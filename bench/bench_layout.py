@@ -10,7 +10,7 @@ that choice.
     python bench/bench_layout.py [--threads 2] [--archs mobilenet_v1:0.25,mobilenet_v2:1.0]
 
 On a CPU where channels-last training crashes PyTorch (:func:`channels_last_training_fault`),
-only the eval-mode passes are compared, and ``channels_last_training`` says why.
+only the eval-mode passes are compared, and ``channels_last_training_fault`` says why.
 """
 
 from __future__ import annotations

@@ -1168,8 +1168,8 @@ def cmd_serve(a) -> dict:
     list_archs()  # a broken $METAPRUNE_PLUGINS fails the start, not every job
     settings = get_settings()
     url = a.database_url or settings.database_url
-    artifact_dir = str(Path(a.artifact_dir or settings.artifact_dir).resolve())
-    update = {"database_url": url, "artifact_dir": Path(artifact_dir)}  # unvalidated: typed
+    artifact_dir = Path(a.artifact_dir or settings.artifact_dir).resolve()
+    update = {"database_url": url, "artifact_dir": artifact_dir}  # model_copy: no validation
     if not _is_loopback(a.host):
         update["require_auth"] = True
     elif "require_auth" not in settings.model_fields_set:  # not set, in any letter case
@@ -1178,7 +1178,7 @@ def cmd_serve(a) -> dict:
     if a.workers:
         from app.worker import check_artifact_dir
 
-        check_artifact_dir(Path(artifact_dir))  # else each worker would fail at its start
+        check_artifact_dir(artifact_dir)  # else each worker would fail at its start
     try:
         upgrade(url)
     except SQLAlchemyError as e:
@@ -1186,7 +1186,7 @@ def cmd_serve(a) -> dict:
 
     _log_to_stderr(a.quiet)
     app = create_app(settings)
-    workers = WorkerProcesses(a.workers, url, artifact_dir).start()
+    workers = WorkerProcesses(a.workers, url, str(artifact_dir)).start()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that an exit that runs
     # the `finally` below, so the workers are stopped too (`docker stop`, systemd, kill)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
